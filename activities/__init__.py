@@ -1,0 +1,1 @@
+"""Activities: every side effect of a runbook, one class per external system."""

@@ -1,0 +1,35 @@
+"""Human approval of a destructive step, sent as a Temporal Update."""
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class ApprovalRequest(BaseModel):
+    """What an operator sends: who decides, why, and whether to go ahead."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    approver: str = Field(max_length=200)
+    reason: str = Field(max_length=2000)
+    approved: bool = True
+
+    @field_validator("approver", "reason")
+    @classmethod
+    def _not_blank(cls, value: str, info) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError(f"{info.field_name} must not be empty: say who approves and why")
+        return value
+
+
+class ApprovalRecord(BaseModel):
+    """The decision as the run recorded it (for the result and the report)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    step: str
+    approver: str
+    reason: str
+    approved: bool
+    decided_at: datetime

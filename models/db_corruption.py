@@ -1,0 +1,66 @@
+"""Input and result of the DatabaseCorruptionRecovery runbook."""
+
+from datetime import datetime, timedelta
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.approval import ApprovalRecord
+from models.durations import Duration
+from models.identifiers import IncidentId, PgName
+from models.playbook import Severity
+from models.steps import StepRecord
+
+PROCEDURE = "db-corruption"
+
+
+class DatabaseCorruptionInput(BaseModel):
+    """One JSON object, the same from the CLI, a starter script or the Web UI.
+
+    Only `incident_id` and `database` are required. Durations accept seconds,
+    "15m"-style strings or ISO 8601.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    incident_id: IncidentId
+    database: PgName
+    severity: Severity = Severity.P0
+    incident_started_at: datetime | None = Field(
+        default=None, description="When the incident began; the run's start time if omitted."
+    )
+    expected_row_counts: dict[PgName, int] = Field(
+        default_factory=dict,
+        description="Row counts known from before the incident; verification requires them exactly.",
+    )
+    approval_timeout: Duration = timedelta(hours=1)
+    heartbeat_timeout: Duration = timedelta(seconds=30)
+    app_ready_timeout: Duration = timedelta(minutes=5)
+
+
+class CorruptionRecoveryResult(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    incident_id: str
+    database: str
+    outcome: Literal["recovered", "no_corruption_found"]
+    corrupted_tables: list[str] = []
+    findings: list[str] = []
+    steps: list[StepRecord] = []
+    approval: ApprovalRecord | None = None
+    backup_id: str | None = None
+    recovered_row_counts: dict[str, int] = {}
+    newest_recovered_commit_at: datetime | None = None
+    damaged_data_dir: str | None = None
+    rto_target: timedelta
+    rpo_target: timedelta
+    rto_actual: timedelta | None = None
+    rpo_actual: timedelta | None = None
+
+    @property
+    def rto_met(self) -> bool | None:
+        return None if self.rto_actual is None else self.rto_actual <= self.rto_target
+
+    @property
+    def rpo_met(self) -> bool | None:
+        return None if self.rpo_actual is None else self.rpo_actual <= self.rpo_target

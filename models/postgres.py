@@ -1,0 +1,93 @@
+"""Inputs and outputs of the PostgreSQL and backup activities."""
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict
+
+from models.identifiers import IncidentId, PgName
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class AssessRequest(_Msg):
+    database: PgName
+
+
+class Assessment(_Msg):
+    database: str
+    server_reachable: bool
+    corrupted_tables: list[str] = []
+    findings: list[str] = []
+    checksum_failures: int = 0
+    amcheck_available: bool = False
+
+    @property
+    def corrupted(self) -> bool:
+        return not self.server_reachable or bool(self.corrupted_tables) or bool(self.findings)
+
+
+class SealRequest(_Msg):
+    incident_id: IncidentId
+    database: PgName
+    skip_tables: list[str] = []
+
+
+class SealResult(_Msg):
+    was_running: bool
+    archived_through: str | None = None
+    row_counts: dict[str, int] = {}
+    last_commit_at: datetime | None = None
+
+
+class RestoreRequest(_Msg):
+    incident_id: IncidentId
+
+
+class RestoreResult(_Msg):
+    restore_dir: str
+    backup_id: str
+    launches: int
+
+
+class ReplayRequest(_Msg):
+    incident_id: IncidentId
+    restore_dir: str
+
+
+class ReplayResult(_Msg):
+    port: int
+    timeline: int
+    end_lsn: str
+    last_commit_at: datetime | None = None
+
+
+class VerifyRequest(_Msg):
+    database: PgName
+    port: int
+    baseline_row_counts: dict[str, int] = {}
+    expected_row_counts: dict[str, int] = {}
+
+
+class VerifyResult(_Msg):
+    row_counts: dict[str, int]
+    checks: list[str]
+
+
+class SwapRequest(_Msg):
+    incident_id: IncidentId
+    restore_dir: str
+
+
+class SwapResult(_Msg):
+    data_dir: str
+    damaged_dir: str
+
+
+class BackupRequest(_Msg):
+    incident_id: IncidentId
+
+
+class BackupResult(_Msg):
+    backup_id: str

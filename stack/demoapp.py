@@ -1,0 +1,77 @@
+"""The demo application: a small HTTP API over the company database.
+
+Stands in for `corporate-intel-api` of the playbook: `/health`,
+`/api/v1/companies?limit=N` and `/metrics`. Run as
+`python -m stack.demoapp` with DRP_APP_DSN and DRP_APP_PORT in the
+environment. It keeps no state of its own, so stopping and starting it is
+what the platform adapters do during a recovery.
+"""
+
+import json
+import os
+import signal
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+import psycopg
+
+DSN = os.environ.get("DRP_APP_DSN", "")
+REQUESTS: Counter = Counter()
+_LOCK = threading.Lock()
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "corporate-intel-demo/1"
+
+    def log_message(self, fmt, *args):  # one JSON line per request on stdout
+        print(json.dumps({"event": "request", "line": fmt % args}), flush=True)
+
+    def _send(self, code: int, body: object, content_type: str = "application/json") -> None:
+        data = body.encode() if isinstance(body, str) else json.dumps(body, default=str).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        with _LOCK:
+            REQUESTS[(urlparse(self.path).path, code)] += 1
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        url = urlparse(self.path)
+        try:
+            if url.path == "/health":
+                with psycopg.connect(DSN, connect_timeout=3) as conn:
+                    conn.execute("SELECT 1")
+                return self._send(200, {"status": "ok"})
+            if url.path == "/api/v1/companies":
+                limit = int(parse_qs(url.query).get("limit", ["10"])[0])
+                if not 1 <= limit <= 1000:
+                    return self._send(400, {"error": "limit must be between 1 and 1000"})
+                with psycopg.connect(DSN, connect_timeout=3) as conn:
+                    rows = conn.execute(
+                        "SELECT id, name, ticker, sector FROM companies ORDER BY id LIMIT %s", (limit,)
+                    ).fetchall()
+                return self._send(200, [dict(zip(("id", "name", "ticker", "sector"), r)) for r in rows])
+            if url.path == "/metrics":
+                with _LOCK:
+                    lines = [f'http_requests_total{{path="{p}",code="{c}"}} {n}' for (p, c), n in REQUESTS.items()]
+                return self._send(200, "# TYPE http_requests_total counter\n" + "\n".join(lines) + "\n",
+                                  "text/plain; version=0.0.4")
+            return self._send(404, {"error": "not found"})
+        except ValueError:
+            return self._send(400, {"error": "limit must be an integer"})
+        except psycopg.Error as err:
+            return self._send(503, {"error": "database unavailable", "detail": str(err).splitlines()[0]})
+
+
+def main() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", int(os.environ["DRP_APP_PORT"])), Handler)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    print(json.dumps({"event": "listening", "port": server.server_port}), flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

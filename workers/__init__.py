@@ -1,0 +1,1 @@
+"""Workers: the only place clients are built (Settings -> clients -> Worker)."""

@@ -1,0 +1,107 @@
+"""Worker settings: where the real systems are, read from the environment.
+
+Every field can be set as an environment variable (DRP_ prefix, nested with
+double underscores: DRP_POSTGRES__PORT=5432) or in a JSON file named by
+DRP_SETTINGS_FILE (the embedded stack writes one). Environment wins over the
+file. Secrets are SecretStr: they reach clients, never workflow inputs,
+histories or logs.
+"""
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, SecretStr
+from pydantic_settings import BaseSettings, JsonConfigSettingsSource, SettingsConfigDict
+
+from activities.barman import BarmanCloud
+from activities.pgserver import PgServer, embedded_bin_dir
+
+
+class PostgresSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 5432
+    superuser: str = "postgres"
+    password: SecretStr | None = None
+    data_dir: Path
+    bin_dir: Path | None = None
+    os_user: str | None = "drp-postgres"
+
+    def server(self, server_env: dict[str, str] | None = None) -> PgServer:
+        return PgServer(
+            bin_dir=self.bin_dir or embedded_bin_dir(), data_dir=self.data_dir, port=self.port,
+            os_user=self.os_user, host=self.host, superuser=self.superuser,
+            password=self.password.get_secret_value() if self.password else None,
+            server_env=server_env or {},
+        )
+
+
+class BackupSettings(BaseModel):
+    destination: str = "s3://drp-backups/postgres"
+    server_name: str = "primary"
+    endpoint_url: str | None = None
+    aws_region: str = "us-east-1"
+    aws_access_key_id: SecretStr | None = None
+    aws_secret_access_key: SecretStr | None = None
+    barman_bin_dir: Path | None = None
+
+    def credentials_env(self) -> dict[str, str]:
+        env = {"AWS_DEFAULT_REGION": self.aws_region}
+        if self.aws_access_key_id and self.aws_secret_access_key:
+            env["AWS_ACCESS_KEY_ID"] = self.aws_access_key_id.get_secret_value()
+            env["AWS_SECRET_ACCESS_KEY"] = self.aws_secret_access_key.get_secret_value()
+        return env
+
+    def barman(self) -> BarmanCloud:
+        import sys
+
+        return BarmanCloud(
+            bin_dir=self.barman_bin_dir or Path(sys.executable).parent,
+            destination=self.destination, server_name=self.server_name,
+            endpoint_url=self.endpoint_url, credentials_env=self.credentials_env(),
+        )
+
+
+class LocalPlatformSettings(BaseModel):
+    app_spec: Path
+
+
+class KubernetesPlatformSettings(BaseModel):
+    namespace: str = "default"
+    deployment: str = "corporate-intel-api"
+    kubeconfig: Path | None = None
+    context: str | None = None
+    api_url: str | None = None  # instead of a kubeconfig: a plain HTTP API server (kmock in tests)
+
+
+class PlatformSettings(BaseModel):
+    kind: Literal["local", "kubernetes"] = "local"
+    local: LocalPlatformSettings | None = None
+    kubernetes: KubernetesPlatformSettings | None = None
+
+
+class AppCheckSettings(BaseModel):
+    health_url: str
+    critical_url: str
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DRP_", env_nested_delimiter="__", extra="ignore")
+
+    temporal_address: str = "127.0.0.1:7233"
+    temporal_namespace: str = "default"
+    task_queue: str = "drp-recovery"
+    playbook_path: Path = Path(__file__).resolve().parent.parent / "playbook.yaml"
+    log_level: str = "INFO"
+    postgres: PostgresSettings
+    backup: BackupSettings = BackupSettings()
+    platform: PlatformSettings
+    app: AppCheckSettings
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        sources = [init_settings, env_settings]
+        path = os.environ.get("DRP_SETTINGS_FILE")
+        if path:
+            sources.append(JsonConfigSettingsSource(settings_cls, json_file=path))
+        return tuple(sources)
