@@ -1,0 +1,39 @@
+"""PlatformActivities: stop, start and check the application, wherever it runs."""
+
+import httpx
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.platforms import AppPlatform
+from models.platform import AppHealth, AppStopped, StartAppRequest, StopAppRequest
+
+
+class PlatformActivities:
+    def __init__(self, platform: AppPlatform, http: httpx.Client, health_url: str, critical_url: str):
+        self.platform = platform
+        self.http = http
+        self.health_url = health_url
+        self.critical_url = critical_url
+
+    @activity.defn
+    def stop_application(self, req: StopAppRequest) -> AppStopped:
+        return AppStopped(replicas_before=self.platform.stop(req.incident_id, activity.heartbeat))
+
+    @activity.defn
+    def start_application(self, req: StartAppRequest) -> None:
+        self.platform.start(req.replicas, activity.heartbeat)
+
+    @activity.defn
+    def check_application(self) -> AppHealth:
+        """/health and the critical endpoint must both answer 200; retried until they do."""
+        try:
+            health = self.http.get(self.health_url)
+            critical = self.http.get(self.critical_url)
+        except httpx.HTTPError as err:
+            raise ApplicationError(f"application not answering: {err}", type="AppUnhealthy") from err
+        if health.status_code != 200 or critical.status_code != 200:
+            raise ApplicationError(f"application unhealthy: {self.health_url} -> {health.status_code}, "
+                                   f"{self.critical_url} -> {critical.status_code}", type="AppUnhealthy")
+        items = critical.json()
+        return AppHealth(health_status=health.status_code, critical_status=critical.status_code,
+                         critical_items=len(items) if isinstance(items, list) else 0)

@@ -1,0 +1,182 @@
+"""`drp`: the operator's command line.
+
+    drp stack up|status|down      the embedded local environment
+    drp demo                      a recovery drill on it, watched in the Web UI
+    drp worker                    run a worker (settings from the environment)
+    drp start db-corruption ...   start a runbook
+    drp approve INCIDENT ...      approve (or --reject) the pending step of a run
+    drp playbook check [FILE]     validate a playbook file
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+from temporalio.client import WorkflowUpdateFailedError
+from temporalio.service import RPCError
+
+from models.approval import ApprovalRequest
+from models.db_corruption import DatabaseCorruptionInput
+from models.playbook import PlaybookError, load_playbook
+from workflows.db_corruption import workflow_id as db_corruption_id
+
+RUNBOOK_IDS = [db_corruption_id]
+
+
+class CliError(Exception):
+    """An operator mistake: printed as one line, exit code 2."""
+
+
+def _stack(args):
+    from stack.stack import Stack
+
+    return Stack(args.state_dir)
+
+
+def _temporal_target(args) -> tuple[str, str]:
+    """Temporal address and task queue: flags, then environment, then the local stack's settings."""
+    from stack.stack import default_state_dir
+
+    address, queue = os.environ.get("DRP_TEMPORAL_ADDRESS"), os.environ.get("DRP_TASK_QUEUE")
+    settings = Path(args.state_dir or default_state_dir()) / "settings.json"
+    if settings.exists():
+        saved = json.loads(settings.read_text())
+        address, queue = address or saved["temporal_address"], queue or saved["task_queue"]
+    return (getattr(args, "temporal", None) or address or "127.0.0.1:7233",
+            getattr(args, "task_queue", None) or queue or "drp-recovery")
+
+
+def cmd_stack(args) -> None:
+    stack = _stack(args)
+    if args.action == "up":
+        stack.up(with_worker=not args.no_worker)
+        print(f"\nWeb UI: {stack.ui_url}    stop with: drp stack down")
+    elif args.action == "down":
+        stack.down()
+    else:
+        width = max(len(r[0]) for r in stack.status())
+        for part, address, health in stack.status():
+            print(f"{part:<{width}}  {address:<45}  {health}")
+
+
+def cmd_worker(args) -> None:
+    from workers.main import main as worker_main
+
+    worker_main()
+
+
+async def cmd_start(args) -> None:
+    from starters.db_corruption import start_db_corruption
+    from workers.temporal_client import connect
+
+    raw = json.loads(Path(args.json).read_text() if args.json != "-" else sys.stdin.read()) if args.json else {}
+    raw.update({k: v for k, v in (("incident_id", args.incident), ("database", args.database),
+                                  ("severity", args.severity)) if v})
+    try:
+        inp = DatabaseCorruptionInput.model_validate(raw)
+    except ValidationError as err:
+        raise CliError(f"invalid input: {_errors(err)}") from err
+    address, queue = _temporal_target(args)
+    handle = await start_db_corruption(await connect(address), inp, queue)
+    print(f"started {handle.id}")
+
+
+async def cmd_approve(args) -> None:
+    from workers.temporal_client import connect
+
+    try:
+        req = ApprovalRequest(approver=args.by, reason=args.reason, approved=not args.reject)
+    except ValidationError as err:
+        raise CliError(f"approval refused: {_errors(err)}") from err
+    address, _ = _temporal_target(args)
+    client = await connect(address)
+    for make_id in RUNBOOK_IDS:
+        handle = client.get_workflow_handle(make_id(args.incident))
+        try:
+            await handle.describe()
+        except RPCError:
+            continue
+        try:
+            record = await handle.execute_update("approve", req)
+        except WorkflowUpdateFailedError as err:
+            raise CliError(f"approval refused by {handle.id}: {err.cause}") from err
+        print(f"{handle.id}: {'approved' if record['approved'] else 'rejected'} by {record['approver']}")
+        return
+    raise CliError(f"no recovery run found for incident {args.incident!r}")
+
+
+def cmd_playbook(args) -> None:
+    try:
+        playbook = load_playbook(args.file)
+    except PlaybookError as err:
+        raise CliError(str(err)) from err
+    print(f"{args.file}: valid (version {playbook.version}, procedures: {', '.join(playbook.procedures)})")
+
+
+def cmd_demo(args) -> None:
+    from starters.demo import run_demo
+
+    asyncio.run(run_demo(_stack(args)))
+
+
+def _errors(err: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'input'}: {e['msg']}" for e in err.errors())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="drp", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--state-dir", type=Path, default=os.environ.get("DRP_STATE_DIR"),
+                        help="the embedded stack's state folder")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("stack", help="the embedded local environment")
+    p.add_argument("action", choices=["up", "status", "down"])
+    p.add_argument("--no-worker", action="store_true")
+    p.set_defaults(func=cmd_stack)
+
+    sub.add_parser("worker", help="run a worker").set_defaults(func=cmd_worker)
+    sub.add_parser("demo", help="run a recovery drill on the embedded stack").set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("start", help="start a runbook")
+    p.add_argument("procedure", choices=["db-corruption"])
+    p.add_argument("--incident")
+    p.add_argument("--database")
+    p.add_argument("--severity")
+    p.add_argument("--json", help="input as a JSON file, or - for stdin")
+    p.add_argument("--temporal")
+    p.add_argument("--task-queue")
+    p.set_defaults(func=cmd_start)
+
+    p = sub.add_parser("approve", help="approve the pending step of a run")
+    p.add_argument("incident")
+    p.add_argument("--by", required=True)
+    p.add_argument("--reason", required=True)
+    p.add_argument("--reject", action="store_true")
+    p.add_argument("--temporal")
+    p.set_defaults(func=cmd_approve)
+
+    p = sub.add_parser("playbook", help="validate a playbook file")
+    p.add_argument("action", choices=["check"])
+    p.add_argument("file", nargs="?", default=str(Path(__file__).resolve().parent.parent / "playbook.yaml"))
+    p.set_defaults(func=cmd_playbook)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+        if asyncio.iscoroutine(result):
+            asyncio.run(result)
+    except CliError as err:
+        print(f"drp: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""The worker: Settings -> clients -> activities -> Worker.
+
+`python -m workers.main` (or `drp worker`) reads Settings from the
+environment / DRP_SETTINGS_FILE, refuses to start on an invalid playbook, and
+polls the recovery task queue until SIGTERM.
+"""
+
+import asyncio
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import structlog
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.backup import BackupActivities
+from activities.platform import PlatformActivities
+from activities.platforms import AppPlatform, KubernetesPlatform, LocalAppSpec, LocalProcessPlatform
+from activities.playbook import PlaybookActivities
+from activities.postgres import PostgresActivities
+from models.playbook import load_playbook
+from workers.logging import LoggingInterceptor, configure_logging
+from workers.settings import PlatformSettings, Settings
+from workers.temporal_client import connect
+from workflows.db_corruption import DatabaseCorruptionRecovery
+
+WORKFLOWS = [DatabaseCorruptionRecovery]
+
+
+def build_platform(settings: PlatformSettings) -> AppPlatform:
+    if settings.kind == "local":
+        if settings.local is None:
+            raise ValueError("platform.kind is 'local' but platform.local.app_spec is not set")
+        return LocalProcessPlatform(LocalAppSpec.load(settings.local.app_spec))
+    if settings.kubernetes is None:
+        raise ValueError("platform.kind is 'kubernetes' but platform.kubernetes is not set")
+    from kubernetes import client as k8s, config as k8s_config
+
+    k = settings.kubernetes
+    if k.api_url:
+        configuration = k8s.Configuration()
+        configuration.host = k.api_url
+        api = k8s.ApiClient(configuration)
+    else:
+        api = k8s_config.new_client_from_config(config_file=str(k.kubeconfig) if k.kubeconfig else None,
+                                                context=k.context)
+    return KubernetesPlatform(api, k.namespace, k.deployment)
+
+
+def build_activities(settings: Settings) -> list:
+    playbook = load_playbook(settings.playbook_path)
+    server = settings.postgres.server(server_env=settings.backup.credentials_env())
+    barman = settings.backup.barman()
+    postgres = PostgresActivities(server)
+    backup = BackupActivities(server, barman)
+    platform = PlatformActivities(build_platform(settings.platform), httpx.Client(timeout=10),
+                                  settings.app.health_url, settings.app.critical_url)
+    return [
+        PlaybookActivities(playbook).objectives_for,
+        postgres.assess_database, postgres.seal_primary, postgres.verify_restored,
+        backup.restore_base_backup, backup.replay_wal, backup.swap_in_restored, backup.take_base_backup,
+        platform.stop_application, platform.start_application, platform.check_application,
+    ]
+
+
+def build_worker(client: Client, settings: Settings, executor: ThreadPoolExecutor) -> Worker:
+    return Worker(client, task_queue=settings.task_queue, workflows=WORKFLOWS,
+                  activities=build_activities(settings), activity_executor=executor,
+                  interceptors=[LoggingInterceptor()])
+
+
+async def run(settings: Settings) -> None:
+    log = structlog.get_logger()
+    client = await connect(settings.temporal_address, settings.temporal_namespace)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    with ThreadPoolExecutor(max_workers=16) as executor:
+        worker = build_worker(client, settings, executor)
+        log.info("worker started", task_queue=settings.task_queue, temporal=settings.temporal_address)
+        async with worker:
+            await stop.wait()
+    log.info("worker stopped")
+
+
+def main() -> None:
+    settings = Settings()
+    configure_logging(settings.log_level)
+    asyncio.run(run(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Workflows: one runbook per module. Decisions and timing only; every side effect is an activity."""

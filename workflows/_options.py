@@ -1,0 +1,40 @@
+"""Timeouts and retry policies for every activity the runbooks call.
+
+One place, so a reviewer sees at a glance how long a step may take and what
+is retried. Long steps heartbeat: the heartbeat timeout, not the
+start-to-close timeout, is what notices a dead worker quickly.
+"""
+
+from datetime import timedelta
+
+from temporalio.common import RetryPolicy
+
+# Errors that retrying cannot fix are raised as non-retryable ApplicationErrors
+# where they happen; these types are listed again so a mistake there cannot
+# turn an operator error into an endless retry loop.
+NON_RETRYABLE = [
+    "UnknownDatabase", "NoBackup", "VerificationFailed", "NothingToReplay", "ReplayFailed", "SwapConflict",
+    "PrimaryRunning", "KubernetesNotFound", "KubernetesForbidden", "UnknownProcedure",
+]
+
+RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
+                    maximum_interval=timedelta(seconds=30), non_retryable_error_types=NON_RETRYABLE)
+
+
+def quick(heartbeat: timedelta) -> dict:
+    """Reads and small changes: seconds each, a few tries."""
+    return {"start_to_close_timeout": timedelta(minutes=2), "heartbeat_timeout": max(heartbeat, timedelta(minutes=2)),
+            "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=5,
+                                        non_retryable_error_types=NON_RETRYABLE)}
+
+
+def long_running(heartbeat: timedelta, limit: timedelta = timedelta(hours=6)) -> dict:
+    """Restores, replays, backups, scans: heartbeat-driven, retried until the limit."""
+    return {"start_to_close_timeout": limit, "heartbeat_timeout": heartbeat, "retry_policy": RETRY}
+
+
+def until_healthy(deadline: timedelta) -> dict:
+    """Polling the application after a start: retried every few seconds until the deadline."""
+    return {"schedule_to_close_timeout": deadline, "start_to_close_timeout": timedelta(seconds=30),
+            "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=1.5,
+                                        maximum_interval=timedelta(seconds=5))}
