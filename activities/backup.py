@@ -184,6 +184,7 @@ class BackupActivities:
                                        + server.log_tail(), type="ReplayFailed", non_retryable=True)
             state = _recovery_state(server)
             if state and not state["in_recovery"]:
+                _check_reached(state["segment"], req.must_reach_segment)
                 return ReplayResult(port=server.port, timeline=state["timeline"], end_lsn=state["lsn"],
                                     last_commit_at=state["last_commit_at"])
             _heartbeat({"phase": "replaying", "port": server.port, **(state or {"lsn": "starting"})})
@@ -273,10 +274,24 @@ def _recovery_state(server: PgServer) -> dict | None:
                 "SELECT pg_walfile_name(pg_current_wal_lsn()), pg_current_wal_lsn()::text").fetchone()
             timeline = int(segment[:8], 16)
             last = conn.execute("SELECT timestamp FROM pg_last_committed_xact()").fetchone()
-            return {"in_recovery": False, "timeline": timeline, "lsn": lsn,
+            return {"in_recovery": False, "timeline": timeline, "lsn": lsn, "segment": segment,
                     "last_commit_at": last[0] if last else None}
     except psycopg.OperationalError:
         return None  # still starting up, or not yet consistent
+
+
+def _check_reached(current_segment: str, required: str | None) -> None:
+    """Refuse a recovery that ended before the last segment the old primary archived.
+
+    PostgreSQL ends recovery at the first WAL file restore_command cannot
+    fetch, so an S3 outage mid-replay looks like the end of the archive. The
+    position (the last 16 hex digits, timeline aside) tells the two apart.
+    """
+    if required and current_segment[8:] < required[8:]:
+        raise ApplicationError(
+            f"recovery ended in segment {current_segment[8:]} but the old primary archived up to {required}; "
+            "WAL is missing or was unreachable. The restore is kept; production is untouched.",
+            type="ReplayIncomplete", non_retryable=True)
 
 
 def _write_as(os_user: str | None, path: Path, text: str) -> None:

@@ -106,6 +106,11 @@ class PgServer:
                               timeout=timeout + 30)
         if proc.returncode != 0:
             raise PgToolError("pg_ctl start", proc.returncode, (proc.stderr or proc.stdout) + self.log_tail())
+        deadline = time.monotonic() + 30  # without -w, pg_ctl returns before postmaster.pid exists
+        while not self.is_running():
+            if time.monotonic() > deadline:
+                raise PgToolError("postgres", 1, "server did not start:" + self.log_tail())
+            time.sleep(0.1)
 
     def stop(self, mode: str = "fast", timeout: int = 120) -> None:
         """Stop the server; a no-op when it is not running."""

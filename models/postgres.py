@@ -54,6 +54,7 @@ class RestoreResult(_Msg):
 class ReplayRequest(_Msg):
     incident_id: IncidentId
     restore_dir: str
+    must_reach_segment: str | None = None  # the last WAL segment the sealed primary archived
 
 
 class ReplayResult(_Msg):

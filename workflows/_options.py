@@ -13,7 +13,7 @@ from temporalio.common import RetryPolicy
 # where they happen; these types are listed again so a mistake there cannot
 # turn an operator error into an endless retry loop.
 NON_RETRYABLE = [
-    "UnknownDatabase", "NoBackup", "VerificationFailed", "NothingToReplay", "ReplayFailed", "SwapConflict",
+    "UnknownDatabase", "NoBackup", "VerificationFailed", "NothingToReplay", "ReplayFailed", "ReplayIncomplete", "SwapConflict",
     "PrimaryRunning", "KubernetesNotFound", "KubernetesForbidden", "UnknownProcedure",
 ]
 

@@ -95,7 +95,8 @@ class DatabaseCorruptionRecovery:
             **opt.long_running(hb)))
         replayed = await self.steps.run("replay WAL", workflow.execute_activity_method(
             BackupActivities.replay_wal,
-            ReplayRequest(incident_id=inp.incident_id, restore_dir=restored.restore_dir),
+            ReplayRequest(incident_id=inp.incident_id, restore_dir=restored.restore_dir,
+                          must_reach_segment=sealed.archived_through),
             **opt.long_running(hb)))
         verified = await self.steps.run("verify restore", workflow.execute_activity_method(
             PostgresActivities.verify_restored,

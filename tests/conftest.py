@@ -1,0 +1,70 @@
+"""One embedded stack per test session: a real Temporal dev server, PostgreSQL 18
+with WAL archiving to S3 through barman-cloud, moto and the demo app.
+
+Each test runs its own worker on its own task queue against that stack.
+"""
+
+import asyncio
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from stack.stack import DATABASE, Stack
+from workers.main import build_worker
+from workers.settings import Settings
+from workers.temporal_client import connect
+
+TABLES = ("public.companies", "public.filings", "public.metrics")
+
+
+@pytest.fixture(scope="session")
+def stack() -> Stack:
+    # Not under pytest's tmp_path: that is mode 700 and the unprivileged server
+    # user must reach the data directory.
+    state = Path(tempfile.mkdtemp(prefix="drp-test-stack-"))
+    os.chmod(state, 0o755)
+    s = Stack(state, companies=200)
+    try:
+        s.up(with_worker=False, log=lambda *_: None)
+        yield s
+    finally:
+        s.down(log=lambda *_: None)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def client(stack):
+    return await connect(stack.temporal_address)
+
+
+def worker_settings(stack: Stack, task_queue: str) -> Settings:
+    return Settings(**{**stack.worker_settings(), "task_queue": task_queue})
+
+
+@contextlib.asynccontextmanager
+async def running_worker(client, stack: Stack):
+    """An in-process worker on a fresh task queue; yields the queue name."""
+    queue = f"test-{uuid.uuid4().hex[:10]}"
+    with ThreadPoolExecutor(max_workers=8) as executor:
+        async with build_worker(client, worker_settings(stack, queue), executor):
+            yield queue
+
+
+def row_counts(stack: Stack) -> dict[str, int]:
+    with stack.postgres().connect(DATABASE) as conn:
+        return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
+
+
+async def wait_for_approval_gate(handle, timeout: float = 60) -> None:
+    from workflows.db_corruption import DatabaseCorruptionRecovery
+
+    async with asyncio.timeout(timeout):
+        while not (await handle.query(DatabaseCorruptionRecovery.progress)).awaiting_approval:
+            await asyncio.sleep(0.2)

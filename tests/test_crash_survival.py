@@ -1,0 +1,78 @@
+"""A worker SIGKILLed mid-restore: a new worker finishes the run, nothing restored twice."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+from models.approval import ApprovalRequest
+from models.db_corruption import DatabaseCorruptionInput
+from stack.corrupt import corrupt_table
+from stack.stack import DATABASE
+from starters.db_corruption import start_db_corruption
+from tests.conftest import row_counts, wait_for_approval_gate
+from workflows.db_corruption import DatabaseCorruptionRecovery
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def spawn_worker(stack, queue: str, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "DRP_SETTINGS_FILE": str(stack.settings_file), "DRP_TASK_QUEUE": queue,
+           "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "workers.main"], env=env, stdout=open(log, "ab"),
+                            stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+async def wait_for_activity(handle, activity_type: str, timeout: float = 60):
+    async with asyncio.timeout(timeout):
+        while True:
+            desc = await handle.describe()
+            running = [a for a in desc.raw_description.pending_activities if a.activity_type.name == activity_type]
+            if running and running[0].HasField("last_started_time"):
+                return running[0]
+            await asyncio.sleep(0.1)
+
+
+async def test_worker_killed_during_restore_is_replaced_and_nothing_is_restored_twice(stack, client, tmp_path):
+    before = row_counts(stack)
+    corrupt_table(stack.postgres(), DATABASE, "filings")
+    inc, queue = f"CRASH-{uuid.uuid4().hex[:8]}", f"crash-{uuid.uuid4().hex[:8]}"
+    restore_job = stack.postgres().data_dir.with_name(f"primary.restore-{inc}.job.json")
+    first = spawn_worker(stack, queue, tmp_path / "worker1.log")
+    second = None
+    try:
+        handle = await start_db_corruption(client, DatabaseCorruptionInput(
+            incident_id=inc, database=DATABASE, heartbeat_timeout=timedelta(seconds=3)), queue)
+        await wait_for_approval_gate(handle)
+        await handle.execute_update(DatabaseCorruptionRecovery.approve,
+                                    ApprovalRequest(approver="test", reason="crash drill"))
+        await wait_for_activity(handle, "restore_base_backup")
+        async with asyncio.timeout(30):
+            while not restore_job.exists():  # the restore child has been launched
+                await asyncio.sleep(0.05)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+
+        second = spawn_worker(stack, queue, tmp_path / "worker2.log")
+        result = await asyncio.wait_for(handle.result(), timeout=180)
+    finally:
+        for proc in (first, second):
+            if proc and proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+
+    assert result.outcome == "recovered"
+    assert result.recovered_row_counts == before == row_counts(stack)
+    assert json.loads(restore_job.read_text())["launches"] == 1  # adopted, not restored again
+    history = [e async for e in handle.fetch_history_events()]
+    restore_scheduled = {e.event_id for e in history if e.HasField("activity_task_scheduled_event_attributes")
+                         and e.activity_task_scheduled_event_attributes.activity_type.name == "restore_base_backup"}
+    restore_started = [e.activity_task_started_event_attributes for e in history
+                       if e.HasField("activity_task_started_event_attributes")
+                       and e.activity_task_started_event_attributes.scheduled_event_id in restore_scheduled]
+    assert restore_started[-1].attempt == 2  # the killed attempt timed out; the second worker finished it
