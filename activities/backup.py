@@ -82,7 +82,7 @@ class RestoreJob:
 
 
 class BackupActivities:
-    def __init__(self, server: PgServer, barman: BarmanCloud, poll_seconds: float = 1.0):
+    def __init__(self, server: PgServer, barman: BarmanCloud, poll_seconds: float = 0.1):
         self.server = server
         self.barman = barman
         self.poll_seconds = poll_seconds
@@ -130,16 +130,19 @@ class BackupActivities:
         record = {"pid": proc.pid, "backup_id": backup_id, "launches": launches,
                   "started_at": datetime.now(timezone.utc).isoformat()}
         job.job_file.write_text(json.dumps(record))
-        while proc.poll() is None:
-            _heartbeat({"phase": "restoring", **record, "bytes": _du(job.restore_dir)})
-            time.sleep(self.poll_seconds)
+        while True:
+            try:
+                proc.wait(timeout=self.poll_seconds)
+                break
+            except subprocess.TimeoutExpired:
+                _heartbeat({"phase": "restoring", **record})
         self._finish(job, record)
 
     def _wait_for(self, job: RestoreJob, record: dict) -> None:
         """Adopt a restore started by an earlier attempt of this activity."""
         activity.logger.info("adopting running restore pid %s", record["pid"])
         while job.running_pid():
-            _heartbeat({"phase": "restoring (adopted)", **record, "bytes": _du(job.restore_dir)})
+            _heartbeat({"phase": "restoring (adopted)", **record})
             time.sleep(self.poll_seconds)
         self._finish(job, record)
 
@@ -250,9 +253,12 @@ class BackupActivities:
         argv = self.barman.backup_argv(self.server.host, self.server.port, self.server.superuser)
         proc = subprocess.Popen(argv, env={**self.barman.env(), "PGPASSWORD": self.server.password or ""},
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        while proc.poll() is None:
-            _heartbeat({"phase": "backing up"})
-            time.sleep(self.poll_seconds)
+        while True:
+            try:
+                proc.wait(timeout=self.poll_seconds)
+                break
+            except subprocess.TimeoutExpired:
+                _heartbeat({"phase": "backing up"})
         output = proc.stdout.read() if proc.stdout else ""
         if proc.returncode != 0:
             raise ApplicationError(f"barman-cloud-backup exited {proc.returncode}: {output[-1500:]}",
@@ -297,14 +303,3 @@ def _check_reached(current_segment: str, required: str | None) -> None:
 def _write_as(os_user: str | None, path: Path, text: str) -> None:
     """Write a file inside a data directory so that the server's OS user owns it."""
     subprocess.run(run_as(os_user, ["sh", "-c", 'cat > "$0"', str(path)]), input=text.encode(), check=True)
-
-
-def _du(path: Path) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:
-                pass
-    return total
