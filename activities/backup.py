@@ -51,12 +51,19 @@ def damaged_dir_for(data_dir: Path, incident_id: str) -> Path:
 
 
 class RestoreJob:
-    """On-disk record of one barman-cloud-restore child: which backup, which PID, how it ended."""
+    """On-disk record of one barman-cloud-restore child: which backup, which PID, how it ended.
+
+    The record is written before the child starts and the child's shell writes
+    its own PID and exit code, so no crash of the worker, at any moment, leaves
+    a restore running that a retry does not know about.
+    """
 
     def __init__(self, restore_dir: Path):
         self.restore_dir = restore_dir
         self.job_file = restore_dir.with_name(restore_dir.name + ".job.json")
+        self.pid_file = restore_dir.with_name(restore_dir.name + ".pid")
         self.exit_file = restore_dir.with_name(restore_dir.name + ".exit")
+        self.log_file = restore_dir.with_name(restore_dir.name + ".restore.log")
 
     def load(self) -> dict | None:
         try:
@@ -71,14 +78,17 @@ class RestoreJob:
             return None
 
     def running_pid(self) -> int | None:
-        job = self.load()
-        if not job or not pid_alive(job["pid"]):
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        if not pid_alive(pid):
             return None
         try:  # guard against PID reuse: the process must be ours
-            cmdline = Path(f"/proc/{job['pid']}/cmdline").read_bytes().decode(errors="replace")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
         except OSError:
             return None
-        return job["pid"] if str(self.restore_dir) in cmdline else None
+        return pid if str(self.restore_dir) in cmdline else None
 
 
 class BackupActivities:
@@ -101,6 +111,7 @@ class BackupActivities:
         while True:
             record = job.load()
             if record and job.exit_code() == 0:
+                self._prepare_data_dir(job.restore_dir)
                 return RestoreResult(restore_dir=str(restore_dir), backup_id=record["backup_id"],
                                      launches=record["launches"])
             if record and job.running_pid():
@@ -116,20 +127,21 @@ class BackupActivities:
             raise ApplicationError(f"no completed base backup in {self.barman.destination} for server "
                                    f"{self.barman.server_name!r}; nothing was changed", type="NoBackup",
                                    non_retryable=True)
-        backup_id = previous["backup_id"] if previous else backups[-1]["backup_id"]
-        job.exit_file.unlink(missing_ok=True)
-        # sh records the exit code itself, so the result survives even if this worker dies.
+        record = {"backup_id": previous["backup_id"] if previous else backups[-1]["backup_id"],
+                  "launches": (previous or {}).get("launches", 0) + 1,
+                  "started_at": datetime.now(timezone.utc).isoformat()}
+        for stale in (job.exit_file, job.pid_file):
+            stale.unlink(missing_ok=True)
+        job.job_file.write_text(json.dumps(record))
+        # The shell records its PID and the exit code itself: both survive this worker's death.
+        script = 'pidf=$1 exitf=$2; shift 2; echo $$ > "$pidf"; rc=0; "$@" || rc=$?; echo $rc > "$exitf"'
         argv = run_as(self.server.os_user, [
-            "sh", "-c", 'rc=0; "$@" || rc=$?; echo $rc > "$0"', str(job.exit_file),
-            *self.barman.restore_argv(backup_id, job.restore_dir),
+            "sh", "-c", script, "restore", str(job.pid_file), str(job.exit_file),
+            *self.barman.restore_argv(record["backup_id"], job.restore_dir),
         ])
-        with open(job.restore_dir.with_name(job.restore_dir.name + ".restore.log"), "ab") as log:
+        with open(job.log_file, "ab") as log:
             proc = subprocess.Popen(argv, env=self.barman.env(), stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        launches = (previous or {}).get("launches", 0) + 1
-        record = {"pid": proc.pid, "backup_id": backup_id, "launches": launches,
-                  "started_at": datetime.now(timezone.utc).isoformat()}
-        job.job_file.write_text(json.dumps(record))
         while True:
             try:
                 proc.wait(timeout=self.poll_seconds)
@@ -140,7 +152,7 @@ class BackupActivities:
 
     def _wait_for(self, job: RestoreJob, record: dict) -> None:
         """Adopt a restore started by an earlier attempt of this activity."""
-        activity.logger.info("adopting running restore pid %s", record["pid"])
+        activity.logger.info("adopting the restore of %s started by an earlier attempt", record["backup_id"])
         while job.running_pid():
             _heartbeat({"phase": "restoring (adopted)", **record})
             time.sleep(self.poll_seconds)
@@ -149,14 +161,13 @@ class BackupActivities:
     def _finish(self, job: RestoreJob, record: dict) -> None:
         code = job.exit_code()
         if code == 0:
-            self._prepare_data_dir(job.restore_dir)
             return
-        log = job.restore_dir.with_name(job.restore_dir.name + ".restore.log")
-        tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
+        tail = job.log_file.read_text(errors="replace")[-1500:] if job.log_file.exists() else ""
         raise ApplicationError(f"barman-cloud-restore of {record['backup_id']} exited {code}: {tail}",
                                type="RestoreFailed")
 
     def _prepare_data_dir(self, restore_dir: Path) -> None:
+        """What barman-cloud-restore leaves to us: an empty pg_wal and mode 700 (idempotent)."""
         (restore_dir / "pg_wal").mkdir(exist_ok=True)
         subprocess.run(run_as(self.server.os_user, ["chmod", "700", str(restore_dir)]), check=True)
         if self.server.os_user and os.geteuid() == 0:

@@ -97,9 +97,13 @@ class PostgresActivities:
     def seal_primary(self, req: SealRequest) -> SealResult:
         """Get the damaged primary's last WAL into the archive, record what it holds, stop it.
 
-        Safe to re-run: a stopped server is left as it is (was_running=False).
+        Safe to re-run: what was recorded before the stop is returned again, and a
+        server that was already down is left as it is (was_running=False).
         """
-        if not self.server.is_running():
+        record = self.server.data_dir.with_name(f"{self.server.data_dir.name}.seal-{req.incident_id}.json")
+        if not self.server.is_running():  # stopped by us in an earlier attempt, or already down
+            if record.exists():
+                return SealResult.model_validate_json(record.read_text())
             return SealResult(was_running=False)
         try:
             conn = self.server.connect(req.database)
@@ -111,9 +115,11 @@ class PostgresActivities:
             last_commit = conn.execute("SELECT timestamp FROM pg_last_committed_xact()").fetchone()
             segment = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
             self._wait_archived(conn, segment)
+        result = SealResult(was_running=True, archived_through=segment, row_counts=counts,
+                            last_commit_at=last_commit[0] if last_commit else None)
+        record.write_text(result.model_dump_json())  # a retry after the stop below still knows all this
         self.server.stop()
-        return SealResult(was_running=True, archived_through=segment, row_counts=counts,
-                          last_commit_at=last_commit[0] if last_commit else None)
+        return result
 
     def _wait_archived(self, conn: psycopg.Connection, segment: str) -> None:
         deadline = time.monotonic() + self.archive_wait_seconds

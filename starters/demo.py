@@ -6,7 +6,9 @@ step timings, RTO and RPO, recovered row counts and the run's Web UI link.
 """
 
 import asyncio
+import sys
 from datetime import datetime, timezone
+from pathlib import Path
 
 from models.approval import ApprovalRequest
 from models.db_corruption import CorruptionRecoveryResult, DatabaseCorruptionInput
@@ -51,7 +53,8 @@ async def run_demo(stack: Stack) -> CorruptionRecoveryResult:
     result = await handle.result()
     print_result(result)
     print(f"\nWeb UI: {stack.ui_url}/namespaces/default/workflows/{handle.id}")
-    print("The stack keeps running for you to look around; stop it with: drp stack down")
+    drp = Path(sys.executable).parent / "drp"
+    print(f"The stack keeps running for you to look around; stop it with: {drp} stack down")
     return result
 
 

@@ -43,6 +43,7 @@ async def test_worker_killed_during_restore_is_replaced_and_nothing_is_restored_
     corrupt_table(stack.postgres(), DATABASE, "filings")
     inc, queue = f"CRASH-{uuid.uuid4().hex[:8]}", f"crash-{uuid.uuid4().hex[:8]}"
     restore_job = stack.postgres().data_dir.with_name(f"primary.restore-{inc}.job.json")
+    restore_pid = stack.postgres().data_dir.with_name(f"primary.restore-{inc}.pid")
     first = spawn_worker(stack, queue, tmp_path / "worker1.log")
     second = None
     try:
@@ -53,7 +54,7 @@ async def test_worker_killed_during_restore_is_replaced_and_nothing_is_restored_
                                     ApprovalRequest(approver="test", reason="crash drill"))
         await wait_for_activity(handle, "restore_base_backup")
         async with asyncio.timeout(30):
-            while not restore_job.exists():  # the restore child has been launched
+            while not restore_pid.exists():  # the restore child is running
                 await asyncio.sleep(0.05)
         first.send_signal(signal.SIGKILL)
         first.wait()
