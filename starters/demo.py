@@ -68,7 +68,10 @@ def print_result(result: CorruptionRecoveryResult) -> None:
               f"{'MET' if result.rto_met else 'MISSED'}")
     if result.rpo_actual is not None:
         print(f"RPO {result.rpo_actual.total_seconds():.1f}s (target {result.rpo_target}) "
-              f"{'MET' if result.rpo_met else 'MISSED'}; newest recovered commit {result.newest_recovered_commit_at}")
+              f"{'MET' if result.rpo_met else 'MISSED'}")
+    elif result.outcome == "recovered":
+        print(f"RPO unknown (target {result.rpo_target}): the primary could not be sealed and no commit "
+              "timestamp survived")
     if result.recovered_row_counts:
         print(f"recovered row counts: {result.recovered_row_counts}")
     if result.damaged_data_dir:

@@ -25,6 +25,7 @@ from models.postgres import (
     ReplayRequest,
     RestoreRequest,
     SealRequest,
+    SealResult,
     SwapRequest,
     VerifyRequest,
 )
@@ -119,7 +120,7 @@ class DatabaseCorruptionRecovery:
             **opt.long_running(hb)))
 
         rto = service_restored_at - incident_started
-        rpo = _data_loss_window(sealed.last_commit_at or incident_started, replayed.last_commit_at)
+        rpo = _data_loss_window(sealed, incident_started, replayed.last_commit_at)
         self.steps.finish(f"Recovered. RTO {_short(rto)} (target {_short(objectives.rto)}), "
                           f"RPO {_short(rpo)} (target {_short(objectives.rpo)}). New base backup {backup.backup_id}.")
         return CorruptionRecoveryResult(
@@ -141,12 +142,20 @@ class DatabaseCorruptionRecovery:
                         awaiting_approval=self.gate.pending_step)
 
 
-def _data_loss_window(last_commit_before: datetime, newest_recovered: datetime | None) -> timedelta | None:
-    """RPO actually suffered: from the last commit the damaged primary had (when it could still
-    answer; else the incident start) back to the newest commit the restore recovered."""
+def _data_loss_window(sealed: SealResult, incident_started: datetime,
+                      newest_recovered: datetime | None) -> timedelta | None:
+    """The RPO this recovery actually suffered.
+
+    A sealed primary had its last WAL archived, and replay_wal refused to end
+    before that segment: every commit it had was recovered, so nothing was lost.
+    Otherwise the loss is bounded by the incident start and the newest commit
+    the restore holds (unknown when no commit timestamp survived).
+    """
+    if sealed.archived_through:
+        return timedelta(0)
     if newest_recovered is None:
         return None
-    return max(last_commit_before - newest_recovered, timedelta(0))
+    return max(incident_started - newest_recovered, timedelta(0))
 
 
 def _short(delta: timedelta | None) -> str:
