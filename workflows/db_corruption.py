@@ -85,38 +85,47 @@ class DatabaseCorruptionRecovery:
 
         stopped = await self.steps.run("stop application", workflow.execute_activity_method(
             PlatformActivities.stop_application, StopAppRequest(incident_id=inp.incident_id),
+            summary="stop the application",
             **opt.long_running(hb, timedelta(minutes=30))))
         sealed = await self.steps.run("seal primary", workflow.execute_activity_method(
             PostgresActivities.seal_primary,
             SealRequest(incident_id=inp.incident_id, database=inp.database,
                         skip_tables=assessment.corrupted_tables),
+            summary="archive the last WAL, record counts, stop the primary",
             **opt.long_running(hb, timedelta(minutes=30))))
         restored = await self.steps.run("restore base backup", workflow.execute_activity_method(
             BackupActivities.restore_base_backup, RestoreRequest(incident_id=inp.incident_id),
+            summary="restore the newest base backup into a fresh directory",
             **opt.long_running(hb)))
         replayed = await self.steps.run("replay WAL", workflow.execute_activity_method(
             BackupActivities.replay_wal,
             ReplayRequest(incident_id=inp.incident_id, restore_dir=restored.restore_dir,
                           must_reach_segment=sealed.archived_through),
+            summary=f"replay WAL to the end of the archive (at least {sealed.archived_through or 'what exists'})",
             **opt.long_running(hb)))
         verified = await self.steps.run("verify restore", workflow.execute_activity_method(
             PostgresActivities.verify_restored,
             VerifyRequest(database=inp.database, port=replayed.port, baseline_row_counts=sealed.row_counts,
                           expected_row_counts=inp.expected_row_counts),
+            summary="verify the restore before it replaces production",
             **opt.long_running(hb, timedelta(hours=2))))
         swapped = await self.steps.run("swap in restored data", workflow.execute_activity_method(
             BackupActivities.swap_in_restored,
             SwapRequest(incident_id=inp.incident_id, restore_dir=restored.restore_dir),
+            summary="move the damaged directory aside, swap the restore in",
             **opt.long_running(hb, timedelta(minutes=30))))
         await self.steps.run("start application", workflow.execute_activity_method(
             PlatformActivities.start_application,
             StartAppRequest(incident_id=inp.incident_id, replicas=max(stopped.replicas_before, 1)),
+            summary=f"start the application ({max(stopped.replicas_before, 1)} replicas)",
             **opt.long_running(hb, timedelta(minutes=30))))
         await self.steps.run("verify application", workflow.execute_activity_method(
-            PlatformActivities.check_application, **opt.until_healthy(inp.app_ready_timeout)))
+            PlatformActivities.check_application, summary="/health and the critical endpoint",
+            **opt.until_healthy(inp.app_ready_timeout)))
         service_restored_at = workflow.now()
         backup = await self.steps.run("post-recovery base backup", workflow.execute_activity_method(
             BackupActivities.take_base_backup, BackupRequest(incident_id=inp.incident_id),
+            summary="new base backup on the new timeline",
             **opt.long_running(hb)))
 
         rto = service_restored_at - incident_started
