@@ -10,6 +10,7 @@ result) instead of starting the work again.
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from datetime import datetime, timezone
@@ -31,6 +32,7 @@ from models.postgres import (
     RestoreResult,
     SwapRequest,
     SwapResult,
+    TeardownRequest,
 )
 
 RECOVERY_BEGIN = "# --- drp recovery: begin ---"
@@ -42,8 +44,8 @@ def _heartbeat(*details) -> None:
         activity.heartbeat(*details)
 
 
-def restore_dir_for(data_dir: Path, incident_id: str) -> Path:
-    return data_dir.with_name(f"{data_dir.name}.restore-{incident_id}")
+def restore_dir_for(data_dir: Path, incident_id: str, purpose: str = "restore") -> Path:
+    return data_dir.with_name(f"{data_dir.name}.{purpose}-{incident_id}")
 
 
 def damaged_dir_for(data_dir: Path, incident_id: str) -> Path:
@@ -101,12 +103,12 @@ class BackupActivities:
 
     @activity.defn
     def restore_base_backup(self, req: RestoreRequest) -> RestoreResult:
-        """Restore the newest base backup into <data_dir>.restore-<incident>.
+        """Restore a base backup (the newest unless named) into <data_dir>.<purpose>-<incident>.
 
         Re-run safe: a finished restore is returned as is, a restore still running
         from a crashed attempt is waited for, and only a failed one is redone.
         """
-        restore_dir = restore_dir_for(self.server.data_dir, req.incident_id)
+        restore_dir = restore_dir_for(self.server.data_dir, req.incident_id, req.purpose)
         job = RestoreJob(restore_dir)
         while True:
             record = job.load()
@@ -117,9 +119,9 @@ class BackupActivities:
             if record and job.running_pid():
                 self._wait_for(job, record)
                 continue
-            self._launch(job, record)
+            self._launch(job, record, req.backup_id)
 
-    def _launch(self, job: RestoreJob, previous: dict | None) -> None:
+    def _launch(self, job: RestoreJob, previous: dict | None, backup_id: str | None) -> None:
         if previous and job.restore_dir.exists():
             self._remove_partial(job.restore_dir)  # a failed or killed copy: S3 still holds the backup
         backups = self.barman.list_backups()
@@ -127,7 +129,10 @@ class BackupActivities:
             raise ApplicationError(f"no completed base backup in {self.barman.destination} for server "
                                    f"{self.barman.server_name!r}; nothing was changed", type="NoBackup",
                                    non_retryable=True)
-        record = {"backup_id": previous["backup_id"] if previous else backups[-1]["backup_id"],
+        if backup_id and backup_id not in {b["backup_id"] for b in backups}:
+            raise ApplicationError(f"backup {backup_id} is not in {self.barman.destination}", type="NoBackup",
+                                   non_retryable=True)
+        record = {"backup_id": previous["backup_id"] if previous else backup_id or backups[-1]["backup_id"],
                   "launches": (previous or {}).get("launches", 0) + 1,
                   "started_at": datetime.now(timezone.utc).isoformat()}
         for stale in (job.exit_file, job.pid_file):
@@ -190,13 +195,15 @@ class BackupActivities:
             if not (restore_dir / "PG_VERSION").exists():
                 raise ApplicationError(f"{restore_dir} holds no restored cluster; restore it first",
                                        type="NothingToReplay", non_retryable=True)
-            self._write_recovery_config(restore_dir)
+            self._write_recovery_config(restore_dir, req.target_xid)
             server.start(wait=False)
         while True:
             if not server.is_running():
-                raise ApplicationError("recovery stopped before the server was promoted; see the server log:"
+                raise ApplicationError("recovery stopped before it was done; see the server log:"
                                        + server.log_tail(), type="ReplayFailed", non_retryable=True)
             state = _recovery_state(server)
+            if state and req.target_xid is not None and state.get("paused"):
+                return ReplayResult(port=server.port, timeline=0, end_lsn=state["lsn"])
             if state and not state["in_recovery"]:
                 _check_reached(state["segment"], req.must_reach_segment)
                 return ReplayResult(port=server.port, timeline=state["timeline"], end_lsn=state["lsn"],
@@ -204,14 +211,18 @@ class BackupActivities:
             _heartbeat({"phase": "replaying", "port": server.port, **(state or {"lsn": "starting"})})
             time.sleep(self.poll_seconds)
 
-    def _write_recovery_config(self, restore_dir: Path) -> None:
+    def _write_recovery_config(self, restore_dir: Path, target_xid: int | None) -> None:
         auto = restore_dir / "postgresql.auto.conf"
         current = auto.read_text() if auto.exists() else ""
         if RECOVERY_BEGIN not in current:
             restore_command = self.barman.restore_command().replace("'", "''")
+            if target_xid is None:  # to the end of the archive, then become the new primary
+                target = "recovery_target_action = 'promote'\n"
+            else:  # a side instance: just before the bad transaction, paused, read-only, archiving nothing
+                target = (f"recovery_target_xid = '{target_xid % 2**32}'\nrecovery_target_inclusive = off\n"
+                          "recovery_target_action = 'pause'\narchive_mode = off\n")
             block = (f"\n{RECOVERY_BEGIN}\nrestore_command = '{restore_command}'\n"
-                     "recovery_target_timeline = 'latest'\nrecovery_target_action = 'promote'\n"
-                     f"{RECOVERY_END}\n")
+                     f"recovery_target_timeline = 'latest'\n{target}{RECOVERY_END}\n")
             _write_as(self.server.os_user, auto, current + block)
         _write_as(self.server.os_user, restore_dir / "recovery.signal", "")
 
@@ -249,6 +260,29 @@ class BackupActivities:
             head, rest = text.split(RECOVERY_BEGIN, 1)
             _write_as(self.server.os_user, auto, head.rstrip("\n") + "\n" + rest.split(RECOVERY_END, 1)[-1].lstrip("\n"))
 
+    # --- side instance teardown ---------------------------------------------------
+
+    @activity.defn
+    def remove_side_instance(self, req: TeardownRequest) -> None:
+        """Stop a side instance and delete it with its bookkeeping files.
+
+        Only `side` copies are ever deleted: they are scratch copies of a backup
+        that S3 still holds; the evidence taken from them is in S3 already.
+        Re-run safe: whatever is already gone is skipped.
+        """
+        side = restore_dir_for(self.server.data_dir, req.incident_id, "side")
+        job = RestoreJob(side)
+        pid = job.running_pid()
+        if pid:  # cancelled mid-restore: the child runs in its own session
+            os.killpg(pid, signal.SIGKILL)
+            while pid_alive(pid):
+                time.sleep(0.05)
+        self.server.at(side).stop(mode="immediate")
+        if side.exists():
+            shutil.rmtree(side)
+        for leftover in (job.job_file, job.pid_file, job.exit_file, job.log_file, self.server.at(side).log_file):
+            leftover.unlink(missing_ok=True)
+
     # --- backup -----------------------------------------------------------------
 
     @activity.defn
@@ -285,8 +319,9 @@ def _recovery_state(server: PgServer) -> dict | None:
         with server.connect(timeout=2) as conn:
             in_recovery = conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
             if in_recovery:
-                lsn = conn.execute("SELECT pg_last_wal_replay_lsn()::text").fetchone()[0]
-                return {"in_recovery": True, "lsn": lsn}
+                lsn, paused = conn.execute("SELECT pg_last_wal_replay_lsn()::text, "
+                                           "pg_get_wal_replay_pause_state() = 'paused'").fetchone()
+                return {"in_recovery": True, "lsn": lsn, "paused": paused}
             segment, lsn = conn.execute(
                 "SELECT pg_walfile_name(pg_current_wal_lsn()), pg_current_wal_lsn()::text").fetchone()
             timeline = int(segment[:8], 16)

@@ -121,6 +121,15 @@ class PostgresActivities:
         self.server.stop()
         return result
 
+    @activity.defn
+    def archive_current_wal(self, req: AssessRequest) -> str:
+        """Close the current WAL segment and wait until it is in the archive: a point-in-time
+        recovery to a moment that just passed needs that WAL. Returns the segment name."""
+        with self.server.connect(req.database) as conn:
+            segment = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
+            self._wait_archived(conn, segment)
+        return segment
+
     def _wait_archived(self, conn: psycopg.Connection, segment: str) -> None:
         deadline = time.monotonic() + self.archive_wait_seconds
         while True:

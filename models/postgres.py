@@ -1,6 +1,7 @@
 """Inputs and outputs of the PostgreSQL and backup activities."""
 
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -43,6 +44,8 @@ class SealResult(_Msg):
 
 class RestoreRequest(_Msg):
     incident_id: IncidentId
+    purpose: Literal["restore", "side"] = "restore"  # a swap candidate, or a read-only side instance
+    backup_id: str | None = None  # default: the newest completed backup
 
 
 class RestoreResult(_Msg):
@@ -55,6 +58,8 @@ class ReplayRequest(_Msg):
     incident_id: IncidentId
     restore_dir: str
     must_reach_segment: str | None = None  # the last WAL segment the sealed primary archived
+    # Side instance: stop just before this transaction commits and stay paused, read-only.
+    target_xid: int | None = None
 
 
 class ReplayResult(_Msg):
@@ -84,6 +89,10 @@ class SwapRequest(_Msg):
 class SwapResult(_Msg):
     data_dir: str
     damaged_dir: str
+
+
+class TeardownRequest(_Msg):
+    incident_id: IncidentId
 
 
 class BackupRequest(_Msg):

@@ -1,12 +1,14 @@
 """The demo application: a small HTTP API over the company database.
 
 Stands in for `corporate-intel-api` of the playbook: `/health`,
-`/api/v1/companies?limit=N` and `/metrics`. Run as
+`/api/v1/companies?limit=N` and `/metrics`. A request whose `X-API-Key` is
+in Redis' `blocked_api_keys` set (as a SHA-256 fingerprint) gets 403. Run as
 `python -m stack.demoapp` with DRP_APP_DSN and DRP_APP_PORT in the
 environment. It keeps no state of its own, so stopping and starting it is
 what the platform adapters do during a recovery.
 """
 
+import hashlib
 import json
 import os
 import signal
@@ -16,8 +18,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
 import psycopg
+import redis
 
 DSN = os.environ.get("DRP_APP_DSN", "")
+REDIS_URL = os.environ.get("DRP_APP_REDIS_URL")
+BLOCKED_KEYS = "blocked_api_keys"  # SHA-256 hex of each blocked key: the incident tooling never sees a key
 REQUESTS: Counter = Counter()
 _LOCK = threading.Lock()
 
@@ -45,6 +50,8 @@ class Handler(BaseHTTPRequestHandler):
                 with psycopg.connect(DSN, connect_timeout=3) as conn:
                     conn.execute("SELECT 1")
                 return self._send(200, {"status": "ok"})
+            if url.path.startswith("/api/") and self._key_blocked():
+                return self._send(403, {"error": "this API key is blocked during an incident"})
             if url.path == "/api/v1/companies":
                 limit = int(parse_qs(url.query).get("limit", ["10"])[0])
                 if not 1 <= limit <= 1000:
@@ -62,8 +69,28 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(404, {"error": "not found"})
         except ValueError:
             return self._send(400, {"error": "limit must be an integer"})
+        except redis.RedisError as err:
+            return self._send(503, {"error": "key check unavailable", "detail": str(err)})
         except psycopg.Error as err:
             return self._send(503, {"error": "database unavailable", "detail": str(err).splitlines()[0]})
+
+
+    def _key_blocked(self) -> bool:
+        key = self.headers.get("X-API-Key")
+        if not key or not REDIS_URL:
+            return False
+        fingerprint = hashlib.sha256(key.encode()).hexdigest()
+        return bool(_redis().sismember(BLOCKED_KEYS, fingerprint))
+
+
+_REDIS: redis.Redis | None = None
+
+
+def _redis() -> redis.Redis:
+    global _REDIS
+    if _REDIS is None:
+        _REDIS = redis.Redis.from_url(REDIS_URL, socket_timeout=2)
+    return _REDIS
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ CREATE TABLE IF NOT EXISTS companies (
 );
 CREATE TABLE IF NOT EXISTS filings (
     id          bigint PRIMARY KEY,
-    company_id  bigint NOT NULL REFERENCES companies(id),
+    company_id  bigint NOT NULL REFERENCES companies(id) ON DELETE CASCADE,
     form_type   text NOT NULL,
     filed_on    date NOT NULL,
     body        text NOT NULL
@@ -17,7 +17,7 @@ CREATE TABLE IF NOT EXISTS filings (
 CREATE INDEX IF NOT EXISTS filings_company_idx ON filings(company_id);
 CREATE TABLE IF NOT EXISTS metrics (
     id          bigint PRIMARY KEY,
-    company_id  bigint NOT NULL REFERENCES companies(id),
+    company_id  bigint NOT NULL REFERENCES companies(id) ON DELETE CASCADE,
     metric      text NOT NULL,
     period      date NOT NULL,
     value       numeric(18, 2) NOT NULL

@@ -18,14 +18,16 @@ from pathlib import Path
 
 import boto3
 import httpx
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
+from activities.audit import install_audit_log
 from activities.barman import BarmanCloud
 from activities.pgserver import PgServer, embedded_bin_dir
 from activities.platforms import LocalAppSpec, LocalProcessPlatform
 from activities.processes import ProcessTable, free_port, port_open, wait_for_port
 
 DATABASE = "corporate_intel"
+AUDITED_TABLES = ("public.companies", "public.filings", "public.metrics")
 APP_ROLE = "app_user"
 BUCKET = "drp-backups"
 SEARCH_ATTRIBUTES = ("IncidentId", "Procedure", "Severity")
@@ -44,6 +46,7 @@ class Ports(BaseModel):
     moto: int
     postgres: int
     app: int
+    redis: int = Field(default_factory=free_port)
 
 
 class StackConfig(BaseModel):
@@ -94,21 +97,26 @@ class Stack:
         return f"http://127.0.0.1:{self.config.ports.moto}"
 
     @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.config.ports.redis}/0"
+
+    @property
     def app_url(self) -> str:
         return f"http://127.0.0.1:{self.config.ports.app}"
 
     def _load_or_create_config(self, companies: int) -> StackConfig:
         path = self.state_dir / "stack.json"
         if path.exists():
-            return StackConfig.model_validate_json(path.read_text())
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.state_dir, 0o755)
-        config = StackConfig(
-            ports=Ports(temporal=free_port(), temporal_ui=free_port(), moto=free_port(), postgres=free_port(),
-                        app=free_port()),
-            pg_password=secrets.token_urlsafe(18), app_password=secrets.token_urlsafe(18),
-            os_user="drp-postgres" if os.geteuid() == 0 else None, companies=companies,
-        )
+            config = StackConfig.model_validate_json(path.read_text())  # parts added since get ports now
+        else:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.state_dir, 0o755)
+            config = StackConfig(
+                ports=Ports(temporal=free_port(), temporal_ui=free_port(), moto=free_port(), postgres=free_port(),
+                            app=free_port()),
+                pg_password=secrets.token_urlsafe(18), app_password=secrets.token_urlsafe(18),
+                os_user="drp-postgres" if os.geteuid() == 0 else None, companies=companies,
+            )
         path.write_text(config.model_dump_json(indent=2))
         os.chmod(path, 0o600)
         return config
@@ -140,6 +148,8 @@ class Stack:
                        "endpoint_url": self.moto_url, "aws_access_key_id": DUMMY_AWS["AWS_ACCESS_KEY_ID"],
                        "aws_secret_access_key": DUMMY_AWS["AWS_SECRET_ACCESS_KEY"]},
             "platform": {"kind": "local", "local": {"app_spec": str(self.app_spec_file)}},
+            "redis_url": self.redis_url,
+            "evidence_destination": f"s3://{BUCKET}/evidence",
             "app": {"health_url": f"{self.app_url}/health",
                     "critical_url": f"{self.app_url}/api/v1/companies?limit=10"},
         }
@@ -151,6 +161,7 @@ class Stack:
         self.settings_file.write_text(json.dumps(self.worker_settings(), indent=2))
         os.chmod(self.settings_file, 0o600)
         self._up_moto(log)
+        self._up_redis(log)
         self._up_postgres(log)
         self._up_temporal(log)
         self._up_app(log)
@@ -167,6 +178,14 @@ class Stack:
         if BUCKET not in [b["Name"] for b in s3.list_buckets().get("Buckets", [])]:
             s3.create_bucket(Bucket=BUCKET)
         log(f"s3 (moto)      {self.moto_url}  bucket {BUCKET}")
+
+    def _up_redis(self, log) -> None:
+        port = self.config.ports.redis
+        self.processes.spawn("redis", [str(Path(sys.executable).parent / "redis-server"), "--bind", "127.0.0.1",
+                                       "--port", str(port), "--dir", str(self.state_dir), "--save", "60 1",
+                                       "--dbfilename", "redis.rdb"], self.logs / "redis.log")
+        wait_for_port(port, what="redis")
+        log(f"redis          {self.redis_url}")
 
     def _ensure_os_user(self) -> None:
         user = self.config.os_user
@@ -233,7 +252,8 @@ class Stack:
         with pg.connect(DATABASE) as conn:
             conn.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
             conn.execute(seed.replace(":companies", str(int(self.config.companies))))
-            conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {APP_ROLE}")
+            install_audit_log(conn, list(AUDITED_TABLES))
+            conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {', '.join(AUDITED_TABLES)} TO {APP_ROLE}")
 
     def base_backup(self) -> None:
         pg, barman = self.postgres(), self.barman()
@@ -259,6 +279,7 @@ class Stack:
     def _up_app(self, log) -> None:
         spec = LocalAppSpec(argv=[sys.executable, "-m", "stack.demoapp"],
                             env={"DRP_APP_DSN": self.app_dsn(), "DRP_APP_PORT": str(self.config.ports.app),
+                 "DRP_APP_REDIS_URL": self.redis_url,
                                  "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
                             port=self.config.ports.app, log=self.logs / "app.log", run_dir=self.processes.run_dir)
         spec.save(self.app_spec_file)
@@ -280,6 +301,7 @@ class Stack:
             ("temporal", self.temporal_address, "up" if port_open(ports.temporal) else "down"),
             ("temporal web ui", self.ui_url, "up" if port_open(ports.temporal_ui) else "down"),
             ("s3 (moto)", self.moto_url, "up" if port_open(ports.moto) else "down"),
+            ("redis", self.redis_url, "up" if port_open(ports.redis) else "down"),
             ("postgres", f"127.0.0.1:{ports.postgres}", self._pg_health(pg)),
             ("demo app", f"{self.app_url}/health", _http_health(f"{self.app_url}/health")),
             ("worker", self.task_queue, "up" if self.processes.pid("worker") else "down"),
@@ -305,6 +327,8 @@ class Stack:
         if pg.is_running():
             pg.stop()
             log("stopped postgres")
+        if self.processes.stop("redis"):
+            log("stopped redis")
         if self.processes.stop("moto"):
             log("stopped moto (S3 contents are in memory and are gone)")
 

@@ -3,9 +3,10 @@
     drp stack up|status|down      the embedded local environment
     drp demo                      a recovery drill on it, watched in the Web UI
     drp worker                    run a worker (settings from the environment)
-    drp start db-corruption ...   start a runbook
+    drp start db-corruption ...   start a runbook (or: drp start deletion ...)
     drp approve INCIDENT ...      approve (or --reject) the pending step of a run
     drp playbook check [FILE]     validate a playbook file
+    drp audit install             install the audit log the deletion runbook reads
 """
 
 import argparse
@@ -21,10 +22,12 @@ from temporalio.service import RPCError
 
 from models.approval import ApprovalRequest
 from models.db_corruption import DatabaseCorruptionInput
+from models.deletion import AccidentalDeletionInput
+from workflows.accidental_deletion import workflow_id as deletion_id
 from models.playbook import PlaybookError, load_playbook
 from workflows.db_corruption import workflow_id as db_corruption_id
 
-RUNBOOK_IDS = [db_corruption_id]
+RUNBOOK_IDS = [db_corruption_id, deletion_id]
 
 
 class CliError(Exception):
@@ -70,18 +73,25 @@ def cmd_worker(args) -> None:
 
 
 async def cmd_start(args) -> None:
+    from starters.accidental_deletion import api_key_fingerprint, start_accidental_deletion
     from starters.db_corruption import start_db_corruption
     from workers.temporal_client import connect
 
     raw = json.loads(Path(args.json).read_text() if args.json != "-" else sys.stdin.read()) if args.json else {}
-    raw.update({k: v for k, v in (("incident_id", args.incident), ("database", args.database),
-                                  ("severity", args.severity)) if v})
+    flags = {"incident_id": args.incident, "database": args.database, "severity": args.severity}
+    if args.procedure == "deletion":
+        flags.update(window_start=args.window_start, window_end=args.window_end, table=args.table, role=args.role)
+        if args.api_key_file:
+            flags["api_key_sha256"] = api_key_fingerprint(Path(args.api_key_file).read_text())
+    raw.update({k: v for k, v in flags.items() if v})
+    model, start = ((DatabaseCorruptionInput, start_db_corruption) if args.procedure == "db-corruption"
+                    else (AccidentalDeletionInput, start_accidental_deletion))
     try:
-        inp = DatabaseCorruptionInput.model_validate(raw)
+        inp = model.model_validate(raw)
     except ValidationError as err:
         raise CliError(f"invalid input: {_errors(err)}") from err
     address, queue = _temporal_target(args)
-    handle = await start_db_corruption(await connect(address), inp, queue)
+    handle = await start(await connect(address), inp, queue)
     print(f"started {handle.id}")
 
 
@@ -117,6 +127,16 @@ def cmd_playbook(args) -> None:
     print(f"{args.file}: valid (version {playbook.version}, procedures: {', '.join(playbook.procedures)})")
 
 
+def cmd_audit(args) -> None:
+    from activities.audit import install_audit_log
+    from workers.settings import Settings
+
+    server = Settings().postgres.server()
+    with server.connect(args.database) as conn:
+        install_audit_log(conn, args.tables.split(","))
+    print(f"audit log installed in {args.database} on {args.tables}")
+
+
 def cmd_demo(args) -> None:
     from starters.demo import run_demo
 
@@ -142,10 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", help="run a recovery drill on the embedded stack").set_defaults(func=cmd_demo)
 
     p = sub.add_parser("start", help="start a runbook")
-    p.add_argument("procedure", choices=["db-corruption"])
+    p.add_argument("procedure", choices=["db-corruption", "deletion"])
     p.add_argument("--incident")
     p.add_argument("--database")
     p.add_argument("--severity")
+    p.add_argument("--window-start", help="deletion: earliest time a deletion may have happened (ISO 8601)")
+    p.add_argument("--window-end", help="deletion: latest time (default: now)")
+    p.add_argument("--table", help="deletion: the table the rows were deleted from, if known")
+    p.add_argument("--role", help="deletion: the database role to contain, if known")
+    p.add_argument("--api-key-file", help="deletion: a file with the API key to block (only its SHA-256 is sent)")
     p.add_argument("--json", help="input as a JSON file, or - for stdin")
     p.add_argument("--temporal")
     p.add_argument("--task-queue")
@@ -158,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reject", action="store_true")
     p.add_argument("--temporal")
     p.set_defaults(func=cmd_approve)
+
+    p = sub.add_parser("audit", help="the audit log")
+    p.add_argument("action", choices=["install"])
+    p.add_argument("--database", required=True)
+    p.add_argument("--tables", required=True, help="comma-separated schema.table list")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("playbook", help="validate a playbook file")
     p.add_argument("action", choices=["check"])

@@ -44,16 +44,17 @@ async def client(stack):
     return await connect(stack.temporal_address)
 
 
-def worker_settings(stack: Stack, task_queue: str) -> Settings:
-    return Settings(**{**stack.worker_settings(), "task_queue": task_queue})
+def worker_settings(stack: Stack, task_queue: str, backup: dict | None = None) -> Settings:
+    raw = stack.worker_settings()
+    return Settings(**{**raw, "task_queue": task_queue, "backup": {**raw["backup"], **(backup or {})}})
 
 
 @contextlib.asynccontextmanager
-async def running_worker(client, stack: Stack):
-    """An in-process worker on a fresh task queue; yields the queue name."""
+async def running_worker(client, stack: Stack, backup: dict | None = None):
+    """An in-process worker on a fresh task queue (backup settings overridable); yields the queue name."""
     queue = f"test-{uuid.uuid4().hex[:10]}"
     with ThreadPoolExecutor(max_workers=8) as executor:
-        async with build_worker(client, worker_settings(stack, queue), executor):
+        async with build_worker(client, worker_settings(stack, queue, backup), executor):
             yield queue
 
 

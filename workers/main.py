@@ -13,8 +13,10 @@ import httpx
 import structlog
 from temporalio.client import Client
 from temporalio.worker import Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.backup import BackupActivities
+from activities.deletion import DeletionActivities
 from activities.platform import PlatformActivities
 from activities.platforms import AppPlatform, KubernetesPlatform, LocalAppSpec, LocalProcessPlatform
 from activities.playbook import PlaybookActivities
@@ -23,9 +25,10 @@ from models.playbook import load_playbook
 from workers.logging import LoggingInterceptor, configure_logging
 from workers.settings import PlatformSettings, Settings
 from workers.temporal_client import connect
+from workflows.accidental_deletion import AccidentalDeletionRecovery
 from workflows.db_corruption import DatabaseCorruptionRecovery
 
-WORKFLOWS = [DatabaseCorruptionRecovery]
+WORKFLOWS = [DatabaseCorruptionRecovery, AccidentalDeletionRecovery]
 
 
 def build_platform(settings: PlatformSettings) -> AppPlatform:
@@ -48,6 +51,24 @@ def build_platform(settings: PlatformSettings) -> AppPlatform:
     return KubernetesPlatform(api, k.namespace, k.deployment)
 
 
+def build_redis(settings: Settings):
+    import redis
+
+    if settings.redis_url is None:
+        return None
+    return redis.Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=5)
+
+
+def build_s3(settings: Settings):
+    import boto3
+
+    b = settings.backup
+    return boto3.client("s3", endpoint_url=b.endpoint_url, region_name=b.aws_region,
+                        aws_access_key_id=b.aws_access_key_id.get_secret_value() if b.aws_access_key_id else None,
+                        aws_secret_access_key=(b.aws_secret_access_key.get_secret_value()
+                                               if b.aws_secret_access_key else None))
+
+
 def build_activities(settings: Settings) -> list:
     playbook = load_playbook(settings.playbook_path)
     server = settings.postgres.server(server_env=settings.backup.credentials_env())
@@ -56,18 +77,26 @@ def build_activities(settings: Settings) -> list:
     backup = BackupActivities(server, barman)
     platform = PlatformActivities(build_platform(settings.platform), httpx.Client(timeout=10),
                                   settings.app.health_url, settings.app.critical_url)
+    deletion = DeletionActivities(server, barman, build_redis(settings), build_s3(settings),
+                                  settings.evidence_destination)
     return [
         PlaybookActivities(playbook).objectives_for,
-        postgres.assess_database, postgres.seal_primary, postgres.verify_restored,
+        postgres.assess_database, postgres.seal_primary, postgres.verify_restored, postgres.archive_current_wal,
         backup.restore_base_backup, backup.replay_wal, backup.swap_in_restored, backup.take_base_backup,
+        backup.remove_side_instance,
+        deletion.identify_deletions, deletion.contain, deletion.extract_deleted_rows, deletion.reinsert_rows,
+        deletion.verify_reinserted, deletion.lift_containment,
         platform.stop_application, platform.start_application, platform.check_application,
     ]
 
 
 def build_worker(client: Client, settings: Settings, executor: ThreadPoolExecutor) -> Worker:
+    # models/ is stdlib + pydantic only: passing it through the sandbox keeps one class per model,
+    # so an activity's result can be embedded in a workflow's result as it is.
+    runner = SandboxedWorkflowRunner(restrictions=SandboxRestrictions.default.with_passthrough_modules("models"))
     return Worker(client, task_queue=settings.task_queue, workflows=WORKFLOWS,
                   activities=build_activities(settings), activity_executor=executor,
-                  interceptors=[LoggingInterceptor()])
+                  interceptors=[LoggingInterceptor()], workflow_runner=runner)
 
 
 async def run(settings: Settings) -> None:

@@ -97,6 +97,8 @@ class Settings(BaseSettings):
     backup: BackupSettings = BackupSettings()
     platform: PlatformSettings
     app: AppCheckSettings
+    redis_url: SecretStr | None = None  # where the application keeps blocked_api_keys
+    evidence_destination: str = "s3://drp-backups/evidence"  # recovered rows, as CSV, per incident
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):

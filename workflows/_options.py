@@ -15,6 +15,8 @@ from temporalio.common import RetryPolicy
 NON_RETRYABLE = [
     "UnknownDatabase", "NoBackup", "VerificationFailed", "NothingToReplay", "ReplayFailed", "ReplayIncomplete", "SwapConflict",
     "PrimaryRunning", "KubernetesNotFound", "KubernetesForbidden", "UnknownProcedure",
+    "NoAuditLog", "UnknownTable", "UnknownRole", "NoDeletionsFound", "NoCommitTimestamps", "NoBackupBeforeTarget",
+    "NoPrimaryKey", "ReinsertIncomplete", "NoRedis",
 ]
 
 RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,

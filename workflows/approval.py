@@ -2,7 +2,8 @@
 
 The decision arrives as a Temporal Update (`approve`) so the sender learns at
 once whether it was accepted; the validator rejects it, without touching the
-run, when nothing is pending or a decision was already made.
+run, when nothing is pending or the step was already decided. A run may pass
+several gates (re-insert, then lifting containment); each is decided once.
 """
 
 import asyncio
@@ -17,36 +18,40 @@ from models.approval import ApprovalRecord, ApprovalRequest
 class ApprovalGate:
     def __init__(self) -> None:
         self.pending_step: str | None = None
-        self.decision: ApprovalRecord | None = None
+        self.last_step: str | None = None
+        self.decisions: dict[str, ApprovalRecord] = {}
 
     def validate(self, req: ApprovalRequest) -> None:
-        if self.decision is not None:
-            verb = "approved" if self.decision.approved else "rejected"
-            raise ApplicationError(f"step {self.decision.step!r} was already {verb} by {self.decision.approver}",
+        step = self.pending_step or self.last_step
+        if step in self.decisions:
+            decision = self.decisions[step]
+            verb = "approved" if decision.approved else "rejected"
+            raise ApplicationError(f"step {step!r} was already {verb} by {decision.approver}",
                                    type="AlreadyDecided")
         if self.pending_step is None:
             raise ApplicationError("no approval is pending for this run yet", type="NothingToApprove")
 
     def record(self, req: ApprovalRequest) -> ApprovalRecord:
         assert self.pending_step is not None
-        self.decision = ApprovalRecord(step=self.pending_step, approver=req.approver, reason=req.reason,
-                                       approved=req.approved, decided_at=workflow.now())
-        return self.decision
+        decision = ApprovalRecord(step=self.pending_step, approver=req.approver, reason=req.reason,
+                                  approved=req.approved, decided_at=workflow.now())
+        self.decisions[self.pending_step] = decision
+        return decision
 
-    async def wait(self, step: str, timeout: timedelta) -> ApprovalRecord:
-        """Wait for a decision; fail the run, having changed nothing, if none comes in time."""
-        self.pending_step = step
+    async def wait(self, step: str, timeout: timedelta,
+                   unchanged: str = "nothing was changed at this step") -> ApprovalRecord:
+        """Wait for a decision; fail with `unchanged` (what the operator may rely on) if none comes in time."""
+        self.pending_step = self.last_step = step
         try:
-            await workflow.wait_condition(lambda: self.decision is not None, timeout=timeout)
+            await workflow.wait_condition(lambda: step in self.decisions, timeout=timeout)
         except asyncio.TimeoutError:
             raise ApplicationError(
-                f"no approval for {step!r} within {timeout}; nothing was changed: the database and the "
-                "application are as they were. Start a new run to try again.",
+                f"no approval for {step!r} within {timeout}; {unchanged}.",
                 type="ApprovalTimeout", non_retryable=True) from None
         finally:
             self.pending_step = None
-        assert self.decision is not None
-        if not self.decision.approved:
-            raise ApplicationError(f"{step!r} rejected by {self.decision.approver}: {self.decision.reason}; "
-                                   "nothing was changed", type="ApprovalRejected", non_retryable=True)
-        return self.decision
+        decision = self.decisions[step]
+        if not decision.approved:
+            raise ApplicationError(f"{step!r} rejected by {decision.approver}: {decision.reason}; {unchanged}",
+                                   type="ApprovalRejected", non_retryable=True)
+        return decision

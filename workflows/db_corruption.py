@@ -78,7 +78,9 @@ class DatabaseCorruptionRecovery:
             return CorruptionRecoveryResult(outcome="no_corruption_found", steps=self.steps.completed, **common)
 
         damage = ", ".join(assessment.corrupted_tables) or "; ".join(assessment.findings[:3])
-        approval = await self.steps.run("approve", self.gate.wait("restore", inp.approval_timeout),
+        approval = await self.steps.run("approve", self.gate.wait(
+            "restore", inp.approval_timeout, unchanged="nothing was changed: the database and the application are "
+                                                       "as they were. Start a new run to try again"),
                                         detail=f"Waiting for approval. Damage: {damage}. Send the `approve` "
                                                f"update or run `drp approve {inp.incident_id} --by NAME "
                                                "--reason TEXT`.")

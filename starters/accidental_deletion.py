@@ -1,0 +1,63 @@
+"""Start AccidentalDeletionRecovery with validated input and the business-key workflow ID.
+
+    python -m starters.accidental_deletion --incident INC-2 --database corporate_intel \
+        --window-start 2026-11-28T14:00:00Z --role analyst --api-key-file key.txt
+"""
+
+import argparse
+import asyncio
+import hashlib
+import os
+from datetime import datetime
+
+from temporalio.client import Client, WorkflowHandle
+from temporalio.common import (
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
+
+from models.deletion import PROCEDURE, AccidentalDeletionInput
+from workers.temporal_client import connect
+from workflows.accidental_deletion import AccidentalDeletionRecovery, workflow_id
+from workflows.search_attributes import INCIDENT_ID, PROCEDURE as PROCEDURE_KEY, SEVERITY
+
+
+def api_key_fingerprint(api_key: str) -> str:
+    """What the runbook and Redis see of a key: its SHA-256, never the key."""
+    return hashlib.sha256(api_key.strip().encode()).hexdigest()
+
+
+async def start_accidental_deletion(client: Client, inp: AccidentalDeletionInput, task_queue: str) -> WorkflowHandle:
+    return await client.start_workflow(
+        AccidentalDeletionRecovery.run, inp, id=workflow_id(inp.incident_id), task_queue=task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
+        search_attributes=TypedSearchAttributes([
+            SearchAttributePair(INCIDENT_ID, inp.incident_id), SearchAttributePair(PROCEDURE_KEY, PROCEDURE),
+            SearchAttributePair(SEVERITY, inp.severity.value)]),
+        static_summary=f"{inp.severity.value} accidental deletion recovery in {inp.database} ({inp.incident_id})",
+    )
+
+
+async def _main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--incident", required=True)
+    parser.add_argument("--database", required=True)
+    parser.add_argument("--window-start", required=True, type=datetime.fromisoformat)
+    parser.add_argument("--table")
+    parser.add_argument("--role")
+    parser.add_argument("--api-key-file", help="file holding the key to block (read here, only its hash is sent)")
+    parser.add_argument("--temporal", default=os.environ.get("DRP_TEMPORAL_ADDRESS", "127.0.0.1:7233"))
+    parser.add_argument("--task-queue", default=os.environ.get("DRP_TASK_QUEUE", "drp-recovery"))
+    args = parser.parse_args()
+    fingerprint = api_key_fingerprint(open(args.api_key_file).read()) if args.api_key_file else None
+    inp = AccidentalDeletionInput(incident_id=args.incident, database=args.database, window_start=args.window_start,
+                                  table=args.table, role=args.role, api_key_sha256=fingerprint)
+    handle = await start_accidental_deletion(await connect(args.temporal), inp, args.task_queue)
+    print(f"started {handle.id}")
+
+
+if __name__ == "__main__":
+    asyncio.run(_main())
