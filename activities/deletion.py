@@ -25,10 +25,10 @@ from models.deletion import (
     ContainRequest,
     DeletionFindings,
     DeletionQuery,
-    ExtractRequest,
     Extracted,
-    ReinsertRequest,
+    ExtractRequest,
     Reinserted,
+    ReinsertRequest,
 )
 
 BLOCKED_KEYS = "blocked_api_keys"

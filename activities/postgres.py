@@ -11,10 +11,10 @@ from psycopg import sql
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.pgserver import PgServer, PgToolError
+from activities.pgserver import PgServer
 from models.postgres import (
-    AssessRequest,
     Assessment,
+    AssessRequest,
     SealRequest,
     SealResult,
     VerifyRequest,
@@ -225,5 +225,3 @@ def _first_error(stderr: str) -> str:
             return line.strip()
     return stderr.strip().splitlines()[0] if stderr.strip() else "(no output)"
 
-
-__all__ = ["PostgresActivities", "PgToolError"]

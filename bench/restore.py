@@ -17,13 +17,14 @@ Prints a JSON summary; BENCHMARKS.md records the figures.
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
+from activities.pgserver import run_as
+from activities.processes import free_port
+from bench._stack import grown_stack
 from models.approval import ApprovalRequest
 from models.db_corruption import DatabaseCorruptionInput
 from stack.corrupt import corrupt_table
@@ -31,18 +32,6 @@ from stack.stack import DATABASE, Stack
 from starters.db_corruption import start_db_corruption
 from workers.temporal_client import connect
 from workflows.db_corruption import DatabaseCorruptionRecovery
-from activities.pgserver import run_as
-from activities.processes import free_port
-
-
-def grow(stack: Stack, gb: float) -> None:
-    rows = int(gb * 1024**3 / 330)  # ~330 bytes per row on disk with this payload
-    with stack.postgres().connect(DATABASE) as conn:
-        conn.execute("CREATE TABLE IF NOT EXISTS bench_filler (id bigint PRIMARY KEY, payload text NOT NULL)")
-        conn.execute("INSERT INTO bench_filler SELECT i, repeat(md5(i::text), 8) FROM generate_series(1, %s) i "
-                     "ON CONFLICT DO NOTHING", (rows,))
-        size = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
-    print(f"database size {size / 1024**3:.2f} GiB", flush=True)
 
 
 def write_wal(stack: Stack, mb: int) -> None:
@@ -121,15 +110,7 @@ async def main() -> None:
     parser.add_argument("--gb", type=float, default=1.0)
     parser.add_argument("--wal-mb", type=int, default=256)
     args = parser.parse_args()
-    state = Path(tempfile.mkdtemp(prefix="drp-bench-"))
-    os.chmod(state, 0o755)
-    stack = Stack(state, companies=2000, task_queue="drp-bench")
-    try:
-        stack.up(with_worker=True)
-        grow(stack, args.gb)
-        t = time.monotonic()
-        stack.base_backup()
-        print(f"base backup took {time.monotonic() - t:.1f}s", flush=True)
+    with grown_stack(args.gb) as stack:
         write_wal(stack, args.wal_mb)
         backup_id = stack.barman().list_backups()[-1]["backup_id"]
         scratch = stack.pg_dir / "bench-by-hand"
@@ -147,9 +128,6 @@ async def main() -> None:
                    "ratio_runbook_to_best_by_hand": round(run["total_s"] / manual, 3),
                    "orchestration_overhead_pct": round(100 * (run["total_s"] - manual) / manual, 1)}
         print(json.dumps(summary, indent=2))
-    finally:
-        stack.down(log=lambda *_: None)
-        shutil.rmtree(state, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from models.durations import Duration
 
+
 class Severity(str, Enum):
     P0 = "P0"
     P1 = "P1"

@@ -12,7 +12,6 @@ import pwd
 import secrets
 import subprocess
 import sys
-import time
 from importlib import resources
 from pathlib import Path
 
@@ -344,10 +343,3 @@ def _http_health(url: str) -> str:
     except httpx.HTTPError:
         return "down"
 
-
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.2)

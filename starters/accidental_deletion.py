@@ -11,17 +11,11 @@ import os
 from datetime import datetime
 
 from temporalio.client import Client, WorkflowHandle
-from temporalio.common import (
-    SearchAttributePair,
-    TypedSearchAttributes,
-    WorkflowIDConflictPolicy,
-    WorkflowIDReusePolicy,
-)
 
 from models.deletion import PROCEDURE, AccidentalDeletionInput
+from starters._start import start_runbook
 from workers.temporal_client import connect
 from workflows.accidental_deletion import AccidentalDeletionRecovery, workflow_id
-from workflows.search_attributes import INCIDENT_ID, PROCEDURE as PROCEDURE_KEY, SEVERITY
 
 
 def api_key_fingerprint(api_key: str) -> str:
@@ -30,15 +24,10 @@ def api_key_fingerprint(api_key: str) -> str:
 
 
 async def start_accidental_deletion(client: Client, inp: AccidentalDeletionInput, task_queue: str) -> WorkflowHandle:
-    return await client.start_workflow(
-        AccidentalDeletionRecovery.run, inp, id=workflow_id(inp.incident_id), task_queue=task_queue,
-        id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
-        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
-        search_attributes=TypedSearchAttributes([
-            SearchAttributePair(INCIDENT_ID, inp.incident_id), SearchAttributePair(PROCEDURE_KEY, PROCEDURE),
-            SearchAttributePair(SEVERITY, inp.severity.value)]),
-        static_summary=f"{inp.severity.value} accidental deletion recovery in {inp.database} ({inp.incident_id})",
-    )
+    return await start_runbook(
+        client, AccidentalDeletionRecovery.run, inp, workflow_id=workflow_id(inp.incident_id), procedure=PROCEDURE,
+        summary=f"{inp.severity.value} accidental deletion recovery in {inp.database} ({inp.incident_id})",
+        task_queue=task_queue)
 
 
 async def _main() -> None:

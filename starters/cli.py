@@ -23,8 +23,8 @@ from temporalio.service import RPCError
 from models.approval import ApprovalRequest
 from models.db_corruption import DatabaseCorruptionInput
 from models.deletion import AccidentalDeletionInput
-from workflows.accidental_deletion import workflow_id as deletion_id
 from models.playbook import PlaybookError, load_playbook
+from workflows.accidental_deletion import workflow_id as deletion_id
 from workflows.db_corruption import workflow_id as db_corruption_id
 
 RUNBOOK_IDS = [db_corruption_id, deletion_id]

@@ -9,25 +9,19 @@ import asyncio
 import os
 
 from temporalio.client import Client, WorkflowHandle
-from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 
 from models.db_corruption import PROCEDURE, DatabaseCorruptionInput
+from starters._start import start_runbook
 from workers.temporal_client import connect
 from workflows.db_corruption import DatabaseCorruptionRecovery, workflow_id
-from workflows.search_attributes import INCIDENT_ID, PROCEDURE as PROCEDURE_KEY, SEVERITY
 
 
 async def start_db_corruption(client: Client, inp: DatabaseCorruptionInput, task_queue: str) -> WorkflowHandle:
     """Start the runbook; a second start for a running incident fails instead of running twice."""
-    return await client.start_workflow(
-        DatabaseCorruptionRecovery.run, inp, id=workflow_id(inp.incident_id), task_queue=task_queue,
-        id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
-        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
-        search_attributes=TypedSearchAttributes([
-            SearchAttributePair(INCIDENT_ID, inp.incident_id), SearchAttributePair(PROCEDURE_KEY, PROCEDURE),
-            SearchAttributePair(SEVERITY, inp.severity.value)]),
-        static_summary=f"{inp.severity.value} database corruption recovery of {inp.database} ({inp.incident_id})",
-    )
+    return await start_runbook(
+        client, DatabaseCorruptionRecovery.run, inp, workflow_id=workflow_id(inp.incident_id), procedure=PROCEDURE,
+        summary=f"{inp.severity.value} database corruption recovery of {inp.database} ({inp.incident_id})",
+        task_queue=task_queue)
 
 
 async def _main() -> None:

@@ -69,3 +69,13 @@ async def wait_for_approval_gate(handle, timeout: float = 60) -> None:
     async with asyncio.timeout(timeout):
         while not (await handle.query(DatabaseCorruptionRecovery.progress)).awaiting_approval:
             await asyncio.sleep(0.2)
+
+
+async def activity_attempts(handle, activity_type: str) -> list[int]:
+    """The attempt number of every start of one activity type in a run's history."""
+    history = [e async for e in handle.fetch_history_events()]
+    scheduled = {e.event_id for e in history if e.HasField("activity_task_scheduled_event_attributes")
+                 and e.activity_task_scheduled_event_attributes.activity_type.name == activity_type}
+    return [e.activity_task_started_event_attributes.attempt for e in history
+            if e.HasField("activity_task_started_event_attributes")
+            and e.activity_task_started_event_attributes.scheduled_event_id in scheduled]

@@ -17,7 +17,7 @@ from models.approval import ApprovalRequest
 from models.deletion import AccidentalDeletionInput
 from stack.stack import DATABASE
 from starters.accidental_deletion import api_key_fingerprint, start_accidental_deletion
-from tests.conftest import running_worker
+from tests.conftest import activity_attempts, running_worker
 from tests.test_crash_survival import spawn_worker, wait_for_activity
 from workflows.accidental_deletion import AccidentalDeletionRecovery
 
@@ -167,6 +167,8 @@ async def test_run_survives_a_worker_killed_during_the_side_replay(stack, client
     assert snapshot(stack, "companies", f"id IN ({','.join(map(str, doomed))})") == doomed
     assert result.reinserted.inserted_by_table["public.companies"] == len(doomed)
     assert not [p for p in stack.pg_dir.iterdir() if ".side-" in p.name]
+    # the killed attempt timed out; the new worker watched the same replay to its end
+    assert await activity_attempts(handle, "replay_wal") == [2]
 
 
 async def test_cancelled_run_leaves_no_side_instance_and_no_files(stack, client, analyst):

@@ -15,7 +15,7 @@ from models.db_corruption import DatabaseCorruptionInput
 from stack.corrupt import corrupt_table
 from stack.stack import DATABASE
 from starters.db_corruption import start_db_corruption
-from tests.conftest import row_counts, wait_for_approval_gate
+from tests.conftest import activity_attempts, row_counts, wait_for_approval_gate
 from workflows.db_corruption import DatabaseCorruptionRecovery
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,10 +70,5 @@ async def test_worker_killed_during_restore_is_replaced_and_nothing_is_restored_
     assert result.outcome == "recovered"
     assert {t: result.recovered_row_counts[t] for t in before} == before == row_counts(stack)
     assert json.loads(restore_job.read_text())["launches"] == 1  # adopted, not restored again
-    history = [e async for e in handle.fetch_history_events()]
-    restore_scheduled = {e.event_id for e in history if e.HasField("activity_task_scheduled_event_attributes")
-                         and e.activity_task_scheduled_event_attributes.activity_type.name == "restore_base_backup"}
-    restore_started = [e.activity_task_started_event_attributes for e in history
-                       if e.HasField("activity_task_started_event_attributes")
-                       and e.activity_task_started_event_attributes.scheduled_event_id in restore_scheduled]
-    assert restore_started[-1].attempt == 2  # the killed attempt timed out; the second worker finished it
+    # the killed attempt timed out; the second worker finished it
+    assert (await activity_attempts(handle, "restore_base_backup"))[-1] == 2

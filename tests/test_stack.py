@@ -37,9 +37,25 @@ def test_the_demo_app_serves_the_playbook_endpoints(stack):
     assert 'http_requests_total{path="/health",code="200"}' in httpx.get(f"{stack.app_url}/metrics").text
 
 
-def drp(*args: str) -> subprocess.CompletedProcess:
+def drp(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "starters.cli", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=60)
+                          timeout=60, env=env)
+
+
+def test_cli_installs_the_audit_log_idempotently(stack):
+    env = {**os.environ, "DRP_SETTINGS_FILE": str(stack.settings_file)}
+    with stack.postgres().connect(DATABASE) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS audited_later (id int PRIMARY KEY)")
+    for _ in range(2):
+        done = drp("audit", "install", "--database", DATABASE, "--tables", "public.audited_later", env=env)
+        assert done.returncode == 0, done.stderr
+    with stack.postgres().connect(DATABASE) as conn:
+        conn.execute("INSERT INTO audited_later VALUES (1)")
+        conn.execute("DELETE FROM audited_later")
+        actions = [r[0] for r in conn.execute("SELECT action FROM audit_log WHERE table_name = "
+                                              "'public.audited_later' ORDER BY id")]
+        conn.execute("DROP TABLE audited_later")
+    assert actions == ["INSERT", "DELETE"]
 
 
 def test_cli_status_and_operator_mistakes(stack):

@@ -8,8 +8,8 @@ import logging
 import sys
 
 import structlog
-from temporalio.worker import ActivityInboundInterceptor, ExecuteActivityInput, Interceptor
 from temporalio import activity
+from temporalio.worker import ActivityInboundInterceptor, ExecuteActivityInput, Interceptor
 
 
 def configure_logging(level: str = "INFO") -> None:

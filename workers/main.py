@@ -38,7 +38,8 @@ def build_platform(settings: PlatformSettings) -> AppPlatform:
         return LocalProcessPlatform(LocalAppSpec.load(settings.local.app_spec))
     if settings.kubernetes is None:
         raise ValueError("platform.kind is 'kubernetes' but platform.kubernetes is not set")
-    from kubernetes import client as k8s, config as k8s_config
+    from kubernetes import client as k8s
+    from kubernetes import config as k8s_config
 
     k = settings.kubernetes
     if k.api_url:

@@ -17,7 +17,6 @@ from pydantic import ValidationError
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
-from models.approval import ApprovalRecord, ApprovalRequest
 from models.deletion import (
     PROCEDURE,
     AccidentalDeletionInput,
@@ -29,10 +28,7 @@ from models.deletion import (
 )
 from models.postgres import AssessRequest, ReplayRequest, RestoreRequest, TeardownRequest
 from workflows import _options as opt
-from workflows._steps import Progress, StepTracker
-from workflows.approval import ApprovalGate
-from workflows.search_attributes import INCIDENT_ID, SEVERITY
-from workflows.search_attributes import PROCEDURE as PROCEDURE_KEY
+from workflows._runbook import Runbook
 
 with workflow.unsafe.imports_passed_through():
     from activities.backup import BackupActivities
@@ -40,25 +36,18 @@ with workflow.unsafe.imports_passed_through():
     from activities.playbook import PlaybookActivities
     from activities.postgres import PostgresActivities
 
-STEPS = 12
-
 
 def workflow_id(incident_id: str) -> str:
     return f"accidental-deletion-{incident_id}"
 
 
 @workflow.defn(name="AccidentalDeletionRecovery", failure_exception_types=[ValidationError])
-class AccidentalDeletionRecovery:
-    def __init__(self) -> None:
-        self.steps = StepTracker(total=STEPS)
-        self.gate = ApprovalGate()
+class AccidentalDeletionRecovery(Runbook):
+    STEPS = 12
 
     @workflow.run
     async def run(self, inp: AccidentalDeletionInput) -> DeletionRecoveryResult:
-        workflow.upsert_search_attributes([
-            INCIDENT_ID.value_set(inp.incident_id), PROCEDURE_KEY.value_set(PROCEDURE),
-            SEVERITY.value_set(inp.severity.value),
-        ])
+        self.label(inp.incident_id, PROCEDURE, inp.severity)
         started = inp.incident_started_at or workflow.info().start_time
         hb = inp.heartbeat_timeout
         query = DeletionQuery(database=inp.database, window_start=inp.window_start,
@@ -132,19 +121,6 @@ class AccidentalDeletionRecovery:
             approvals=[approval, *[d for s, d in self.gate.decisions.items() if s != "re-insert"]],
             steps=self.steps.completed, rto_target=objectives.rto, rpo_target=objectives.rpo,
             rto_actual=recovered_at - started, rpo_actual=timedelta(0) if complete else None)
-
-    @workflow.update
-    def approve(self, req: ApprovalRequest) -> ApprovalRecord:
-        return self.gate.record(req)
-
-    @approve.validator
-    def _validate_approve(self, req: ApprovalRequest) -> None:
-        self.gate.validate(req)
-
-    @workflow.query
-    def progress(self) -> Progress:
-        return Progress(current_step=self.steps.current, completed=self.steps.completed,
-                        awaiting_approval=self.gate.pending_step)
 
 
 def _summary(extracted) -> str:

@@ -16,7 +16,6 @@ from datetime import datetime, timedelta
 from pydantic import ValidationError
 from temporalio import workflow
 
-from models.approval import ApprovalRecord, ApprovalRequest
 from models.db_corruption import PROCEDURE, CorruptionRecoveryResult, DatabaseCorruptionInput
 from models.platform import StartAppRequest, StopAppRequest
 from models.postgres import (
@@ -30,19 +29,13 @@ from models.postgres import (
     VerifyRequest,
 )
 from workflows import _options as opt
-from workflows._steps import Progress, StepTracker
-from workflows.approval import ApprovalGate
-from workflows.search_attributes import INCIDENT_ID
-from workflows.search_attributes import PROCEDURE as PROCEDURE_KEY
-from workflows.search_attributes import SEVERITY
+from workflows._runbook import Runbook
 
 with workflow.unsafe.imports_passed_through():
     from activities.backup import BackupActivities
     from activities.platform import PlatformActivities
     from activities.playbook import PlaybookActivities
     from activities.postgres import PostgresActivities
-
-STEPS = 11
 
 
 def workflow_id(incident_id: str) -> str:
@@ -51,17 +44,12 @@ def workflow_id(incident_id: str) -> str:
 
 
 @workflow.defn(name="DatabaseCorruptionRecovery", failure_exception_types=[ValidationError])
-class DatabaseCorruptionRecovery:
-    def __init__(self) -> None:
-        self.steps = StepTracker(total=STEPS)
-        self.gate = ApprovalGate()
+class DatabaseCorruptionRecovery(Runbook):
+    STEPS = 11
 
     @workflow.run
     async def run(self, inp: DatabaseCorruptionInput) -> CorruptionRecoveryResult:
-        workflow.upsert_search_attributes([
-            INCIDENT_ID.value_set(inp.incident_id), PROCEDURE_KEY.value_set(PROCEDURE),
-            SEVERITY.value_set(inp.severity.value),
-        ])
+        self.label(inp.incident_id, PROCEDURE, inp.severity)
         incident_started = inp.incident_started_at or workflow.info().start_time
         hb = inp.heartbeat_timeout
         objectives = await workflow.execute_activity_method(
@@ -138,19 +126,6 @@ class DatabaseCorruptionRecovery:
             outcome="recovered", steps=self.steps.completed, approval=approval, backup_id=restored.backup_id,
             recovered_row_counts=verified.row_counts, newest_recovered_commit_at=replayed.last_commit_at,
             damaged_data_dir=swapped.damaged_dir, rto_actual=rto, rpo_actual=rpo, **common)
-
-    @workflow.update
-    def approve(self, req: ApprovalRequest) -> ApprovalRecord:
-        return self.gate.record(req)
-
-    @approve.validator
-    def _validate_approve(self, req: ApprovalRequest) -> None:
-        self.gate.validate(req)
-
-    @workflow.query
-    def progress(self) -> Progress:
-        return Progress(current_step=self.steps.current, completed=self.steps.completed,
-                        awaiting_approval=self.gate.pending_step)
 
 
 def _data_loss_window(sealed: SealResult, incident_started: datetime,
