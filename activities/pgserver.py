@@ -132,6 +132,15 @@ class PgServer:
         except OSError:
             return ""
 
+    def create_standby(self, data_dir: Path, application_name: str) -> None:
+        """A streaming standby of this server in data_dir: pg_basebackup -R writes
+        standby.signal and primary_conninfo; application_name is what
+        synchronous_standby_names refers to."""
+        conninfo = (f"host={self.host} port={self.port} user={self.superuser} "
+                    f"application_name={application_name}")
+        self.tool("pg_basebackup", "-d", conninfo, "-D", str(data_dir), "-R", "-X", "stream", "-c", "fast",
+                  timeout=3600)
+
     # --- SQL --------------------------------------------------------------
 
     def connect(self, dbname: str = "postgres", autocommit: bool = True, timeout: int = 5) -> psycopg.Connection:

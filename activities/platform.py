@@ -5,15 +5,18 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.platforms import AppPlatform
+from models.failover import RepointRequest, WriteCheck
 from models.platform import AppHealth, AppStopped, StartAppRequest, StopAppRequest
 
 
 class PlatformActivities:
-    def __init__(self, platform: AppPlatform, http: httpx.Client, health_url: str, critical_url: str):
+    def __init__(self, platform: AppPlatform, http: httpx.Client, health_url: str, critical_url: str,
+                 write_check_url: str | None = None):
         self.platform = platform
         self.http = http
         self.health_url = health_url
         self.critical_url = critical_url
+        self.write_check_url = write_check_url
 
     @activity.defn
     def stop_application(self, req: StopAppRequest) -> AppStopped:
@@ -37,3 +40,21 @@ class PlatformActivities:
         items = critical.json()
         return AppHealth(health_status=health.status_code, critical_status=critical.status_code,
                          critical_items=len(items) if isinstance(items, list) else 0)
+
+    @activity.defn
+    def repoint_application(self, req: RepointRequest) -> None:
+        self.platform.repoint(req.host, req.port)
+
+    @activity.defn
+    def check_write(self) -> WriteCheck:
+        """One write through the application; retried until it succeeds."""
+        if not self.write_check_url:
+            raise ApplicationError("no app.write_check_url configured", type="NoWriteCheck", non_retryable=True)
+        try:
+            resp = self.http.post(self.write_check_url)
+        except httpx.HTTPError as err:
+            raise ApplicationError(f"application not answering: {err}", type="AppUnhealthy") from err
+        if resp.status_code != 201:
+            raise ApplicationError(f"write through the application failed: {resp.status_code} {resp.text[:200]}",
+                                   type="AppUnhealthy")
+        return WriteCheck(status=resp.status_code, served_by_port=resp.json()["server_port"])

@@ -8,8 +8,9 @@ before the incident, so a retried stop after a crash never loses it.
 
 import json
 import os
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -30,6 +31,9 @@ class AppPlatform(Protocol):
 
     def start(self, replicas: int, heartbeat: Heartbeat) -> None:
         """Run `replicas` instances and wait until they are ready."""
+
+    def repoint(self, host: str, port: int) -> None:
+        """Point the application at another database server (takes effect at the next start)."""
 
 
 @dataclass(frozen=True)
@@ -59,9 +63,17 @@ class LocalProcessPlatform:
 
     NAME = "app"
 
-    def __init__(self, spec: LocalAppSpec):
-        self.spec = spec
-        self.processes = ProcessTable(spec.run_dir)
+    def __init__(self, spec_path: Path):
+        self.spec_path = Path(spec_path)
+
+    @property
+    def spec(self) -> LocalAppSpec:
+        """Read on every use: another worker may have repointed the application."""
+        return LocalAppSpec.load(self.spec_path)
+
+    @property
+    def processes(self) -> ProcessTable:
+        return ProcessTable(self.spec.run_dir)
 
     def stop(self, incident_id: str, heartbeat: Heartbeat) -> int:
         self.processes.stop(self.NAME)
@@ -72,6 +84,12 @@ class LocalProcessPlatform:
             return
         self.processes.spawn(self.NAME, self.spec.argv, self.spec.log, env={**os.environ, **self.spec.env})
         wait_for_port(self.spec.port, timeout=30, what="the application")
+
+    def repoint(self, host: str, port: int) -> None:
+        spec = self.spec
+        dsn = re.sub(r"\bhost=\S+", f"host={host}", spec.env["DRP_APP_DSN"])
+        dsn = re.sub(r"\bport=\S+", f"port={port}", dsn)
+        replace(spec, env={**spec.env, "DRP_APP_DSN": dsn}).save(self.spec_path)
 
 
 class KubernetesPlatform:
@@ -114,6 +132,14 @@ class KubernetesPlatform:
         self._wait("pods to terminate", heartbeat, lambda: not self._call(
             "list pods", self.core.list_namespaced_pod, self.namespace, label_selector=selector).items)
         return before
+
+    def repoint(self, host: str, port: int) -> None:
+        """Set POSTGRES_HOST / POSTGRES_PORT on the Deployment's first container (playbook 4.2's `set env`)."""
+        dep = self._deployment()
+        container = dep.spec.template.spec.containers[0].name
+        env = [{"name": "POSTGRES_HOST", "value": host}, {"name": "POSTGRES_PORT", "value": str(port)}]
+        body = {"spec": {"template": {"spec": {"containers": [{"name": container, "env": env}]}}}}
+        self._call("set env", self.apps.patch_namespaced_deployment, self.deployment, self.namespace, body)
 
     def start(self, replicas: int, heartbeat: Heartbeat) -> None:
         body = {"metadata": {"annotations": {REPLICAS_ANNOTATION: None}}, "spec": {"replicas": replicas}}

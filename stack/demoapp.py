@@ -1,7 +1,8 @@
 """The demo application: a small HTTP API over the company database.
 
 Stands in for `corporate-intel-api` of the playbook: `/health`,
-`/api/v1/companies?limit=N` and `/metrics`. A request whose `X-API-Key` is
+`/api/v1/companies?limit=N`, `/metrics`, and `POST /api/v1/write-check` (writes
+one row, answers with the server port that took it). A request whose `X-API-Key` is
 in Redis' `blocked_api_keys` set (as a SHA-256 fingerprint) gets 403. Run as
 `python -m stack.demoapp` with DRP_APP_DSN and DRP_APP_PORT in the
 environment. It keeps no state of its own, so stopping and starting it is
@@ -74,6 +75,17 @@ class Handler(BaseHTTPRequestHandler):
         except psycopg.Error as err:
             return self._send(503, {"error": "database unavailable", "detail": str(err).splitlines()[0]})
 
+
+    def do_POST(self):  # noqa: N802
+        url = urlparse(self.path)
+        if url.path != "/api/v1/write-check":
+            return self._send(404, {"error": "not found"})
+        try:
+            with psycopg.connect(DSN, connect_timeout=3) as conn:
+                row = conn.execute("INSERT INTO app_write_checks DEFAULT VALUES RETURNING id, server").fetchone()
+            return self._send(201, {"id": row[0], "server_port": int(row[1])})
+        except psycopg.Error as err:
+            return self._send(503, {"error": "database unavailable", "detail": str(err).splitlines()[0]})
 
     def _key_blocked(self) -> bool:
         key = self.headers.get("X-API-Key")

@@ -23,6 +23,12 @@ CREATE TABLE IF NOT EXISTS metrics (
     value       numeric(18, 2) NOT NULL
 );
 CREATE INDEX IF NOT EXISTS metrics_company_idx ON metrics(company_id);
+-- One row per POST /api/v1/write-check: proves the application can write, and where.
+CREATE TABLE IF NOT EXISTS app_write_checks (
+    id         bigserial PRIMARY KEY,
+    server     text NOT NULL DEFAULT inet_server_port()::text,
+    written_at timestamptz NOT NULL DEFAULT now()
+);
 
 INSERT INTO companies (id, name, ticker, sector)
 SELECT i,

@@ -27,6 +27,7 @@ from activities.processes import ProcessTable, free_port, port_open, wait_for_po
 
 DATABASE = "corporate_intel"
 AUDITED_TABLES = ("public.companies", "public.filings", "public.metrics")
+STANDBY_NAME = "drp_standby"
 APP_ROLE = "app_user"
 BUCKET = "drp-backups"
 SEARCH_ATTRIBUTES = ("IncidentId", "Procedure", "Severity")
@@ -46,6 +47,7 @@ class Ports(BaseModel):
     postgres: int
     app: int
     redis: int = Field(default_factory=free_port)
+    standby: int = Field(default_factory=free_port)
 
 
 class StackConfig(BaseModel):
@@ -56,13 +58,15 @@ class StackConfig(BaseModel):
     app_password: str
     os_user: str | None
     companies: int = 500
+    synchronous_standby: bool = False
 
 
 class Stack:
-    def __init__(self, state_dir: Path | None = None, companies: int = 500, task_queue: str = "drp-recovery"):
+    def __init__(self, state_dir: Path | None = None, companies: int = 500, task_queue: str = "drp-recovery",
+                 synchronous_standby: bool = False):
         self.state_dir = Path(state_dir or default_state_dir()).resolve()
         self.task_queue = task_queue
-        self.config = self._load_or_create_config(companies)
+        self.config = self._load_or_create_config(companies, synchronous_standby)
         self.processes = ProcessTable(self.state_dir / "run")
 
     # --- layout ------------------------------------------------------------
@@ -103,7 +107,7 @@ class Stack:
     def app_url(self) -> str:
         return f"http://127.0.0.1:{self.config.ports.app}"
 
-    def _load_or_create_config(self, companies: int) -> StackConfig:
+    def _load_or_create_config(self, companies: int, synchronous_standby: bool) -> StackConfig:
         path = self.state_dir / "stack.json"
         if path.exists():
             config = StackConfig.model_validate_json(path.read_text())  # parts added since get ports now
@@ -115,6 +119,7 @@ class Stack:
                             app=free_port()),
                 pg_password=secrets.token_urlsafe(18), app_password=secrets.token_urlsafe(18),
                 os_user="drp-postgres" if os.geteuid() == 0 else None, companies=companies,
+                synchronous_standby=synchronous_standby,
             )
         path.write_text(config.model_dump_json(indent=2))
         os.chmod(path, 0o600)
@@ -130,12 +135,15 @@ class Stack:
         return PgServer(bin_dir=embedded_bin_dir(), data_dir=self.pg_dir / "primary", port=self.config.ports.postgres,
                         os_user=self.config.os_user, password=self.config.pg_password, server_env=DUMMY_AWS)
 
+    def standby(self) -> PgServer:
+        return self.postgres().at(self.pg_dir / "standby", port=self.config.ports.standby)
+
     def app_dsn(self) -> str:
         return (f"host=127.0.0.1 port={self.config.ports.postgres} dbname={DATABASE} user={APP_ROLE} "
                 f"password={self.config.app_password} connect_timeout=3")
 
     def app_platform(self) -> LocalProcessPlatform:
-        return LocalProcessPlatform(LocalAppSpec.load(self.app_spec_file))
+        return LocalProcessPlatform(self.app_spec_file)
 
     def worker_settings(self) -> dict:
         return {
@@ -146,23 +154,26 @@ class Stack:
             "backup": {"destination": self.barman().destination, "server_name": "primary",
                        "endpoint_url": self.moto_url, "aws_access_key_id": DUMMY_AWS["AWS_ACCESS_KEY_ID"],
                        "aws_secret_access_key": DUMMY_AWS["AWS_SECRET_ACCESS_KEY"]},
+            "standby": {"port": self.config.ports.standby, "data_dir": str(self.standby().data_dir)},
             "platform": {"kind": "local", "local": {"app_spec": str(self.app_spec_file)}},
             "redis_url": self.redis_url,
             "evidence_destination": f"s3://{BUCKET}/evidence",
             "app": {"health_url": f"{self.app_url}/health",
-                    "critical_url": f"{self.app_url}/api/v1/companies?limit=10"},
+                    "critical_url": f"{self.app_url}/api/v1/companies?limit=10",
+                    "write_check_url": f"{self.app_url}/api/v1/write-check"},
         }
 
     # --- up ------------------------------------------------------------------
 
-    def up(self, with_worker: bool = True, log=print) -> None:
+    def up(self, with_worker: bool = True, with_temporal: bool = True, log=print) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.settings_file.write_text(json.dumps(self.worker_settings(), indent=2))
         os.chmod(self.settings_file, 0o600)
         self._up_moto(log)
         self._up_redis(log)
         self._up_postgres(log)
-        self._up_temporal(log)
+        if with_temporal:
+            self._up_temporal(log)
         self._up_app(log)
         if with_worker:
             self._up_worker(log)
@@ -213,6 +224,20 @@ class Stack:
             log("taking a base backup to S3 ...")
             self.base_backup()
         log(f"postgres 18    127.0.0.1:{pg.port}  db {DATABASE}  data {pg.data_dir}")
+        self._up_standby(pg, log)
+
+    def _up_standby(self, primary: PgServer, log) -> None:
+        """A streaming standby of the primary (synchronous if the stack was created so)."""
+        standby = self.standby()
+        if not (standby.data_dir / "PG_VERSION").exists():
+            primary.create_standby(standby.data_dir, STANDBY_NAME)
+            if self.config.synchronous_standby:
+                with primary.connect() as conn:
+                    conn.execute(f"ALTER SYSTEM SET synchronous_standby_names = '{STANDBY_NAME}'")
+                    conn.execute("SELECT pg_reload_conf()")
+        standby.start()
+        mode = "synchronous" if self.config.synchronous_standby else "asynchronous"
+        log(f"standby        127.0.0.1:{standby.port}  {mode} streaming  data {standby.data_dir}")
 
     def _initdb(self, pg: PgServer) -> None:
         self.pg_dir.mkdir(parents=True, exist_ok=True)
@@ -253,6 +278,8 @@ class Stack:
             conn.execute(seed.replace(":companies", str(int(self.config.companies))))
             install_audit_log(conn, list(AUDITED_TABLES))
             conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {', '.join(AUDITED_TABLES)} TO {APP_ROLE}")
+            conn.execute(f"GRANT SELECT, INSERT ON app_write_checks TO {APP_ROLE}")
+            conn.execute(f"GRANT USAGE ON SEQUENCE app_write_checks_id_seq TO {APP_ROLE}")
 
     def base_backup(self) -> None:
         pg, barman = self.postgres(), self.barman()
@@ -302,6 +329,7 @@ class Stack:
             ("s3 (moto)", self.moto_url, "up" if port_open(ports.moto) else "down"),
             ("redis", self.redis_url, "up" if port_open(ports.redis) else "down"),
             ("postgres", f"127.0.0.1:{ports.postgres}", self._pg_health(pg)),
+            ("standby", f"127.0.0.1:{ports.standby}", self._standby_health()),
             ("demo app", f"{self.app_url}/health", _http_health(f"{self.app_url}/health")),
             ("worker", self.task_queue, "up" if self.processes.pid("worker") else "down"),
         ]
@@ -318,14 +346,27 @@ class Stack:
         except Exception as err:  # noqa: BLE001 (status reports any failure)
             return f"unhealthy: {str(err).splitlines()[0]}"
 
+    def _standby_health(self) -> str:
+        standby = self.standby()
+        if not standby.is_running():
+            return "down"
+        try:
+            with standby.connect() as conn:
+                in_recovery, streaming = conn.execute(
+                    "SELECT pg_is_in_recovery(), EXISTS (SELECT 1 FROM pg_stat_wal_receiver "
+                    "WHERE status = 'streaming')").fetchone()
+            return ("up (streaming)" if streaming else "up (not streaming)") if in_recovery else "up (promoted)"
+        except Exception as err:  # noqa: BLE001 (status reports any failure)
+            return f"unhealthy: {str(err).splitlines()[0]}"
+
     def down(self, log=print) -> None:
         for name in ("worker", "app", "temporal"):
             if self.processes.stop(name):
                 log(f"stopped {name}")
-        pg = self.postgres()
-        if pg.is_running():
-            pg.stop()
-            log("stopped postgres")
+        for name, server in (("standby", self.standby()), ("postgres", self.postgres())):
+            if server.is_running():
+                server.stop()
+                log(f"stopped {name}")
         if self.processes.stop("redis"):
             log("stopped redis")
         if self.processes.stop("moto"):

@@ -3,7 +3,7 @@
     drp stack up|status|down      the embedded local environment
     drp demo                      a recovery drill on it, watched in the Web UI
     drp worker                    run a worker (settings from the environment)
-    drp start db-corruption ...   start a runbook (or: drp start deletion ...)
+    drp start db-corruption ...   start a runbook (also: deletion, failover)
     drp approve INCIDENT ...      approve (or --reject) the pending step of a run
     drp playbook check [FILE]     validate a playbook file
     drp audit install             install the audit log the deletion runbook reads
@@ -24,10 +24,12 @@ from models.approval import ApprovalRequest
 from models.db_corruption import DatabaseCorruptionInput
 from models.deletion import AccidentalDeletionInput
 from models.playbook import PlaybookError, load_playbook
+from models.failover import DatabaseFailoverInput
 from workflows.accidental_deletion import workflow_id as deletion_id
+from workflows.db_failover import workflow_id as failover_id
 from workflows.db_corruption import workflow_id as db_corruption_id
 
-RUNBOOK_IDS = [db_corruption_id, deletion_id]
+RUNBOOK_IDS = [db_corruption_id, deletion_id, failover_id]
 
 
 class CliError(Exception):
@@ -75,17 +77,23 @@ def cmd_worker(args) -> None:
 async def cmd_start(args) -> None:
     from starters.accidental_deletion import api_key_fingerprint, start_accidental_deletion
     from starters.db_corruption import start_db_corruption
+    from starters.db_failover import start_db_failover
     from workers.temporal_client import connect
 
     raw = json.loads(Path(args.json).read_text() if args.json != "-" else sys.stdin.read()) if args.json else {}
-    flags = {"incident_id": args.incident, "database": args.database, "severity": args.severity}
+    flags = {"incident_id": args.incident, "severity": args.severity}
+    if args.procedure != "failover":
+        flags["database"] = args.database
+    if args.procedure == "failover" and args.override_lag:
+        flags["override_lag"] = True
     if args.procedure == "deletion":
         flags.update(window_start=args.window_start, window_end=args.window_end, table=args.table, role=args.role)
         if args.api_key_file:
             flags["api_key_sha256"] = api_key_fingerprint(Path(args.api_key_file).read_text())
     raw.update({k: v for k, v in flags.items() if v})
-    model, start = ((DatabaseCorruptionInput, start_db_corruption) if args.procedure == "db-corruption"
-                    else (AccidentalDeletionInput, start_accidental_deletion))
+    model, start = {"db-corruption": (DatabaseCorruptionInput, start_db_corruption),
+                    "deletion": (AccidentalDeletionInput, start_accidental_deletion),
+                    "failover": (DatabaseFailoverInput, start_db_failover)}[args.procedure]
     try:
         inp = model.model_validate(raw)
     except ValidationError as err:
@@ -162,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", help="run a recovery drill on the embedded stack").set_defaults(func=cmd_demo)
 
     p = sub.add_parser("start", help="start a runbook")
-    p.add_argument("procedure", choices=["db-corruption", "deletion"])
+    p.add_argument("procedure", choices=["db-corruption", "deletion", "failover"])
     p.add_argument("--incident")
     p.add_argument("--database")
     p.add_argument("--severity")
@@ -171,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", help="deletion: the table the rows were deleted from, if known")
     p.add_argument("--role", help="deletion: the database role to contain, if known")
     p.add_argument("--api-key-file", help="deletion: a file with the API key to block (only its SHA-256 is sent)")
+    p.add_argument("--override-lag", action="store_true", help="failover: promote even a lagging standby")
     p.add_argument("--json", help="input as a JSON file, or - for stdin")
     p.add_argument("--temporal")
     p.add_argument("--task-queue")

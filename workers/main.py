@@ -18,24 +18,26 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 from activities.backup import BackupActivities
 from activities.deletion import DeletionActivities
 from activities.platform import PlatformActivities
-from activities.platforms import AppPlatform, KubernetesPlatform, LocalAppSpec, LocalProcessPlatform
+from activities.platforms import AppPlatform, KubernetesPlatform, LocalProcessPlatform
 from activities.playbook import PlaybookActivities
 from activities.postgres import PostgresActivities
+from activities.replication import ReplicationActivities
 from models.playbook import load_playbook
 from workers.logging import LoggingInterceptor, configure_logging
 from workers.settings import PlatformSettings, Settings
 from workers.temporal_client import connect
 from workflows.accidental_deletion import AccidentalDeletionRecovery
 from workflows.db_corruption import DatabaseCorruptionRecovery
+from workflows.db_failover import DatabaseFailover
 
-WORKFLOWS = [DatabaseCorruptionRecovery, AccidentalDeletionRecovery]
+WORKFLOWS = [DatabaseCorruptionRecovery, AccidentalDeletionRecovery, DatabaseFailover]
 
 
 def build_platform(settings: PlatformSettings) -> AppPlatform:
     if settings.kind == "local":
         if settings.local is None:
             raise ValueError("platform.kind is 'local' but platform.local.app_spec is not set")
-        return LocalProcessPlatform(LocalAppSpec.load(settings.local.app_spec))
+        return LocalProcessPlatform(settings.local.app_spec)
     if settings.kubernetes is None:
         raise ValueError("platform.kind is 'kubernetes' but platform.kubernetes is not set")
     from kubernetes import client as k8s
@@ -77,7 +79,9 @@ def build_activities(settings: Settings) -> list:
     postgres = PostgresActivities(server)
     backup = BackupActivities(server, barman)
     platform = PlatformActivities(build_platform(settings.platform), httpx.Client(timeout=10),
-                                  settings.app.health_url, settings.app.critical_url)
+                                  settings.app.health_url, settings.app.critical_url, settings.app.write_check_url)
+    standby = settings.postgres.server(standby=settings.standby) if settings.standby else None
+    replication = ReplicationActivities(server, standby)
     deletion = DeletionActivities(server, barman, build_redis(settings), build_s3(settings),
                                   settings.evidence_destination)
     return [
@@ -88,6 +92,8 @@ def build_activities(settings: Settings) -> list:
         deletion.identify_deletions, deletion.contain, deletion.extract_deleted_rows, deletion.reinsert_rows,
         deletion.verify_reinserted, deletion.lift_containment,
         platform.stop_application, platform.start_application, platform.check_application,
+        platform.repoint_application, platform.check_write,
+        replication.check_standby, replication.fence_primary, replication.promote_standby,
     ]
 
 

@@ -27,10 +27,11 @@ class PostgresSettings(BaseModel):
     bin_dir: Path | None = None
     os_user: str | None = "drp-postgres"
 
-    def server(self, server_env: dict[str, str] | None = None) -> PgServer:
+    def server(self, server_env: dict[str, str] | None = None, standby: "StandbySettings | None" = None) -> PgServer:
         return PgServer(
-            bin_dir=self.bin_dir or embedded_bin_dir(), data_dir=self.data_dir, port=self.port,
-            os_user=self.os_user, host=self.host, superuser=self.superuser,
+            bin_dir=self.bin_dir or embedded_bin_dir(), data_dir=standby.data_dir if standby else self.data_dir,
+            port=standby.port if standby else self.port, os_user=self.os_user,
+            host=standby.host if standby else self.host, superuser=self.superuser,
             password=self.password.get_secret_value() if self.password else None,
             server_env=server_env or {},
         )
@@ -83,6 +84,15 @@ class PlatformSettings(BaseModel):
 class AppCheckSettings(BaseModel):
     health_url: str
     critical_url: str
+    write_check_url: str | None = None  # POST: the application writes one row and says which server took it
+
+
+class StandbySettings(BaseModel):
+    """A streaming standby of `postgres` (same credentials and OS user)."""
+
+    host: str = "127.0.0.1"
+    port: int
+    data_dir: Path
 
 
 class Settings(BaseSettings):
@@ -97,6 +107,7 @@ class Settings(BaseSettings):
     backup: BackupSettings = BackupSettings()
     platform: PlatformSettings
     app: AppCheckSettings
+    standby: StandbySettings | None = None
     redis_url: SecretStr | None = None  # where the application keeps blocked_api_keys
     evidence_destination: str = "s3://drp-backups/evidence"  # recovered rows, as CSV, per incident
 

@@ -16,7 +16,7 @@ NON_RETRYABLE = [
     "UnknownDatabase", "NoBackup", "VerificationFailed", "NothingToReplay", "ReplayFailed", "ReplayIncomplete", "SwapConflict",
     "PrimaryRunning", "KubernetesNotFound", "KubernetesForbidden", "UnknownProcedure",
     "NoAuditLog", "UnknownTable", "UnknownRole", "NoDeletionsFound", "NoCommitTimestamps", "NoBackupBeforeTarget",
-    "NoPrimaryKey", "ReinsertIncomplete", "NoRedis",
+    "NoPrimaryKey", "ReinsertIncomplete", "NoRedis", "NoStandby", "StandbyLagging", "WrongServer", "NoWriteCheck",
 ]
 
 RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
