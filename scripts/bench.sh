@@ -2,10 +2,11 @@
 # Benchmarks (not part of the test suite): see BENCHMARKS.md.
 #   bash scripts/bench.sh [restore] [--gb 1.0 --wal-mb 256]
 #   bash scripts/bench.sh deletion [--gb 1.0 --companies 200]
+#   bash scripts/bench.sh failover [--runs 3]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv=$(bash "$root/scripts/bootstrap.sh" | tail -n 1)
 cd "$root"
 which=restore
-case "${1:-}" in restore|deletion) which=$1; shift ;; esac
+case "${1:-}" in restore|deletion|failover) which=$1; shift ;; esac
 exec "$venv/bin/python" -m "bench.$which" "$@"
