@@ -23,13 +23,14 @@ from temporalio.service import RPCError
 from models.approval import ApprovalRequest
 from models.db_corruption import DatabaseCorruptionInput
 from models.deletion import AccidentalDeletionInput
-from models.playbook import PlaybookError, load_playbook
 from models.failover import DatabaseFailoverInput
+from models.playbook import PlaybookError, load_playbook
 from workflows.accidental_deletion import workflow_id as deletion_id
-from workflows.db_failover import workflow_id as failover_id
 from workflows.db_corruption import workflow_id as db_corruption_id
+from workflows.db_failover import workflow_id as failover_id
+from workflows.region_failover import workflow_id as region_failover_id
 
-RUNBOOK_IDS = [db_corruption_id, deletion_id, failover_id]
+RUNBOOK_IDS = [db_corruption_id, deletion_id, failover_id, region_failover_id]
 
 
 class CliError(Exception):

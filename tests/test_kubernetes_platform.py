@@ -42,16 +42,21 @@ async def deploy(kmock, replicas: int) -> None:
                                                               "labels": LABELS}})
 
 
-async def fake_deployment_controller(kmock, stop: asyncio.Event) -> None:
+async def fake_deployment_controller(kmock, stop: asyncio.Event, ns: str = NS, name: str = NAME) -> None:
     """FAKE: stands in for the Deployment controller kmock does not have."""
     apps, core = k8s.AppsV1Api(api_client(kmock)), k8s.CoreV1Api(api_client(kmock))
     while not stop.is_set():
-        dep = await asyncio.to_thread(apps.read_namespaced_deployment, NAME, NS)
-        pods = (await asyncio.to_thread(core.list_namespaced_pod, NS)).items
+        dep = await asyncio.to_thread(apps.read_namespaced_deployment, name, ns)
+        try:
+            pods = (await asyncio.to_thread(core.list_namespaced_pod, ns)).items
+        except k8s.ApiException as err:  # kmock knows no pods resource until a pod was created
+            if err.status != 404:
+                raise
+            pods = []
         if dep.spec.replicas == 0:
             for pod in pods:
-                await asyncio.to_thread(core.delete_namespaced_pod, pod.metadata.name, NS)
-        await asyncio.to_thread(apps.patch_namespaced_deployment, NAME, NS,
+                await asyncio.to_thread(core.delete_namespaced_pod, pod.metadata.name, ns)
+        await asyncio.to_thread(apps.patch_namespaced_deployment, name, ns,
                                 {"status": {"readyReplicas": dep.spec.replicas}})
         await asyncio.sleep(0.2)
 

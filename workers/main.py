@@ -21,16 +21,51 @@ from activities.platform import PlatformActivities
 from activities.platforms import AppPlatform, KubernetesPlatform, LocalProcessPlatform
 from activities.playbook import PlaybookActivities
 from activities.postgres import PostgresActivities
+from activities.region import RegionActivities
 from activities.replication import ReplicationActivities
 from models.playbook import load_playbook
 from workers.logging import LoggingInterceptor, configure_logging
-from workers.settings import PlatformSettings, Settings
+from workers.settings import KubernetesPlatformSettings, PlatformSettings, Settings
 from workers.temporal_client import connect
 from workflows.accidental_deletion import AccidentalDeletionRecovery
 from workflows.db_corruption import DatabaseCorruptionRecovery
 from workflows.db_failover import DatabaseFailover
+from workflows.region_failover import RegionFailover
 
-WORKFLOWS = [DatabaseCorruptionRecovery, AccidentalDeletionRecovery, DatabaseFailover]
+WORKFLOWS = [DatabaseCorruptionRecovery, AccidentalDeletionRecovery, DatabaseFailover, RegionFailover]
+
+
+def build_kubernetes(k: KubernetesPlatformSettings) -> KubernetesPlatform:
+    from kubernetes import client as k8s
+    from kubernetes import config as k8s_config
+
+    if k.api_url:
+        configuration = k8s.Configuration()
+        configuration.host = k.api_url
+        api = k8s.ApiClient(configuration)
+    else:
+        api = k8s_config.new_client_from_config(config_file=str(k.kubeconfig) if k.kubeconfig else None,
+                                                context=k.context)
+    return KubernetesPlatform(api, k.namespace, k.deployment)
+
+
+def build_region_activities(settings: Settings, http: httpx.Client) -> RegionActivities:
+    """AWS clients per region (RDS, CloudWatch), Route53 and SNS, and each backup region's cluster."""
+    import boto3
+
+    f = settings.failover
+    if f is None:
+        return RegionActivities(None, {}, {}, None, None, {}, http)
+    b = settings.backup
+    creds = {"aws_access_key_id": b.aws_access_key_id.get_secret_value() if b.aws_access_key_id else None,
+             "aws_secret_access_key": b.aws_secret_access_key.get_secret_value() if b.aws_secret_access_key else None,
+             "endpoint_url": f.aws_endpoint_url}
+    return RegionActivities(
+        f, rds={r: boto3.client("rds", region_name=r, **creds) for r in f.regions},
+        cloudwatch={r: boto3.client("cloudwatch", region_name=r, **creds) for r in f.regions},
+        route53=boto3.client("route53", region_name=b.aws_region, **creds),
+        sns=boto3.client("sns", region_name=b.aws_region, **creds),
+        clusters={r: build_kubernetes(cfg.kubernetes) for r, cfg in f.regions.items()}, http=http)
 
 
 def build_platform(settings: PlatformSettings) -> AppPlatform:
@@ -40,18 +75,7 @@ def build_platform(settings: PlatformSettings) -> AppPlatform:
         return LocalProcessPlatform(settings.local.app_spec)
     if settings.kubernetes is None:
         raise ValueError("platform.kind is 'kubernetes' but platform.kubernetes is not set")
-    from kubernetes import client as k8s
-    from kubernetes import config as k8s_config
-
-    k = settings.kubernetes
-    if k.api_url:
-        configuration = k8s.Configuration()
-        configuration.host = k.api_url
-        api = k8s.ApiClient(configuration)
-    else:
-        api = k8s_config.new_client_from_config(config_file=str(k.kubeconfig) if k.kubeconfig else None,
-                                                context=k.context)
-    return KubernetesPlatform(api, k.namespace, k.deployment)
+    return build_kubernetes(settings.kubernetes)
 
 
 def build_redis(settings: Settings):
@@ -78,7 +102,9 @@ def build_activities(settings: Settings) -> list:
     barman = settings.backup.barman()
     postgres = PostgresActivities(server)
     backup = BackupActivities(server, barman)
-    platform = PlatformActivities(build_platform(settings.platform), httpx.Client(timeout=10),
+    http = httpx.Client(timeout=10)
+    region = build_region_activities(settings, http)
+    platform = PlatformActivities(build_platform(settings.platform), http,
                                   settings.app.health_url, settings.app.critical_url, settings.app.write_check_url)
     standby = settings.postgres.server(standby=settings.standby) if settings.standby else None
     replication = ReplicationActivities(server, standby)
@@ -94,6 +120,8 @@ def build_activities(settings: Settings) -> list:
         platform.stop_application, platform.start_application, platform.check_application,
         platform.repoint_application, platform.check_write,
         replication.check_standby, replication.fence_primary, replication.promote_standby,
+        region.plan_region_failover, region.verify_primary_down, region.replica_lag, region.promote_rds_replica,
+        region.switch_dns, region.scale_region, region.check_region_health, region.notify_failover,
     ]
 
 

@@ -75,6 +75,30 @@ class KubernetesPlatformSettings(BaseModel):
     api_url: str | None = None  # instead of a kubeconfig: a plain HTTP API server (kmock in tests)
 
 
+class RegionSettings(BaseModel):
+    """One region the service can fail over to."""
+
+    task_queue: str  # workers running in that region poll it
+    health_url: str
+    rds_replica_id: str
+    kubernetes: KubernetesPlatformSettings
+    replicas: int = 10
+    load_balancer_dns: str  # the alias target of the API record
+    load_balancer_zone_id: str
+
+
+class FailoverSettings(BaseModel):
+    """playbook 4.1: where traffic goes when the primary region is down."""
+
+    primary_health_url: str
+    hosted_zone_id: str
+    record_name: str = "api.corporate-intel.com"
+    regions: dict[str, RegionSettings]
+    sns_topic_arn: str | None = None
+    aws_endpoint_url: str | None = None  # moto in tests; unset in production
+    max_replica_lag_seconds: float = 60
+
+
 class PlatformSettings(BaseModel):
     kind: Literal["local", "kubernetes"] = "local"
     local: LocalPlatformSettings | None = None
@@ -108,6 +132,7 @@ class Settings(BaseSettings):
     platform: PlatformSettings
     app: AppCheckSettings
     standby: StandbySettings | None = None
+    failover: FailoverSettings | None = None
     redis_url: SecretStr | None = None  # where the application keeps blocked_api_keys
     evidence_destination: str = "s3://drp-backups/evidence"  # recovered rows, as CSV, per incident
 

@@ -17,6 +17,7 @@ NON_RETRYABLE = [
     "PrimaryRunning", "KubernetesNotFound", "KubernetesForbidden", "UnknownProcedure",
     "NoAuditLog", "UnknownTable", "UnknownRole", "NoDeletionsFound", "NoCommitTimestamps", "NoBackupBeforeTarget",
     "NoPrimaryKey", "ReinsertIncomplete", "NoRedis", "NoStandby", "StandbyLagging", "WrongServer", "NoWriteCheck",
+    "FailoverNotConfigured", "UnknownRegion", "UnknownReplica", "UnknownHostedZone", "PrimaryHealthy", "ReplicaLagging",
 ]
 
 RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,

@@ -1,0 +1,161 @@
+"""RegionActivities: playbook 4.1's failover-to-backup.sh, one idempotent step at a time.
+
+AWS (RDS, Route53, CloudWatch, SNS) through boto3 clients and the backup
+region's Kubernetes cluster through the official client are all built by the
+worker and handed in. Steps 3-6 run on the backup region's task queue.
+"""
+
+import time
+
+import httpx
+from botocore.exceptions import ClientError
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.platforms import KubernetesPlatform
+from models.region import (
+    DnsSwitched,
+    LagRequest,
+    Notified,
+    PrimaryCheck,
+    RdsPromoted,
+    RegionFailoverInput,
+    RegionPlan,
+    RegionRequest,
+)
+from workers.settings import FailoverSettings
+
+
+class RegionActivities:
+    def __init__(self, config: FailoverSettings | None, rds: dict, cloudwatch: dict, route53, sns,
+                 clusters: dict[str, KubernetesPlatform], http: httpx.Client):
+        self.config = config
+        self.rds, self.cloudwatch, self.route53, self.sns = rds, cloudwatch, route53, sns
+        self.clusters = clusters
+        self.http = http
+
+    @activity.defn
+    def plan_region_failover(self, inp: RegionFailoverInput) -> RegionPlan:
+        """Check that everything the failover will touch exists; change nothing."""
+        if self.config is None:
+            raise _bad("FailoverNotConfigured", "this worker has no `failover` settings (regions, hosted zone)")
+        region = self.config.regions.get(inp.backup_region)
+        if region is None:
+            raise _bad("UnknownRegion", f"region {inp.backup_region!r} is not configured; known: "
+                                        f"{', '.join(sorted(self.config.regions)) or 'none'}")
+        try:
+            self.rds[inp.backup_region].describe_db_instances(DBInstanceIdentifier=region.rds_replica_id)
+        except ClientError as err:
+            if err.response["Error"]["Code"] == "DBInstanceNotFound":
+                raise _bad("UnknownReplica", f"RDS instance {region.rds_replica_id!r} not found in "
+                                             f"{inp.backup_region}") from err
+            raise
+        try:
+            self.route53.get_hosted_zone(Id=self.config.hosted_zone_id)
+        except ClientError as err:
+            if err.response["Error"]["Code"] == "NoSuchHostedZone":
+                raise _bad("UnknownHostedZone", f"hosted zone {self.config.hosted_zone_id!r} not found") from err
+            raise
+        return RegionPlan(backup_region=inp.backup_region, task_queue=region.task_queue,
+                          primary_health_url=self.config.primary_health_url,
+                          max_lag_seconds=self.config.max_replica_lag_seconds,
+                          replica_id=region.rds_replica_id, hosted_zone_id=self.config.hosted_zone_id,
+                          record_name=self.config.record_name, new_target=region.load_balancer_dns,
+                          deployment=f"{region.kubernetes.namespace}/{region.kubernetes.deployment}",
+                          replicas=region.replicas, health_url=region.health_url)
+
+    @activity.defn
+    def verify_primary_down(self, req: PrimaryCheck) -> int:
+        """The primary's health endpoint must fail every check; one success aborts the failover."""
+        for n in range(1, req.checks + 1):
+            try:
+                status = self.http.get(req.url, timeout=10).status_code
+            except httpx.HTTPError:
+                status = None
+            if status is not None and status < 400:
+                raise _bad("PrimaryHealthy", f"primary appears healthy ({req.url} answered {status} on check {n} of "
+                                             f"{req.checks}); aborting failover, nothing was changed")
+            activity.heartbeat(f"check {n}/{req.checks}: {status or 'no answer'}")
+            if n < req.checks:
+                time.sleep(req.spacing_seconds)
+        return req.checks
+
+    @activity.defn
+    def replica_lag(self, req: LagRequest) -> float | None:
+        """The replica's newest ReplicaLag datapoint (CloudWatch); refuse a lagging replica unless overridden."""
+        stats = self.cloudwatch[req.region].get_metric_statistics(
+            Namespace="AWS/RDS", MetricName="ReplicaLag", Statistics=["Maximum"], Period=60,
+            Dimensions=[{"Name": "DBInstanceIdentifier", "Value": req.replica_id}],
+            StartTime=time.time() - 600, EndTime=time.time() + 60)
+        points = sorted(stats.get("Datapoints", []), key=lambda p: p["Timestamp"])
+        lag = points[-1]["Maximum"] if points else None
+        if lag is not None and lag > req.max_lag_seconds and not req.override:
+            raise _bad("ReplicaLagging", f"replica {req.replica_id} lags {lag:.0f}s (allowed {req.max_lag_seconds:.0f}s)"
+                                         "; promoting it would lose those writes. Start again with override_lag=true "
+                                         "if a person accepts that loss.")
+        return lag
+
+    @activity.defn
+    def promote_rds_replica(self, req: RegionRequest) -> RdsPromoted:
+        """aws rds promote-read-replica + wait db-instance-available (re-run safe)."""
+        region = self.config.regions[req.region]
+        rds = self.rds[req.region]
+        already = False
+        try:
+            rds.promote_read_replica(DBInstanceIdentifier=region.rds_replica_id)
+        except ClientError as err:
+            if err.response["Error"]["Code"] != "InvalidDBInstanceState":
+                raise
+            already = True  # "not a read replica": promoted by an earlier attempt
+        rds.get_waiter("db_instance_available").wait(DBInstanceIdentifier=region.rds_replica_id,
+                                                      WaiterConfig={"Delay": 5, "MaxAttempts": 120})
+        instance = rds.describe_db_instances(DBInstanceIdentifier=region.rds_replica_id)["DBInstances"][0]
+        return RdsPromoted(replica_id=region.rds_replica_id, endpoint=(instance.get("Endpoint") or {}).get("Address"),
+                           already_promoted=already)
+
+    @activity.defn
+    def switch_dns(self, req: RegionRequest) -> DnsSwitched:
+        """UPSERT the API record to the backup load balancer and wait until INSYNC (UPSERT is idempotent)."""
+        region = self.config.regions[req.region]
+        record = {"Name": self.config.record_name, "Type": "A",
+                  "AliasTarget": {"HostedZoneId": region.load_balancer_zone_id, "DNSName": region.load_balancer_dns,
+                                  "EvaluateTargetHealth": True}}
+        change = self.route53.change_resource_record_sets(
+            HostedZoneId=self.config.hosted_zone_id,
+            ChangeBatch={"Comment": f"drp failover {req.incident_id}",
+                         "Changes": [{"Action": "UPSERT", "ResourceRecordSet": record}]})["ChangeInfo"]
+        while change["Status"] != "INSYNC":
+            activity.heartbeat(f"change {change['Id']} {change['Status']}")
+            time.sleep(2)
+            change = self.route53.get_change(Id=change["Id"])["ChangeInfo"]
+        return DnsSwitched(change_id=change["Id"], status=change["Status"], record=record)
+
+    @activity.defn
+    def scale_region(self, req: RegionRequest) -> None:
+        self.clusters[req.region].start(self.config.regions[req.region].replicas, activity.heartbeat)
+
+    @activity.defn
+    def check_region_health(self, req: RegionRequest) -> int:
+        """The backup region's health endpoint answers 200; retried until the step's deadline."""
+        url = self.config.regions[req.region].health_url
+        try:
+            status = self.http.get(url, timeout=10).status_code
+        except httpx.HTTPError as err:
+            raise ApplicationError(f"{url}: {err}", type="RegionUnhealthy") from err
+        if status != 200:
+            raise ApplicationError(f"{url} answered {status}", type="RegionUnhealthy")
+        return status
+
+    @activity.defn
+    def notify_failover(self, req: RegionRequest) -> Notified | None:
+        if not self.config.sns_topic_arn:
+            return None
+        msg = self.sns.publish(TopicArn=self.config.sns_topic_arn,
+                               Subject=f"FAILOVER COMPLETED: now serving from {req.region}",
+                               Message=f"Incident {req.incident_id}: primary region failed; traffic now routed to "
+                                       f"{req.region}.")
+        return Notified(message_id=msg["MessageId"])
+
+
+def _bad(kind: str, message: str) -> ApplicationError:
+    return ApplicationError(message, type=kind, non_retryable=True)

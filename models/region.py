@@ -1,0 +1,96 @@
+"""Input, result and activity messages of the RegionFailover runbook (playbook 4.1)."""
+
+from datetime import datetime, timedelta
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.approval import ApprovalRecord
+from models.durations import Duration
+from models.identifiers import IncidentId
+from models.playbook import Severity
+from models.steps import StepRecord
+
+PROCEDURE = "region-failover"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class RegionFailoverInput(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    incident_id: IncidentId
+    backup_region: str = Field(pattern=r"^[a-z]{2}(-[a-z]+)+-\d$")
+    severity: Severity = Severity.P0
+    health_checks: int = Field(default=3, ge=1, le=20)
+    health_check_spacing: Duration = timedelta(seconds=10)
+    override_lag: bool = False
+    incident_started_at: datetime | None = None
+    approval_timeout: Duration = timedelta(minutes=30)
+    heartbeat_timeout: Duration = timedelta(seconds=30)
+    ready_timeout: Duration = timedelta(minutes=10)
+
+
+class RegionPlan(_Frozen):
+    """What the failover will change, checked to exist before anything changes; shown at approval."""
+
+    backup_region: str
+    task_queue: str
+    primary_health_url: str
+    max_lag_seconds: float
+    replica_id: str
+    hosted_zone_id: str
+    record_name: str
+    new_target: str
+    deployment: str
+    replicas: int
+    health_url: str
+
+
+class PrimaryCheck(_Frozen):
+    url: str
+    checks: int
+    spacing_seconds: float
+
+
+class LagRequest(_Frozen):
+    region: str
+    replica_id: str
+    max_lag_seconds: float
+    override: bool = False
+
+
+class RegionRequest(_Frozen):
+    incident_id: IncidentId
+    region: str
+
+
+class DnsSwitched(_Frozen):
+    change_id: str
+    status: str
+    record: dict
+
+
+class RdsPromoted(_Frozen):
+    replica_id: str
+    endpoint: str | None
+    already_promoted: bool = False
+
+
+class Notified(_Frozen):
+    message_id: str
+
+
+class RegionFailoverResult(_Frozen):
+    incident_id: str
+    plan: RegionPlan
+    replica_lag_seconds: float | None
+    promoted: RdsPromoted
+    dns: DnsSwitched
+    notified: Notified | None
+    approval: ApprovalRecord
+    steps: list[StepRecord]
+    rto_target: timedelta
+    rto_actual: timedelta
+    failback: str

@@ -1,0 +1,200 @@
+"""RegionFailover end to end: moto for RDS, Route53, CloudWatch, SNS and SQS; kmock
+for the backup region's Kubernetes API; local HTTP health endpoints for both regions."""
+
+import asyncio
+import contextlib
+import json
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import boto3
+import pytest
+from kubernetes import client as k8s
+from moto.moto_server.threaded_moto_server import ThreadedMotoServer
+from temporalio.client import WorkflowFailureError
+
+from models.approval import ApprovalRequest
+from models.region import RegionFailoverInput
+from starters.region_failover import start_region_failover
+from tests.test_kubernetes_platform import api_client, fake_deployment_controller
+from workers.main import build_worker
+from workers.settings import Settings
+from workflows.region_failover import RegionFailover
+
+BACKUP = "us-west-2"
+NS, NAME = "corporate-intel", "corporate-intel-api"
+CREDS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+
+
+class Health:
+    """A region's /health: answers `status`, or refuses connections when status is None."""
+
+    def __init__(self, status: int | None):
+        self.status = status
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                self.send_response(outer.status or 503)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/health"
+
+    def close(self):
+        self.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def aws():
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def world(aws):
+    """A primary RDS instance in us-east-1, its read replica in us-west-2, the zone, the topic."""
+    tag = uuid.uuid4().hex[:6]
+    east = boto3.client("rds", region_name="us-east-1", endpoint_url=aws, **CREDS)
+    west = boto3.client("rds", region_name=BACKUP, endpoint_url=aws, **CREDS)
+    primary = east.create_db_instance(DBInstanceIdentifier=f"ci-{tag}", Engine="postgres", AllocatedStorage=20,
+                                      DBInstanceClass="db.t3.micro", MasterUsername="pg",
+                                      MasterUserPassword="not-a-secret-1")["DBInstance"]
+    west.create_db_instance_read_replica(DBInstanceIdentifier=f"ci-{tag}-replica",
+                                         SourceDBInstanceIdentifier=primary["DBInstanceArn"])
+    route53 = boto3.client("route53", region_name="us-east-1", endpoint_url=aws, **CREDS)
+    zone = route53.create_hosted_zone(Name=f"ci{tag}.example.com", CallerReference=tag)["HostedZone"]["Id"]
+    sns = boto3.client("sns", region_name="us-east-1", endpoint_url=aws, **CREDS)
+    sqs = boto3.client("sqs", region_name="us-east-1", endpoint_url=aws, **CREDS)
+    topic = sns.create_topic(Name=f"critical-alerts-{tag}")["TopicArn"]
+    queue = sqs.create_queue(QueueName=f"pager-{tag}")["QueueUrl"]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=queue_arn)
+    return {"tag": tag, "replica": f"ci-{tag}-replica", "zone": zone, "record": f"api.ci{tag}.example.com",
+            "topic": topic, "queue": queue, "route53": route53, "sqs": sqs,
+            "cloudwatch": boto3.client("cloudwatch", region_name=BACKUP, endpoint_url=aws, **CREDS)}
+
+
+def replica_lag(world, seconds: float) -> None:
+    world["cloudwatch"].put_metric_data(Namespace="AWS/RDS", MetricData=[{
+        "MetricName": "ReplicaLag", "Value": seconds, "Timestamp": datetime.now(timezone.utc),
+        "Dimensions": [{"Name": "DBInstanceIdentifier", "Value": world["replica"]}]}])
+
+
+def settings_for(stack, aws, world, kmock, primary: Health, backup: Health, queue: str, **region) -> Settings:
+    base = {**stack.worker_settings(), "task_queue": queue}
+    base["failover"] = {
+        "primary_health_url": primary.url, "hosted_zone_id": world["zone"], "record_name": world["record"],
+        "sns_topic_arn": world["topic"], "aws_endpoint_url": aws, "max_replica_lag_seconds": 60,
+        "regions": {BACKUP: {"task_queue": f"{queue}-{BACKUP}", "health_url": backup.url,
+                             "rds_replica_id": world["replica"], "replicas": 4,
+                             "kubernetes": {"api_url": str(kmock.url).rstrip("/"), "namespace": NS,
+                                            "deployment": NAME},
+                             "load_balancer_dns": "backup-lb.us-west-2.elb.amazonaws.com",
+                             "load_balancer_zone_id": "Z0987654321XYZ", **region}}}
+    return Settings(**base)
+
+
+@contextlib.asynccontextmanager
+async def region_workers(client, settings: Settings):
+    """One worker in the primary region and one in the backup region, each on its task queue."""
+    backup = settings.model_copy(update={"task_queue": settings.failover.regions[BACKUP].task_queue})
+    with ThreadPoolExecutor(max_workers=8) as executor:
+        async with build_worker(client, settings, executor), build_worker(client, backup, executor):
+            yield settings.task_queue
+
+
+async def deploy_backup(kmock) -> None:
+    apps = k8s.AppsV1Api(api_client(kmock))
+    await asyncio.to_thread(apps.create_namespaced_deployment, NS, {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": NAME, "namespace": NS},
+        "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "ci"}},
+                 "template": {"metadata": {"labels": {"app": "ci"}}, "spec": {"containers": [{"name": "api",
+                                                                                             "image": "api:1"}]}}},
+        "status": {"readyReplicas": 0}})
+
+
+def record(world):
+    sets = world["route53"].list_resource_record_sets(HostedZoneId=world["zone"])["ResourceRecordSets"]
+    return [r for r in sets if r["Name"].rstrip(".") == world["record"]]
+
+
+async def test_failover_to_the_backup_region(stack, client, aws, world, kmock):
+    primary, backup = Health(None), Health(200)  # the primary region is gone
+    await deploy_backup(kmock)
+    replica_lag(world, 2)
+    stop = asyncio.Event()
+    controller = asyncio.create_task(fake_deployment_controller(kmock, stop, NS, NAME))
+    try:
+        settings = settings_for(stack, aws, world, kmock, primary, backup, f"rf-{uuid.uuid4().hex[:8]}")
+        async with region_workers(client, settings) as queue:
+            handle = await start_region_failover(client, RegionFailoverInput(
+                incident_id=f"RF-{world['tag']}", backup_region=BACKUP, health_checks=2,
+                health_check_spacing=timedelta(milliseconds=100)), queue)
+            async with asyncio.timeout(60):
+                while not (await handle.query(RegionFailover.progress)).awaiting_approval:
+                    await asyncio.sleep(0.1)
+            assert not record(world)  # nothing changed before the approval
+            await handle.execute_update(RegionFailover.approve, ApprovalRequest(approver="ic", reason="us-east-1 down"))
+            result = await handle.result()
+    finally:
+        stop.set()
+        await controller
+        primary.close()
+        backup.close()
+
+    assert result.replica_lag_seconds == 2 and result.promoted.replica_id == world["replica"]
+    [dns] = record(world)
+    assert dns["AliasTarget"]["DNSName"].rstrip(".") == "backup-lb.us-west-2.elb.amazonaws.com"
+    assert result.dns.status == "INSYNC"
+    dep = await asyncio.to_thread(k8s.AppsV1Api(api_client(kmock)).read_namespaced_deployment, NAME, NS)
+    assert dep.spec.replicas == 4
+    messages = world["sqs"].receive_message(QueueUrl=world["queue"], WaitTimeSeconds=1)["Messages"]
+    assert "us-west-2" in json.loads(messages[0]["Body"])["Subject"]
+    # Steps 5-9 ran on the backup region's queue.
+    history = [e async for e in handle.fetch_history_events()]
+    queues = {e.activity_task_scheduled_event_attributes.activity_type.name:
+              e.activity_task_scheduled_event_attributes.task_queue.name
+              for e in history if e.HasField("activity_task_scheduled_event_attributes")}
+    assert queues["promote_rds_replica"] == queues["switch_dns"] == f"{queue}-{BACKUP}"
+    assert queues["verify_primary_down"] == queue
+
+
+@pytest.mark.parametrize("case", ["primary healthy", "replica lagging", "unknown region", "unknown replica",
+                                  "unknown zone"])
+async def test_refusals_change_nothing(stack, client, aws, world, kmock, case):
+    primary, backup = Health(200 if case == "primary healthy" else None), Health(200)
+    await deploy_backup(kmock)
+    replica_lag(world, 900 if case == "replica lagging" else 1)
+    region = {"rds_replica_id": "no-such-replica"} if case == "unknown replica" else {}
+    if case == "unknown zone":
+        world = {**world, "zone": "ZNOSUCHZONE"}
+    settings = settings_for(stack, aws, world, kmock, primary, backup, f"rf-{uuid.uuid4().hex[:8]}", **region)
+    try:
+        async with region_workers(client, settings) as queue:
+            handle = await start_region_failover(client, RegionFailoverInput(
+                incident_id=f"RF-{uuid.uuid4().hex[:6]}", backup_region="eu-west-1" if case == "unknown region"
+                else BACKUP, health_checks=2, health_check_spacing=timedelta(milliseconds=100)), queue)
+            with pytest.raises(WorkflowFailureError) as failed:
+                await handle.result()
+    finally:
+        primary.close()
+        backup.close()
+    expected = {"primary healthy": "PrimaryHealthy", "replica lagging": "ReplicaLagging",
+                "unknown region": "UnknownRegion", "unknown replica": "UnknownReplica",
+                "unknown zone": "UnknownHostedZone"}[case]
+    assert failed.value.cause.cause.type == expected
+    if case != "unknown zone":
+        assert not record(world)
+    dep = await asyncio.to_thread(k8s.AppsV1Api(api_client(kmock)).read_namespaced_deployment, NAME, NS)
+    assert dep.spec.replicas == 0
