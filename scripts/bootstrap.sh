@@ -43,7 +43,8 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 
 stamp="$venv/.drp-installed"
-want=$(cat "$root/pyproject.toml" | sha256sum | cut -d' ' -f1)
+# The editable install points at this tree: a venv installed from another clone is redone.
+want=$( (cat "$root/pyproject.toml"; echo "$root") | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$venv/bin/python" -c 'import starters' 2>/dev/null; then
   pip="$venv/bin/python -m pip install -q --no-warn-script-location"
   echo "bootstrap: installing into $venv (first run takes a few minutes)" >&2
