@@ -302,6 +302,11 @@ class Stack:
         wait_for_port(ports.temporal_ui, what="Temporal Web UI")
         log(f"temporal       {self.temporal_address}  web ui {self.ui_url}")
 
+    def restart_temporal(self) -> None:
+        """Stop and start the Temporal server on the same port and store (for durability drills)."""
+        self.processes.stop("temporal")
+        self._up_temporal(log=lambda *_: None)
+
     def _up_app(self, log) -> None:
         spec = LocalAppSpec(argv=[sys.executable, "-m", "stack.demoapp"],
                             env={"DRP_APP_DSN": self.app_dsn(), "DRP_APP_PORT": str(self.config.ports.app),

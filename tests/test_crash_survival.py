@@ -72,3 +72,29 @@ async def test_worker_killed_during_restore_is_replaced_and_nothing_is_restored_
     assert json.loads(restore_job.read_text())["launches"] == 1  # adopted, not restored again
     # the killed attempt timed out; the second worker finished it
     assert (await activity_attempts(handle, "restore_base_backup"))[-1] == 2
+
+
+async def test_run_waiting_for_approval_survives_a_temporal_server_restart(stack, client):
+    """The approval wait is a durable timer in Temporal's own store, not in any process."""
+    from tests.conftest import running_worker
+
+    before = row_counts(stack)
+    corrupt_table(stack.postgres(), DATABASE, "metrics")
+    inc = f"RESTART-{uuid.uuid4().hex[:8]}"
+    async with running_worker(client, stack) as queue:
+        handle = await start_db_corruption(client, DatabaseCorruptionInput(incident_id=inc, database=DATABASE), queue)
+        await wait_for_approval_gate(handle)
+        stack.restart_temporal()  # same port, same --db-filename
+        async with asyncio.timeout(60):
+            while True:  # the client and the worker reconnect by themselves
+                try:
+                    progress = await handle.query(DatabaseCorruptionRecovery.progress)
+                    break
+                except Exception:  # noqa: BLE001 (server still starting)
+                    await asyncio.sleep(0.5)
+        assert progress.awaiting_approval == "restore"
+        await handle.execute_update(DatabaseCorruptionRecovery.approve,
+                                    ApprovalRequest(approver="test", reason="after a server restart"))
+        result = await asyncio.wait_for(handle.result(), timeout=120)
+    assert result.outcome == "recovered"
+    assert {t: result.recovered_row_counts[t] for t in before} == before
