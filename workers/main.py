@@ -57,9 +57,7 @@ def build_region_activities(settings: Settings, http: httpx.Client) -> RegionAct
     if f is None:
         return RegionActivities(None, {}, {}, None, None, {}, http)
     b = settings.backup
-    creds = {"aws_access_key_id": b.aws_access_key_id.get_secret_value() if b.aws_access_key_id else None,
-             "aws_secret_access_key": b.aws_secret_access_key.get_secret_value() if b.aws_secret_access_key else None,
-             "endpoint_url": f.aws_endpoint_url}
+    creds = b.boto3_kwargs(f.aws_endpoint_url)
     return RegionActivities(
         f, rds={r: boto3.client("rds", region_name=r, **creds) for r in f.regions},
         cloudwatch={r: boto3.client("cloudwatch", region_name=r, **creds) for r in f.regions},
@@ -90,10 +88,7 @@ def build_s3(settings: Settings):
     import boto3
 
     b = settings.backup
-    return boto3.client("s3", endpoint_url=b.endpoint_url, region_name=b.aws_region,
-                        aws_access_key_id=b.aws_access_key_id.get_secret_value() if b.aws_access_key_id else None,
-                        aws_secret_access_key=(b.aws_secret_access_key.get_secret_value()
-                                               if b.aws_secret_access_key else None))
+    return boto3.client("s3", region_name=b.aws_region, **b.boto3_kwargs(b.endpoint_url))
 
 
 def build_activities(settings: Settings) -> list:

@@ -53,6 +53,13 @@ class BackupSettings(BaseModel):
             env["AWS_SECRET_ACCESS_KEY"] = self.aws_secret_access_key.get_secret_value()
         return env
 
+    def boto3_kwargs(self, endpoint_url: str | None) -> dict:
+        """Credentials (or the default chain when unset) and endpoint for a boto3 client."""
+        return {"aws_access_key_id": self.aws_access_key_id.get_secret_value() if self.aws_access_key_id else None,
+                "aws_secret_access_key": (self.aws_secret_access_key.get_secret_value()
+                                          if self.aws_secret_access_key else None),
+                "endpoint_url": endpoint_url}
+
     def barman(self) -> BarmanCloud:
         import sys
 
