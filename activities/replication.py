@@ -33,9 +33,9 @@ class ReplicationActivities:
         """Is the standby replaying, how far behind, on which timeline; refuse a lagging one."""
         try:
             with self.standby.connect() as conn:
-                in_recovery, receive, replay, replay_at_age = conn.execute(
-                    "SELECT pg_is_in_recovery(), pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text, "
-                    "extract(epoch FROM now() - pg_last_xact_replay_timestamp())").fetchone()
+                in_recovery, receive, replay = conn.execute(
+                    "SELECT pg_is_in_recovery(), pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text"
+                ).fetchone()
                 streaming = bool(conn.execute("SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming'")
                                  .fetchone())
                 timeline = conn.execute("SELECT timeline_id FROM pg_control_checkpoint()").fetchone()[0]
@@ -54,10 +54,11 @@ class ReplicationActivities:
                 if row:
                     lag_seconds, synchronous = float(row[0]), row[1] == "sync"
         except psycopg.OperationalError:
-            pass  # a dead primary is why we fail over; the lag is then what the standby last received
-        status = StandbyStatus(host=self.standby.host, port=self.standby.port, in_recovery=in_recovery, streaming=streaming, timeline=timeline, receive_lsn=receive,
-                               replay_lsn=replay, primary_reachable=reachable, primary_lsn=primary_lsn,
-                               lag_bytes=lag_bytes, lag_seconds=lag_seconds, synchronous=synchronous)
+            pass  # a dead primary is why we fail over; lag against it cannot be measured then
+        status = StandbyStatus(host=self.standby.host, port=self.standby.port, in_recovery=in_recovery,
+                               streaming=streaming, timeline=timeline, receive_lsn=receive, replay_lsn=replay,
+                               primary_reachable=reachable, primary_lsn=primary_lsn, lag_bytes=lag_bytes,
+                               lag_seconds=lag_seconds, synchronous=synchronous)
         if not in_recovery:
             return status  # already promoted (a re-run after the promotion)
         too_far = (lag_bytes or 0) > req.max_lag_bytes or (lag_seconds or 0) > req.max_lag_seconds
