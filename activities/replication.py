@@ -13,7 +13,17 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.pgserver import PgServer, run_as
-from models.failover import Fenced, FenceRequest, LagCheck, Promoted, PromoteRequest, StandbyStatus
+from models.failover import (
+    Fenced,
+    FenceRequest,
+    LagCheck,
+    Promoted,
+    PromoteRequest,
+    Rejoined,
+    RejoinRequest,
+    Role,
+    StandbyStatus,
+)
 
 
 class ReplicationActivities:
@@ -28,11 +38,41 @@ class ReplicationActivities:
                                    type="NoStandby", non_retryable=True)
         return self._standby
 
+    def server(self, role: Role) -> PgServer:
+        return self.primary if role == "primary" else self.standby
+
+    def other(self, role: Role) -> PgServer:
+        return self.standby if role == "primary" else self.primary
+
     @activity.defn
     def check_standby(self, req: LagCheck) -> StandbyStatus:
-        """Is the standby replaying, how far behind, on which timeline; refuse a lagging one."""
+        """Is the replica replaying, how far behind its source, on which timeline; refuse a lagging one."""
+        status = self._status(req.replica)
+        if status.in_recovery and self._too_far(status, req) and not req.override:
+            raise ApplicationError(
+                f"standby lags {status.lag_bytes} bytes / {status.lag_seconds}s (allowed {req.max_lag_bytes} bytes / "
+                f"{req.max_lag_seconds}s); promoting it would lose those commits. Start again with "
+                "override_lag=true if a person accepts that loss.", type="StandbyLagging", non_retryable=True)
+        return status
+
+    @activity.defn
+    def await_catch_up(self, req: LagCheck) -> StandbyStatus:
+        """Wait (heartbeating) until the replica is within the allowed lag of its source."""
+        while True:
+            status = self._status(req.replica)
+            if status.in_recovery and status.lag_bytes is not None and not self._too_far(status, req):
+                return status
+            activity.heartbeat(f"{status.lag_bytes} bytes behind")
+            time.sleep(0.2)
+
+    @staticmethod
+    def _too_far(status: StandbyStatus, req: LagCheck) -> bool:
+        return (status.lag_bytes or 0) > req.max_lag_bytes or (status.lag_seconds or 0) > req.max_lag_seconds
+
+    def _status(self, role: Role) -> StandbyStatus:
+        replica, source = self.server(role), self.other(role)
         try:
-            with self.standby.connect() as conn:
+            with replica.connect() as conn:
                 in_recovery, receive, replay = conn.execute(
                     "SELECT pg_is_in_recovery(), pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text"
                 ).fetchone()
@@ -40,11 +80,11 @@ class ReplicationActivities:
                                  .fetchone())
                 timeline = conn.execute("SELECT timeline_id FROM pg_control_checkpoint()").fetchone()[0]
         except psycopg.OperationalError as err:
-            raise ApplicationError(f"standby {self.standby.host}:{self.standby.port} unreachable: "
+            raise ApplicationError(f"replica {replica.host}:{replica.port} unreachable: "
                                    f"{str(err).strip().splitlines()[-1]}", type="StandbyUnreachable") from err
         primary_lsn, lag_bytes, lag_seconds, synchronous, reachable = None, None, None, False, False
         try:
-            with self.primary.connect(timeout=3) as conn:
+            with source.connect(timeout=3) as conn:
                 reachable = True
                 primary_lsn = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]
                 lag_bytes = conn.execute("SELECT pg_wal_lsn_diff(%s::pg_lsn, %s::pg_lsn)::bigint",
@@ -55,19 +95,10 @@ class ReplicationActivities:
                     lag_seconds, synchronous = float(row[0]), row[1] == "sync"
         except psycopg.OperationalError:
             pass  # a dead primary is why we fail over; lag against it cannot be measured then
-        status = StandbyStatus(host=self.standby.host, port=self.standby.port, in_recovery=in_recovery,
-                               streaming=streaming, timeline=timeline, receive_lsn=receive, replay_lsn=replay,
-                               primary_reachable=reachable, primary_lsn=primary_lsn, lag_bytes=lag_bytes,
-                               lag_seconds=lag_seconds, synchronous=synchronous)
-        if not in_recovery:
-            return status  # already promoted (a re-run after the promotion)
-        too_far = (lag_bytes or 0) > req.max_lag_bytes or (lag_seconds or 0) > req.max_lag_seconds
-        if too_far and not req.override:
-            raise ApplicationError(
-                f"standby lags {lag_bytes} bytes / {lag_seconds}s (allowed {req.max_lag_bytes} bytes / "
-                f"{req.max_lag_seconds}s); promoting it would lose those commits. Start again with "
-                "override_lag=true if a person accepts that loss.", type="StandbyLagging", non_retryable=True)
-        return status
+        return StandbyStatus(host=replica.host, port=replica.port, in_recovery=in_recovery, streaming=streaming,
+                             timeline=timeline, receive_lsn=receive, replay_lsn=replay, primary_reachable=reachable,
+                             primary_lsn=primary_lsn, lag_bytes=lag_bytes, lag_seconds=lag_seconds,
+                             synchronous=synchronous)
 
     @activity.defn
     def fence_primary(self, req: FenceRequest) -> Fenced:
@@ -76,12 +107,12 @@ class ReplicationActivities:
         A fast shutdown lets the walsender hand the standby every WAL record up to
         the shutdown checkpoint first. Re-run safe: a stopped, fenced primary is left so.
         """
-        data_dir = self.primary.data_dir
-        was_running = self.primary.is_running()
-        self.primary.stop(mode="fast")
-        subprocess.run(run_as(self.primary.os_user, ["touch", str(data_dir / "standby.signal")]), check=True)
+        old = self.server(req.server)
+        was_running = old.is_running()
+        old.stop(mode="fast")
+        subprocess.run(run_as(old.os_user, ["touch", str(old.data_dir / "standby.signal")]), check=True)
         control = dict(line.split(":", 1) for line in
-                       self.primary.tool("pg_controldata", str(data_dir), check=False).stdout.splitlines() if ":" in line)
+                       old.tool("pg_controldata", str(old.data_dir), check=False).stdout.splitlines() if ":" in line)
         # Only a clean shutdown's checkpoint is the last thing the primary wrote; after a crash it is not.
         clean = control.get("Database cluster state", "").strip() == "shut down"
         return Fenced(was_running=was_running,
@@ -94,7 +125,7 @@ class ReplicationActivities:
         With the old primary's final position known, the standby gets
         `catch_up_seconds` to receive it; what it still lacks then is the data lost.
         """
-        with self.standby.connect() as conn:
+        with self.server(req.server).connect() as conn:
             if not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
                 return Promoted(already_primary=True, lost_bytes=None, **_position(conn))
             lost = self._wait_for_wal(conn, req.final_lsn, req.catch_up_seconds) if req.final_lsn else None
@@ -111,6 +142,50 @@ class ReplicationActivities:
                 return missing
             activity.heartbeat(f"standby {missing} bytes behind the fenced primary")
             time.sleep(0.1)
+
+
+    @activity.defn
+    def rejoin_as_standby(self, req: RejoinRequest) -> Rejoined:
+        """Make a fenced former primary a streaming standby of `source`: pg_rewind -R (it
+        does crash recovery first if needed), else a fresh pg_basebackup with the old
+        directory moved aside, never deleted. Re-run safe: a standby already streaming
+        from the source is left as it is."""
+        server, source = self.server(req.server), self.server(req.source)
+        if server.is_running():
+            if self._follows(server, source):
+                return Rejoined(method="already following")
+            server.stop(mode="fast")
+        subprocess.run(run_as(server.os_user, ["rm", "-f", str(server.data_dir / "standby.signal")]), check=True)
+        conninfo = f"host={source.host} port={source.port} user={source.superuser} dbname=postgres"
+        rewind = server.tool("pg_rewind", f"--target-pgdata={server.data_dir}", f"--source-server={conninfo}",
+                             "--write-recovery-conf", check=False, timeout=3600)
+        method, aside = "pg_rewind", None
+        if rewind.returncode != 0:
+            activity.logger.warning("pg_rewind failed, rebuilding from a base backup: %s", rewind.stderr[-500:])
+            aside = server.data_dir.with_name(f"{server.data_dir.name}.before-rejoin-{req.incident_id}")
+            if server.data_dir.exists() and not aside.exists():
+                server.data_dir.rename(aside)
+            if not (server.data_dir / "PG_VERSION").exists():
+                source.create_standby(server.data_dir, "drp_rejoined")
+            method = "pg_basebackup"
+        server.start(wait=False)
+        deadline = time.monotonic() + 300
+        while not self._follows(server, source):
+            if time.monotonic() > deadline:
+                raise ApplicationError(f"{server.data_dir} did not start streaming from {source.port}" +
+                                       server.log_tail(), type="RejoinFailed")
+            activity.heartbeat("waiting for streaming")
+            time.sleep(0.2)
+        return Rejoined(method=method, moved_aside=str(aside) if aside else None)
+
+    def _follows(self, server: PgServer, source: PgServer) -> bool:
+        try:
+            with server.connect(timeout=2) as conn:
+                row = conn.execute("SELECT pg_is_in_recovery(), (SELECT sender_port FROM pg_stat_wal_receiver "
+                                   "WHERE status = 'streaming')").fetchone()
+        except psycopg.OperationalError:
+            return False
+        return bool(row[0]) and row[1] == source.port
 
 
 def _position(conn: psycopg.Connection) -> dict:

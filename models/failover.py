@@ -1,6 +1,7 @@
 """Input, result and activity messages of the DatabaseFailover runbook (playbook 4.2)."""
 
 from datetime import datetime, timedelta
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -11,6 +12,11 @@ from models.playbook import Severity
 from models.steps import StepRecord
 
 PROCEDURE = "db-failover"
+FAILBACK = "db-failback"
+
+# The two servers as the worker settings name them (`postgres` and `standby`);
+# after a failover the "standby" is the primary, and a failback swaps them back.
+Role = Literal["primary", "standby"]
 
 
 class _Frozen(BaseModel):
@@ -35,6 +41,7 @@ class LagCheck(_Frozen):
     max_lag_bytes: int
     max_lag_seconds: float
     override: bool = False
+    replica: Role = "standby"  # the server to check; the other one is its source
 
 
 class StandbyStatus(_Frozen):
@@ -54,6 +61,7 @@ class StandbyStatus(_Frozen):
 
 class FenceRequest(_Frozen):
     incident_id: IncidentId
+    server: Role = "primary"
 
 
 class Fenced(_Frozen):
@@ -62,6 +70,7 @@ class Fenced(_Frozen):
 
 
 class PromoteRequest(_Frozen):
+    server: Role = "standby"
     final_lsn: str | None = None  # the fenced primary's last position, if it could be stopped
     catch_up_seconds: float = 30
 
@@ -71,6 +80,17 @@ class Promoted(_Frozen):
     promoted_at_lsn: str
     lost_bytes: int | None  # WAL the old primary had that the standby never got; None when unknown
     already_primary: bool = False
+
+
+class RejoinRequest(_Frozen):
+    incident_id: IncidentId
+    server: Role  # the fenced former primary, to become a standby of `source`
+    source: Role
+
+
+class Rejoined(_Frozen):
+    method: Literal["already following", "pg_rewind", "pg_basebackup"]
+    moved_aside: str | None = None  # a data directory kept instead of rewound (pg_rewind failed)
 
 
 class RepointRequest(_Frozen):
@@ -96,3 +116,26 @@ class DatabaseFailoverResult(_Frozen):
     rpo_target: timedelta
     rto_actual: timedelta
     failback: str
+
+
+class DatabaseFailbackInput(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    incident_id: IncidentId
+    severity: Severity = Severity.P2
+    max_lag_bytes: int = Field(default=0, ge=0)
+    catch_up_timeout: Duration = timedelta(minutes=10)
+    approval_timeout: Duration = timedelta(hours=4)
+    heartbeat_timeout: Duration = timedelta(seconds=30)
+    app_ready_timeout: Duration = timedelta(minutes=5)
+
+
+class DatabaseFailbackResult(_Frozen):
+    incident_id: str
+    rejoined_old_primary: Rejoined
+    fenced: Fenced
+    promoted: Promoted
+    write_check: WriteCheck
+    rejoined_standby: Rejoined
+    approval: ApprovalRecord
+    steps: list[StepRecord]

@@ -3,7 +3,7 @@
     drp stack up|status|down      the embedded local environment
     drp demo                      a recovery drill on it, watched in the Web UI
     drp worker                    run a worker (settings from the environment)
-    drp start db-corruption ...   start a runbook (also: deletion, failover)
+    drp start db-corruption ...   start a runbook (also: deletion, failover, failback)
     drp approve INCIDENT ...      approve (or --reject) the pending step of a run
     drp playbook check [FILE]     validate a playbook file
     drp audit install             install the audit log the deletion runbook reads
@@ -23,14 +23,15 @@ from temporalio.service import RPCError
 from models.approval import ApprovalRequest
 from models.db_corruption import DatabaseCorruptionInput
 from models.deletion import AccidentalDeletionInput
-from models.failover import DatabaseFailoverInput
+from models.failover import DatabaseFailbackInput, DatabaseFailoverInput
 from models.playbook import PlaybookError, load_playbook
 from workflows.accidental_deletion import workflow_id as deletion_id
 from workflows.db_corruption import workflow_id as db_corruption_id
+from workflows.db_failback import workflow_id as failback_id
 from workflows.db_failover import workflow_id as failover_id
 from workflows.region_failover import workflow_id as region_failover_id
 
-RUNBOOK_IDS = [db_corruption_id, deletion_id, failover_id, region_failover_id]
+RUNBOOK_IDS = [db_corruption_id, deletion_id, failover_id, failback_id, region_failover_id]
 
 
 class CliError(Exception):
@@ -78,12 +79,13 @@ def cmd_worker(args) -> None:
 async def cmd_start(args) -> None:
     from starters.accidental_deletion import api_key_fingerprint, start_accidental_deletion
     from starters.db_corruption import start_db_corruption
+    from starters.db_failback import start_db_failback
     from starters.db_failover import start_db_failover
     from workers.temporal_client import connect
 
     raw = json.loads(Path(args.json).read_text() if args.json != "-" else sys.stdin.read()) if args.json else {}
     flags = {"incident_id": args.incident, "severity": args.severity}
-    if args.procedure != "failover":
+    if args.procedure in ("db-corruption", "deletion"):
         flags["database"] = args.database
     if args.procedure == "failover" and args.override_lag:
         flags["override_lag"] = True
@@ -94,7 +96,8 @@ async def cmd_start(args) -> None:
     raw.update({k: v for k, v in flags.items() if v})
     model, start = {"db-corruption": (DatabaseCorruptionInput, start_db_corruption),
                     "deletion": (AccidentalDeletionInput, start_accidental_deletion),
-                    "failover": (DatabaseFailoverInput, start_db_failover)}[args.procedure]
+                    "failover": (DatabaseFailoverInput, start_db_failover),
+                    "failback": (DatabaseFailbackInput, start_db_failback)}[args.procedure]
     try:
         inp = model.model_validate(raw)
     except ValidationError as err:
@@ -171,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", help="run a recovery drill on the embedded stack").set_defaults(func=cmd_demo)
 
     p = sub.add_parser("start", help="start a runbook")
-    p.add_argument("procedure", choices=["db-corruption", "deletion", "failover"])
+    p.add_argument("procedure", choices=["db-corruption", "deletion", "failover", "failback"])
     p.add_argument("--incident")
     p.add_argument("--database")
     p.add_argument("--severity")

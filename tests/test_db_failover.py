@@ -20,10 +20,12 @@ import pytest
 from temporalio.client import WorkflowFailureError
 
 from models.approval import ApprovalRequest
-from models.failover import DatabaseFailoverInput
+from models.failover import DatabaseFailbackInput, DatabaseFailoverInput
 from stack.stack import DATABASE, Stack
+from starters.db_failback import start_db_failback
 from starters.db_failover import start_db_failover
 from tests.conftest import running_worker
+from workflows.db_failback import DatabaseFailback
 from workflows.db_failover import DatabaseFailover
 
 
@@ -114,3 +116,29 @@ async def test_failover_after_the_primary_crashes_loses_no_acknowledged_commit(p
     resp = httpx.post(f"{pair.app_url}/api/v1/write-check")
     assert resp.status_code == 201 and resp.json()["server_port"] == standby.port
     assert "pg_rewind" in result.failback
+
+
+async def test_failback_restores_the_topology_with_the_data_written_in_between(pair, client):
+    """Runs after the failover above: the standby serves, the old primary is fenced."""
+    primary, standby = pair.postgres(), pair.standby()
+    with standby.connect(DATABASE) as conn:
+        in_between = [conn.execute("INSERT INTO app_write_checks DEFAULT VALUES RETURNING id").fetchone()[0]
+                      for _ in range(25)]
+    async with running_worker(client, pair) as queue:
+        handle = await start_db_failback(client, DatabaseFailbackInput(incident_id=incident()), queue)
+        async with asyncio.timeout(120):
+            while not (await handle.query(DatabaseFailback.progress)).awaiting_approval:
+                await asyncio.sleep(0.1)
+        await handle.execute_update(DatabaseFailback.approve, ApprovalRequest(approver="dba", reason="region back"))
+        result = await handle.result()
+
+    assert result.rejoined_old_primary.method == "pg_rewind"
+    assert result.write_check.served_by_port == primary.port
+    with primary.connect(DATABASE) as conn:
+        assert not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
+        present = {r[0] for r in conn.execute("SELECT id FROM app_write_checks")}
+    assert set(in_between) <= present  # written on the standby while it was primary
+    with standby.connect() as conn:
+        in_recovery, sender = conn.execute("SELECT pg_is_in_recovery(), (SELECT sender_port FROM "
+                                           "pg_stat_wal_receiver)").fetchone()
+    assert in_recovery and sender == primary.port  # the original topology is back

@@ -29,10 +29,12 @@ from workers.settings import KubernetesPlatformSettings, PlatformSettings, Setti
 from workers.temporal_client import connect
 from workflows.accidental_deletion import AccidentalDeletionRecovery
 from workflows.db_corruption import DatabaseCorruptionRecovery
+from workflows.db_failback import DatabaseFailback
 from workflows.db_failover import DatabaseFailover
 from workflows.region_failover import RegionFailover
 
-WORKFLOWS = [DatabaseCorruptionRecovery, AccidentalDeletionRecovery, DatabaseFailover, RegionFailover]
+WORKFLOWS = [DatabaseCorruptionRecovery, AccidentalDeletionRecovery, DatabaseFailover, DatabaseFailback,
+             RegionFailover]
 
 
 def build_kubernetes(k: KubernetesPlatformSettings) -> KubernetesPlatform:
@@ -115,6 +117,7 @@ def build_activities(settings: Settings) -> list:
         platform.stop_application, platform.start_application, platform.check_application,
         platform.repoint_application, platform.check_write,
         replication.check_standby, replication.fence_primary, replication.promote_standby,
+        replication.await_catch_up, replication.rejoin_as_standby,
         region.plan_region_failover, region.verify_primary_down, region.replica_lag, region.promote_rds_replica,
         region.switch_dns, region.scale_region, region.check_region_health, region.notify_failover,
     ]
