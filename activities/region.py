@@ -15,10 +15,13 @@ from temporalio.exceptions import ApplicationError
 from activities.platforms import KubernetesPlatform
 from models.region import (
     DnsSwitched,
+    FailbackPlan,
+    HomeReplica,
     LagRequest,
     Notified,
     PrimaryCheck,
     RdsPromoted,
+    RegionFailbackInput,
     RegionFailoverInput,
     RegionPlan,
     RegionRequest,
@@ -37,32 +40,68 @@ class RegionActivities:
     @activity.defn
     def plan_region_failover(self, inp: RegionFailoverInput) -> RegionPlan:
         """Check that everything the failover will touch exists; change nothing."""
+        return self._plan(inp.backup_region, replica_must_exist=True)
+
+    @activity.defn
+    def plan_region_failback(self, inp: RegionFailbackInput) -> FailbackPlan:
+        """The way home: the serving region's promoted instance must exist; the home region be configured."""
+        serving = self._plan(inp.serving_region, replica_must_exist=True)
+        home = self._plan(self.config.primary_region, replica_must_exist=False)  # the failback creates it
+        return FailbackPlan(home=home, serving_region=inp.serving_region, serving_instance=serving.replica_id,
+                            serving_task_queue=serving.task_queue)
+
+    def _plan(self, region_name: str, replica_must_exist: bool) -> RegionPlan:
         if self.config is None:
             raise _bad("FailoverNotConfigured", "this worker has no `failover` settings (regions, hosted zone)")
-        region = self.config.regions.get(inp.backup_region)
+        region = self.config.regions.get(region_name)
         if region is None:
-            raise _bad("UnknownRegion", f"region {inp.backup_region!r} is not configured; known: "
+            raise _bad("UnknownRegion", f"region {region_name!r} is not configured; known: "
                                         f"{', '.join(sorted(self.config.regions)) or 'none'}")
-        try:
-            self.rds[inp.backup_region].describe_db_instances(DBInstanceIdentifier=region.rds_replica_id)
-        except ClientError as err:
-            if err.response["Error"]["Code"] == "DBInstanceNotFound":
-                raise _bad("UnknownReplica", f"RDS instance {region.rds_replica_id!r} not found in "
-                                             f"{inp.backup_region}") from err
-            raise
+        if replica_must_exist:
+            try:
+                self.rds[region_name].describe_db_instances(DBInstanceIdentifier=region.rds_replica_id)
+            except ClientError as err:
+                if err.response["Error"]["Code"] == "DBInstanceNotFound":
+                    raise _bad("UnknownReplica", f"RDS instance {region.rds_replica_id!r} not found in "
+                                                 f"{region_name}") from err
+                raise
         try:
             self.route53.get_hosted_zone(Id=self.config.hosted_zone_id)
         except ClientError as err:
             if err.response["Error"]["Code"] == "NoSuchHostedZone":
                 raise _bad("UnknownHostedZone", f"hosted zone {self.config.hosted_zone_id!r} not found") from err
             raise
-        return RegionPlan(backup_region=inp.backup_region, task_queue=region.task_queue,
+        return RegionPlan(backup_region=region_name, task_queue=region.task_queue,
                           primary_health_url=self.config.primary_health_url,
                           max_lag_seconds=self.config.max_replica_lag_seconds,
                           replica_id=region.rds_replica_id, hosted_zone_id=self.config.hosted_zone_id,
                           record_name=self.config.record_name, new_target=region.load_balancer_dns,
                           deployment=f"{region.kubernetes.namespace}/{region.kubernetes.deployment}",
                           replicas=region.replicas, health_url=region.health_url)
+
+    @activity.defn
+    def create_home_replica(self, plan: FailbackPlan) -> HomeReplica:
+        """A read replica of the serving instance in the home region (re-run safe: an existing one is kept)."""
+        home = self.rds[plan.home.backup_region]
+        try:
+            home.describe_db_instances(DBInstanceIdentifier=plan.home.replica_id)
+            created = False
+        except ClientError as err:
+            if err.response["Error"]["Code"] != "DBInstanceNotFound":
+                raise
+            source = self.rds[plan.serving_region].describe_db_instances(
+                DBInstanceIdentifier=plan.serving_instance)["DBInstances"][0]["DBInstanceArn"]
+            home.create_db_instance_read_replica(DBInstanceIdentifier=plan.home.replica_id,
+                                                 SourceDBInstanceIdentifier=source)
+            created = True
+        home.get_waiter("db_instance_available").wait(DBInstanceIdentifier=plan.home.replica_id,
+                                                       WaiterConfig={"Delay": 5, "MaxAttempts": 360})
+        return HomeReplica(replica_id=plan.home.replica_id, created=created)
+
+    @activity.defn
+    def scale_down_region(self, req: RegionRequest) -> int:
+        """After traffic has left a region: its Deployment to 0 (the replica count is kept for later)."""
+        return self.clusters[req.region].stop(req.incident_id, activity.heartbeat)
 
     @activity.defn
     def verify_primary_down(self, req: PrimaryCheck) -> int:

@@ -11,6 +11,7 @@ from models.playbook import Severity
 from models.steps import StepRecord
 
 PROCEDURE = "region-failover"
+FAILBACK = "region-failback"
 
 
 class _Frozen(BaseModel):
@@ -94,3 +95,36 @@ class RegionFailoverResult(_Frozen):
     rto_target: timedelta
     rto_actual: timedelta
     failback: str
+
+
+class RegionFailbackInput(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    incident_id: IncidentId
+    serving_region: str = Field(pattern=r"^[a-z]{2}(-[a-z]+)+-\d$", description="Where traffic is now.")
+    severity: Severity = Severity.P2
+    approval_timeout: Duration = timedelta(hours=4)
+    heartbeat_timeout: Duration = timedelta(seconds=30)
+    ready_timeout: Duration = timedelta(minutes=10)
+
+
+class FailbackPlan(_Frozen):
+    home: RegionPlan  # what the failback creates, promotes and switches to
+    serving_region: str
+    serving_instance: str
+    serving_task_queue: str
+
+
+class HomeReplica(_Frozen):
+    replica_id: str
+    created: bool
+
+
+class RegionFailbackResult(_Frozen):
+    incident_id: str
+    plan: FailbackPlan
+    replica: HomeReplica
+    promoted: RdsPromoted
+    dns: DnsSwitched
+    approval: ApprovalRecord
+    steps: list[StepRecord]

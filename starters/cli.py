@@ -29,9 +29,10 @@ from workflows.accidental_deletion import workflow_id as deletion_id
 from workflows.db_corruption import workflow_id as db_corruption_id
 from workflows.db_failback import workflow_id as failback_id
 from workflows.db_failover import workflow_id as failover_id
+from workflows.region_failback import workflow_id as region_failback_id
 from workflows.region_failover import workflow_id as region_failover_id
 
-RUNBOOK_IDS = [db_corruption_id, deletion_id, failover_id, failback_id, region_failover_id]
+RUNBOOK_IDS = [db_corruption_id, deletion_id, failover_id, failback_id, region_failover_id, region_failback_id]
 
 
 class CliError(Exception):

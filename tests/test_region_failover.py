@@ -11,17 +11,20 @@ from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import boto3
+import kmock as kmock_module
 import pytest
 from kubernetes import client as k8s
 from moto.moto_server.threaded_moto_server import ThreadedMotoServer
 from temporalio.client import WorkflowFailureError
 
 from models.approval import ApprovalRequest
-from models.region import RegionFailoverInput
+from models.region import RegionFailbackInput, RegionFailoverInput
+from starters.region_failback import start_region_failback
 from starters.region_failover import start_region_failover
 from tests.test_kubernetes_platform import api_client, fake_deployment_controller
 from workers.main import build_worker
 from workers.settings import Settings
+from workflows.region_failback import RegionFailback
 from workflows.region_failover import RegionFailover
 
 BACKUP = "us-west-2"
@@ -91,7 +94,8 @@ def replica_lag(world, seconds: float) -> None:
         "Dimensions": [{"Name": "DBInstanceIdentifier", "Value": world["replica"]}]}])
 
 
-def settings_for(stack, aws, world, kmock, primary: Health, backup: Health, queue: str, **region) -> Settings:
+def settings_for(stack, aws, world, kmock, primary: Health, backup: Health, queue: str, home_kmock=None,
+                 **region) -> Settings:
     base = {**stack.worker_settings(), "task_queue": queue}
     base["failover"] = {
         "primary_health_url": primary.url, "hosted_zone_id": world["zone"], "record_name": world["record"],
@@ -102,26 +106,38 @@ def settings_for(stack, aws, world, kmock, primary: Health, backup: Health, queu
                                             "deployment": NAME},
                              "load_balancer_dns": "backup-lb.us-west-2.elb.amazonaws.com",
                              "load_balancer_zone_id": "Z0987654321XYZ", **region}}}
+    if home_kmock is not None:  # the primary region, for the way home
+        base["failover"]["regions"]["us-east-1"] = {
+            "task_queue": f"{queue}-us-east-1", "health_url": primary.url, "rds_replica_id": f"ci-{world['tag']}-home",
+            "replicas": 6, "kubernetes": {"api_url": str(home_kmock.url).rstrip("/"), "namespace": NS,
+                                          "deployment": NAME},
+            "load_balancer_dns": "primary-lb.us-east-1.elb.amazonaws.com", "load_balancer_zone_id": "Z35SXDOTRQ7X7K"}
     return Settings(**base)
 
 
 @contextlib.asynccontextmanager
 async def region_workers(client, settings: Settings):
-    """One worker in the primary region and one in the backup region, each on its task queue."""
-    backup = settings.model_copy(update={"task_queue": settings.failover.regions[BACKUP].task_queue})
-    with ThreadPoolExecutor(max_workers=8) as executor:
-        async with build_worker(client, settings, executor), build_worker(client, backup, executor):
+    """A worker on the default queue and one per region on that region's queue."""
+    regional = [settings.model_copy(update={"task_queue": r.task_queue}) for r in settings.failover.regions.values()]
+    with ThreadPoolExecutor(max_workers=12) as executor:
+        async with contextlib.AsyncExitStack() as workers:
+            for s in (settings, *regional):
+                await workers.enter_async_context(build_worker(client, s, executor))
             yield settings.task_queue
 
 
-async def deploy_backup(kmock) -> None:
+async def deploy_backup(kmock, replicas: int = 0) -> None:
     apps = k8s.AppsV1Api(api_client(kmock))
     await asyncio.to_thread(apps.create_namespaced_deployment, NS, {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": NAME, "namespace": NS},
-        "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "ci"}},
+        "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": "ci"}},
                  "template": {"metadata": {"labels": {"app": "ci"}}, "spec": {"containers": [{"name": "api",
                                                                                              "image": "api:1"}]}}},
-        "status": {"readyReplicas": 0}})
+        "status": {"readyReplicas": replicas}})
+    # One pod, so that kmock knows the pods resource (a real API server lists an empty namespace as []).
+    await asyncio.to_thread(k8s.CoreV1Api(api_client(kmock)).create_namespaced_pod, NS, {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{NAME}-0", "namespace": NS,
+                                                          "labels": {"app": "ci"}}})
 
 
 def record(world):
@@ -198,3 +214,50 @@ async def test_refusals_change_nothing(stack, client, aws, world, kmock, case):
         assert not record(world)
     dep = await asyncio.to_thread(k8s.AppsV1Api(api_client(kmock)).read_namespaced_deployment, NAME, NS)
     assert dep.spec.replicas == 0
+
+
+async def test_failback_brings_traffic_home(stack, client, aws, world, kmock):
+    """Fail over to us-west-2, then, with us-east-1 back, RegionFailback returns: a new replica of the
+    serving instance at home, promoted, DNS home, home cluster up, backup cluster down."""
+    primary, backup = Health(None), Health(200)
+    replica_lag(world, 1)
+    async with kmock_module.KubernetesEmulator() as home_kmock, kmock_module.Server(home_kmock):
+        await deploy_backup(kmock)
+        await deploy_backup(home_kmock, replicas=0)
+        stop = asyncio.Event()
+        controllers = [asyncio.create_task(fake_deployment_controller(k, stop, NS, NAME)) for k in (kmock, home_kmock)]
+        try:
+            settings = settings_for(stack, aws, world, kmock, primary, backup, f"rb-{uuid.uuid4().hex[:8]}",
+                                    home_kmock=home_kmock)
+            async with region_workers(client, settings) as queue:
+                inc = f"RB-{world['tag']}"
+                failover = await start_region_failover(client, RegionFailoverInput(
+                    incident_id=inc, backup_region=BACKUP, health_checks=1), queue)
+                await approve_when_asked(failover, RegionFailover)
+                assert "starters.region_failback" in (await failover.result()).failback
+                primary.status = 200  # the primary region is back
+                failback = await start_region_failback(client, RegionFailbackInput(
+                    incident_id=inc, serving_region=BACKUP), queue)
+                await approve_when_asked(failback, RegionFailback)
+                result = await failback.result()
+        finally:
+            stop.set()
+            await asyncio.gather(*controllers)
+            primary.close()
+            backup.close()
+        home_dep = await asyncio.to_thread(k8s.AppsV1Api(api_client(home_kmock)).read_namespaced_deployment, NAME, NS)
+    assert result.replica.created and result.replica.replica_id == f"ci-{world['tag']}-home"
+    [dns] = record(world)
+    assert dns["AliasTarget"]["DNSName"].rstrip(".") == "primary-lb.us-east-1.elb.amazonaws.com"
+    assert home_dep.spec.replicas == 6
+    away = await asyncio.to_thread(k8s.AppsV1Api(api_client(kmock)).read_namespaced_deployment, NAME, NS)
+    assert away.spec.replicas == 0
+    east = boto3.client("rds", region_name="us-east-1", endpoint_url=aws, **CREDS)
+    assert east.describe_db_instances(DBInstanceIdentifier=result.replica.replica_id)["DBInstances"]
+
+
+async def approve_when_asked(handle, workflow_cls) -> None:
+    async with asyncio.timeout(60):
+        while not (await handle.query(workflow_cls.progress)).awaiting_approval:
+            await asyncio.sleep(0.1)
+    await handle.execute_update(workflow_cls.approve, ApprovalRequest(approver="ic", reason="go"))

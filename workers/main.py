@@ -31,10 +31,11 @@ from workflows.accidental_deletion import AccidentalDeletionRecovery
 from workflows.db_corruption import DatabaseCorruptionRecovery
 from workflows.db_failback import DatabaseFailback
 from workflows.db_failover import DatabaseFailover
+from workflows.region_failback import RegionFailback
 from workflows.region_failover import RegionFailover
 
 WORKFLOWS = [DatabaseCorruptionRecovery, AccidentalDeletionRecovery, DatabaseFailover, DatabaseFailback,
-             RegionFailover]
+             RegionFailover, RegionFailback]
 
 
 def build_kubernetes(k: KubernetesPlatformSettings) -> KubernetesPlatform:
@@ -120,6 +121,7 @@ def build_activities(settings: Settings) -> list:
         replication.await_catch_up, replication.rejoin_as_standby,
         region.plan_region_failover, region.verify_primary_down, region.replica_lag, region.promote_rds_replica,
         region.switch_dns, region.scale_region, region.check_region_health, region.notify_failover,
+        region.plan_region_failback, region.create_home_replica, region.scale_down_region,
     ]
 
 

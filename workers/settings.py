@@ -95,8 +95,12 @@ class RegionSettings(BaseModel):
 
 
 class FailoverSettings(BaseModel):
-    """playbook 4.1: where traffic goes when the primary region is down."""
+    """playbook 4.1: where traffic goes when the primary region is down, and how it comes home.
 
+    `regions` holds the backup regions and, for the failback, the primary
+    region itself (its `rds_replica_id` is the replica a failback creates there)."""
+
+    primary_region: str = "us-east-1"
     primary_health_url: str
     hosted_zone_id: str
     record_name: str = "api.corporate-intel.com"

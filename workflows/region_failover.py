@@ -84,7 +84,7 @@ class RegionFailover(Runbook):
             incident_id=inp.incident_id, plan=plan, replica_lag_seconds=lag, promoted=promoted, dns=dns,
             notified=notified, approval=approval, steps=self.steps.completed, rto_target=objectives.rto,
             rto_actual=rto,
-            failback=(f"Once the primary region is back, rebuild its database as a replica of {promoted.replica_id} "
-                      f"and fail back with the same runbook in the other direction (RegionFailback is not built "
-                      "yet)."))
+            failback=(f"Once the primary region is back: RegionFailback with serving_region={plan.backup_region!r} "
+                      f"(python -m starters.region_failback --incident {inp.incident_id} --serving-region "
+                      f"{plan.backup_region}) creates a replica of {promoted.replica_id} at home and switches back."))
 
