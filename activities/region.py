@@ -187,13 +187,34 @@ class RegionActivities:
 
     @activity.defn
     def notify_failover(self, req: RegionRequest) -> Notified | None:
-        if not self.config.sns_topic_arn:
+        """SNS to the on-call topic, and the status page incident opened (or updated on a retry)."""
+        message_id = status_page_id = None
+        if self.config.sns_topic_arn:
+            message_id = self.sns.publish(
+                TopicArn=self.config.sns_topic_arn, Subject=f"FAILOVER COMPLETED: now serving from {req.region}",
+                Message=f"Incident {req.incident_id}: traffic now routed to {req.region}.")["MessageId"]
+        if self.config.status_page_url and self.config.status_page_token:
+            status_page_id = _status_page_incident(
+                self.http, self.config.status_page_url.rstrip("/"), self.config.status_page_token.get_secret_value(),
+                req.incident_id, f"Service failover to {req.region}",
+                f"We have failed over to our infrastructure in {req.region}. Service is restored.")
+        if message_id is None and status_page_id is None:
             return None
-        msg = self.sns.publish(TopicArn=self.config.sns_topic_arn,
-                               Subject=f"FAILOVER COMPLETED: now serving from {req.region}",
-                               Message=f"Incident {req.incident_id}: primary region failed; traffic now routed to "
-                                       f"{req.region}.")
-        return Notified(message_id=msg["MessageId"])
+        return Notified(message_id=message_id, status_page_incident=status_page_id)
+
+
+def _status_page_incident(http: httpx.Client, base: str, token: str, incident_id: str, name: str, body: str) -> str:
+    """Open the status page incident for this drp incident, or update it if a retry finds it open.
+    Statuspage's API: GET /incidents/unresolved, POST /incidents, PATCH /incidents/<id>."""
+    headers = {"Authorization": f"OAuth {token}"}
+    found = [i for i in http.get(f"{base}/incidents/unresolved", headers=headers).raise_for_status().json()
+             if incident_id in i.get("name", "")]
+    payload = {"incident": {"name": f"{name} [{incident_id}]", "status": "identified", "body": body}}
+    if found:
+        resp = http.patch(f"{base}/incidents/{found[0]['id']}", headers=headers, json=payload)
+    else:
+        resp = http.post(f"{base}/incidents", headers=headers, json=payload)
+    return resp.raise_for_status().json()["id"]
 
 
 def _bad(kind: str, message: str) -> ApplicationError:

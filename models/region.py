@@ -80,7 +80,8 @@ class RdsPromoted(_Frozen):
 
 
 class Notified(_Frozen):
-    message_id: str
+    message_id: str | None = None
+    status_page_incident: str | None = None
 
 
 class RegionFailoverResult(_Frozen):

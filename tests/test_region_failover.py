@@ -11,6 +11,7 @@ from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import boto3
+import httpx
 import kmock as kmock_module
 import pytest
 from kubernetes import client as k8s
@@ -55,6 +56,68 @@ class Health:
         self.server.shutdown()
 
 
+class FakeStatuspage:
+    """FAKE Atlassian Statuspage API (a SaaS; nothing real runs here): the three calls drp makes,
+    with the auth header and body shape the real API requires."""
+
+    TOKEN = "statuspage-token"
+
+    def __init__(self):
+        self.incidents: dict[str, dict] = {}
+        self.calls: list[str] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _reply(self, code: int, body) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _authorized(self) -> bool:
+                if self.headers.get("Authorization") != f"OAuth {outer.TOKEN}":
+                    self._reply(401, {"error": "unauthorized"})
+                    return False
+                return True
+
+            def _incident_body(self) -> dict | None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                incident = body.get("incident", {})
+                if not {"name", "status", "body"} <= set(incident) or incident["status"] not in (
+                        "investigating", "identified", "monitoring", "resolved"):
+                    self._reply(422, {"error": "invalid incident"})
+                    return None
+                return incident
+
+            def do_GET(self):  # noqa: N802
+                outer.calls.append(f"GET {self.path}")
+                if self._authorized():
+                    self._reply(200, [i for i in outer.incidents.values() if i["status"] != "resolved"])
+
+            def do_POST(self):  # noqa: N802
+                outer.calls.append(f"POST {self.path}")
+                if self._authorized() and (incident := self._incident_body()) is not None:
+                    incident["id"] = f"inc{len(outer.incidents) + 1}"
+                    outer.incidents[incident["id"]] = incident
+                    self._reply(201, incident)
+
+            def do_PATCH(self):  # noqa: N802
+                outer.calls.append(f"PATCH {self.path}")
+                if self._authorized() and (incident := self._incident_body()) is not None:
+                    key = self.path.rsplit("/", 1)[-1]
+                    outer.incidents[key].update(incident)
+                    self._reply(200, outer.incidents[key])
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1/pages/page1"
+
+
 @pytest.fixture(scope="module")
 def aws():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -95,7 +158,7 @@ def replica_lag(world, seconds: float) -> None:
 
 
 def settings_for(stack, aws, world, kmock, primary: Health, backup: Health, queue: str, home_kmock=None,
-                 **region) -> Settings:
+                 status_page: FakeStatuspage | None = None, **region) -> Settings:
     base = {**stack.worker_settings(), "task_queue": queue}
     base["failover"] = {
         "primary_health_url": primary.url, "hosted_zone_id": world["zone"], "record_name": world["record"],
@@ -106,6 +169,8 @@ def settings_for(stack, aws, world, kmock, primary: Health, backup: Health, queu
                                             "deployment": NAME},
                              "load_balancer_dns": "backup-lb.us-west-2.elb.amazonaws.com",
                              "load_balancer_zone_id": "Z0987654321XYZ", **region}}}
+    if status_page is not None:
+        base["failover"].update(status_page_url=status_page.url, status_page_token=status_page.TOKEN)
     if home_kmock is not None:  # the primary region, for the way home
         base["failover"]["regions"]["us-east-1"] = {
             "task_queue": f"{queue}-us-east-1", "health_url": primary.url, "rds_replica_id": f"ci-{world['tag']}-home",
@@ -147,12 +212,14 @@ def record(world):
 
 async def test_failover_to_the_backup_region(stack, client, aws, world, kmock):
     primary, backup = Health(None), Health(200)  # the primary region is gone
+    status_page = FakeStatuspage()
     await deploy_backup(kmock)
     replica_lag(world, 2)
     stop = asyncio.Event()
     controller = asyncio.create_task(fake_deployment_controller(kmock, stop, NS, NAME))
     try:
-        settings = settings_for(stack, aws, world, kmock, primary, backup, f"rf-{uuid.uuid4().hex[:8]}")
+        settings = settings_for(stack, aws, world, kmock, primary, backup, f"rf-{uuid.uuid4().hex[:8]}",
+                                status_page=status_page)
         async with region_workers(client, settings) as queue:
             handle = await start_region_failover(client, RegionFailoverInput(
                 incident_id=f"RF-{world['tag']}", backup_region=BACKUP, health_checks=2,
@@ -184,6 +251,23 @@ async def test_failover_to_the_backup_region(stack, client, aws, world, kmock):
               for e in history if e.HasField("activity_task_scheduled_event_attributes")}
     assert queues["promote_rds_replica"] == queues["switch_dns"] == f"{queue}-{BACKUP}"
     assert queues["verify_primary_down"] == queue
+    [incident] = status_page.incidents.values()
+    assert f"RF-{world['tag']}" in incident["name"] and incident["status"] == "identified"
+    assert result.notified.status_page_incident == incident["id"]
+
+
+def test_status_page_incident_is_opened_once_and_updated_on_a_retry():
+    from activities.region import _status_page_incident
+
+    page = FakeStatuspage()
+    with httpx.Client() as http:
+        first = _status_page_incident(http, page.url, page.TOKEN, "INC-9", "Failover", "serving from us-west-2")
+        again = _status_page_incident(http, page.url, page.TOKEN, "INC-9", "Failover", "still serving")
+        with pytest.raises(httpx.HTTPStatusError):
+            _status_page_incident(http, page.url, "wrong-token", "INC-9", "Failover", "x")
+    assert first == again and len(page.incidents) == 1
+    assert [c.split()[0] for c in page.calls] == ["GET", "POST", "GET", "PATCH", "GET"]
+    assert page.incidents[first]["body"] == "still serving"
 
 
 @pytest.mark.parametrize("case", ["primary healthy", "replica lagging", "unknown region", "unknown replica",

@@ -106,6 +106,8 @@ class FailoverSettings(BaseModel):
     record_name: str = "api.corporate-intel.com"
     regions: dict[str, RegionSettings]
     sns_topic_arn: str | None = None
+    status_page_url: str | None = None  # an Atlassian Statuspage-compatible API: .../v1/pages/<page_id>
+    status_page_token: SecretStr | None = None
     aws_endpoint_url: str | None = None  # moto in tests; unset in production
     max_replica_lag_seconds: float = 60
 
