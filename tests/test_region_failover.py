@@ -4,6 +4,9 @@ for the backup region's Kubernetes API; local HTTP health endpoints for both reg
 import asyncio
 import contextlib
 import json
+import os
+import subprocess
+import sys
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +25,8 @@ from models.approval import ApprovalRequest
 from models.region import RegionFailbackInput, RegionFailoverInput
 from starters.region_failback import start_region_failback
 from starters.region_failover import start_region_failover
+from tests.conftest import activity_attempts
+from tests.test_crash_survival import ROOT
 from tests.test_kubernetes_platform import api_client, fake_deployment_controller
 from workers.main import build_worker
 from workers.settings import Settings
@@ -159,6 +164,11 @@ def replica_lag(world, seconds: float) -> None:
 
 def settings_for(stack, aws, world, kmock, primary: Health, backup: Health, queue: str, home_kmock=None,
                  status_page: FakeStatuspage | None = None, **region) -> Settings:
+    return Settings(**raw_settings(stack, aws, world, kmock, primary, backup, queue, home_kmock, status_page, **region))
+
+
+def raw_settings(stack, aws, world, kmock, primary: Health, backup: Health, queue: str, home_kmock=None,
+                 status_page: FakeStatuspage | None = None, **region) -> dict:
     base = {**stack.worker_settings(), "task_queue": queue}
     base["failover"] = {
         "primary_health_url": primary.url, "hosted_zone_id": world["zone"], "record_name": world["record"],
@@ -177,7 +187,7 @@ def settings_for(stack, aws, world, kmock, primary: Health, backup: Health, queu
             "replicas": 6, "kubernetes": {"api_url": str(home_kmock.url).rstrip("/"), "namespace": NS,
                                           "deployment": NAME},
             "load_balancer_dns": "primary-lb.us-east-1.elb.amazonaws.com", "load_balancer_zone_id": "Z35SXDOTRQ7X7K"}
-    return Settings(**base)
+    return base
 
 
 @contextlib.asynccontextmanager
@@ -345,3 +355,63 @@ async def approve_when_asked(handle, workflow_cls) -> None:
         while not (await handle.query(workflow_cls.progress)).awaiting_approval:
             await asyncio.sleep(0.1)
     await handle.execute_update(workflow_cls.approve, ApprovalRequest(approver="ic", reason="go"))
+
+
+async def test_failover_survives_a_killed_backup_worker_and_a_server_restart(stack, client, aws, world, kmock,
+                                                                               tmp_path):
+    """The backup region's worker is SIGKILLed once the replica is promoted and the Temporal server
+    restarts; a new worker finishes the run and the promotion is not done again."""
+    primary, backup = Health(None), Health(200)
+    await deploy_backup(kmock)
+    replica_lag(world, 1)
+    stop = asyncio.Event()
+    controller = asyncio.create_task(fake_deployment_controller(kmock, stop, NS, NAME))
+    queue = f"rk-{uuid.uuid4().hex[:8]}"
+    raw = raw_settings(stack, aws, world, kmock, primary, backup, queue)
+    settings_file = tmp_path / "settings.json"
+    settings_file.write_text(json.dumps(raw))
+    backup_queue = raw["failover"]["regions"][BACKUP]["task_queue"]
+
+    def backup_worker(log: str) -> subprocess.Popen:
+        env = {**os.environ, "DRP_SETTINGS_FILE": str(settings_file), "DRP_TASK_QUEUE": backup_queue,
+               "PYTHONPATH": str(ROOT)}
+        return subprocess.Popen([sys.executable, "-m", "workers.main"], env=env, cwd=ROOT,
+                                stdout=open(tmp_path / log, "ab"), stderr=subprocess.STDOUT)
+
+    first, second = backup_worker("w1.log"), None
+    try:
+        with ThreadPoolExecutor(max_workers=8) as executor:
+            async with build_worker(client, Settings(**raw), executor):
+                handle = await start_region_failover(client, RegionFailoverInput(
+                    incident_id=f"RK-{world['tag']}", backup_region=BACKUP, health_checks=1,
+                    heartbeat_timeout=timedelta(seconds=3)), queue)
+                await approve_when_asked(handle, RegionFailover)
+                async with asyncio.timeout(60):
+                    while not await completed(handle, "promote_rds_replica"):
+                        await asyncio.sleep(0.05)
+                first.kill()
+                first.wait()
+                stack.restart_temporal()
+                second = backup_worker("w2.log")
+                result = await asyncio.wait_for(handle.result(), timeout=120)
+    finally:
+        for proc in (first, second):
+            if proc and proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+        stop.set()
+        await controller
+        primary.close()
+        backup.close()
+    assert await activity_attempts(handle, "promote_rds_replica") == [1]  # promoted once, never again
+    assert result.dns.status == "INSYNC"
+    [dns] = record(world)
+    assert dns["AliasTarget"]["DNSName"].rstrip(".") == "backup-lb.us-west-2.elb.amazonaws.com"
+
+
+async def completed(handle, activity_type: str) -> bool:
+    history = [e async for e in handle.fetch_history_events()]
+    scheduled = {e.event_id for e in history if e.HasField("activity_task_scheduled_event_attributes")
+                 and e.activity_task_scheduled_event_attributes.activity_type.name == activity_type}
+    return any(e.activity_task_completed_event_attributes.scheduled_event_id in scheduled for e in history
+               if e.HasField("activity_task_completed_event_attributes"))
