@@ -57,7 +57,7 @@ class RegionActivities:
         if region is None:
             raise _bad("UnknownRegion", f"region {region_name!r} is not configured; known: "
                                         f"{', '.join(sorted(self.config.regions)) or 'none'}")
-        if replica_must_exist:
+        if replica_must_exist and self.config.database == "rds":
             try:
                 self.rds[region_name].describe_db_instances(DBInstanceIdentifier=region.rds_replica_id)
             except ClientError as err:
@@ -71,7 +71,7 @@ class RegionActivities:
             if err.response["Error"]["Code"] == "NoSuchHostedZone":
                 raise _bad("UnknownHostedZone", f"hosted zone {self.config.hosted_zone_id!r} not found") from err
             raise
-        return RegionPlan(backup_region=region_name, task_queue=region.task_queue,
+        return RegionPlan(backup_region=region_name, task_queue=region.task_queue, database=self.config.database,
                           primary_health_url=self.config.primary_health_url,
                           max_lag_seconds=self.config.max_replica_lag_seconds,
                           replica_id=region.rds_replica_id, hosted_zone_id=self.config.hosted_zone_id,
@@ -122,12 +122,7 @@ class RegionActivities:
     @activity.defn
     def replica_lag(self, req: LagRequest) -> float | None:
         """The replica's newest ReplicaLag datapoint (CloudWatch); refuse a lagging replica unless overridden."""
-        stats = self.cloudwatch[req.region].get_metric_statistics(
-            Namespace="AWS/RDS", MetricName="ReplicaLag", Statistics=["Maximum"], Period=60,
-            Dimensions=[{"Name": "DBInstanceIdentifier", "Value": req.replica_id}],
-            StartTime=time.time() - 600, EndTime=time.time() + 60)
-        points = sorted(stats.get("Datapoints", []), key=lambda p: p["Timestamp"])
-        lag = points[-1]["Maximum"] if points else None
+        lag = replica_lag_seconds(self.cloudwatch[req.region], req.replica_id)
         if lag is not None and lag > req.max_lag_seconds and not req.override:
             raise _bad("ReplicaLagging", f"replica {req.replica_id} lags {lag:.0f}s (allowed {req.max_lag_seconds:.0f}s)"
                                          "; promoting it would lose those writes. Start again with override_lag=true "
@@ -137,20 +132,7 @@ class RegionActivities:
     @activity.defn
     def promote_rds_replica(self, req: RegionRequest) -> RdsPromoted:
         """aws rds promote-read-replica + wait db-instance-available (re-run safe)."""
-        region = self.config.regions[req.region]
-        rds = self.rds[req.region]
-        already = False
-        try:
-            rds.promote_read_replica(DBInstanceIdentifier=region.rds_replica_id)
-        except ClientError as err:
-            if err.response["Error"]["Code"] != "InvalidDBInstanceState":
-                raise
-            already = True  # "not a read replica": promoted by an earlier attempt
-        rds.get_waiter("db_instance_available").wait(DBInstanceIdentifier=region.rds_replica_id,
-                                                      WaiterConfig={"Delay": 5, "MaxAttempts": 120})
-        instance = rds.describe_db_instances(DBInstanceIdentifier=region.rds_replica_id)["DBInstances"][0]
-        return RdsPromoted(replica_id=region.rds_replica_id, endpoint=(instance.get("Endpoint") or {}).get("Address"),
-                           already_promoted=already)
+        return promote_read_replica(self.rds[req.region], self.config.regions[req.region].rds_replica_id)
 
     @activity.defn
     def switch_dns(self, req: RegionRequest) -> DnsSwitched:
@@ -201,6 +183,34 @@ class RegionActivities:
         if message_id is None and status_page_id is None:
             return None
         return Notified(message_id=message_id, status_page_incident=status_page_id)
+
+
+def promote_read_replica(rds, replica_id: str) -> RdsPromoted:
+    """aws rds promote-read-replica, then wait until available; a second call finds it promoted."""
+    already = False
+    try:
+        rds.promote_read_replica(DBInstanceIdentifier=replica_id)
+    except ClientError as err:
+        if err.response["Error"]["Code"] == "DBInstanceNotFound":
+            raise _bad("UnknownReplica", f"RDS instance {replica_id!r} not found") from err
+        if err.response["Error"]["Code"] != "InvalidDBInstanceState":
+            raise
+        already = True  # "not a read replica": promoted by an earlier attempt
+    rds.get_waiter("db_instance_available").wait(DBInstanceIdentifier=replica_id,
+                                                  WaiterConfig={"Delay": 5, "MaxAttempts": 120})
+    instance = rds.describe_db_instances(DBInstanceIdentifier=replica_id)["DBInstances"][0]
+    return RdsPromoted(replica_id=replica_id, endpoint=(instance.get("Endpoint") or {}).get("Address"),
+                       port=(instance.get("Endpoint") or {}).get("Port", 5432), already_promoted=already)
+
+
+def replica_lag_seconds(cloudwatch, replica_id: str) -> float | None:
+    """The newest CloudWatch ReplicaLag datapoint of the last ten minutes (None: no data)."""
+    stats = cloudwatch.get_metric_statistics(
+        Namespace="AWS/RDS", MetricName="ReplicaLag", Statistics=["Maximum"], Period=60,
+        Dimensions=[{"Name": "DBInstanceIdentifier", "Value": replica_id}],
+        StartTime=time.time() - 600, EndTime=time.time() + 60)
+    points = sorted(stats.get("Datapoints", []), key=lambda p: p["Timestamp"])
+    return points[-1]["Maximum"] if points else None
 
 
 def _status_page_incident(http: httpx.Client, base: str, token: str, incident_id: str, name: str, body: str) -> str:

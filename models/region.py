@@ -6,6 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from models.approval import ApprovalRecord
 from models.durations import Duration
+from models.failover import Promoted
 from models.identifiers import IncidentId
 from models.playbook import Severity
 from models.steps import StepRecord
@@ -38,6 +39,7 @@ class RegionPlan(_Frozen):
 
     backup_region: str
     task_queue: str
+    database: str = "rds"  # or "self-managed": the worker settings' streaming standby
     primary_health_url: str
     max_lag_seconds: float
     replica_id: str
@@ -76,6 +78,7 @@ class DnsSwitched(_Frozen):
 class RdsPromoted(_Frozen):
     replica_id: str
     endpoint: str | None
+    port: int = 5432
     already_promoted: bool = False
 
 
@@ -88,7 +91,8 @@ class RegionFailoverResult(_Frozen):
     incident_id: str
     plan: RegionPlan
     replica_lag_seconds: float | None
-    promoted: RdsPromoted
+    promoted: RdsPromoted | None = None  # database "rds"
+    promoted_standby: Promoted | None = None  # database "self-managed"
     dns: DnsSwitched
     notified: Notified | None
     approval: ApprovalRecord

@@ -13,8 +13,10 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import boto3
 import pytest
 import pytest_asyncio
+from moto.moto_server.threaded_moto_server import ThreadedMotoServer
 
 from stack.stack import DATABASE, Stack
 from workers.main import build_worker
@@ -79,3 +81,41 @@ async def activity_attempts(handle, activity_type: str) -> list[int]:
     return [e.activity_task_started_event_attributes.attempt for e in history
             if e.HasField("activity_task_started_event_attributes")
             and e.activity_task_started_event_attributes.scheduled_event_id in scheduled]
+
+
+CREDS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+BACKUP_REGION = "us-west-2"
+
+
+@pytest.fixture(scope="session")
+def aws():
+    """A moto server for the AWS APIs the region runbooks call (RDS, Route53, CloudWatch, SNS, SQS)."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def world(aws):
+    """A primary RDS instance in us-east-1, its read replica in us-west-2, the zone, the topic."""
+    tag = uuid.uuid4().hex[:6]
+    east = boto3.client("rds", region_name="us-east-1", endpoint_url=aws, **CREDS)
+    west = boto3.client("rds", region_name=BACKUP_REGION, endpoint_url=aws, **CREDS)
+    primary = east.create_db_instance(DBInstanceIdentifier=f"ci-{tag}", Engine="postgres", AllocatedStorage=20,
+                                      DBInstanceClass="db.t3.micro", MasterUsername="pg",
+                                      MasterUserPassword="not-a-secret-1")["DBInstance"]
+    west.create_db_instance_read_replica(DBInstanceIdentifier=f"ci-{tag}-replica",
+                                         SourceDBInstanceIdentifier=primary["DBInstanceArn"])
+    route53 = boto3.client("route53", region_name="us-east-1", endpoint_url=aws, **CREDS)
+    zone = route53.create_hosted_zone(Name=f"ci{tag}.example.com", CallerReference=tag)["HostedZone"]["Id"]
+    sns = boto3.client("sns", region_name="us-east-1", endpoint_url=aws, **CREDS)
+    sqs = boto3.client("sqs", region_name="us-east-1", endpoint_url=aws, **CREDS)
+    topic = sns.create_topic(Name=f"critical-alerts-{tag}")["TopicArn"]
+    queue = sqs.create_queue(QueueName=f"pager-{tag}")["QueueUrl"]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=queue_arn)
+    return {"tag": tag, "replica": f"ci-{tag}-replica", "zone": zone, "record": f"api.ci{tag}.example.com",
+            "topic": topic, "queue": queue, "route53": route53, "sqs": sqs,
+            "cloudwatch": boto3.client("cloudwatch", region_name=BACKUP_REGION, endpoint_url=aws, **CREDS)}

@@ -21,12 +21,18 @@ from temporalio.client import WorkflowFailureError
 
 from models.approval import ApprovalRequest
 from models.failover import DatabaseFailbackInput, DatabaseFailoverInput
+from models.region import RegionFailoverInput
 from stack.stack import DATABASE, Stack
 from starters.db_failback import start_db_failback
 from starters.db_failover import start_db_failover
+from starters.region_failover import start_region_failover
 from tests.conftest import running_worker
+from tests.test_kubernetes_platform import fake_deployment_controller
+from tests.test_region_failover import BACKUP, NAME, NS, Health, deploy_backup, raw_settings, record, region_workers
+from workers.settings import Settings
 from workflows.db_failback import DatabaseFailback
 from workflows.db_failover import DatabaseFailover
+from workflows.region_failover import RegionFailover
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +148,35 @@ async def test_failback_restores_the_topology_with_the_data_written_in_between(p
         in_recovery, sender = conn.execute("SELECT pg_is_in_recovery(), (SELECT sender_port FROM "
                                            "pg_stat_wal_receiver)").fetchone()
     assert in_recovery and sender == primary.port  # the original topology is back
+
+
+async def test_region_failover_can_promote_the_self_managed_standby(pair, client, aws, world, kmock):
+    """RegionFailover with `failover.database = self-managed`: the standby of the pair is promoted
+    (after the failback above, the original topology is back), then DNS and the backup cluster."""
+    primary, standby = pair.postgres(), pair.standby()
+    down, backup = Health(None), Health(200)
+    await deploy_backup(kmock)
+    stop = asyncio.Event()
+    controller = asyncio.create_task(fake_deployment_controller(kmock, stop, NS, NAME))
+    raw = raw_settings(pair, aws, world, kmock, down, backup, f"rs-{uuid.uuid4().hex[:8]}")
+    raw["failover"]["database"] = "self-managed"
+    try:
+        async with region_workers(client, Settings(**raw)) as queue:
+            handle = await start_region_failover(client, RegionFailoverInput(
+                incident_id=incident(), backup_region=BACKUP, health_checks=1), queue)
+            async with asyncio.timeout(60):
+                while not (await handle.query(RegionFailover.progress)).awaiting_approval:
+                    await asyncio.sleep(0.1)
+            await handle.execute_update(RegionFailover.approve, ApprovalRequest(approver="ic", reason="region down"))
+            result = await handle.result()
+    finally:
+        stop.set()
+        await controller
+        down.close()
+        backup.close()
+    assert result.promoted is None and result.promoted_standby.lost_bytes == 0
+    assert not primary.is_running() and (primary.data_dir / "standby.signal").exists()
+    with standby.connect() as conn:
+        assert not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
+    assert record(world)[0]["AliasTarget"]["DNSName"].rstrip(".") == "backup-lb.us-west-2.elb.amazonaws.com"
+    assert "starters.db_failback" in result.failback

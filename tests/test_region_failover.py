@@ -18,14 +18,13 @@ import httpx
 import kmock as kmock_module
 import pytest
 from kubernetes import client as k8s
-from moto.moto_server.threaded_moto_server import ThreadedMotoServer
 from temporalio.client import WorkflowFailureError
 
 from models.approval import ApprovalRequest
 from models.region import RegionFailbackInput, RegionFailoverInput
 from starters.region_failback import start_region_failback
 from starters.region_failover import start_region_failover
-from tests.conftest import activity_attempts
+from tests.conftest import CREDS, activity_attempts
 from tests.test_crash_survival import ROOT
 from tests.test_kubernetes_platform import api_client, fake_deployment_controller
 from workers.main import build_worker
@@ -35,7 +34,6 @@ from workflows.region_failover import RegionFailover
 
 BACKUP = "us-west-2"
 NS, NAME = "corporate-intel", "corporate-intel-api"
-CREDS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
 
 
 class Health:
@@ -121,39 +119,6 @@ class FakeStatuspage:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.url = f"http://127.0.0.1:{self.server.server_port}/v1/pages/page1"
-
-
-@pytest.fixture(scope="module")
-def aws():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def world(aws):
-    """A primary RDS instance in us-east-1, its read replica in us-west-2, the zone, the topic."""
-    tag = uuid.uuid4().hex[:6]
-    east = boto3.client("rds", region_name="us-east-1", endpoint_url=aws, **CREDS)
-    west = boto3.client("rds", region_name=BACKUP, endpoint_url=aws, **CREDS)
-    primary = east.create_db_instance(DBInstanceIdentifier=f"ci-{tag}", Engine="postgres", AllocatedStorage=20,
-                                      DBInstanceClass="db.t3.micro", MasterUsername="pg",
-                                      MasterUserPassword="not-a-secret-1")["DBInstance"]
-    west.create_db_instance_read_replica(DBInstanceIdentifier=f"ci-{tag}-replica",
-                                         SourceDBInstanceIdentifier=primary["DBInstanceArn"])
-    route53 = boto3.client("route53", region_name="us-east-1", endpoint_url=aws, **CREDS)
-    zone = route53.create_hosted_zone(Name=f"ci{tag}.example.com", CallerReference=tag)["HostedZone"]["Id"]
-    sns = boto3.client("sns", region_name="us-east-1", endpoint_url=aws, **CREDS)
-    sqs = boto3.client("sqs", region_name="us-east-1", endpoint_url=aws, **CREDS)
-    topic = sns.create_topic(Name=f"critical-alerts-{tag}")["TopicArn"]
-    queue = sqs.create_queue(QueueName=f"pager-{tag}")["QueueUrl"]
-    queue_arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=queue_arn)
-    return {"tag": tag, "replica": f"ci-{tag}-replica", "zone": zone, "record": f"api.ci{tag}.example.com",
-            "topic": topic, "queue": queue, "route53": route53, "sqs": sqs,
-            "cloudwatch": boto3.client("cloudwatch", region_name=BACKUP, endpoint_url=aws, **CREDS)}
 
 
 def replica_lag(world, seconds: float) -> None:
@@ -415,3 +380,75 @@ async def completed(handle, activity_type: str) -> bool:
                  and e.activity_task_scheduled_event_attributes.activity_type.name == activity_type}
     return any(e.activity_task_completed_event_attributes.scheduled_event_id in scheduled for e in history
                if e.HasField("activity_task_completed_event_attributes"))
+
+
+class FakeApp:
+    """FAKE application: a real one cannot reach an RDS endpoint that moto only describes. Answers the
+    health check, and a write check as an app connected to a server on port 5432 would."""
+
+    def __init__(self):
+        class Handler(BaseHTTPRequestHandler):
+            def _reply(self, code: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):  # noqa: N802
+                self._reply(200, {"status": "ok"})
+
+            def do_POST(self):  # noqa: N802
+                self._reply(201, {"id": 1, "server_port": 5432})
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+
+@pytest.mark.parametrize("lag, outcome", [(2, "promoted"), (900, "StandbyLagging")])
+async def test_database_failover_to_an_rds_replica(stack, client, aws, world, kmock, lag, outcome):
+    """DatabaseFailover with the `rds` target: replica checked (CloudWatch lag), promoted, the
+    Deployment repointed at its endpoint and restarted, a write verified through the app."""
+    from models.failover import DatabaseFailoverInput
+    from starters.db_failover import start_db_failover
+    from workflows.db_failover import DatabaseFailover
+
+    app = FakeApp()
+    await deploy_backup(kmock, replicas=2)
+    replica_lag(world, lag)
+    stop = asyncio.Event()
+    controller = asyncio.create_task(fake_deployment_controller(kmock, stop, NS, NAME))
+    raw = {**stack.worker_settings(), "task_queue": f"rds-{uuid.uuid4().hex[:8]}",
+           "rds": {"region": BACKUP, "replica_id": world["replica"], "aws_endpoint_url": aws},
+           "platform": {"kind": "kubernetes", "kubernetes": {"api_url": str(kmock.url).rstrip("/"), "namespace": NS,
+                                                             "deployment": NAME}},
+           "app": {"health_url": f"{app.url}/health", "critical_url": f"{app.url}/api/v1/companies",
+                   "write_check_url": f"{app.url}/api/v1/write-check"}}
+    try:
+        with ThreadPoolExecutor(max_workers=8) as executor:
+            async with build_worker(client, Settings(**raw), executor):
+                handle = await start_db_failover(client, DatabaseFailoverInput(
+                    incident_id=f"RDS-{uuid.uuid4().hex[:6]}"), raw["task_queue"])
+                if outcome == "promoted":
+                    await approve_when_asked(handle, DatabaseFailover)
+                    result = await handle.result()
+                else:
+                    with pytest.raises(WorkflowFailureError) as failed:
+                        await handle.result()
+    finally:
+        stop.set()
+        await controller
+        app.server.shutdown()
+    dep = await asyncio.to_thread(k8s.AppsV1Api(api_client(kmock)).read_namespaced_deployment, NAME, NS)
+    if outcome != "promoted":
+        assert failed.value.cause.cause.type == outcome and dep.spec.replicas == 2
+        return
+    env = {e.name: e.value for e in dep.spec.template.spec.containers[0].env}
+    assert env["POSTGRES_HOST"] == result.before.host and result.before.host.startswith(world["replica"])
+    assert env["POSTGRES_PORT"] == "5432" and dep.spec.replicas == 2
+    assert result.before.lag_seconds == 2 and result.write_check.served_by_port == 5432

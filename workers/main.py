@@ -21,6 +21,7 @@ from activities.platform import PlatformActivities
 from activities.platforms import AppPlatform, KubernetesPlatform, LocalProcessPlatform
 from activities.playbook import PlaybookActivities
 from activities.postgres import PostgresActivities
+from activities.rds import RdsActivities
 from activities.region import RegionActivities
 from activities.replication import ReplicationActivities
 from models.playbook import load_playbook
@@ -69,6 +70,17 @@ def build_region_activities(settings: Settings, http: httpx.Client) -> RegionAct
         clusters={r: build_kubernetes(cfg.kubernetes) for r, cfg in f.regions.items()}, http=http)
 
 
+def build_rds_activities(settings: Settings) -> RdsActivities:
+    import boto3
+
+    r = settings.rds
+    if r is None:
+        return RdsActivities(None, None, None)
+    creds = settings.backup.boto3_kwargs(r.aws_endpoint_url)
+    return RdsActivities(r, boto3.client("rds", region_name=r.region, **creds),
+                         boto3.client("cloudwatch", region_name=r.region, **creds))
+
+
 def build_platform(settings: PlatformSettings) -> AppPlatform:
     if settings.kind == "local":
         if settings.local is None:
@@ -105,6 +117,7 @@ def build_activities(settings: Settings) -> list:
     platform = PlatformActivities(build_platform(settings.platform), http,
                                   settings.app.health_url, settings.app.critical_url, settings.app.write_check_url)
     standby = settings.postgres.server(standby=settings.standby) if settings.standby else None
+    rds = build_rds_activities(settings)
     replication = ReplicationActivities(server, standby)
     deletion = DeletionActivities(server, barman, build_redis(settings), build_s3(settings),
                                   settings.evidence_destination)
@@ -119,6 +132,7 @@ def build_activities(settings: Settings) -> list:
         platform.repoint_application, platform.check_write,
         replication.check_standby, replication.fence_primary, replication.promote_standby,
         replication.await_catch_up, replication.rejoin_as_standby,
+        rds.database_target, rds.check_rds_replica, rds.promote_rds,
         region.plan_region_failover, region.verify_primary_down, region.replica_lag, region.promote_rds_replica,
         region.switch_dns, region.scale_region, region.check_region_health, region.notify_failover,
         region.plan_region_failback, region.create_home_replica, region.scale_down_region,

@@ -102,6 +102,8 @@ class FailoverSettings(BaseModel):
 
     primary_region: str = "us-east-1"
     primary_health_url: str
+    # What a failover promotes: the regions' RDS read replicas, or the self-managed `standby`.
+    database: Literal["rds", "self-managed"] = "rds"
     hosted_zone_id: str
     record_name: str = "api.corporate-intel.com"
     regions: dict[str, RegionSettings]
@@ -110,6 +112,15 @@ class FailoverSettings(BaseModel):
     status_page_token: SecretStr | None = None
     aws_endpoint_url: str | None = None  # moto in tests; unset in production
     max_replica_lag_seconds: float = 60
+
+
+class RdsSettings(BaseModel):
+    """DatabaseFailover's Amazon RDS target: promote this read replica instead of the self-managed standby."""
+
+    region: str
+    replica_id: str
+    max_lag_seconds: float = 60
+    aws_endpoint_url: str | None = None  # moto in tests
 
 
 class PlatformSettings(BaseModel):
@@ -145,6 +156,7 @@ class Settings(BaseSettings):
     platform: PlatformSettings
     app: AppCheckSettings
     standby: StandbySettings | None = None
+    rds: RdsSettings | None = None  # when set, DatabaseFailover promotes this RDS replica
     failover: FailoverSettings | None = None
     redis_url: SecretStr | None = None  # where the application keeps blocked_api_keys
     evidence_destination: str = "s3://drp-backups/evidence"  # recovered rows, as CSV, per incident

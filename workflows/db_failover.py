@@ -19,6 +19,7 @@ from models.failover import (
     PROCEDURE,
     DatabaseFailoverInput,
     DatabaseFailoverResult,
+    Fenced,
     FenceRequest,
     LagCheck,
     PromoteRequest,
@@ -31,6 +32,7 @@ from workflows._runbook import Runbook
 with workflow.unsafe.imports_passed_through():
     from activities.platform import PlatformActivities
     from activities.playbook import PlaybookActivities
+    from activities.rds import RdsActivities
     from activities.replication import ReplicationActivities
 
 
@@ -50,11 +52,12 @@ class DatabaseFailover(Runbook):
         objectives = await workflow.execute_activity_method(
             PlaybookActivities.objectives_for, PROCEDURE, **opt.quick(hb))
 
+        rds = await workflow.execute_activity_method(RdsActivities.database_target, **opt.quick(hb)) == "rds"
+        lag = LagCheck(max_lag_bytes=inp.max_lag_bytes, max_lag_seconds=inp.max_lag.total_seconds(),
+                       override=inp.override_lag)
         before = await self.steps.run("check standby", workflow.execute_activity_method(
-            ReplicationActivities.check_standby,
-            LagCheck(max_lag_bytes=inp.max_lag_bytes, max_lag_seconds=inp.max_lag.total_seconds(),
-                     override=inp.override_lag),
-            summary="replaying? lag? timeline?", **opt.quick(hb)))
+            RdsActivities.check_rds_replica if rds else ReplicationActivities.check_standby, lag,
+            summary="RDS replica and ReplicaLag" if rds else "replaying? lag? timeline?", **opt.quick(hb)))
         approval = await self.steps.run("approve", self.gate.wait(
             "promote standby", inp.approval_timeout, unchanged="nothing was changed: the primary was not fenced"),
             detail=f"Standby on timeline {before.timeline}, lag {before.lag_bytes} bytes / {before.lag_seconds}s, "
@@ -63,12 +66,19 @@ class DatabaseFailover(Runbook):
         stopped = await self.steps.run("stop application", workflow.execute_activity_method(
             PlatformActivities.stop_application, StopAppRequest(incident_id=inp.incident_id),
             summary="stop the application", **opt.long_running(hb, timedelta(minutes=30))))
-        fenced = await self.steps.run("fence old primary", workflow.execute_activity_method(
-            ReplicationActivities.fence_primary, FenceRequest(incident_id=inp.incident_id),
-            summary="stop it and leave standby.signal", **opt.long_running(hb, timedelta(minutes=10))))
-        promoted = await self.steps.run("promote standby", workflow.execute_activity_method(
-            ReplicationActivities.promote_standby, PromoteRequest(final_lsn=fenced.final_lsn),
-            summary="catch up with the fenced primary, pg_promote()", **opt.long_running(hb, timedelta(minutes=10))))
+        if rds:  # promotion detaches the replica; the old RDS primary is not stopped by this runbook
+            fenced = Fenced(was_running=False)
+            promoted = await self.steps.run("promote standby", workflow.execute_activity_method(
+                RdsActivities.promote_rds, summary="aws rds promote-read-replica, wait available",
+                **opt.long_running(hb, timedelta(hours=1))))
+        else:
+            fenced = await self.steps.run("fence old primary", workflow.execute_activity_method(
+                ReplicationActivities.fence_primary, FenceRequest(incident_id=inp.incident_id),
+                summary="stop it and leave standby.signal", **opt.long_running(hb, timedelta(minutes=10))))
+            promoted = await self.steps.run("promote standby", workflow.execute_activity_method(
+                ReplicationActivities.promote_standby, PromoteRequest(final_lsn=fenced.final_lsn),
+                summary="catch up with the fenced primary, pg_promote()",
+                **opt.long_running(hb, timedelta(minutes=10))))
         await self.steps.run("repoint application", workflow.execute_activity_method(
             PlatformActivities.repoint_application,
             RepointRequest(incident_id=inp.incident_id, host=before.host, port=before.port),

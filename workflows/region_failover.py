@@ -15,6 +15,7 @@ from datetime import timedelta
 from pydantic import ValidationError
 from temporalio import workflow
 
+from models.failover import FenceRequest, LagCheck, PromoteRequest
 from models.region import (
     PROCEDURE,
     LagRequest,
@@ -29,6 +30,7 @@ from workflows._runbook import Runbook
 with workflow.unsafe.imports_passed_through():
     from activities.playbook import PlaybookActivities
     from activities.region import RegionActivities
+    from activities.replication import ReplicationActivities
 
 
 def workflow_id(incident_id: str) -> str:
@@ -53,10 +55,7 @@ class RegionFailover(Runbook):
         await self.steps.run("verify primary is down", workflow.execute_activity_method(
             RegionActivities.verify_primary_down, checks, summary=f"{checks.checks} checks of {checks.url}",
             **opt.long_running(max(hb, inp.health_check_spacing * 2), timedelta(minutes=30))))
-        lag = await self.steps.run("check replica lag", workflow.execute_activity_method(
-            RegionActivities.replica_lag,
-            LagRequest(region=plan.backup_region, replica_id=plan.replica_id, max_lag_seconds=plan.max_lag_seconds,
-                       override=inp.override_lag), summary="CloudWatch ReplicaLag", **opt.quick(hb)))
+        lag = await self.steps.run("check replica lag", self._replica_lag(inp, plan))
         approval = await self.steps.run("approve", self.gate.wait(
             "fail over", inp.approval_timeout, unchanged="nothing was changed"),
             detail=f"Will promote {plan.replica_id} in {plan.backup_region} (lag {lag}s), point {plan.record_name} "
@@ -64,9 +63,18 @@ class RegionFailover(Runbook):
 
         backup = {"task_queue": plan.task_queue}
         region = RegionRequest(incident_id=inp.incident_id, region=plan.backup_region)
-        promoted = await self.steps.run("promote replica", workflow.execute_activity_method(
-            RegionActivities.promote_rds_replica, region, summary=f"promote {plan.replica_id}",
-            **backup, **opt.long_running(hb, timedelta(hours=1))))
+        promoted = promoted_standby = None
+        if plan.database == "rds":
+            promoted = await self.steps.run("promote replica", workflow.execute_activity_method(
+                RegionActivities.promote_rds_replica, region, summary=f"promote {plan.replica_id}",
+                **backup, **opt.long_running(hb, timedelta(hours=1))))
+        else:  # self-managed: fence what is left of the primary, promote the standby (DatabaseFailover's steps)
+            fenced = await workflow.execute_activity_method(
+                ReplicationActivities.fence_primary, FenceRequest(incident_id=inp.incident_id), **backup,
+                summary="fence the old primary", **opt.long_running(hb, timedelta(minutes=10)))
+            promoted_standby = await self.steps.run("promote replica", workflow.execute_activity_method(
+                ReplicationActivities.promote_standby, PromoteRequest(final_lsn=fenced.final_lsn),
+                summary="promote the standby", **backup, **opt.long_running(hb, timedelta(minutes=10))))
         dns = await self.steps.run("switch DNS", workflow.execute_activity_method(
             RegionActivities.switch_dns, region, summary=f"{plan.record_name} -> {plan.new_target}",
             **backup, **opt.long_running(hb, timedelta(minutes=30))))
@@ -81,10 +89,27 @@ class RegionFailover(Runbook):
             RegionActivities.notify_failover, region, summary="SNS", **backup, **opt.quick(hb)))
         self.steps.finish(f"Serving from {plan.backup_region}; RTO {rto}.")
         return RegionFailoverResult(
-            incident_id=inp.incident_id, plan=plan, replica_lag_seconds=lag, promoted=promoted, dns=dns,
+            incident_id=inp.incident_id, plan=plan, replica_lag_seconds=lag, promoted=promoted,
+            promoted_standby=promoted_standby, dns=dns,
             notified=notified, approval=approval, steps=self.steps.completed, rto_target=objectives.rto,
             rto_actual=rto,
             failback=(f"Once the primary region is back: RegionFailback with serving_region={plan.backup_region!r} "
                       f"(python -m starters.region_failback --incident {inp.incident_id} --serving-region "
-                      f"{plan.backup_region}) creates a replica of {promoted.replica_id} at home and switches back."))
+                      f"{plan.backup_region})" if plan.database == "rds" else
+                      f"Once the primary region is back: DatabaseFailback (python -m starters.db_failback --incident "
+                      f"{inp.incident_id}) rewinds the old primary and switches the database back; then point DNS "
+                      "home."))
+
+    async def _replica_lag(self, inp: RegionFailoverInput, plan) -> float | None:
+        if plan.database == "rds":
+            return await workflow.execute_activity_method(
+                RegionActivities.replica_lag,
+                LagRequest(region=plan.backup_region, replica_id=plan.replica_id,
+                           max_lag_seconds=plan.max_lag_seconds, override=inp.override_lag),
+                summary="CloudWatch ReplicaLag", **opt.quick(inp.heartbeat_timeout))
+        status = await workflow.execute_activity_method(
+            ReplicationActivities.check_standby,
+            LagCheck(max_lag_bytes=2**63 - 1, max_lag_seconds=plan.max_lag_seconds, override=inp.override_lag),
+            summary="standby replay lag", **opt.quick(inp.heartbeat_timeout))
+        return status.lag_seconds
 
