@@ -75,7 +75,8 @@ class RegionActivities:
                           primary_health_url=self.config.primary_health_url,
                           max_lag_seconds=self.config.max_replica_lag_seconds,
                           replica_id=region.rds_replica_id, hosted_zone_id=self.config.hosted_zone_id,
-                          record_name=self.config.record_name, new_target=region.load_balancer_dns,
+                          record_name=self.config.record_name,
+                          new_target=region.load_balancer_dns or ", ".join(region.load_balancer_ips),
                           deployment=f"{region.kubernetes.namespace}/{region.kubernetes.deployment}",
                           replicas=region.replicas, health_url=region.health_url)
 
@@ -138,9 +139,12 @@ class RegionActivities:
     def switch_dns(self, req: RegionRequest) -> DnsSwitched:
         """UPSERT the API record to the backup load balancer and wait until INSYNC (UPSERT is idempotent)."""
         region = self.config.regions[req.region]
-        record = {"Name": self.config.record_name, "Type": "A",
-                  "AliasTarget": {"HostedZoneId": region.load_balancer_zone_id, "DNSName": region.load_balancer_dns,
-                                  "EvaluateTargetHealth": True}}
+        record = {"Name": self.config.record_name, "Type": "A"}
+        if region.load_balancer_ips:
+            record.update(TTL=60, ResourceRecords=[{"Value": ip} for ip in region.load_balancer_ips])
+        else:
+            record["AliasTarget"] = {"HostedZoneId": region.load_balancer_zone_id,
+                                     "DNSName": region.load_balancer_dns, "EvaluateTargetHealth": True}
         change = self.route53.change_resource_record_sets(
             HostedZoneId=self.config.hosted_zone_id,
             ChangeBatch={"Comment": f"drp failover {req.incident_id}",

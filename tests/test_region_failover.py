@@ -245,6 +245,29 @@ def test_status_page_incident_is_opened_once_and_updated_on_a_retry():
     assert page.incidents[first]["body"] == "still serving"
 
 
+async def test_the_api_record_can_be_a_plain_a_record(stack, client, aws, world, kmock):
+    primary, backup = Health(None), Health(200)
+    await deploy_backup(kmock)
+    replica_lag(world, 1)
+    stop = asyncio.Event()
+    controller = asyncio.create_task(fake_deployment_controller(kmock, stop, NS, NAME))
+    raw = raw_settings(stack, aws, world, kmock, primary, backup, f"ra-{uuid.uuid4().hex[:8]}",
+                       load_balancer_dns=None, load_balancer_zone_id=None, load_balancer_ips=["203.0.113.10"])
+    try:
+        async with region_workers(client, Settings(**raw)) as queue:
+            handle = await start_region_failover(client, RegionFailoverInput(
+                incident_id=f"RA-{world['tag']}", backup_region=BACKUP, health_checks=1), queue)
+            await approve_when_asked(handle, RegionFailover)
+            await handle.result()
+    finally:
+        stop.set()
+        await controller
+        primary.close()
+        backup.close()
+    [dns] = record(world)
+    assert dns["ResourceRecords"] == [{"Value": "203.0.113.10"}] and "AliasTarget" not in dns
+
+
 @pytest.mark.parametrize("case", ["primary healthy", "replica lagging", "unknown region", "unknown replica",
                                   "unknown zone"])
 async def test_refusals_change_nothing(stack, client, aws, world, kmock, case):

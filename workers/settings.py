@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel, SecretStr, model_validator
 from pydantic_settings import BaseSettings, JsonConfigSettingsSource, SettingsConfigDict
 
 from activities.barman import BarmanCloud
@@ -90,8 +90,15 @@ class RegionSettings(BaseModel):
     rds_replica_id: str
     kubernetes: KubernetesPlatformSettings
     replicas: int = 10
-    load_balancer_dns: str  # the alias target of the API record
-    load_balancer_zone_id: str
+    load_balancer_dns: str | None = None  # alias target of the API record (Route53 alias to an ELB) ...
+    load_balancer_zone_id: str | None = None
+    load_balancer_ips: list[str] = []  # ... or plain A record values
+
+    @model_validator(mode="after")
+    def _one_record_kind(self) -> "RegionSettings":
+        if bool(self.load_balancer_dns and self.load_balancer_zone_id) == bool(self.load_balancer_ips):
+            raise ValueError("set either load_balancer_dns + load_balancer_zone_id (alias) or load_balancer_ips (A)")
+        return self
 
 
 class FailoverSettings(BaseModel):
