@@ -145,10 +145,16 @@ class RegionActivities:
         else:
             record["AliasTarget"] = {"HostedZoneId": region.load_balancer_zone_id,
                                      "DNSName": region.load_balancer_dns, "EvaluateTargetHealth": True}
-        change = self.route53.change_resource_record_sets(
-            HostedZoneId=self.config.hosted_zone_id,
-            ChangeBatch={"Comment": f"drp failover {req.incident_id}",
-                         "Changes": [{"Action": "UPSERT", "ResourceRecordSet": record}]})["ChangeInfo"]
+        try:
+            change = self.route53.change_resource_record_sets(
+                HostedZoneId=self.config.hosted_zone_id,
+                ChangeBatch={"Comment": f"drp failover {req.incident_id}",
+                             "Changes": [{"Action": "UPSERT", "ResourceRecordSet": record}]})["ChangeInfo"]
+        except ClientError as err:
+            if err.response["Error"]["Code"] in ("InvalidChangeBatch", "InvalidInput"):
+                raise _bad("DnsChangeRejected", f"Route53 rejected the change of {self.config.record_name}: "
+                                                f"{err.response['Error']['Message']}") from err
+            raise
         while change["Status"] != "INSYNC":
             activity.heartbeat(f"change {change['Id']} {change['Status']}")
             time.sleep(2)

@@ -3,10 +3,11 @@
 #   bash scripts/bench.sh [restore] [--gb 1.0 --wal-mb 256]
 #   bash scripts/bench.sh deletion [--gb 1.0 --companies 200]
 #   bash scripts/bench.sh failover [--runs 3]
+#   bash scripts/bench.sh region_failover [--runs 3]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv=$(bash "$root/scripts/bootstrap.sh" | tail -n 1)
 cd "$root"
 which=restore
-case "${1:-}" in restore|deletion|failover) which=$1; shift ;; esac
+case "${1:-}" in restore|deletion|failover|region_failover) which=$1; shift ;; esac
 exec "$venv/bin/python" -m "bench.$which" "$@"

@@ -18,6 +18,7 @@ NON_RETRYABLE = [
     "NoAuditLog", "UnknownTable", "UnknownRole", "NoDeletionsFound", "NoCommitTimestamps", "NoBackupBeforeTarget",
     "NoPrimaryKey", "ReinsertIncomplete", "NoRedis", "NoStandby", "StandbyLagging", "WrongServer", "NoWriteCheck",
     "FailoverNotConfigured", "UnknownRegion", "UnknownReplica", "UnknownHostedZone", "PrimaryHealthy", "ReplicaLagging",
+    "DnsChangeRejected",
 ]
 
 RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
