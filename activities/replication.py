@@ -5,6 +5,7 @@ and left with a standby.signal (it comes back read-only if anyone starts it)
 before the standby is promoted.
 """
 
+import shutil
 import subprocess
 import time
 
@@ -165,8 +166,13 @@ class ReplicationActivities:
             aside = server.data_dir.with_name(f"{server.data_dir.name}.before-rejoin-{req.incident_id}")
             if server.data_dir.exists() and not aside.exists():
                 server.data_dir.rename(aside)
-            if not (server.data_dir / "PG_VERSION").exists():
-                source.create_standby(server.data_dir, "drp_rejoined")
+            if not server.data_dir.exists():
+                # Into a scratch directory first: a copy cut short by a crash is ours to discard.
+                scratch = server.data_dir.with_name(f"{server.data_dir.name}.rejoin-{req.incident_id}")
+                if scratch.exists():
+                    shutil.rmtree(scratch)
+                source.create_standby(scratch, "drp_rejoined")
+                scratch.rename(server.data_dir)
             method = "pg_basebackup"
         server.start(wait=False)
         deadline = time.monotonic() + 300

@@ -35,3 +35,15 @@ def grown_stack(gb: float):
     finally:
         stack.down(log=lambda *_: None)
         shutil.rmtree(state, ignore_errors=True)
+
+
+def report_runs(runs: list[dict]) -> None:
+    """Each run's JSON line, then the median and worst total (approval excluded)."""
+    import json
+    import statistics
+
+    for run in runs:
+        print(json.dumps(run), flush=True)
+    totals = [r["total_excl_approval_s"] for r in runs]
+    print(json.dumps({"runs": len(runs), "median_total_excl_approval_s": statistics.median(totals),
+                      "max_total_excl_approval_s": max(totals)}, indent=2))

@@ -10,14 +10,13 @@ excluded; the target on this machine is under 10 s.
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
+from bench._stack import report_runs
 from models.approval import ApprovalRequest
 from models.failover import DatabaseFailoverInput
 from stack.stack import Stack
@@ -52,11 +51,7 @@ async def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     runs = [await one_run() for _ in range(args.runs)]
-    for run in runs:
-        print(json.dumps(run), flush=True)
-    totals = [r["total_excl_approval_s"] for r in runs]
-    print(json.dumps({"runs": len(runs), "median_total_excl_approval_s": statistics.median(totals),
-                      "max_total_excl_approval_s": max(totals)}, indent=2))
+    report_runs(runs)
 
 
 if __name__ == "__main__":

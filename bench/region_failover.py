@@ -11,10 +11,8 @@ run's result. The AWS and Kubernetes figures are emulator latencies, not AWS's.
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
-import statistics
 import tempfile
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +22,7 @@ import boto3
 import kmock
 from moto.moto_server.threaded_moto_server import ThreadedMotoServer
 
+from bench._stack import report_runs
 from models.approval import ApprovalRequest
 from models.region import RegionFailoverInput
 from stack.stack import Stack
@@ -96,11 +95,7 @@ async def main() -> None:
         runs = [await one_run(f"http://{host}:{port}") for _ in range(args.runs)]
     finally:
         server.stop()
-    for run in runs:
-        print(json.dumps(run), flush=True)
-    totals = [r["total_excl_approval_s"] for r in runs]
-    print(json.dumps({"runs": len(runs), "median_total_excl_approval_s": statistics.median(totals),
-                      "max_total_excl_approval_s": max(totals)}, indent=2))
+    report_runs(runs)
 
 
 if __name__ == "__main__":

@@ -180,3 +180,23 @@ async def test_region_failover_can_promote_the_self_managed_standby(pair, client
         assert not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
     assert record(world)[0]["AliasTarget"]["DNSName"].rstrip(".") == "backup-lb.us-west-2.elb.amazonaws.com"
     assert "starters.db_failback" in result.failback
+
+
+async def test_failback_rebuilds_from_a_base_backup_when_pg_rewind_cannot_and_keeps_the_old_directory(pair,
+                                                                                                      client):
+    """Runs after the region failover above (the standby serves). The old primary's pg_control is
+    made unreadable, so pg_rewind fails; the directory is moved aside, not deleted, and rebuilt."""
+    primary = pair.postgres()
+    control = primary.data_dir / "global" / "pg_control"
+    control.rename(control.with_name("pg_control.hidden"))  # pg_rewind refuses a cluster without it
+    async with running_worker(client, pair) as queue:
+        handle = await start_db_failback(client, DatabaseFailbackInput(incident_id=incident()), queue)
+        async with asyncio.timeout(180):
+            while not (await handle.query(DatabaseFailback.progress)).awaiting_approval:
+                await asyncio.sleep(0.1)
+        await handle.execute_update(DatabaseFailback.approve, ApprovalRequest(approver="dba", reason="home"))
+        result = await handle.result()
+    assert result.rejoined_old_primary.method == "pg_basebackup"
+    aside = Path(result.rejoined_old_primary.moved_aside)
+    assert (aside / "global" / "pg_control.hidden").exists()  # the old directory, intact, kept
+    assert result.write_check.served_by_port == primary.port
