@@ -22,6 +22,7 @@ from bench._stack import grown_stack
 from models.approval import ApprovalRequest
 from models.deletion import AccidentalDeletionInput
 from stack.stack import DATABASE, Stack
+from starters._start import wait_for_approval
 from starters.accidental_deletion import start_accidental_deletion
 from workers.temporal_client import connect
 from workflows.accidental_deletion import AccidentalDeletionRecovery
@@ -44,16 +45,10 @@ async def run(stack: Stack, companies: int) -> dict:
     handle = await start_accidental_deletion(client, AccidentalDeletionInput(
         incident_id=f"BENCH-DEL-{int(time.time())}", database=DATABASE, window_start=window_start,
         role="bench_analyst", lift_approval_timeout=timedelta(seconds=1)), stack.task_queue)
-    waited = 0.0
-    while True:
-        progress = await handle.query(AccidentalDeletionRecovery.progress)
-        if progress.awaiting_approval == "re-insert":
-            t = time.monotonic()
-            await handle.execute_update(AccidentalDeletionRecovery.approve,
-                                        ApprovalRequest(approver="bench", reason="benchmark"))
-            waited += time.monotonic() - t
-            break
-        await asyncio.sleep(0.02)
+    await wait_for_approval(handle, "re-insert", poll_seconds=0.02)
+    t = time.monotonic()
+    await handle.execute_update(AccidentalDeletionRecovery.approve, ApprovalRequest(approver="bench", reason="benchmark"))
+    waited = time.monotonic() - t
     result = await handle.result()
     steps = {s.name: round(s.duration.total_seconds(), 2) for s in result.steps}
     to_verified = sum(v for k, v in steps.items() if k not in ("approve re-insert", "tear down side instance",

@@ -20,6 +20,7 @@ from bench._stack import report_runs
 from models.approval import ApprovalRequest
 from models.failover import DatabaseFailoverInput
 from stack.stack import Stack
+from starters._start import wait_for_approval
 from starters.db_failover import start_db_failover
 from workers.temporal_client import connect
 from workflows.db_failover import DatabaseFailover
@@ -34,8 +35,7 @@ async def one_run() -> dict:
         client = await connect(stack.temporal_address)
         handle = await start_db_failover(client, DatabaseFailoverInput(incident_id=f"BENCH-FO-{int(time.time())}"),
                                          stack.task_queue)
-        while not (await handle.query(DatabaseFailover.progress)).awaiting_approval:
-            await asyncio.sleep(0.02)
+        await wait_for_approval(handle, poll_seconds=0.02)
         await handle.execute_update(DatabaseFailover.approve, ApprovalRequest(approver="bench", reason="bench"))
         result = await handle.result()
         steps = {s.name: round(s.duration.total_seconds(), 2) for s in result.steps}

@@ -26,6 +26,7 @@ from bench._stack import report_runs
 from models.approval import ApprovalRequest
 from models.region import RegionFailoverInput
 from stack.stack import Stack
+from starters._start import wait_for_approval
 from starters.region_failover import start_region_failover
 from tests.test_kubernetes_platform import fake_deployment_controller
 from tests.test_region_failover import NAME, NS, Health, deploy_backup
@@ -68,8 +69,7 @@ async def one_run(aws: str) -> dict:
                     handle = await start_region_failover(client, RegionFailoverInput(
                         incident_id=f"BENCH-RF-{uuid.uuid4().hex[:6]}", backup_region="us-west-2",
                         health_checks=1), stack.task_queue)
-                    while not (await handle.query(RegionFailover.progress)).awaiting_approval:
-                        await asyncio.sleep(0.02)
+                    await wait_for_approval(handle, poll_seconds=0.02)
                     await handle.execute_update(RegionFailover.approve,
                                                 ApprovalRequest(approver="bench", reason="bench"))
                     result = await handle.result()

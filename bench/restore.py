@@ -29,6 +29,7 @@ from models.approval import ApprovalRequest
 from models.db_corruption import DatabaseCorruptionInput
 from stack.corrupt import corrupt_table
 from stack.stack import DATABASE, Stack
+from starters._start import wait_for_approval
 from starters.db_corruption import start_db_corruption
 from workers.temporal_client import connect
 from workflows.db_corruption import DatabaseCorruptionRecovery
@@ -91,8 +92,7 @@ async def runbook(stack: Stack) -> dict:
     t0 = time.monotonic()
     handle = await start_db_corruption(client, DatabaseCorruptionInput(
         incident_id=f"BENCH-{int(time.time())}", database=DATABASE), stack.task_queue)
-    while not (await handle.query(DatabaseCorruptionRecovery.progress)).awaiting_approval:
-        await asyncio.sleep(0.05)
+    await wait_for_approval(handle, poll_seconds=0.02)
     t_wait = time.monotonic()
     await handle.execute_update(DatabaseCorruptionRecovery.approve,
                                 ApprovalRequest(approver="bench", reason="benchmark"))

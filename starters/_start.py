@@ -1,7 +1,9 @@
 """How every starter starts a runbook: business-key ID, no second run of a running
 incident (a failed one may be retried), search attributes and a summary for the Web UI."""
 
-from temporalio.client import Client, WorkflowHandle
+import asyncio
+
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.common import (
     SearchAttributePair,
     TypedSearchAttributes,
@@ -9,6 +11,7 @@ from temporalio.common import (
     WorkflowIDReusePolicy,
 )
 
+from workflows._steps import Progress
 from workflows.search_attributes import INCIDENT_ID, PROCEDURE, SEVERITY
 
 
@@ -23,3 +26,17 @@ async def start_runbook(client: Client, run, inp, *, workflow_id: str, procedure
             SearchAttributePair(SEVERITY, inp.severity.value)]),
         static_summary=summary,
     )
+
+
+async def wait_for_approval(handle: WorkflowHandle, step: str | None = None, poll_seconds: float = 0.1) -> str | None:
+    """Wait until a run asks for approval (of `step`, when given); None if the run ended first.
+
+    Every runbook answers the `progress` query, so this serves them all; callers bound it with
+    asyncio.timeout."""
+    while True:
+        progress = await handle.query("progress", result_type=Progress)
+        if progress.awaiting_approval and step in (None, progress.awaiting_approval):
+            return progress.awaiting_approval
+        if (await handle.describe()).status != WorkflowExecutionStatus.RUNNING:
+            return None
+        await asyncio.sleep(poll_seconds)

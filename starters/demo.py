@@ -5,7 +5,6 @@ starts the runbook, approves it as the drill's operator would, and prints the
 step timings, RTO and RPO, recovered row counts and the run's Web UI link.
 """
 
-import asyncio
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,6 +13,7 @@ from models.approval import ApprovalRequest
 from models.db_corruption import CorruptionRecoveryResult, DatabaseCorruptionInput
 from stack.corrupt import corrupt_table
 from stack.stack import DATABASE, Stack
+from starters._start import wait_for_approval
 from starters.db_corruption import start_db_corruption
 from workers.temporal_client import connect
 from workflows.db_corruption import DatabaseCorruptionRecovery
@@ -39,15 +39,9 @@ async def run_demo(stack: Stack) -> CorruptionRecoveryResult:
     ), stack.task_queue)
     print(f"\nwatch the run: {stack.ui_url}/namespaces/default/workflows/{handle.id}\n")
 
-    while True:
-        progress = await handle.query(DatabaseCorruptionRecovery.progress)
-        if progress.awaiting_approval:
-            break
-        if (await handle.describe()).status.name != "RUNNING":
-            break
-        await asyncio.sleep(0.5)
-    if progress.awaiting_approval:
-        print(f"assessment done; approving {progress.awaiting_approval!r} as the drill operator")
+    step = await wait_for_approval(handle)
+    if step:
+        print(f"assessment done; approving {step!r} as the drill operator")
         await handle.execute_update(DatabaseCorruptionRecovery.approve,
                                     ApprovalRequest(approver="drill-operator", reason="scheduled monthly restore drill"))
     result = await handle.result()

@@ -18,7 +18,9 @@ import pytest
 import pytest_asyncio
 from moto.moto_server.threaded_moto_server import ThreadedMotoServer
 
+from models.approval import ApprovalRecord, ApprovalRequest
 from stack.stack import DATABASE, Stack
+from starters._start import wait_for_approval
 from workers.main import build_worker
 from workers.settings import Settings
 from workers.temporal_client import connect
@@ -65,12 +67,16 @@ def row_counts(stack: Stack) -> dict[str, int]:
         return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
 
 
-async def wait_for_approval_gate(handle, timeout: float = 60) -> None:
-    from workflows.db_corruption import DatabaseCorruptionRecovery
-
+async def wait_for_approval_gate(handle, step: str | None = None, timeout: float = 120) -> None:
     async with asyncio.timeout(timeout):
-        while not (await handle.query(DatabaseCorruptionRecovery.progress)).awaiting_approval:
-            await asyncio.sleep(0.2)
+        assert await wait_for_approval(handle, step), "the run ended before it asked for approval"
+
+
+async def approve_when_asked(handle, step: str | None = None, approver: str = "test-operator",
+                             reason: str = "approved in the test suite"):
+    await wait_for_approval_gate(handle, step)
+    return await handle.execute_update("approve", ApprovalRequest(approver=approver, reason=reason),
+                                       result_type=ApprovalRecord)
 
 
 async def activity_attempts(handle, activity_type: str) -> list[int]:

@@ -17,9 +17,8 @@ from models.approval import ApprovalRequest
 from models.deletion import AccidentalDeletionInput
 from stack.stack import DATABASE
 from starters.accidental_deletion import api_key_fingerprint, start_accidental_deletion
-from tests.conftest import activity_attempts, running_worker
+from tests.conftest import activity_attempts, approve_when_asked, running_worker, wait_for_approval_gate
 from tests.test_crash_survival import spawn_worker, wait_for_activity
-from workflows.accidental_deletion import AccidentalDeletionRecovery
 
 ROLE = "analyst"
 LEAKED_KEY = "key-of-the-analyst-script"
@@ -76,13 +75,6 @@ class Writer(threading.Thread):
                 self.stop.wait(0.05)
 
 
-async def approve_when_pending(handle, step: str) -> None:
-    async with asyncio.timeout(120):
-        while (await handle.query(AccidentalDeletionRecovery.progress)).awaiting_approval != step:
-            await asyncio.sleep(0.2)
-    await handle.execute_update(AccidentalDeletionRecovery.approve, APPROVE)
-
-
 async def test_deleted_rows_come_back_and_nothing_written_since_is_lost(stack, client, analyst):
     sector, max_id = "Utilities", 120
     doomed = snapshot(stack, "companies", f"sector = '{sector}' AND id <= {max_id}")
@@ -104,17 +96,15 @@ async def test_deleted_rows_come_back_and_nothing_written_since_is_lost(stack, c
             handle = await start_accidental_deletion(client, AccidentalDeletionInput(
                 incident_id=inc, database=DATABASE, window_start=window_start, role=ROLE,
                 api_key_sha256=api_key_fingerprint(LEAKED_KEY), heartbeat_timeout=timedelta(seconds=10)), queue)
-            async with asyncio.timeout(120):
-                while (await handle.query(AccidentalDeletionRecovery.progress)).awaiting_approval != "re-insert":
-                    await asyncio.sleep(0.2)
+            await wait_for_approval_gate(handle, "re-insert")
             # Containment really blocks while the run waits.
             with pytest.raises(psycopg.errors.InsufficientPrivilege), psycopg.connect(**analyst) as conn:
                 conn.execute("DELETE FROM companies WHERE id = 2")
             blocked = httpx.get(f"{stack.app_url}/api/v1/companies?limit=1", headers={"X-API-Key": LEAKED_KEY})
             other = httpx.get(f"{stack.app_url}/api/v1/companies?limit=1", headers={"X-API-Key": "another-key"})
             assert blocked.status_code == 403 and other.status_code == 200
-            await approve_when_pending(handle, "re-insert")
-            await approve_when_pending(handle, "lift containment")
+            await approve_when_asked(handle, "re-insert", APPROVE.approver, APPROVE.reason)
+            await approve_when_asked(handle, "lift containment", APPROVE.approver, APPROVE.reason)
             result = await handle.result()
     finally:
         writer.stop.set()
@@ -157,7 +147,7 @@ async def test_run_survives_a_worker_killed_during_the_side_replay(stack, client
         first.kill()
         first.wait()
         second = spawn_worker(stack, queue, tmp_path / "w2.log")
-        await approve_when_pending(handle, "re-insert")
+        await approve_when_asked(handle, "re-insert", APPROVE.approver, APPROVE.reason)
         result = await asyncio.wait_for(handle.result(), timeout=180)
     finally:
         for proc in (first, second):
@@ -176,9 +166,7 @@ async def test_cancelled_run_leaves_no_side_instance_and_no_files(stack, client,
     async with running_worker(client, stack) as queue:
         handle = await start_accidental_deletion(client, AccidentalDeletionInput(
             incident_id=incident(), database=DATABASE, window_start=window_start, table="companies"), queue)
-        async with asyncio.timeout(120):
-            while (await handle.query(AccidentalDeletionRecovery.progress)).awaiting_approval != "re-insert":
-                await asyncio.sleep(0.2)
+        await wait_for_approval_gate(handle, "re-insert")
         assert [p for p in stack.pg_dir.iterdir() if ".side-" in p.name]  # the side instance is up now
         await handle.cancel()
         with pytest.raises(WorkflowFailureError):

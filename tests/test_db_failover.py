@@ -19,20 +19,16 @@ import psycopg
 import pytest
 from temporalio.client import WorkflowFailureError
 
-from models.approval import ApprovalRequest
 from models.failover import DatabaseFailbackInput, DatabaseFailoverInput
 from models.region import RegionFailoverInput
 from stack.stack import DATABASE, Stack
 from starters.db_failback import start_db_failback
 from starters.db_failover import start_db_failover
 from starters.region_failover import start_region_failover
-from tests.conftest import running_worker
+from tests.conftest import approve_when_asked, running_worker
 from tests.test_kubernetes_platform import fake_deployment_controller
 from tests.test_region_failover import BACKUP, NAME, NS, Health, deploy_backup, raw_settings, record, region_workers
 from workers.settings import Settings
-from workflows.db_failback import DatabaseFailback
-from workflows.db_failover import DatabaseFailover
-from workflows.region_failover import RegionFailover
 
 
 @pytest.fixture(scope="module")
@@ -103,10 +99,7 @@ async def test_failover_after_the_primary_crashes_loses_no_acknowledged_commit(p
     inc = incident()
     async with running_worker(client, pair) as queue:
         handle = await start_db_failover(client, DatabaseFailoverInput(incident_id=inc), queue)
-        async with asyncio.timeout(60):
-            while not (await handle.query(DatabaseFailover.progress)).awaiting_approval:
-                await asyncio.sleep(0.1)
-        await handle.execute_update(DatabaseFailover.approve, ApprovalRequest(approver="dba", reason="primary down"))
+        await approve_when_asked(handle, approver="dba", reason="primary down")
         result = await handle.result()
 
     assert not result.before.primary_reachable and result.fenced.final_lsn is None
@@ -132,10 +125,7 @@ async def test_failback_restores_the_topology_with_the_data_written_in_between(p
                       for _ in range(25)]
     async with running_worker(client, pair) as queue:
         handle = await start_db_failback(client, DatabaseFailbackInput(incident_id=incident()), queue)
-        async with asyncio.timeout(120):
-            while not (await handle.query(DatabaseFailback.progress)).awaiting_approval:
-                await asyncio.sleep(0.1)
-        await handle.execute_update(DatabaseFailback.approve, ApprovalRequest(approver="dba", reason="region back"))
+        await approve_when_asked(handle, approver="dba", reason="region back")
         result = await handle.result()
 
     assert result.rejoined_old_primary.method == "pg_rewind"
@@ -164,10 +154,7 @@ async def test_region_failover_can_promote_the_self_managed_standby(pair, client
         async with region_workers(client, Settings(**raw)) as queue:
             handle = await start_region_failover(client, RegionFailoverInput(
                 incident_id=incident(), backup_region=BACKUP, health_checks=1), queue)
-            async with asyncio.timeout(60):
-                while not (await handle.query(RegionFailover.progress)).awaiting_approval:
-                    await asyncio.sleep(0.1)
-            await handle.execute_update(RegionFailover.approve, ApprovalRequest(approver="ic", reason="region down"))
+            await approve_when_asked(handle, approver="ic", reason="region down")
             result = await handle.result()
     finally:
         stop.set()
@@ -191,10 +178,7 @@ async def test_failback_rebuilds_from_a_base_backup_when_pg_rewind_cannot_and_ke
     control.rename(control.with_name("pg_control.hidden"))  # pg_rewind refuses a cluster without it
     async with running_worker(client, pair) as queue:
         handle = await start_db_failback(client, DatabaseFailbackInput(incident_id=incident()), queue)
-        async with asyncio.timeout(180):
-            while not (await handle.query(DatabaseFailback.progress)).awaiting_approval:
-                await asyncio.sleep(0.1)
-        await handle.execute_update(DatabaseFailback.approve, ApprovalRequest(approver="dba", reason="home"))
+        await approve_when_asked(handle, approver="dba", reason="home")
         result = await handle.result()
     assert result.rejoined_old_primary.method == "pg_basebackup"
     aside = Path(result.rejoined_old_primary.moved_aside)

@@ -20,17 +20,14 @@ import pytest
 from kubernetes import client as k8s
 from temporalio.client import WorkflowFailureError
 
-from models.approval import ApprovalRequest
 from models.region import RegionFailbackInput, RegionFailoverInput
 from starters.region_failback import start_region_failback
 from starters.region_failover import start_region_failover
-from tests.conftest import CREDS, activity_attempts
+from tests.conftest import CREDS, activity_attempts, approve_when_asked, wait_for_approval_gate
 from tests.test_crash_survival import ROOT
 from tests.test_kubernetes_platform import api_client, fake_deployment_controller
 from workers.main import build_worker
 from workers.settings import Settings
-from workflows.region_failback import RegionFailback
-from workflows.region_failover import RegionFailover
 
 BACKUP = "us-west-2"
 NS, NAME = "corporate-intel", "corporate-intel-api"
@@ -199,11 +196,9 @@ async def test_failover_to_the_backup_region(stack, client, aws, world, kmock):
             handle = await start_region_failover(client, RegionFailoverInput(
                 incident_id=f"RF-{world['tag']}", backup_region=BACKUP, health_checks=2,
                 health_check_spacing=timedelta(milliseconds=100)), queue)
-            async with asyncio.timeout(60):
-                while not (await handle.query(RegionFailover.progress)).awaiting_approval:
-                    await asyncio.sleep(0.1)
+            await wait_for_approval_gate(handle)
             assert not record(world)  # nothing changed before the approval
-            await handle.execute_update(RegionFailover.approve, ApprovalRequest(approver="ic", reason="us-east-1 down"))
+            await approve_when_asked(handle, approver="ic", reason="us-east-1 down")
             result = await handle.result()
     finally:
         stop.set()
@@ -257,7 +252,7 @@ async def test_the_api_record_can_be_a_plain_a_record(stack, client, aws, world,
         async with region_workers(client, Settings(**raw)) as queue:
             handle = await start_region_failover(client, RegionFailoverInput(
                 incident_id=f"RA-{world['tag']}", backup_region=BACKUP, health_checks=1), queue)
-            await approve_when_asked(handle, RegionFailover)
+            await approve_when_asked(handle, approver="ic", reason="go")
             await handle.result()
     finally:
         stop.set()
@@ -315,12 +310,12 @@ async def test_failback_brings_traffic_home(stack, client, aws, world, kmock):
                 inc = f"RB-{world['tag']}"
                 failover = await start_region_failover(client, RegionFailoverInput(
                     incident_id=inc, backup_region=BACKUP, health_checks=1), queue)
-                await approve_when_asked(failover, RegionFailover)
+                await approve_when_asked(failover, approver="ic", reason="go")
                 assert "starters.region_failback" in (await failover.result()).failback
                 primary.status = 200  # the primary region is back
                 failback = await start_region_failback(client, RegionFailbackInput(
                     incident_id=inc, serving_region=BACKUP), queue)
-                await approve_when_asked(failback, RegionFailback)
+                await approve_when_asked(failback, approver="ic", reason="go")
                 result = await failback.result()
         finally:
             stop.set()
@@ -336,13 +331,6 @@ async def test_failback_brings_traffic_home(stack, client, aws, world, kmock):
     assert away.spec.replicas == 0
     east = boto3.client("rds", region_name="us-east-1", endpoint_url=aws, **CREDS)
     assert east.describe_db_instances(DBInstanceIdentifier=result.replica.replica_id)["DBInstances"]
-
-
-async def approve_when_asked(handle, workflow_cls) -> None:
-    async with asyncio.timeout(60):
-        while not (await handle.query(workflow_cls.progress)).awaiting_approval:
-            await asyncio.sleep(0.1)
-    await handle.execute_update(workflow_cls.approve, ApprovalRequest(approver="ic", reason="go"))
 
 
 async def test_failover_survives_a_killed_backup_worker_and_a_server_restart(stack, client, aws, world, kmock,
@@ -373,7 +361,7 @@ async def test_failover_survives_a_killed_backup_worker_and_a_server_restart(sta
                 handle = await start_region_failover(client, RegionFailoverInput(
                     incident_id=f"RK-{world['tag']}", backup_region=BACKUP, health_checks=1,
                     heartbeat_timeout=timedelta(seconds=3)), queue)
-                await approve_when_asked(handle, RegionFailover)
+                await approve_when_asked(handle, approver="ic", reason="go")
                 async with asyncio.timeout(60):
                     while not await completed(handle, "promote_rds_replica"):
                         await asyncio.sleep(0.05)
@@ -439,7 +427,6 @@ async def test_database_failover_to_an_rds_replica(stack, client, aws, world, km
     Deployment repointed at its endpoint and restarted, a write verified through the app."""
     from models.failover import DatabaseFailoverInput
     from starters.db_failover import start_db_failover
-    from workflows.db_failover import DatabaseFailover
 
     app = FakeApp()
     await deploy_backup(kmock, replicas=2)
@@ -458,7 +445,7 @@ async def test_database_failover_to_an_rds_replica(stack, client, aws, world, km
                 handle = await start_db_failover(client, DatabaseFailoverInput(
                     incident_id=f"RDS-{uuid.uuid4().hex[:6]}"), raw["task_queue"])
                 if outcome == "promoted":
-                    await approve_when_asked(handle, DatabaseFailover)
+                    await approve_when_asked(handle, approver="ic", reason="go")
                     result = await handle.result()
                 else:
                     with pytest.raises(WorkflowFailureError) as failed:
