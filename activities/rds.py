@@ -10,8 +10,8 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.region import promote_read_replica, replica_lag_seconds
+from models.config import RdsSettings
 from models.failover import LagCheck, Promoted, StandbyStatus
-from workers.settings import RdsSettings
 
 
 class RdsActivities:

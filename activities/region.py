@@ -13,6 +13,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.platforms import KubernetesPlatform
+from models.config import FailoverSettings
 from models.region import (
     DnsSwitched,
     FailbackPlan,
@@ -26,7 +27,6 @@ from models.region import (
     RegionPlan,
     RegionRequest,
 )
-from workers.settings import FailoverSettings
 
 
 class RegionActivities:

@@ -24,9 +24,10 @@ from activities.postgres import PostgresActivities
 from activities.rds import RdsActivities
 from activities.region import RegionActivities
 from activities.replication import ReplicationActivities
+from models.config import KubernetesPlatformSettings
 from models.playbook import load_playbook
 from workers.logging import LoggingInterceptor, configure_logging
-from workers.settings import KubernetesPlatformSettings, PlatformSettings, Settings
+from workers.settings import PlatformSettings, Settings
 from workers.temporal_client import connect
 from workflows.accidental_deletion import AccidentalDeletionRecovery
 from workflows.db_corruption import DatabaseCorruptionRecovery
