@@ -52,11 +52,13 @@ class ProcessTable:
         return self.run_dir / f"{name}.pid"
 
     def pid(self, name: str) -> int | None:
+        """The recorded process if it still runs: its start time must match, so a PID the
+        kernel reused for another process is never signalled."""
         try:
-            pid = int(self.pidfile(name).read_text().strip())
+            pid, started = self.pidfile(name).read_text().split()
         except (OSError, ValueError):
             return None
-        return pid if pid_alive(pid) else None
+        return int(pid) if pid_alive(int(pid)) and _start_time(int(pid)) == started else None
 
     def spawn(self, name: str, argv: list[str], log: Path, env: dict[str, str] | None = None,
               cwd: Path | None = None) -> int:
@@ -69,7 +71,7 @@ class ProcessTable:
         with open(log, "ab") as out:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env=env, cwd=cwd, start_new_session=True)
-        self.pidfile(name).write_text(f"{proc.pid}\n")
+        self.pidfile(name).write_text(f"{proc.pid} {_start_time(proc.pid)}\n")
         return proc.pid
 
     def stop(self, name: str, timeout: float = 20) -> bool:
@@ -92,3 +94,11 @@ class ProcessTable:
                 pass
         self.pidfile(name).unlink(missing_ok=True)
         return True
+
+
+def _start_time(pid: int) -> str:
+    """Field 22 of /proc/PID/stat: when the process started, in clock ticks since boot."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "gone"

@@ -60,7 +60,7 @@ def test_cli_installs_the_audit_log_idempotently(stack):
 
 def test_cli_status_and_operator_mistakes(stack):
     status = drp("--state-dir", str(stack.state_dir), "stack", "status")
-    assert status.returncode == 0 and stack.ui_url in status.stdout
+    assert status.returncode == 0 and stack.ui_url in status.stdout, status.stderr[-2000:]
     empty = drp("--state-dir", str(stack.state_dir), "approve", "INC-1", "--by", "alice", "--reason", " ")
     assert empty.returncode == 2 and "reason must not be empty" in empty.stderr
     unknown = drp("--state-dir", str(stack.state_dir), "approve", "NO-SUCH-INCIDENT", "--by", "a", "--reason", "b")
