@@ -12,6 +12,7 @@ from botocore.exceptions import ClientError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities import statuspage
 from activities.platforms import KubernetesPlatform
 from models.config import FailoverSettings
 from models.region import (
@@ -186,8 +187,8 @@ class RegionActivities:
                 TopicArn=self.config.sns_topic_arn, Subject=f"FAILOVER COMPLETED: now serving from {req.region}",
                 Message=f"Incident {req.incident_id}: traffic now routed to {req.region}.")["MessageId"]
         if self.config.status_page_url and self.config.status_page_token:
-            status_page_id = _status_page_incident(
-                self.http, self.config.status_page_url.rstrip("/"), self.config.status_page_token.get_secret_value(),
+            status_page_id = statuspage.open_or_update(
+                self.http, self.config.status_page_url, self.config.status_page_token.get_secret_value(),
                 req.incident_id, f"Service failover to {req.region}",
                 f"We have failed over to our infrastructure in {req.region}. Service is restored.")
         if message_id is None and status_page_id is None:
@@ -221,20 +222,6 @@ def replica_lag_seconds(cloudwatch, replica_id: str) -> float | None:
         StartTime=time.time() - 600, EndTime=time.time() + 60)
     points = sorted(stats.get("Datapoints", []), key=lambda p: p["Timestamp"])
     return points[-1]["Maximum"] if points else None
-
-
-def _status_page_incident(http: httpx.Client, base: str, token: str, incident_id: str, name: str, body: str) -> str:
-    """Open the status page incident for this drp incident, or update it if a retry finds it open.
-    Statuspage's API: GET /incidents/unresolved, POST /incidents, PATCH /incidents/<id>."""
-    headers = {"Authorization": f"OAuth {token}"}
-    found = [i for i in http.get(f"{base}/incidents/unresolved", headers=headers).raise_for_status().json()
-             if incident_id in i.get("name", "")]
-    payload = {"incident": {"name": f"{name} [{incident_id}]", "status": "identified", "body": body}}
-    if found:
-        resp = http.patch(f"{base}/incidents/{found[0]['id']}", headers=headers, json=payload)
-    else:
-        resp = http.post(f"{base}/incidents", headers=headers, json=payload)
-    return resp.raise_for_status().json()["id"]
 
 
 def _bad(kind: str, message: str) -> ApplicationError:

@@ -47,7 +47,7 @@ async def run(stack: Stack, companies: int) -> dict:
         role="bench_analyst", lift_approval_timeout=timedelta(seconds=1)), stack.task_queue)
     await wait_for_approval(handle, "re-insert", poll_seconds=0.02)
     t = time.monotonic()
-    await handle.execute_update(AccidentalDeletionRecovery.approve, ApprovalRequest(approver="bench", reason="benchmark"))
+    await handle.execute_update(AccidentalDeletionRecovery.approve, ApprovalRequest(approver="alice", reason="benchmark"))
     waited = time.monotonic() - t
     result = await handle.result()
     steps = {s.name: round(s.duration.total_seconds(), 2) for s in result.steps}

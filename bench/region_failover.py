@@ -71,7 +71,7 @@ async def one_run(aws: str) -> dict:
                         health_checks=1), stack.task_queue)
                     await wait_for_approval(handle, poll_seconds=0.02)
                     await handle.execute_update(RegionFailover.approve,
-                                                ApprovalRequest(approver="bench", reason="bench"))
+                                                ApprovalRequest(approver="alice", reason="bench"))
                     result = await handle.result()
             stop.set()
             await controller

@@ -95,7 +95,7 @@ async def runbook(stack: Stack) -> dict:
     await wait_for_approval(handle, poll_seconds=0.02)
     t_wait = time.monotonic()
     await handle.execute_update(DatabaseCorruptionRecovery.approve,
-                                ApprovalRequest(approver="bench", reason="benchmark"))
+                                ApprovalRequest(approver="alice", reason="benchmark"))
     approval_wait = time.monotonic() - t_wait
     result = await handle.result()
     wall = time.monotonic() - t0 - approval_wait

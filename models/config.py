@@ -64,3 +64,37 @@ class RdsSettings(BaseModel):
     replica_id: str
     max_lag_seconds: float = 60
     aws_endpoint_url: str | None = None  # moto in tests
+
+
+class NotifySettings(BaseModel):
+    """Where the playbook's channel kinds deliver. Unset kinds refuse to send (ChannelNotConfigured)."""
+
+    slack_webhook_url: SecretStr | None = None  # a Slack incoming webhook: the URL is the credential
+    smtp_host: str | None = None
+    smtp_port: int = 25
+    smtp_starttls: bool = False
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    email_from: str = "drp@corporate-intel.example"
+    sns_topic_arn: str | None = None
+    sns_region: str = "us-east-1"
+    aws_endpoint_url: str | None = None  # moto in tests
+    status_page_api: str | None = None  # Atlassian Statuspage-compatible: https://api.statuspage.io/v1/pages/<page_id>
+    status_page_token: SecretStr | None = None
+    status_page_public_url: str = "https://status.corporate-intel.com"  # what customers are told to watch
+    ledger_ttl_days: int = 30
+
+
+class AlertReceiverSettings(BaseModel):
+    """`drp alerts serve`: Alertmanager authenticates with a bearer token; other senders may sign with HMAC."""
+
+    host: str = "127.0.0.1"
+    port: int = 9095
+    bearer_token: SecretStr | None = None
+    hmac_secret: SecretStr | None = None  # X-DRP-Signature: sha256=<hex HMAC-SHA256 of the body>
+
+    @model_validator(mode="after")
+    def _some_authentication(self) -> "AlertReceiverSettings":
+        if self.bearer_token is None and self.hmac_secret is None:
+            raise ValueError("alerts: set bearer_token or hmac_secret; the receiver never runs unauthenticated")
+        return self

@@ -30,7 +30,7 @@ AUDITED_TABLES = ("public.companies", "public.filings", "public.metrics")
 STANDBY_NAME = "drp_standby"
 APP_ROLE = "app_user"
 BUCKET = "drp-backups"
-SEARCH_ATTRIBUTES = ("IncidentId", "Procedure", "Severity")
+SEARCH_ATTRIBUTES = ("IncidentId", "Procedure", "Severity", "Status")
 DUMMY_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 

@@ -5,6 +5,11 @@
     drp worker                    run a worker (settings from the environment)
     drp start db-corruption ...   start a runbook (also: deletion, failover, failback)
     drp approve INCIDENT ...      approve (or --reject) the pending step of a run
+    drp incident open ...         open an incident (classified, runbook started, people informed)
+    drp incident status|resolve|severity INCIDENT ...
+    drp ack INCIDENT --by NAME    acknowledge the page: stops re-paging the current level
+    drp report INCIDENT           print the post-incident report
+    drp alerts serve              receive Alertmanager webhooks
     drp playbook check [FILE]     validate a playbook file
     drp audit install             install the audit log the deletion runbook reads
 """
@@ -18,12 +23,14 @@ from pathlib import Path
 
 from pydantic import ValidationError
 from temporalio.client import WorkflowUpdateFailedError
+from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from models.approval import ApprovalRequest
 from models.db_corruption import DatabaseCorruptionInput
 from models.deletion import AccidentalDeletionInput
 from models.failover import DatabaseFailbackInput, DatabaseFailoverInput
+from models.incident import AckRequest, IncidentInput, IncidentStatus, ResolveRequest, SeverityChange
 from models.playbook import PlaybookError, load_playbook
 from workflows.accidental_deletion import workflow_id as deletion_id
 from workflows.db_corruption import workflow_id as db_corruption_id
@@ -56,6 +63,21 @@ def _temporal_target(args) -> tuple[str, str]:
         address, queue = address or saved["temporal_address"], queue or saved["task_queue"]
     return (getattr(args, "temporal", None) or address or "127.0.0.1:7233",
             getattr(args, "task_queue", None) or queue or "drp-recovery")
+
+
+def _settings(args):
+    """Worker settings: the environment (DRP_SETTINGS_FILE, DRP_*), else the local stack's settings file."""
+    from stack.stack import default_state_dir
+    from workers.settings import Settings
+
+    stack_file = Path(args.state_dir or default_state_dir()) / "settings.json"
+    if "DRP_SETTINGS_FILE" not in os.environ and stack_file.exists():
+        os.environ["DRP_SETTINGS_FILE"] = str(stack_file)
+    try:
+        return Settings()
+    except ValidationError as err:
+        raise CliError(f"worker settings incomplete: {_errors(err)} (set DRP_SETTINGS_FILE or DRP_* variables)") \
+            from err
 
 
 def cmd_stack(args) -> None:
@@ -132,6 +154,103 @@ async def cmd_approve(args) -> None:
     raise CliError(f"no recovery run found for incident {args.incident!r}")
 
 
+async def cmd_incident(args) -> None:
+    from starters.incident import next_incident_id, open_incident
+    from workers.temporal_client import connect
+
+    address, queue = _temporal_target(args)
+    client = await connect(address)
+    if args.action == "open":
+        raw = {"title": args.title, "severity": args.severity, "procedure": args.procedure,
+               "runbook_input": json.loads(args.input) if args.input else {},
+               "labels": dict(kv.split("=", 1) for kv in args.label), "services": args.service,
+               "opened_by": args.by}
+        incident_id = args.incident or await next_incident_id(client)
+        try:
+            inp = IncidentInput.model_validate({"incident_id": incident_id, **{k: v for k, v in raw.items() if v}})
+        except ValidationError as err:
+            raise CliError(f"invalid incident: {_errors(err)}") from err
+        try:
+            await open_incident(client, inp, queue)
+        except WorkflowAlreadyStartedError as err:
+            raise CliError(f"incident {incident_id} already exists; pick another --incident") from err
+        print(f"opened {incident_id}")
+        return
+    if not args.incident:
+        raise CliError(f"incident {args.action} needs the incident ID")
+    handle = client.get_workflow_handle(args.incident)
+    if args.action == "status":
+        status = await _call(handle.query, "status", result_type=IncidentStatus)
+        print(f"{status.incident_id} {status.severity.value if status.severity else '?'} {status.status} "
+              f"level {status.level} (acked {status.acknowledged_level})  {status.title}")
+        for e in status.timeline:
+            print(f"  {e.at:%Y-%m-%d %H:%M:%S}  {e.kind:<10} {e.text}")
+        return
+    if args.action == "resolve":
+        req = _validated(ResolveRequest, by=args.by, reason=args.reason)
+        print(f"{args.incident}: {await _call(handle.execute_update, 'resolve', req)} by {req.by}")
+        return
+    change = _validated(SeverityChange, severity=args.severity, by=args.by, reason=args.reason)
+    await _call(handle.execute_update, "set_severity", change)
+    print(f"{args.incident}: now {change.severity.value}")
+
+
+async def cmd_ack(args) -> None:
+    from workers.temporal_client import connect
+
+    req = _validated(AckRequest, by=args.by, note=args.note or "")
+    address, _ = _temporal_target(args)
+    handle = (await connect(address)).get_workflow_handle(args.incident)
+    record = await _call(handle.execute_update, "acknowledge", req)
+    print(f"{args.incident}: level {record['level']} acknowledged by {record['by']}")
+
+
+def cmd_report(args) -> None:
+    from activities.report import read_report
+    from workers.main import build_s3
+
+    settings = _settings(args)
+    markdown = read_report(build_s3(settings), settings.reports_destination, args.incident)
+    if markdown is None:
+        raise CliError(f"no report for {args.incident} in {settings.reports_destination}: it is written when the "
+                       "incident is resolved (`drp incident status` shows where it stands)")
+    print(markdown, end="")
+
+
+async def cmd_alerts(args) -> None:
+    from starters.alerts import serve
+    from workers.temporal_client import connect
+
+    settings = _settings(args)
+    if settings.alerts is None:
+        raise CliError("set alerts.bearer_token or alerts.hmac_secret (DRP_ALERTS__BEARER_TOKEN): "
+                       "the receiver never runs unauthenticated")
+    runner = await serve(await connect(settings.temporal_address, settings.temporal_namespace), settings.alerts,
+                         settings.task_queue)
+    print(f"receiving Alertmanager webhooks on http://{settings.alerts.host}:{settings.alerts.port}/alerts")
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+def _validated(model, **fields):
+    try:
+        return model(**fields)
+    except ValidationError as err:
+        raise CliError(f"refused: {_errors(err)}") from err
+
+
+async def _call(method, *args, **kwargs):
+    """One Temporal call; a refusal or a missing incident becomes one clear line."""
+    try:
+        return await method(*args, **kwargs)
+    except WorkflowUpdateFailedError as err:
+        raise CliError(f"refused: {err.cause}") from err
+    except RPCError as err:
+        raise CliError(f"{err.message}") from err
+
+
 def cmd_playbook(args) -> None:
     try:
         playbook = load_playbook(args.file)
@@ -197,6 +316,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reject", action="store_true")
     p.add_argument("--temporal")
     p.set_defaults(func=cmd_approve)
+
+    p = sub.add_parser("incident", help="open an incident, or show, resolve or re-classify one")
+    p.add_argument("action", choices=["open", "status", "resolve", "severity"])
+    p.add_argument("incident", nargs="?", help="the incident ID (open: default INC-<today>-<next number>)")
+    p.add_argument("--title", help="open: what is happening")
+    p.add_argument("--severity", help="open: P0-P3 instead of the playbook's rules; severity: the new one")
+    p.add_argument("--procedure", help="open: the runbook (a playbook procedure), or none")
+    p.add_argument("--input", help="open: the runbook's input as JSON, e.g. '{\"database\": \"corporate_intel\"}'")
+    p.add_argument("--label", action="append", default=[], help="open: an alert label key=value (repeatable)")
+    p.add_argument("--service", action="append", default=[], help="open: an affected service (repeatable)")
+    p.add_argument("--by", default=os.environ.get("USER", "operator"))
+    p.add_argument("--reason")
+    p.add_argument("--temporal")
+    p.add_argument("--task-queue")
+    p.set_defaults(func=cmd_incident)
+
+    p = sub.add_parser("ack", help="acknowledge an incident's page")
+    p.add_argument("incident")
+    p.add_argument("--by", required=True)
+    p.add_argument("--note")
+    p.add_argument("--temporal")
+    p.set_defaults(func=cmd_ack)
+
+    p = sub.add_parser("report", help="print an incident's post-incident report")
+    p.add_argument("incident")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("alerts", help="the Alertmanager webhook receiver")
+    p.add_argument("action", choices=["serve"])
+    p.set_defaults(func=cmd_alerts)
 
     p = sub.add_parser("audit", help="the audit log")
     p.add_argument("action", choices=["install"])

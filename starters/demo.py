@@ -43,7 +43,7 @@ async def run_demo(stack: Stack) -> CorruptionRecoveryResult:
     if step:
         print(f"assessment done; approving {step!r} as the drill operator")
         await handle.execute_update(DatabaseCorruptionRecovery.approve,
-                                    ApprovalRequest(approver="drill-operator", reason="scheduled monthly restore drill"))
+                                    ApprovalRequest(approver="alice", reason="scheduled monthly restore drill"))
     result = await handle.result()
     print_result(result)
     print(f"\nWeb UI: {stack.ui_url}/namespaces/default/workflows/{handle.id}")

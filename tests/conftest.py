@@ -54,11 +54,13 @@ def worker_settings(stack: Stack, task_queue: str, backup: dict | None = None) -
 
 
 @contextlib.asynccontextmanager
-async def running_worker(client, stack: Stack, backup: dict | None = None):
-    """An in-process worker on a fresh task queue (backup settings overridable); yields the queue name."""
+async def running_worker(client, stack: Stack, backup: dict | None = None, settings=None):
+    """An in-process worker on a fresh task queue; yields the queue name. `backup` overrides backup
+    settings; `settings(queue)`, when given, builds the whole Settings instead."""
     queue = f"test-{uuid.uuid4().hex[:10]}"
     with ThreadPoolExecutor(max_workers=8) as executor:
-        async with build_worker(client, worker_settings(stack, queue, backup), executor):
+        async with build_worker(client, settings(queue) if settings else worker_settings(stack, queue, backup),
+                                executor):
             yield queue
 
 
@@ -72,7 +74,7 @@ async def wait_for_approval_gate(handle, step: str | None = None, timeout: float
         assert await wait_for_approval(handle, step), "the run ended before it asked for approval"
 
 
-async def approve_when_asked(handle, step: str | None = None, approver: str = "test-operator",
+async def approve_when_asked(handle, step: str | None = None, approver: str = "alice",
                              reason: str = "approved in the test suite"):
     await wait_for_approval_gate(handle, step)
     return await handle.execute_update("approve", ApprovalRequest(approver=approver, reason=reason),

@@ -22,7 +22,7 @@ from tests.test_crash_survival import spawn_worker, wait_for_activity
 
 ROLE = "analyst"
 LEAKED_KEY = "key-of-the-analyst-script"
-APPROVE = ApprovalRequest(approver="dba-on-call", reason="rows verified against the CSV evidence")
+APPROVE = ApprovalRequest(approver="bob", reason="rows verified against the CSV evidence")
 
 
 def incident() -> str:

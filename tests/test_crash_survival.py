@@ -51,7 +51,7 @@ async def test_worker_killed_during_restore_is_replaced_and_nothing_is_restored_
             incident_id=inc, database=DATABASE, heartbeat_timeout=timedelta(seconds=3)), queue)
         await wait_for_approval_gate(handle)
         await handle.execute_update(DatabaseCorruptionRecovery.approve,
-                                    ApprovalRequest(approver="test", reason="crash drill"))
+                                    ApprovalRequest(approver="alice", reason="crash drill"))
         await wait_for_activity(handle, "restore_base_backup")
         async with asyncio.timeout(30):
             while not restore_pid.exists():  # the restore child is running
@@ -94,7 +94,7 @@ async def test_run_waiting_for_approval_survives_a_temporal_server_restart(stack
                     await asyncio.sleep(0.5)
         assert progress.awaiting_approval == "restore"
         await handle.execute_update(DatabaseCorruptionRecovery.approve,
-                                    ApprovalRequest(approver="test", reason="after a server restart"))
+                                    ApprovalRequest(approver="alice", reason="after a server restart"))
         result = await asyncio.wait_for(handle.result(), timeout=120)
     assert result.outcome == "recovered"
     assert {t: result.recovered_row_counts[t] for t in before} == before

@@ -19,7 +19,7 @@ from tests.conftest import row_counts, running_worker, wait_for_approval_gate
 from workflows.db_corruption import DatabaseCorruptionRecovery
 from workflows.search_attributes import INCIDENT_ID, PROCEDURE, SEVERITY
 
-APPROVE = ApprovalRequest(approver="test-operator", reason="restore drill in the test suite")
+APPROVE = ApprovalRequest(approver="alice", reason="restore drill in the test suite")
 
 
 def incident() -> str:
@@ -54,7 +54,7 @@ async def test_corruption_on_disk_is_recovered_with_every_committed_row(stack, c
         metadata = await handle.query("__temporal_workflow_metadata", result_type=WorkflowMetadata)
         assert "approve" in metadata.current_details and "companies" in metadata.current_details
         record = await handle.execute_update(DatabaseCorruptionRecovery.approve, APPROVE)
-        assert record.approver == "test-operator"
+        assert record.approver == "alice"
         result = await handle.result()
 
     assert result.outcome == "recovered"
@@ -97,6 +97,9 @@ async def test_approval_validation_and_timeout_leave_everything_as_it_was(stack,
         with pytest.raises(WorkflowUpdateFailedError) as refused:
             await handle.execute_update("approve", {"approver": "alice", "reason": "   "})
         assert "reason must not be empty" in str(refused.value.cause)
+        with pytest.raises(WorkflowUpdateFailedError) as outsider:  # carol is on call: not on the P0 roster
+            await handle.execute_update("approve", {"approver": "carol", "reason": "I am on call"})
+        assert "not on the roster" in str(outsider.value.cause) and "alice, bob, frank" in str(outsider.value.cause)
         with pytest.raises(WorkflowFailureError) as failed:
             await handle.result()
         assert failed.value.cause.type == "ApprovalTimeout"

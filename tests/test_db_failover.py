@@ -99,7 +99,7 @@ async def test_failover_after_the_primary_crashes_loses_no_acknowledged_commit(p
     inc = incident()
     async with running_worker(client, pair) as queue:
         handle = await start_db_failover(client, DatabaseFailoverInput(incident_id=inc), queue)
-        await approve_when_asked(handle, approver="dba", reason="primary down")
+        await approve_when_asked(handle, approver="bob", reason="primary down")
         result = await handle.result()
 
     assert not result.before.primary_reachable and result.fenced.final_lsn is None
@@ -125,7 +125,7 @@ async def test_failback_restores_the_topology_with_the_data_written_in_between(p
                       for _ in range(25)]
     async with running_worker(client, pair) as queue:
         handle = await start_db_failback(client, DatabaseFailbackInput(incident_id=incident()), queue)
-        await approve_when_asked(handle, approver="dba", reason="region back")
+        await approve_when_asked(handle, approver="bob", reason="region back")
         result = await handle.result()
 
     assert result.rejoined_old_primary.method == "pg_rewind"
@@ -154,7 +154,7 @@ async def test_region_failover_can_promote_the_self_managed_standby(pair, client
         async with region_workers(client, Settings(**raw)) as queue:
             handle = await start_region_failover(client, RegionFailoverInput(
                 incident_id=incident(), backup_region=BACKUP, health_checks=1), queue)
-            await approve_when_asked(handle, approver="ic", reason="region down")
+            await approve_when_asked(handle, approver="alice", reason="region down")
             result = await handle.result()
     finally:
         stop.set()
@@ -178,7 +178,7 @@ async def test_failback_rebuilds_from_a_base_backup_when_pg_rewind_cannot_and_ke
     control.rename(control.with_name("pg_control.hidden"))  # pg_rewind refuses a cluster without it
     async with running_worker(client, pair) as queue:
         handle = await start_db_failback(client, DatabaseFailbackInput(incident_id=incident()), queue)
-        await approve_when_asked(handle, approver="dba", reason="home")
+        await approve_when_asked(handle, approver="bob", reason="home")
         result = await handle.result()
     assert result.rejoined_old_primary.method == "pg_basebackup"
     aside = Path(result.rejoined_old_primary.moved_aside)

@@ -20,10 +20,12 @@ import pytest
 from kubernetes import client as k8s
 from temporalio.client import WorkflowFailureError
 
+from activities import statuspage
 from models.region import RegionFailbackInput, RegionFailoverInput
 from starters.region_failback import start_region_failback
 from starters.region_failover import start_region_failover
 from tests.conftest import CREDS, activity_attempts, approve_when_asked, wait_for_approval_gate
+from tests.fakes import FakeStatuspage
 from tests.test_crash_survival import ROOT
 from tests.test_kubernetes_platform import api_client, fake_deployment_controller
 from workers.main import build_worker
@@ -54,68 +56,6 @@ class Health:
 
     def close(self):
         self.server.shutdown()
-
-
-class FakeStatuspage:
-    """FAKE Atlassian Statuspage API (a SaaS; nothing real runs here): the three calls drp makes,
-    with the auth header and body shape the real API requires."""
-
-    TOKEN = "statuspage-token"
-
-    def __init__(self):
-        self.incidents: dict[str, dict] = {}
-        self.calls: list[str] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _reply(self, code: int, body) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _authorized(self) -> bool:
-                if self.headers.get("Authorization") != f"OAuth {outer.TOKEN}":
-                    self._reply(401, {"error": "unauthorized"})
-                    return False
-                return True
-
-            def _incident_body(self) -> dict | None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                incident = body.get("incident", {})
-                if not {"name", "status", "body"} <= set(incident) or incident["status"] not in (
-                        "investigating", "identified", "monitoring", "resolved"):
-                    self._reply(422, {"error": "invalid incident"})
-                    return None
-                return incident
-
-            def do_GET(self):  # noqa: N802
-                outer.calls.append(f"GET {self.path}")
-                if self._authorized():
-                    self._reply(200, [i for i in outer.incidents.values() if i["status"] != "resolved"])
-
-            def do_POST(self):  # noqa: N802
-                outer.calls.append(f"POST {self.path}")
-                if self._authorized() and (incident := self._incident_body()) is not None:
-                    incident["id"] = f"inc{len(outer.incidents) + 1}"
-                    outer.incidents[incident["id"]] = incident
-                    self._reply(201, incident)
-
-            def do_PATCH(self):  # noqa: N802
-                outer.calls.append(f"PATCH {self.path}")
-                if self._authorized() and (incident := self._incident_body()) is not None:
-                    key = self.path.rsplit("/", 1)[-1]
-                    outer.incidents[key].update(incident)
-                    self._reply(200, outer.incidents[key])
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_port}/v1/pages/page1"
 
 
 def replica_lag(world, seconds: float) -> None:
@@ -198,7 +138,7 @@ async def test_failover_to_the_backup_region(stack, client, aws, world, kmock):
                 health_check_spacing=timedelta(milliseconds=100)), queue)
             await wait_for_approval_gate(handle)
             assert not record(world)  # nothing changed before the approval
-            await approve_when_asked(handle, approver="ic", reason="us-east-1 down")
+            await approve_when_asked(handle, approver="alice", reason="us-east-1 down")
             result = await handle.result()
     finally:
         stop.set()
@@ -227,16 +167,15 @@ async def test_failover_to_the_backup_region(stack, client, aws, world, kmock):
 
 
 def test_status_page_incident_is_opened_once_and_updated_on_a_retry():
-    from activities.region import _status_page_incident
-
     page = FakeStatuspage()
     with httpx.Client() as http:
-        first = _status_page_incident(http, page.url, page.TOKEN, "INC-9", "Failover", "serving from us-west-2")
-        again = _status_page_incident(http, page.url, page.TOKEN, "INC-9", "Failover", "still serving")
+        first = statuspage.open_or_update(http, page.url, page.TOKEN, "INC-9", "Failover", "serving from us-west-2")
+        statuspage.open_or_update(http, page.url, page.TOKEN, "INC-90", "Other", "an incident named alike")
+        again = statuspage.open_or_update(http, page.url, page.TOKEN, "INC-9", "Failover", "still serving")
         with pytest.raises(httpx.HTTPStatusError):
-            _status_page_incident(http, page.url, "wrong-token", "INC-9", "Failover", "x")
-    assert first == again and len(page.incidents) == 1
-    assert [c.split()[0] for c in page.calls] == ["GET", "POST", "GET", "PATCH", "GET"]
+            statuspage.open_or_update(http, page.url, "wrong-token", "INC-9", "Failover", "x")
+    assert first == again and len(page.incidents) == 2
+    assert [c.split()[0] for c in page.calls] == ["GET", "POST", "GET", "POST", "GET", "PATCH", "GET"]
     assert page.incidents[first]["body"] == "still serving"
 
 
@@ -252,7 +191,7 @@ async def test_the_api_record_can_be_a_plain_a_record(stack, client, aws, world,
         async with region_workers(client, Settings(**raw)) as queue:
             handle = await start_region_failover(client, RegionFailoverInput(
                 incident_id=f"RA-{world['tag']}", backup_region=BACKUP, health_checks=1), queue)
-            await approve_when_asked(handle, approver="ic", reason="go")
+            await approve_when_asked(handle, approver="alice", reason="go")
             await handle.result()
     finally:
         stop.set()
@@ -310,12 +249,12 @@ async def test_failback_brings_traffic_home(stack, client, aws, world, kmock):
                 inc = f"RB-{world['tag']}"
                 failover = await start_region_failover(client, RegionFailoverInput(
                     incident_id=inc, backup_region=BACKUP, health_checks=1), queue)
-                await approve_when_asked(failover, approver="ic", reason="go")
+                await approve_when_asked(failover, approver="alice", reason="go")
                 assert "starters.region_failback" in (await failover.result()).failback
                 primary.status = 200  # the primary region is back
                 failback = await start_region_failback(client, RegionFailbackInput(
                     incident_id=inc, serving_region=BACKUP), queue)
-                await approve_when_asked(failback, approver="ic", reason="go")
+                await approve_when_asked(failback, approver="alice", reason="go")
                 result = await failback.result()
         finally:
             stop.set()
@@ -361,7 +300,7 @@ async def test_failover_survives_a_killed_backup_worker_and_a_server_restart(sta
                 handle = await start_region_failover(client, RegionFailoverInput(
                     incident_id=f"RK-{world['tag']}", backup_region=BACKUP, health_checks=1,
                     heartbeat_timeout=timedelta(seconds=3)), queue)
-                await approve_when_asked(handle, approver="ic", reason="go")
+                await approve_when_asked(handle, approver="alice", reason="go")
                 async with asyncio.timeout(60):
                     while not await completed(handle, "promote_rds_replica"):
                         await asyncio.sleep(0.05)
@@ -445,7 +384,7 @@ async def test_database_failover_to_an_rds_replica(stack, client, aws, world, km
                 handle = await start_db_failover(client, DatabaseFailoverInput(
                     incident_id=f"RDS-{uuid.uuid4().hex[:6]}"), raw["task_queue"])
                 if outcome == "promoted":
-                    await approve_when_asked(handle, approver="ic", reason="go")
+                    await approve_when_asked(handle, approver="alice", reason="go")
                     result = await handle.result()
                 else:
                     with pytest.raises(WorkflowFailureError) as failed:

@@ -17,6 +17,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from activities.backup import BackupActivities
 from activities.deletion import DeletionActivities
+from activities.notify import NotifyActivities
 from activities.platform import PlatformActivities
 from activities.platforms import AppPlatform, KubernetesPlatform, LocalProcessPlatform
 from activities.playbook import PlaybookActivities
@@ -24,6 +25,7 @@ from activities.postgres import PostgresActivities
 from activities.rds import RdsActivities
 from activities.region import RegionActivities
 from activities.replication import ReplicationActivities
+from activities.report import ReportActivities
 from models.config import KubernetesPlatformSettings
 from models.playbook import load_playbook
 from workers.logging import LoggingInterceptor, configure_logging
@@ -33,10 +35,11 @@ from workflows.accidental_deletion import AccidentalDeletionRecovery
 from workflows.db_corruption import DatabaseCorruptionRecovery
 from workflows.db_failback import DatabaseFailback
 from workflows.db_failover import DatabaseFailover
+from workflows.incident import Incident
 from workflows.region_failback import RegionFailback
 from workflows.region_failover import RegionFailover
 
-WORKFLOWS = [DatabaseCorruptionRecovery, AccidentalDeletionRecovery, DatabaseFailover, DatabaseFailback,
+WORKFLOWS = [Incident, DatabaseCorruptionRecovery, AccidentalDeletionRecovery, DatabaseFailover, DatabaseFailback,
              RegionFailover, RegionFailback]
 
 
@@ -107,6 +110,16 @@ def build_s3(settings: Settings):
     return boto3.client("s3", region_name=b.aws_region, **b.boto3_kwargs(b.endpoint_url))
 
 
+def build_notify_activities(settings: Settings, playbook, http: httpx.Client) -> NotifyActivities:
+    import boto3
+
+    n = settings.notify
+    sns = None
+    if n.sns_topic_arn:
+        sns = boto3.client("sns", region_name=n.sns_region, **settings.backup.boto3_kwargs(n.aws_endpoint_url))
+    return NotifyActivities(playbook, n, build_redis(settings), http, sns)
+
+
 def build_activities(settings: Settings) -> list:
     playbook = load_playbook(settings.playbook_path)
     server = settings.postgres.server(server_env=settings.backup.credentials_env())
@@ -120,10 +133,13 @@ def build_activities(settings: Settings) -> list:
     standby = settings.postgres.server(standby=settings.standby) if settings.standby else None
     rds = build_rds_activities(settings)
     replication = ReplicationActivities(server, standby)
-    deletion = DeletionActivities(server, barman, build_redis(settings), build_s3(settings),
-                                  settings.evidence_destination)
+    s3 = build_s3(settings)
+    deletion = DeletionActivities(server, barman, build_redis(settings), s3, settings.evidence_destination)
+    playbook_activities = PlaybookActivities(playbook)
     return [
-        PlaybookActivities(playbook).objectives_for,
+        playbook_activities.objectives_for, playbook_activities.approvers_for, playbook_activities.plan_incident,
+        build_notify_activities(settings, playbook, http).send_notification,
+        ReportActivities(playbook, s3, settings.reports_destination).write_report,
         postgres.assess_database, postgres.seal_primary, postgres.verify_restored, postgres.archive_current_wal,
         backup.restore_base_backup, backup.replay_wal, backup.swap_in_restored, backup.take_base_backup,
         backup.remove_side_instance,

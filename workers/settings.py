@@ -16,7 +16,13 @@ from pydantic_settings import BaseSettings, JsonConfigSettingsSource, SettingsCo
 
 from activities.barman import BarmanCloud
 from activities.pgserver import PgServer, embedded_bin_dir
-from models.config import FailoverSettings, KubernetesPlatformSettings, RdsSettings
+from models.config import (
+    AlertReceiverSettings,
+    FailoverSettings,
+    KubernetesPlatformSettings,
+    NotifySettings,
+    RdsSettings,
+)
 
 
 class PostgresSettings(BaseModel):
@@ -112,6 +118,9 @@ class Settings(BaseSettings):
     failover: FailoverSettings | None = None
     redis_url: SecretStr | None = None  # where the application keeps blocked_api_keys
     evidence_destination: str = "s3://drp-backups/evidence"  # recovered rows, as CSV, per incident
+    reports_destination: str = "s3://drp-backups/reports"  # post-incident reports, <incident>.md
+    notify: NotifySettings = NotifySettings()  # incident messages; the delivery ledger uses redis_url
+    alerts: AlertReceiverSettings | None = None  # `drp alerts serve`
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):

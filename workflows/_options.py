@@ -18,11 +18,14 @@ NON_RETRYABLE = [
     "NoAuditLog", "UnknownTable", "UnknownRole", "NoDeletionsFound", "NoCommitTimestamps", "NoBackupBeforeTarget",
     "NoPrimaryKey", "ReinsertIncomplete", "NoRedis", "NoStandby", "StandbyLagging", "WrongServer", "NoWriteCheck",
     "FailoverNotConfigured", "UnknownRegion", "UnknownReplica", "UnknownHostedZone", "PrimaryHealthy", "ReplicaLagging",
-    "DnsChangeRejected",
+    "DnsChangeRejected", "UnknownChannel", "ChannelNotConfigured", "ChannelRejected", "BadDestination",
 ]
 
 RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
                     maximum_interval=timedelta(seconds=30), non_retryable_error_types=NON_RETRYABLE)
+
+
+QUICK_HEARTBEAT = timedelta(seconds=30)
 
 
 def quick(heartbeat: timedelta) -> dict:

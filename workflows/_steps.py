@@ -2,7 +2,7 @@
 step for the Web UI (current details) and for the `progress` query."""
 
 from datetime import datetime
-from typing import Awaitable, TypeVar
+from typing import Awaitable, Callable, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 from temporalio import workflow
@@ -21,10 +21,11 @@ class Progress(BaseModel):
 
 
 class StepTracker:
-    def __init__(self, total: int):
+    def __init__(self, total: int, on_change: Callable[[], None] = lambda: None):
         self.total = total
         self.completed: list[StepRecord] = []
         self.current: str | None = None
+        self.on_change = on_change  # the runbook tells its incident
 
     async def run(self, name: str, work: Awaitable[T], detail: str = "") -> T:
         """Await one step, recording when it started and ended and showing it in the UI."""
@@ -33,15 +34,18 @@ class StepTracker:
         workflow.set_current_details(
             f"**Step {len(self.completed) + 1}/{self.total}: {name}** (since {_hms(started)} UTC)"
             + (f"\n\n{detail}" if detail else ""))
+        self.on_change()
         try:
             result = await work
         except BaseException:
             self.completed.append(StepRecord(name=name, started_at=started, ended_at=workflow.now(),
                                              outcome="failed"))
             workflow.set_current_details(f"**Failed at step: {name}**")
+            self.on_change()
             raise
         self.completed.append(StepRecord(name=name, started_at=started, ended_at=workflow.now()))
         self.current = None
+        self.on_change()
         return result
 
     def finish(self, summary: str) -> None:

@@ -47,7 +47,7 @@ class AccidentalDeletionRecovery(Runbook):
 
     @workflow.run
     async def run(self, inp: AccidentalDeletionInput) -> DeletionRecoveryResult:
-        self.label(inp.incident_id, PROCEDURE, inp.severity)
+        await self.prepare(inp.incident_id, PROCEDURE, inp.severity)
         started = inp.incident_started_at or workflow.info().start_time
         hb = inp.heartbeat_timeout
         query = DeletionQuery(database=inp.database, window_start=inp.window_start,

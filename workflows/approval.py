@@ -2,12 +2,14 @@
 
 The decision arrives as a Temporal Update (`approve`) so the sender learns at
 once whether it was accepted; the validator rejects it, without touching the
-run, when nothing is pending or the step was already decided. A run may pass
+run, when nothing is pending, the step was already decided, or the approver
+is not on the playbook's roster for this severity and gate. A run may pass
 several gates (re-insert, then lifting containment); each is decided once.
 """
 
 import asyncio
 from datetime import timedelta
+from typing import Callable
 
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError
@@ -16,10 +18,12 @@ from models.approval import ApprovalRecord, ApprovalRequest
 
 
 class ApprovalGate:
-    def __init__(self) -> None:
+    def __init__(self, on_change: Callable[[], None] = lambda: None) -> None:
         self.pending_step: str | None = None
         self.last_step: str | None = None
         self.decisions: dict[str, ApprovalRecord] = {}
+        self.roster: dict[str, list[str]] = {}  # gate -> who may decide it; "*" for the others
+        self.on_change = on_change
 
     def validate(self, req: ApprovalRequest) -> None:
         step = self.pending_step or self.last_step
@@ -30,18 +34,25 @@ class ApprovalGate:
                                    type="AlreadyDecided")
         if self.pending_step is None:
             raise ApplicationError("no approval is pending for this run yet", type="NothingToApprove")
+        allowed = self.roster.get(step, self.roster.get("*", []))
+        if req.approver not in allowed:
+            raise ApplicationError(f"{req.approver!r} is not on the roster for {step!r} at this severity; "
+                                   f"ask one of: {', '.join(allowed) or 'nobody (check playbook.yaml approvers)'}",
+                                   type="NotOnRoster")
 
     def record(self, req: ApprovalRequest) -> ApprovalRecord:
         assert self.pending_step is not None
         decision = ApprovalRecord(step=self.pending_step, approver=req.approver, reason=req.reason,
                                   approved=req.approved, decided_at=workflow.now())
         self.decisions[self.pending_step] = decision
+        self.on_change()
         return decision
 
     async def wait(self, step: str, timeout: timedelta,
                    unchanged: str = "nothing was changed at this step") -> ApprovalRecord:
         """Wait for a decision; fail with `unchanged` (what the operator may rely on) if none comes in time."""
         self.pending_step = self.last_step = step
+        self.on_change()
         try:
             await workflow.wait_condition(lambda: step in self.decisions, timeout=timeout)
         except asyncio.TimeoutError:

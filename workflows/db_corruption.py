@@ -49,7 +49,7 @@ class DatabaseCorruptionRecovery(Runbook):
 
     @workflow.run
     async def run(self, inp: DatabaseCorruptionInput) -> CorruptionRecoveryResult:
-        self.label(inp.incident_id, PROCEDURE, inp.severity)
+        await self.prepare(inp.incident_id, PROCEDURE, inp.severity)
         incident_started = inp.incident_started_at or workflow.info().start_time
         hb = inp.heartbeat_timeout
         objectives = await workflow.execute_activity_method(

@@ -42,7 +42,7 @@ class DatabaseFailback(Runbook):
 
     @workflow.run
     async def run(self, inp: DatabaseFailbackInput) -> DatabaseFailbackResult:
-        self.label(inp.incident_id, FAILBACK, inp.severity)
+        await self.prepare(inp.incident_id, FAILBACK, inp.severity)
         hb = inp.heartbeat_timeout
         rejoined = await self.steps.run("rejoin old primary as standby", workflow.execute_activity_method(
             ReplicationActivities.rejoin_as_standby,

@@ -46,7 +46,7 @@ class DatabaseFailover(Runbook):
 
     @workflow.run
     async def run(self, inp: DatabaseFailoverInput) -> DatabaseFailoverResult:
-        self.label(inp.incident_id, PROCEDURE, inp.severity)
+        await self.prepare(inp.incident_id, PROCEDURE, inp.severity)
         started = inp.incident_started_at or workflow.info().start_time
         hb = inp.heartbeat_timeout
         objectives = await workflow.execute_activity_method(

@@ -29,7 +29,7 @@ class RegionFailback(Runbook):
 
     @workflow.run
     async def run(self, inp: RegionFailbackInput) -> RegionFailbackResult:
-        self.label(inp.incident_id, FAILBACK, inp.severity)
+        await self.prepare(inp.incident_id, FAILBACK, inp.severity)
         hb = inp.heartbeat_timeout
         plan = await self.steps.run("plan", workflow.execute_activity_method(
             RegionActivities.plan_region_failback, inp, **opt.quick(hb)))

@@ -1,0 +1,186 @@
+"""The Incident workflow's contract: how an incident opens, what people send it,
+what it reports (playbook sections 2, 5 and 6)."""
+
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from models.approval import ApprovalRecord
+from models.identifiers import IncidentId
+from models.playbook import Severity
+from models.steps import StepRecord
+
+IncidentState = Literal["investigating", "recovering", "awaiting approval", "recovered", "runbook failed",
+                        "resolved", "closed"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _named(value: str, info) -> str:
+    value = value.strip()
+    if not value:
+        raise ValueError(f"{info.field_name} must not be empty")
+    return value
+
+
+class AlertSummary(_Frozen):
+    fingerprint: str
+    status: Literal["firing", "resolved"]
+    labels: dict[str, str]
+    annotations: dict[str, str] = {}
+    starts_at: datetime
+    ends_at: datetime | None = None
+
+
+class AlertNotice(_Frozen):
+    """One Alertmanager notification of a group, as the receiver passed it on (signal `alert`)."""
+
+    group_key: str
+    status: Literal["firing", "resolved"]
+    receiver: str
+    alerts: list[AlertSummary]
+
+
+class IncidentInput(_Frozen):
+    """Opening an incident: from an alert, `drp incident open`, a starter script or the Web UI.
+
+    Leave `severity` and `procedure` empty to classify from `labels` with the
+    playbook's rules; set them to override the rules. `procedure: none` opens
+    an incident without a runbook (people work it; the cadence still runs).
+    """
+
+    incident_id: IncidentId
+    title: str = Field(min_length=1, max_length=200)
+    severity: Severity | None = None
+    procedure: str | None = None
+    runbook_input: dict[str, Any] = {}
+    labels: dict[str, str] = {}
+    services: list[str] = []
+    opened_by: str = "operator"
+    started_at: datetime | None = None
+
+
+class PlanRequest(_Frozen):
+    labels: dict[str, str] = {}
+    severity: Severity | None = None
+    procedure: str | None = None
+
+
+class LevelPlan(_Frozen):
+    level: int
+    name: str
+    after: timedelta
+    channels: list[str]
+
+
+class IncidentPlan(_Frozen):
+    """Everything the playbook says about one incident, resolved once by an activity (workflows read no files)."""
+
+    severity: Severity
+    severity_name: str
+    impact: str
+    classified_by: str
+    procedure: str | None
+    workflow: str | None
+    runbook_input: dict[str, Any] = {}
+    notify: dict[str, list[str]] = {}
+    status_update_every: timedelta | None = None
+    status_page_update_every: timedelta | None = None
+    # Deadlines from the playbook; the incident sends both notices when it opens, well within them.
+    customer_notice_within: timedelta | None = None
+    exec_notice_within: timedelta | None = None
+    levels: list[LevelPlan]
+    repage_every: timedelta
+    approval_escalate_after: timedelta
+    postmortem_after: timedelta
+    responders: list[str]  # everyone in the playbook's people: who may acknowledge
+    resolvers: list[str]  # the severity's approver roster: who may resolve or re-classify
+    incident_commander: str | None = None
+    rto_target: timedelta | None = None
+    rpo_target: timedelta | None = None
+
+
+class AckRequest(_Frozen):
+    by: str = Field(max_length=200)
+    note: str = Field(default="", max_length=2000)
+
+    _by = field_validator("by")(_named)
+
+
+class AckRecord(_Frozen):
+    level: int
+    by: str
+    at: datetime
+
+
+class ResolveRequest(_Frozen):
+    by: str = Field(max_length=200)
+    reason: str = Field(max_length=2000)
+
+    _named = field_validator("by", "reason")(_named)
+
+
+class SeverityChange(_Frozen):
+    severity: Severity
+    by: str = Field(max_length=200)
+    reason: str = Field(max_length=2000)
+
+    _named = field_validator("by", "reason")(_named)
+
+
+class RunbookProgress(_Frozen):
+    """A runbook's step progress, signalled up to its incident (signal `runbook_progress`)."""
+
+    seq: int
+    current_step: str | None
+    completed: list[StepRecord]
+    awaiting_approval: str | None = None
+    decisions: list[ApprovalRecord] = []
+
+
+class TimelineEvent(_Frozen):
+    at: datetime
+    kind: str  # opened, alert, runbook, step, approval, escalation, page, ack, message, severity, resolved, report
+    text: str
+
+
+class IncidentStatus(_Frozen):
+    incident_id: str
+    title: str
+    severity: Severity | None  # None only while the incident is still being classified
+    status: IncidentState
+    level: int
+    acknowledged_level: int
+    procedure: str | None
+    current_step: str | None
+    awaiting_approval: str | None
+    timeline: list[TimelineEvent]
+    report_uri: str | None = None
+
+
+class IncidentResult(_Frozen):
+    incident_id: str
+    severity: Severity
+    status: IncidentState
+    opened_at: datetime
+    resolved_at: datetime
+    report_uri: str
+    timeline: list[TimelineEvent]
+
+
+class ReportRequest(_Frozen):
+    incident_id: str
+    title: str
+    plan: IncidentPlan
+    status: IncidentState
+    opened_at: datetime
+    resolved_at: datetime
+    resolved_by: str
+    resolution: str
+    services: list[str] = []
+    timeline: list[TimelineEvent]
+    runbook_result: dict[str, Any] | None = None
+    runbook_error: str | None = None

@@ -1,0 +1,137 @@
+"""The Incident workflow end to end: classification from alert labels, the recovery runbook as a
+child, approvals on the playbook's roster with escalation, acknowledgement, the communication
+cadence over real SMTP, SNS (moto) and the Slack/Statuspage fakes, resolution and the report."""
+
+import asyncio
+import re
+import uuid
+
+import pytest
+from temporalio.client import WorkflowUpdateFailedError
+
+from activities.report import read_report
+from models.approval import ApprovalRequest
+from models.incident import AckRequest, IncidentInput, IncidentStatus, ResolveRequest
+from stack.corrupt import corrupt_table
+from stack.stack import DATABASE
+from starters.incident import open_incident
+from tests.conftest import running_worker
+from tests.notify_world import incident_settings, notify_world, short_playbook  # noqa: F401 (fixture)
+from workers.main import build_s3
+from workflows.incident import Incident
+
+
+def incident_id() -> str:
+    return f"INC-T{uuid.uuid4().hex[:8]}"
+
+
+async def status_when(handle, check, timeout: float = 60) -> IncidentStatus:
+    """Poll the incident's status query until `check(status)` holds."""
+    async with asyncio.timeout(timeout):
+        while True:
+            status = await handle.query(Incident.status)
+            if check(status):
+                return status
+            await asyncio.sleep(0.1)
+
+
+async def refused(call, *args) -> str:
+    with pytest.raises(WorkflowUpdateFailedError) as err:
+        await call(*args)
+    return str(err.value.cause)
+
+
+async def test_alert_labels_open_a_p0_that_recovers_escalates_and_reports(stack, client, notify_world, tmp_path):
+    world = notify_world
+    playbook = short_playbook(tmp_path)
+    corrupt_table(stack.postgres(), DATABASE, "metrics")
+    inc = incident_id()
+    async with running_worker(client, stack, settings=lambda q: incident_settings(stack, q, world, playbook)) as queue:
+        handle = await open_incident(client, IncidentInput(
+            incident_id=inc, title="metrics table unreadable", labels={"alertname": "PostgresDataCorruption",
+                                                                        "datname": DATABASE}), queue)
+        # The playbook's rule classified it P0 and started the db-corruption runbook with the label's database.
+        status = await status_when(handle, lambda s: s.awaiting_approval == "restore")
+        assert status.severity.value == "P0" and status.procedure == "db-corruption" and status.level == 1
+        runbook = client.get_workflow_handle(f"db-corruption-{inc}")
+
+        # Nobody decides within approval_escalate_after (2 s): level 2 is paged with the approval request.
+        status = await status_when(handle, lambda s: s.level == 2)
+        assert any(e.kind == "escalation" and "nobody decided 'restore'" in e.text for e in status.timeline)
+
+        # Refusals: not on the P0 roster, an empty reason, a responder not in the playbook.
+        assert "not on the roster" in await refused(
+            runbook.execute_update, "approve", ApprovalRequest(approver="carol", reason="on call"))
+        assert "reason must not be empty" in await refused(
+            runbook.execute_update, "approve", {"approver": "alice", "reason": " "})
+        assert "not in the playbook's people" in await refused(
+            handle.execute_update, Incident.acknowledge, AckRequest(by="mallory"))
+        assert "still running" in await refused(
+            handle.execute_update, Incident.resolve, ResolveRequest(by="alice", reason="too early"))
+
+        ack = await handle.execute_update(Incident.acknowledge, AckRequest(by="carol", note="looking"))
+        assert ack.level == 2
+        assert "already acknowledged" in await refused(handle.execute_update, Incident.acknowledge,
+                                                       AckRequest(by="bob"))
+        await runbook.execute_update("approve", ApprovalRequest(approver="bob", reason="restore from backup"))
+        assert "already approved by bob" in await refused(
+            runbook.execute_update, "approve", ApprovalRequest(approver="alice", reason="me too"))
+
+        await status_when(handle, lambda s: s.status == "recovered", timeout=120)
+        assert "not on the P0 roster" in await refused(
+            handle.execute_update, Incident.resolve, ResolveRequest(by="carol", reason="looks good"))
+        await handle.execute_update(Incident.resolve, ResolveRequest(by="alice", reason="verified by the DBA"))
+        result = await handle.result()
+        child = await runbook.result()
+
+    assert result.status == "resolved"
+    kinds = [e.kind for e in result.timeline]
+    assert kinds.index("opened") < kinds.index("escalation") < kinds.index("ack") < kinds.index("resolved")
+
+    # Every message exactly once per (tick, channel), on the channels the playbook names for P0.
+    slack = world.slack_texts()
+    assert len(slack) == len(set(slack)) and world.slack.rejected == 0
+    assert any(re.search(r"Status Update: \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC - recovering - ", t) for t in slack)
+    assert any("approval needed: restore" in t for t in slack) and any("Resolved:" in t for t in slack)
+    subjects = {}
+    for rcpts, mail in world.mail.messages:
+        subjects.setdefault(tuple(rcpts), []).append(mail["Subject"])
+    assert subjects[("customers@corporate-intel.example",)] == [
+        "Service Disruption - Corporate Intelligence Platform", f"Resolved: metrics table unreadable ({inc})"]
+    assert subjects[("dba@corporate-intel.example",)] == [f"[P0] approval needed: restore ({inc})"]  # level 2
+    message_ids = [m["Message-ID"] for _, m in world.mail.messages]
+    assert len(message_ids) == len(set(message_ids))
+    pages = world.pages()
+    # SNS (the on-call pager, on levels 1 and 2): page level 1 at open, the approval request to level 1,
+    # then to level 2 when it escalated; level 2's own 5 s timer found level 2 already paged.
+    assert [p["Subject"] for p in pages][:3] == [
+        "[P0] PAGE level 1 (On-Call Engineer): metrics table unreadable",
+        f"[P0] approval needed: restore ({inc})", f"[P0] approval needed: restore ({inc})"]
+    assert pages[0]["MessageAttributes"]["incident_id"]["Value"] == inc
+    [page] = world.page.incidents.values()
+    assert page["status"] == "resolved" and f"[{inc}]" in page["name"] and len(page["updates"]) >= 3
+
+    # The report: every step of the runbook and every message, in time order, with the measured figures.
+    report = read_report(build_s3(incident_settings(stack, "q", world, playbook)), "s3://drp-backups/reports", inc)
+    assert result.report_uri == f"s3://drp-backups/reports/{inc}.md" and report.startswith("# Incident Report")
+    timeline = report.split("## Timeline")[1].split("## Approvals")[0]
+    rows = [line for line in timeline.splitlines() if line.startswith("| 20")]
+    assert [row.split("|")[1] for row in rows] == sorted(row.split("|")[1] for row in rows)
+    assert len(rows) == kinds.index("report")  # everything before the report was written
+    positions = [timeline.index(f"| step | {step['name']}: ok") for step in child["steps"]]
+    assert positions == sorted(positions) and len(positions) == len(child["steps"])
+    assert timeline.count("| message |") == kinds[:kinds.index("report")].count("message") > 5
+    assert "**RTO Target:** 2h 00m 00s" in report and "**RPO Target:** 5m 00s" in report
+    assert f"**Actual:** {_human(child['rto_actual'])}" in report
+    assert "'restore' approved by bob: restore from backup" in report.split("## Approvals")[1]
+    assert "level 2 acknowledged by carol" in report.split("## Escalations")[1]
+    assert "## Root Cause" in report and "## Action Items" in report
+    # The postmortem reminder came after the report, from the durable timer.
+    assert any("Blameless postmortem due" in t for t in world.slack_texts())
+
+
+def _human(iso: str) -> str:
+    from activities.report import _human as human
+    from activities.report import _measured
+
+    return human(_measured(iso))

@@ -1,0 +1,442 @@
+"""Incident: one parent workflow per incident (playbook sections 2, 5 and 6).
+
+Opened by an alert, `drp incident open`, a starter or the Web UI, with the
+incident ID as workflow ID. It classifies the severity from the playbook's
+rules, runs the matching recovery runbook as a child (abandoned, never killed,
+if the incident closes first), follows the child's steps through its
+`runbook_progress` signal, and keeps people informed on the severity's
+cadence: the escalation path pages level 1 at once and the next levels while
+the incident stays unresolved, a pending approval nobody decides escalates,
+an acknowledgement stops the re-paging of the current level. Every message
+goes through the notification port with a key of (incident, tick, channel).
+
+A person resolves it (the runbook succeeded) or closes it (the runbook
+failed); then the resolution notices go out, the post-incident report is
+written to S3, and a durable timer reminds everyone of the blameless
+postmortem.
+
+All timing is `workflow.now()` against the opening time and durable timers,
+so a worker crash or a server restart loses no tick and repeats none.
+"""
+
+import asyncio
+from datetime import datetime, timedelta
+
+from pydantic import ValidationError
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError, WorkflowAlreadyStartedError
+
+from models.incident import (
+    AckRecord,
+    AckRequest,
+    AlertNotice,
+    IncidentInput,
+    IncidentPlan,
+    IncidentResult,
+    IncidentState,
+    IncidentStatus,
+    PlanRequest,
+    ReportRequest,
+    ResolveRequest,
+    RunbookProgress,
+    SeverityChange,
+    TimelineEvent,
+)
+from models.notify import Notification
+from models.steps import StepRecord
+from workflows import _options as opt
+from workflows.search_attributes import INCIDENT_ID, PROCEDURE, SEVERITY, STATUS
+
+with workflow.unsafe.imports_passed_through():
+    from activities.notify import NotifyActivities
+    from activities.playbook import PlaybookActivities
+    from activities.report import ReportActivities
+
+# What the status page says while the incident is in each state.
+STATUS_PAGE = {"investigating": "investigating", "recovering": "identified", "awaiting approval": "identified",
+               "recovered": "monitoring", "runbook failed": "identified", "resolved": "resolved",
+               "closed": "resolved"}
+NEXT_STEPS = {
+    "investigating": "responders are investigating",
+    "recovering": "the recovery runbook is running",
+    "awaiting approval": "waiting for an approver to decide the next recovery step",
+    "recovered": "service restored; monitoring before we confirm resolution",
+    "runbook failed": "the automated recovery stopped; responders are taking over",
+    "resolved": "resolved", "closed": "closed",
+}
+# Messages are worth some retrying, not forever: a channel down for longer than this is
+# recorded in the timeline as a failed delivery and the incident goes on.
+SEND_OPTIONS = {"start_to_close_timeout": timedelta(seconds=30), "schedule_to_close_timeout": timedelta(minutes=15),
+                "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(minutes=1),
+                                            non_retryable_error_types=opt.NON_RETRYABLE)}
+QUICK = opt.quick(opt.QUICK_HEARTBEAT)
+
+
+def workflow_id(incident_id: str) -> str:
+    return incident_id
+
+
+@workflow.defn(name="Incident", failure_exception_types=[ValidationError])
+class Incident:
+    @workflow.init
+    def __init__(self, inp: IncidentInput) -> None:
+        self.inp = inp
+        self.plan: IncidentPlan | None = None
+        self.status: IncidentState = "investigating"
+        self.timeline: list[TimelineEvent] = []
+        self.level = 0
+        self.level_since: datetime | None = None
+        self.acked_level = 0
+        self.fired: set[str] = set()
+        self.alerts: dict[str, str] = {}
+        self.progress: RunbookProgress | None = None
+        self.steps_recorded = 0
+        self.pending_approval: tuple[str, datetime] | None = None
+        self.resolution: tuple[ResolveRequest, datetime] | None = None
+        self.runbook_result: dict | None = None
+        self.runbook_error: str | None = None
+        self.report_uri: str | None = None
+        self.deliveries: list[asyncio.Task] = []
+        self.changed = False
+
+    @workflow.run
+    async def run(self, inp: IncidentInput) -> IncidentResult:
+        # The escalation clock starts when the incident is declared; an alert's own start is recorded.
+        opened_at = self.opened_at = workflow.info().start_time
+        self._event("opened", f"{inp.title} - opened by {inp.opened_by}" +
+                    (f"; began {inp.started_at:%Y-%m-%d %H:%M:%S} UTC" if inp.started_at else ""))
+        self.plan = await workflow.execute_activity_method(
+            PlaybookActivities.plan_incident,
+            PlanRequest(labels=inp.labels, severity=inp.severity, procedure=inp.procedure),
+            summary="classify and read the severity's policy", **QUICK)
+        self._event("severity", f"{self.plan.severity.value} {self.plan.severity_name} ({self.plan.classified_by})")
+        self._show()
+        if self.plan.workflow:
+            asyncio.create_task(self._run_runbook())
+
+        await self._communicate_until_resolved()
+
+        req, resolved_at = self.resolution
+        self.status = "closed" if self.runbook_error else "resolved"
+        self._event("resolved", f"{self.status} by {req.by}: {req.reason}")
+        self._show()
+        self._notify("resolution", self.plan.notify.get("resolution", []), "resolution",
+                     by=req.by, reason=req.reason)
+        await self._deliveries_done()
+        self.report_uri = await workflow.execute_activity_method(
+            ReportActivities.write_report,
+            ReportRequest(incident_id=inp.incident_id, title=inp.title, plan=self.plan, status=self.status,
+                          opened_at=opened_at, resolved_at=resolved_at, resolved_by=req.by, resolution=req.reason,
+                          services=inp.services, timeline=self.timeline, runbook_result=self.runbook_result,
+                          runbook_error=self.runbook_error),
+            summary="post-incident report to S3", **QUICK)
+        self._event("report", f"post-incident report: {self.report_uri}")
+        self._show()
+
+        # Playbook 6.2: the blameless postmortem within 48 hours. A durable timer: nothing has to stay up.
+        await workflow.sleep(self.plan.postmortem_after, summary="blameless postmortem reminder")
+        self._notify("postmortem_reminder", self.plan.notify.get("postmortem_reminder", self.plan.levels[0].channels),
+                     "postmortem")
+        await self._deliveries_done()
+        return IncidentResult(incident_id=inp.incident_id, severity=self.plan.severity, status=self.status,
+                              opened_at=opened_at, resolved_at=resolved_at, report_uri=self.report_uri,
+                              timeline=self.timeline)
+
+    # --- the recovery runbook -------------------------------------------------------------
+
+    async def _run_runbook(self) -> None:
+        plan, inp = self.plan, self.inp
+        child_id = f"{plan.procedure}-{inp.incident_id}"
+        args = {**plan.runbook_input, **inp.runbook_input, "incident_id": inp.incident_id,
+                "severity": plan.severity.value}
+        self._set_status("recovering")
+        self._event("runbook", f"{plan.workflow} started as {child_id}")
+        try:
+            self.runbook_result = await workflow.execute_child_workflow(
+                plan.workflow, args, id=child_id, parent_close_policy=workflow.ParentClosePolicy.ABANDON,
+                static_summary=f"{plan.procedure} for incident {inp.incident_id}")
+        except (ChildWorkflowError, WorkflowAlreadyStartedError) as err:
+            self.runbook_error = _innermost(err)
+            self._set_status("runbook failed")
+            self._event("runbook", f"{plan.workflow} failed: {self.runbook_error}. Close the incident with "
+                                   f"`drp incident resolve {inp.incident_id}` once people have taken over.")
+        else:
+            # The last step's signal can be cut off by the child's completion: its result has them all.
+            self._record_steps([StepRecord.model_validate(s) for s in (self.runbook_result or {}).get("steps", [])])
+            self._set_status("recovered")
+            outcome = (self.runbook_result or {}).get("outcome", "completed")
+            self._event("runbook", f"{plan.workflow} finished: {outcome}. Confirm with "
+                                   f"`drp incident resolve {inp.incident_id} --by NAME --reason TEXT`.")
+
+    @workflow.signal
+    def runbook_progress(self, p: RunbookProgress) -> None:
+        old = self.progress
+        if old is not None and p.seq <= old.seq:
+            return  # signals may arrive out of order after a retry; the newest wins
+        self._record_steps(p.completed)
+        if p.current_step and (old is None or old.current_step != p.current_step):
+            self._event("step", f"{p.current_step}: started")
+        for d in p.decisions[len(old.decisions) if old else 0:]:
+            self._event("approval", f"{d.step!r} {'approved' if d.approved else 'rejected'} by {d.approver}: "
+                                    f"{d.reason}", at=d.decided_at)
+        if p.awaiting_approval and (old is None or old.awaiting_approval != p.awaiting_approval):
+            self.pending_approval = (p.awaiting_approval, workflow.now())
+            self._event("approval", f"approval requested for {p.awaiting_approval!r}")
+            self._set_status("awaiting approval")
+            self._notify("approval_needed", self.plan.levels[max(self.level, 1) - 1].channels,
+                         f"approval-{p.awaiting_approval}-asked", approval_step=p.awaiting_approval)
+        elif not p.awaiting_approval and self.pending_approval is not None:
+            self.pending_approval = None
+            if self.status == "awaiting approval":
+                self._set_status("recovering")
+        self.progress = p
+        self.changed = True
+
+    def _record_steps(self, completed: list[StepRecord]) -> None:
+        for step in completed[self.steps_recorded:]:
+            seconds = (step.ended_at - step.started_at).total_seconds()
+            self._event("step", f"{step.name}: {step.outcome} ({seconds:.1f} s)", at=step.ended_at)
+        self.steps_recorded = max(self.steps_recorded, len(completed))
+
+    # --- alerts ---------------------------------------------------------------------------
+
+    @workflow.signal
+    def alert(self, notice: AlertNotice) -> None:
+        for a in notice.alerts:
+            if self.alerts.get(a.fingerprint) == a.status:
+                continue  # a repeat notification of what we know
+            self.alerts[a.fingerprint] = a.status
+            name = a.labels.get("alertname", a.fingerprint)
+            self._event("alert", f"{name} {a.status} ({', '.join(f'{k}={v}' for k, v in sorted(a.labels.items()))})")
+        if self.alerts and all(s == "resolved" for s in self.alerts.values()):
+            self._event("alert", "every alert of the group has resolved; a person confirms the incident resolved")
+        self.changed = True
+
+    # --- people ---------------------------------------------------------------------------
+
+    @workflow.update
+    def acknowledge(self, req: AckRequest) -> AckRecord:
+        self.acked_level = self.level
+        self._event("ack", f"level {self.level} acknowledged by {req.by}" + (f": {req.note}" if req.note else ""))
+        self.changed = True
+        return AckRecord(level=self.level, by=req.by, at=workflow.now())
+
+    @acknowledge.validator
+    def _validate_acknowledge(self, req: AckRequest) -> None:
+        plan = self._ready()
+        if req.by not in plan.responders:
+            raise ApplicationError(f"{req.by!r} is not in the playbook's people ({', '.join(plan.responders)})",
+                                   type="NotOnRoster")
+        if self.resolution is not None:
+            raise ApplicationError("the incident is already resolved", type="AlreadyResolved")
+        if self.level <= self.acked_level:
+            raise ApplicationError(f"level {self.level} is already acknowledged", type="AlreadyAcknowledged")
+
+    @workflow.update
+    def resolve(self, req: ResolveRequest) -> str:
+        self.resolution = (req, workflow.now())
+        return "closed" if self.runbook_error else "resolved"
+
+    @resolve.validator
+    def _validate_resolve(self, req: ResolveRequest) -> None:
+        plan = self._ready()
+        self._check_resolver(req.by, plan)
+        if self.resolution is not None:
+            raise ApplicationError(f"already resolved by {self.resolution[0].by}", type="AlreadyResolved")
+        if self.status in ("recovering", "awaiting approval"):
+            raise ApplicationError(f"the {plan.procedure} runbook is still running (status {self.status!r}); "
+                                   "resolve when it has finished, or cancel it first", type="RunbookRunning")
+
+    @workflow.update
+    async def set_severity(self, change: SeverityChange) -> IncidentPlan:
+        old = self.plan.severity
+        self.plan = await workflow.execute_activity_method(
+            PlaybookActivities.plan_incident,
+            PlanRequest(labels=self.inp.labels, severity=change.severity, procedure=self.plan.procedure or "none"),
+            summary=f"re-classify as {change.severity.value}", **QUICK)
+        self._event("severity", f"{old.value} -> {change.severity.value} by {change.by}: {change.reason}")
+        self._show()
+        self.changed = True
+        return self.plan
+
+    @set_severity.validator
+    def _validate_set_severity(self, change: SeverityChange) -> None:
+        plan = self._ready()
+        self._check_resolver(change.by, plan)
+        if change.severity == plan.severity:
+            raise ApplicationError(f"the incident is already {plan.severity.value}", type="NothingToChange")
+        if self.resolution is not None:
+            raise ApplicationError("the incident is already resolved", type="AlreadyResolved")
+
+    @workflow.query
+    def status(self) -> IncidentStatus:
+        return IncidentStatus(
+            incident_id=self.inp.incident_id, title=self.inp.title,
+            severity=self.plan.severity if self.plan else self.inp.severity, status=self.status,
+            level=self.level, acknowledged_level=self.acked_level,
+            procedure=self.plan.procedure if self.plan else self.inp.procedure,
+            current_step=self.progress.current_step if self.progress else None,
+            awaiting_approval=self.pending_approval[0] if self.pending_approval else None,
+            timeline=self.timeline, report_uri=self.report_uri)
+
+    def _ready(self) -> IncidentPlan:
+        if self.plan is None:
+            raise ApplicationError("the incident is still opening; try again in a moment", type="NotReady")
+        return self.plan
+
+    @staticmethod
+    def _check_resolver(by: str, plan: IncidentPlan) -> None:
+        if by not in plan.resolvers:
+            raise ApplicationError(f"{by!r} is not on the {plan.severity.value} roster "
+                                   f"({', '.join(plan.resolvers)})", type="NotOnRoster")
+
+    # --- cadence and escalation -----------------------------------------------------------
+
+    async def _communicate_until_resolved(self) -> None:
+        while self.resolution is None:
+            now = workflow.now()
+            upcoming = self._schedule(now)
+            for at, key, action in upcoming:
+                if at <= now and key not in self.fired:
+                    self.fired.add(key)
+                    action()
+            later = [at for at, key, _ in upcoming if at > now and key not in self.fired]
+            self.changed = False
+            try:
+                await workflow.wait_condition(lambda: self.changed or self.resolution is not None,
+                                              timeout=(min(later) - now) if later else None)
+            except asyncio.TimeoutError:
+                pass
+
+    def _schedule(self, now: datetime):
+        """Each series' due or next occurrence as (when, key, action); keys make every tick fire once."""
+        plan, t0 = self.plan, self.opened_at
+        items = [(t0, "opening", self._opening)]
+        paging = self.status != "recovered"  # service is back: nobody more needs waking
+        for lv in plan.levels:
+            if paging and lv.level > self.level:
+                why = f"unresolved after {_human(lv.after)}" if lv.after else "incident opened"
+                items.append((t0 + lv.after, f"level-{lv.level}",
+                              lambda lv=lv, why=why: self._escalate(lv.level, why, f"level-{lv.level}")))
+        if paging and self.level > self.acked_level and self.level_since is not None:
+            n = max(1, int((now - self.level_since) / plan.repage_every))
+            items.append((self.level_since + n * plan.repage_every, f"repage-L{self.level}-{n}",
+                          lambda: self._page(f"repage-L{self.level}-{n}")))
+        for kind, every in (("status_update", plan.status_update_every),
+                            ("status_page", plan.status_page_update_every)):
+            if every:
+                n = max(1, int((now - t0) / every))
+                tick = f"{kind}-{int(every.total_seconds())}s-{n}"
+                items.append((t0 + n * every, tick,
+                              lambda kind=kind, tick=tick: self._notify(kind, plan.notify.get(kind, []), tick)))
+        if self.pending_approval is not None:
+            step, since = self.pending_approval
+            tick = f"approval-{step}-escalated"
+            items.append((since + plan.approval_escalate_after, tick,
+                          lambda: self._escalate(min(self.level + 1, len(plan.levels)),
+                                                 f"nobody decided {step!r} within "
+                                                 f"{_human(plan.approval_escalate_after)}",
+                                                 tick, kind="approval_needed", approval_step=step)))
+        return items
+
+    def _opening(self) -> None:
+        """Declare the incident: the first status update, customer and executive notices where the playbook asks."""
+        plan = self.plan
+        self._notify("status_update", plan.notify.get("status_update", []), "status_update-0")
+        if plan.customer_notice_within is not None:
+            self._notify("customer_notice", plan.notify.get("customer_notice", []), "customer_notice")
+        if plan.exec_notice_within is not None:
+            self._notify("exec_notice", plan.notify.get("exec_notice", []), "exec_notice")
+
+    def _escalate(self, level: int, why: str, tick: str, kind: str = "page", **extra: str) -> None:
+        if level > self.level:
+            self.level, self.level_since = level, workflow.now()
+            self._event("escalation", f"level {level} {self.plan.levels[level - 1].name}: {why}")
+        self._page(tick, kind=kind, **extra)
+
+    def _page(self, tick: str, kind: str = "page", **extra: str) -> None:
+        lv = self.plan.levels[self.level - 1]
+        self._event("page", f"paging level {lv.level} ({lv.name}) via {', '.join(lv.channels)}")
+        self._notify(kind, lv.channels, tick, **extra)
+
+    # --- messages -------------------------------------------------------------------------
+
+    def _notify(self, kind: str, channels: list[str], tick: str, **extra: str) -> None:
+        context = self._context(**extra)
+        for channel in channels:
+            n = Notification(key=f"{self.inp.incident_id}/{tick}/{channel}", incident_id=self.inp.incident_id,
+                             kind=kind, channel=channel, context=context, status_page_status=STATUS_PAGE[self.status])
+            self.deliveries.append(asyncio.create_task(self._deliver(n)))
+
+    async def _deliver(self, n: Notification) -> None:
+        try:
+            d = await workflow.execute_activity_method(NotifyActivities.send_notification, n,
+                                                       summary=f"{n.kind} to {n.channel}", **SEND_OPTIONS)
+        except ActivityError as err:
+            self._event("message", f"FAILED {n.kind} to {n.channel}: {_innermost(err)}")
+            return
+        note = " (found in the delivery ledger: not sent again)" if d.already_sent else ""
+        self._event("message", f"{n.kind} to {n.channel}: {d.subject}{note}")
+
+    async def _deliveries_done(self) -> None:
+        await workflow.wait_condition(lambda: all(t.done() for t in self.deliveries))
+
+    def _context(self, **extra: str) -> dict[str, str]:
+        plan, now = self.plan, workflow.now()
+        every = plan.status_update_every
+        level = self.plan.levels[max(self.level, 1) - 1]
+        return {
+            "incident_id": self.inp.incident_id, "title": self.inp.title, "severity": plan.severity.value,
+            "severity_name": plan.severity_name, "impact": plan.impact, "status": self.status,
+            "next_steps": NEXT_STEPS[self.status], "timestamp": now.strftime("%Y-%m-%d %H:%M:%S UTC"),
+            "started_at": self.opened_at.strftime("%Y-%m-%d %H:%M:%S UTC"),
+            "next_update": (now + every).strftime("%H:%M:%S UTC") if every else "as needed",
+            "procedure": plan.procedure or "none",
+            "current_step": (self.progress.current_step if self.progress else None) or "-",
+            "level": str(level.level), "level_name": level.name, "duration": _human(now - self.opened_at),
+            "services": ", ".join(self.inp.services) or self.inp.labels.get("service", "our services"),
+            "report_uri": self.report_uri or "(written when resolved)", **extra,
+        }
+
+    # --- record and display ---------------------------------------------------------------
+
+    def _event(self, kind: str, text: str, at: datetime | None = None) -> None:
+        self.timeline.append(TimelineEvent(at=at or workflow.now(), kind=kind, text=text))
+        if self.plan is not None:
+            self._show()
+
+    def _set_status(self, status: IncidentState) -> None:
+        self.status = status
+        self._show()
+
+    def _show(self) -> None:
+        """Search attributes and current details: what the Web UI lists and shows."""
+        plan = self.plan
+        workflow.upsert_search_attributes([
+            INCIDENT_ID.value_set(self.inp.incident_id), SEVERITY.value_set(plan.severity.value),
+            PROCEDURE.value_set(plan.procedure or "none"), STATUS.value_set(self.status)])
+        step = self.progress.current_step if self.progress else None
+        lines = [f"**{plan.severity.value} {self.status}** - {self.inp.title}",
+                 f"Escalation level {self.level} (acknowledged up to {self.acked_level})",
+                 f"Runbook: {plan.procedure or 'none'}" + (f", step: {step}" if step else "")]
+        if self.pending_approval:
+            lines.append(f"Awaiting approval of {self.pending_approval[0]!r}: "
+                         f"`drp approve {self.inp.incident_id} --by NAME --reason TEXT`")
+        if self.report_uri:
+            lines.append(f"Report: {self.report_uri}")
+        lines += ["", "Latest:", *(f"- {e.at:%H:%M:%S} {e.kind}: {e.text}" for e in self.timeline[-5:])]
+        workflow.set_current_details("\n".join(lines))
+
+
+def _innermost(err: BaseException) -> str:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return str(err)
+
+
+def _human(delta: timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    if seconds < 60:
+        return f"{seconds}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
