@@ -127,3 +127,13 @@ def world(aws):
     return {"tag": tag, "replica": f"ci-{tag}-replica", "zone": zone, "record": f"api.ci{tag}.example.com",
             "topic": topic, "queue": queue, "route53": route53, "sqs": sqs,
             "cloudwatch": boto3.client("cloudwatch", region_name=BACKUP_REGION, endpoint_url=aws, **CREDS)}
+
+
+@pytest.fixture
+def notify_world(aws):
+    """SMTP, SNS (moto) and the Slack/Statuspage fakes an incident talks to (tests/notify_world.py)."""
+    from tests.notify_world import NotifyWorld
+
+    world = NotifyWorld(aws)
+    yield world
+    world.close()

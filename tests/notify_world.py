@@ -8,7 +8,6 @@ from email import message_from_bytes
 from pathlib import Path
 
 import boto3
-import pytest
 import yaml
 from aiosmtpd.controller import Controller
 
@@ -71,13 +70,6 @@ class NotifyWorld:
         self.slack.close()
         self.page.close()
         self.mail.close()
-
-
-@pytest.fixture
-def notify_world(aws):
-    world = NotifyWorld(aws)
-    yield world
-    world.close()
 
 
 def short_playbook(folder: Path, **p0) -> Path:

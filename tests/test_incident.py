@@ -16,7 +16,7 @@ from stack.corrupt import corrupt_table
 from stack.stack import DATABASE
 from starters.incident import open_incident
 from tests.conftest import running_worker
-from tests.notify_world import incident_settings, notify_world, short_playbook  # noqa: F401 (fixture)
+from tests.notify_world import incident_settings, short_playbook
 from workers.main import build_s3
 from workflows.incident import Incident
 
