@@ -21,9 +21,10 @@ from workflows.db_corruption import DatabaseCorruptionRecovery
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def spawn_worker(stack, queue: str, log: Path) -> subprocess.Popen:
+def spawn_worker(stack, queue: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A worker process on the stack's settings (plus DRP_* overrides in `env`), one that can be SIGKILLed."""
     env = {**os.environ, "DRP_SETTINGS_FILE": str(stack.settings_file), "DRP_TASK_QUEUE": queue,
-           "PYTHONPATH": str(ROOT)}
+           "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "workers.main"], env=env, stdout=open(log, "ab"),
                             stderr=subprocess.STDOUT, cwd=ROOT)
 

@@ -4,9 +4,13 @@ cadence over real SMTP, SNS (moto) and the Slack/Statuspage fakes, resolution an
 
 import asyncio
 import re
+import signal
 import uuid
+from datetime import datetime, timezone
 
 import pytest
+import redis
+import yaml
 from temporalio.client import WorkflowUpdateFailedError
 
 from activities.report import read_report
@@ -17,6 +21,7 @@ from stack.stack import DATABASE
 from starters.incident import open_incident
 from tests.conftest import running_worker
 from tests.notify_world import incident_settings, short_playbook
+from tests.test_crash_survival import spawn_worker
 from workers.main import build_s3
 from workflows.incident import Incident
 
@@ -26,13 +31,19 @@ def incident_id() -> str:
 
 
 async def status_when(handle, check, timeout: float = 60) -> IncidentStatus:
-    """Poll the incident's status query until `check(status)` holds."""
-    async with asyncio.timeout(timeout):
-        while True:
-            status = await handle.query(Incident.status)
-            if check(status):
-                return status
-            await asyncio.sleep(0.1)
+    """Poll the incident's status query until `check(status)` holds; on timeout, show where it stood."""
+    status = None
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                status = await handle.query(Incident.status)
+                if check(status):
+                    return status
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        timeline = "\n".join(f"{e.at:%H:%M:%S.%f} {e.kind} {e.text}" for e in (status.timeline if status else []))
+        raise AssertionError(f"incident never got there; status {status and status.status}, "
+                             f"level {status and status.level}:\n{timeline}") from None
 
 
 async def refused(call, *args) -> str:
@@ -128,6 +139,77 @@ async def test_alert_labels_open_a_p0_that_recovers_escalates_and_reports(stack,
     assert "## Root Cause" in report and "## Action Items" in report
     # The postmortem reminder came after the report, from the durable timer.
     assert any("Blameless postmortem due" in t for t in world.slack_texts())
+
+
+async def test_cadence_and_escalation_survive_a_worker_sigkill_without_double_posts(
+        stack, client, notify_world, tmp_path):
+    world = notify_world
+    playbook = short_playbook(tmp_path, status_update_every="2s", status_page_update_every="2s")
+    raw = yaml.safe_load(playbook.read_text())
+    raw["escalation"]["repage_every"] = "1s"
+    for level, after in zip(raw["escalation"]["levels"], ("0s", "3s", "6s", "10m")):
+        level["after"] = after
+    playbook.write_text(yaml.safe_dump(raw))
+    env = {"DRP_PLAYBOOK_PATH": str(playbook), "DRP_STICKY_QUEUE_TIMEOUT": "1s",
+           **{f"DRP_NOTIFY__{key.upper()}": str(value) for key, value in world.settings.items()}}
+    inc, queue = incident_id(), f"cadence-{uuid.uuid4().hex[:8]}"
+    first = spawn_worker(stack, queue, tmp_path / "worker1.log", env)
+    second = None
+    try:
+        handle = await open_incident(client, IncidentInput(
+            incident_id=inc, title="API answering 5xx", severity="P0", procedure="none",
+            services=["corporate-intel-api"]), queue)
+        await status_when(handle, lambda s: any(e.kind == "message" for e in s.timeline))
+        await asyncio.sleep(1.5)  # into the cadence: L1 re-paged, the first status update ticks are due
+        killed_at = (datetime.now(timezone.utc) - (await handle.describe()).start_time).total_seconds()
+        first.send_signal(signal.SIGKILL)
+        assert first.wait(10) == -signal.SIGKILL
+        second = spawn_worker(stack, queue, tmp_path / "worker2.log", env)
+
+        await status_when(handle, lambda s: s.level == 2)
+        ack = await handle.execute_update(Incident.acknowledge, AckRequest(by="bob", note="on it"))
+        assert ack.level == 2
+        await status_when(handle, lambda s: s.level == 3 and any("paging level 3" in e.text and e.at > ack.at
+                                                                  for e in s.timeline[-3:]), timeout=30)
+        await asyncio.sleep(1.2)  # one re-page of level 3
+        await handle.execute_update(Incident.resolve, ResolveRequest(by="alice", reason="mitigated by hand"))
+        result = await handle.result()
+    finally:
+        for proc in (first, second):
+            if proc and proc.poll() is None:
+                proc.terminate()
+                proc.wait(10)
+
+    ledger = redis.Redis.from_url(stack.redis_url)
+    keys = sorted(k.decode().removeprefix(f"drp:notify:{inc}/") for k in ledger.keys(f"drp:notify:{inc}/*"))
+    by_channel = {}
+    for key in keys:
+        tick, channel = key.rsplit("/", 1)
+        by_channel.setdefault(channel, []).append(tick)
+    # No double posts: each channel received exactly what the ledger says was delivered, once per key.
+    assert len(world.slack.messages) == len(by_channel["incidents_slack"])
+    assert len(world.pages()) == len(by_channel["oncall_pager"])
+    assert len(world.mail.messages) == sum(len(by_channel.get(c, [])) for c in
+                                           ("customer_email", "exec_email", "dba_email", "ceo_email"))
+    # The status update ticks, every 2 s from the opening, each once; while no worker ran, the ticks
+    # that fell due were folded into the latest one, then the cadence went on without a gap.
+    ticks = sorted(int(t.rsplit("-", 1)[1]) for t in by_channel["incidents_slack"] if t.startswith("status_update"))
+    after_restart = [t for t in ticks if t * 2 > killed_at]
+    assert len(after_restart) >= 2 and after_restart == list(range(after_restart[0], after_restart[-1] + 1))
+    assert ticks[-1] == int((result.resolved_at - result.opened_at).total_seconds() // 2)
+    # The right people on the right channels: level 2 by email to the DBAs, level 3 to the executives.
+    subjects = {tuple(rcpt): [] for rcpt, _ in world.mail.messages}
+    for rcpt, mail in world.mail.messages:
+        subjects[tuple(rcpt)].append(mail["Subject"])
+    assert subjects[("dba@corporate-intel.example",)][0].startswith("[P0] PAGE level 2")
+    exec_mail = subjects[("cto@corporate-intel.example", "eng-manager@corporate-intel.example")]
+    assert exec_mail[0].startswith("[P0] API answering 5xx - executive notice")
+    assert sum(s.startswith("[P0] PAGE level 3") for s in exec_mail) >= 2  # paged, then re-paged
+    # The acknowledgement stopped level 2's re-paging; level 3 was paged when its time came.
+    pages = [e for e in result.timeline if e.kind == "page"]
+    assert not [e for e in pages if "level 2" in e.text and e.at > ack.at]
+    assert sum("level 1" in e.text for e in pages) >= 2  # level 1 was re-paged until level 2 took over
+    assert result.status == "closed" or result.status == "resolved"
 
 
 def _human(iso: str) -> str:

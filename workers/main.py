@@ -162,7 +162,8 @@ def build_worker(client: Client, settings: Settings, executor: ThreadPoolExecuto
     runner = SandboxedWorkflowRunner(restrictions=SandboxRestrictions.default.with_passthrough_modules("models"))
     return Worker(client, task_queue=settings.task_queue, workflows=WORKFLOWS,
                   activities=build_activities(settings), activity_executor=executor,
-                  interceptors=[LoggingInterceptor()], workflow_runner=runner)
+                  interceptors=[LoggingInterceptor()], workflow_runner=runner,
+                  sticky_queue_schedule_to_start_timeout=settings.sticky_queue_timeout)
 
 
 async def run(settings: Settings) -> None:

@@ -8,6 +8,7 @@ histories or logs.
 """
 
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -23,6 +24,7 @@ from models.config import (
     NotifySettings,
     RdsSettings,
 )
+from models.durations import Duration
 
 
 class PostgresSettings(BaseModel):
@@ -107,6 +109,9 @@ class Settings(BaseSettings):
     temporal_address: str = "127.0.0.1:7233"
     temporal_namespace: str = "default"
     task_queue: str = "drp-recovery"
+    # How long a workflow waits for the worker that last ran it before any worker may take it:
+    # the pause a worker crash adds to a running incident or runbook.
+    sticky_queue_timeout: Duration = timedelta(seconds=10)
     playbook_path: Path = Path(__file__).resolve().parent.parent / "playbook.yaml"
     log_level: str = "INFO"
     postgres: PostgresSettings

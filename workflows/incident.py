@@ -296,12 +296,14 @@ class Incident:
     async def _communicate_until_resolved(self) -> None:
         while self.resolution is None:
             now = workflow.now()
-            upcoming = self._schedule(now)
-            for at, key, action in upcoming:
-                if at <= now and key not in self.fired:
-                    self.fired.add(key)
-                    action()
-            later = [at for at, key, _ in upcoming if at > now and key not in self.fired]
+            # One due item at a time, the schedule recomputed after each: an escalation changes what
+            # (and whom) the next re-page is for. After an outage only the latest tick of a series is
+            # due: people get the current status once, not a burst of stale ones.
+            while due := next(((key, action) for at, key, action in self._schedule(now)
+                               if at <= now and key not in self.fired), None):
+                self.fired.add(due[0])
+                due[1]()
+            later = [at for at, key, _ in self._schedule(now) if at > now and key not in self.fired]
             self.changed = False
             try:
                 await workflow.wait_condition(lambda: self.changed or self.resolution is not None,
@@ -320,16 +322,13 @@ class Incident:
                 items.append((t0 + lv.after, f"level-{lv.level}",
                               lambda lv=lv, why=why: self._escalate(lv.level, why, f"level-{lv.level}")))
         if paging and self.level > self.acked_level and self.level_since is not None:
-            n = max(1, int((now - self.level_since) / plan.repage_every))
-            items.append((self.level_since + n * plan.repage_every, f"repage-L{self.level}-{n}",
-                          lambda: self._page(f"repage-L{self.level}-{n}")))
+            items += _ticks(self.level_since, plan.repage_every, now, f"repage-L{self.level}",
+                            lambda tick: self._page(tick))
         for kind, every in (("status_update", plan.status_update_every),
                             ("status_page", plan.status_page_update_every)):
             if every:
-                n = max(1, int((now - t0) / every))
-                tick = f"{kind}-{int(every.total_seconds())}s-{n}"
-                items.append((t0 + n * every, tick,
-                              lambda kind=kind, tick=tick: self._notify(kind, plan.notify.get(kind, []), tick)))
+                items += _ticks(t0, every, now, f"{kind}-{int(every.total_seconds())}s",
+                                lambda tick, kind=kind: self._notify(kind, plan.notify.get(kind, []), tick))
         if self.pending_approval is not None:
             step, since = self.pending_approval
             tick = f"approval-{step}-escalated"
@@ -427,6 +426,13 @@ class Incident:
             lines.append(f"Report: {self.report_uri}")
         lines += ["", "Latest:", *(f"- {e.at:%H:%M:%S} {e.kind}: {e.text}" for e in self.timeline[-5:])]
         workflow.set_current_details("\n".join(lines))
+
+
+def _ticks(start: datetime, every: timedelta, now: datetime, series: str, send):
+    """A repeating series' latest tick at or before now and the one after it (tick 0 is the start itself,
+    which is not repeated): the caller fires the first if it is new and sleeps until the second."""
+    n = max(1, int((now - start) / every))
+    return [(start + k * every, f"{series}-{k}", lambda k=k: send(f"{series}-{k}")) for k in (n, n + 1)]
 
 
 def _innermost(err: BaseException) -> str:
