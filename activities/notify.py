@@ -50,7 +50,8 @@ class NotifyActivities:
         channel = self.playbook.communication.channels.get(n.channel)
         if channel is None:
             raise _bad("UnknownChannel", f"channel {n.channel!r} is not in the playbook's communication.channels")
-        message = render(n.kind, self.playbook.communication.templates[n.kind], n.context)
+        context = {"status_page_url": self.settings.status_page_public_url, **n.context}
+        message = render(n.kind, self.playbook.communication.templates[n.kind], context)
         reference = {"slack": self._slack, "email": self._email, "sns": self._sns,
                      "statuspage": self._statuspage}[channel.kind](n, channel, message)
         delivery = Delivery(key=n.key, channel=n.channel, kind=n.kind, subject=message.subject,

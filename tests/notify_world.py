@@ -4,7 +4,7 @@ for Slack and Statuspage. Plus a playbook with the durations shrunk to seconds."
 
 import json
 import uuid
-from email import message_from_bytes
+from email import message_from_bytes, policy
 from pathlib import Path
 
 import boto3
@@ -27,7 +27,7 @@ class Mailbox:
 
         class Handler:
             async def handle_DATA(self, server, session, envelope):  # noqa: N802 (aiosmtpd's hook name)
-                outer.messages.append((envelope.rcpt_tos, message_from_bytes(envelope.content)))
+                outer.messages.append((envelope.rcpt_tos, message_from_bytes(envelope.content, policy=policy.default)))
                 return "250 OK"
 
         self.port = free_port()

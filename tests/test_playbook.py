@@ -40,6 +40,17 @@ def test_shipped_playbook_carries_the_documented_targets():
     (lambda raw: raw["sla"].update(availability_percent=120), "sla.availability_percent"),
     (lambda raw: raw["procedures"]["db-corruption"].update(rto="nonexistent"), "procedures.db-corruption.rto"),
     (lambda raw: raw["severities"]["P0"].update(respose_team=["cto"]), "severities.P0.respose_team"),
+    (lambda raw: raw["severities"]["P0"]["notify"].update(status_update=["slak"]),
+     "severities.P0.notify.status_update: 'slak' not in communication.channels"),
+    (lambda raw: raw["severities"]["P1"]["approvers"].update({"*": ["janitor"]}),
+     "severities.P1.approvers.*: 'janitor' not in any person's roles"),
+    (lambda raw: raw["severities"]["P2"].update(approvers={"db-corruption": ["on_call_engineer"]}),
+     'needs a "*" entry'),
+    (lambda raw: raw["escalation"]["levels"][2].update(after="10m"), "level 3 must follow level 2 and come later"),
+    (lambda raw: raw["classification"]["rules"][0].update(procedure="db-corrupt"),
+     "classification.rules.0.procedure: 'db-corrupt' is not a procedure"),
+    (lambda raw: raw["classification"]["rules"][0]["match"].update(alertname="Postgres("), "is not a regular expression"),
+    (lambda raw: raw["communication"]["channels"]["dba_email"].pop("to"), "an email channel needs `to` recipients"),
 ])
 def test_wrong_value_is_an_error_naming_the_field_and_the_file(tmp_path, mutate, field):
     path = write_variant(tmp_path, mutate)
