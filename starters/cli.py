@@ -39,6 +39,7 @@ from workflows.db_failover import workflow_id as failover_id
 from workflows.region_failback import workflow_id as region_failback_id
 from workflows.region_failover import workflow_id as region_failover_id
 
+DEFAULT_PLAYBOOK = Path(__file__).resolve().parent.parent / "playbook.yaml"
 RUNBOOK_IDS = [db_corruption_id, deletion_id, failover_id, failback_id, region_failover_id, region_failback_id]
 
 
@@ -165,6 +166,9 @@ async def cmd_incident(args) -> None:
                "runbook_input": json.loads(args.input) if args.input else {},
                "labels": dict(kv.split("=", 1) for kv in args.label), "services": args.service,
                "opened_by": args.by}
+        playbook = load_playbook(os.environ.get("DRP_PLAYBOOK_PATH", DEFAULT_PLAYBOOK))
+        if args.procedure and args.procedure != "none" and args.procedure not in playbook.procedures:
+            raise CliError(f"unknown procedure {args.procedure!r}: one of {', '.join(playbook.procedures)}, or none")
         incident_id = args.incident or await next_incident_id(client)
         try:
             inp = IncidentInput.model_validate({"incident_id": incident_id, **{k: v for k, v in raw.items() if v}})
@@ -355,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("playbook", help="validate a playbook file")
     p.add_argument("action", choices=["check"])
-    p.add_argument("file", nargs="?", default=str(Path(__file__).resolve().parent.parent / "playbook.yaml"))
+    p.add_argument("file", nargs="?", default=str(DEFAULT_PLAYBOOK))
     p.set_defaults(func=cmd_playbook)
     return parser
 

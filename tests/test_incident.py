@@ -22,6 +22,7 @@ from starters.incident import open_incident
 from tests.conftest import running_worker
 from tests.notify_world import incident_settings, short_playbook
 from tests.test_crash_survival import spawn_worker
+from tests.test_stack import drp
 from workers.main import build_s3
 from workflows.incident import Incident
 
@@ -210,6 +211,45 @@ async def test_cadence_and_escalation_survive_a_worker_sigkill_without_double_po
     assert not [e for e in pages if "level 2" in e.text and e.at > ack.at]
     assert sum("level 1" in e.text for e in pages) >= 2  # level 1 was re-paged until level 2 took over
     assert result.status == "closed" or result.status == "resolved"
+
+
+async def test_the_cli_opens_acknowledges_resolves_and_prints_the_report(stack, client, notify_world, tmp_path):
+    playbook = short_playbook(tmp_path)
+    state = ["--state-dir", str(stack.state_dir)]
+
+    async def cli(*args: str):
+        return await asyncio.to_thread(drp, *state, *args)
+
+    async with running_worker(client, stack,
+                              settings=lambda q: incident_settings(stack, q, notify_world, playbook)) as queue:
+        wrong = await cli("incident", "open", "--title", "x", "--procedure", "db-corrupt", "--task-queue", queue)
+        assert wrong.returncode == 2 and "unknown procedure 'db-corrupt'" in wrong.stderr
+        opened = await cli("incident", "open", "--title", "Checkout latency", "--severity", "P1", "--procedure",
+                           "none", "--service", "checkout", "--task-queue", queue)
+        assert opened.returncode == 0, opened.stderr
+        inc = opened.stdout.split()[-1]
+        assert re.fullmatch(r"INC-\d{8}-\d{3}", inc)
+        handle = client.get_workflow_handle(inc)
+        await status_when(handle, lambda s: s.level == 1)
+        shown = await cli("incident", "status", inc)
+        assert f"{inc} P1 investigating level 1" in shown.stdout and "escalation" in shown.stdout
+
+        acked = await cli("ack", inc, "--by", "carol")
+        assert acked.returncode == 0 and "level 1 acknowledged by carol" in acked.stdout
+        again = await cli("ack", inc, "--by", "carol")
+        assert again.returncode == 2 and "already acknowledged" in again.stderr
+        outsider = await cli("incident", "resolve", inc, "--by", "carol", "--reason", "fine now")
+        assert outsider.returncode == 2 and "not on the P1 roster (alice, bob)" in outsider.stderr
+        early = await cli("report", inc)
+        assert early.returncode == 2 and "written when the incident is resolved" in early.stderr
+        resolved = await cli("incident", "resolve", inc, "--by", "bob", "--reason", "cache warmed")
+        assert resolved.returncode == 0, resolved.stderr
+        await handle.result()
+    report = await cli("report", inc)
+    assert report.returncode == 0, report.stderr
+    assert report.stdout.startswith("# Incident Report: Checkout latency")
+    assert "**Severity:** P1 (High)" in report.stdout and "Resolved by bob: cache warmed" in report.stdout
+    assert "level 1 acknowledged by carol" in report.stdout and "**Services Affected:** checkout" in report.stdout
 
 
 def _human(iso: str) -> str:
