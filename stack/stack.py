@@ -30,7 +30,8 @@ AUDITED_TABLES = ("public.companies", "public.filings", "public.metrics")
 STANDBY_NAME = "drp_standby"
 APP_ROLE = "app_user"
 BUCKET = "drp-backups"
-SEARCH_ATTRIBUTES = ("IncidentId", "Procedure", "Severity", "Status")
+ONCALL_TOPIC = "drp-oncall"  # SNS (moto): the on-call pager channel of the embedded stack
+SEARCH_ATTRIBUTES = ("IncidentId", "Procedure", "Severity", "IncidentStatus")
 DUMMY_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
@@ -48,6 +49,7 @@ class Ports(BaseModel):
     app: int
     redis: int = Field(default_factory=free_port)
     standby: int = Field(default_factory=free_port)
+    mailbox: int = Field(default_factory=free_port)
 
 
 class StackConfig(BaseModel):
@@ -98,6 +100,10 @@ class Stack:
     @property
     def moto_url(self) -> str:
         return f"http://127.0.0.1:{self.config.ports.moto}"
+
+    @property
+    def mailbox_dir(self) -> Path:
+        return self.state_dir / "mailbox"
 
     @property
     def redis_url(self) -> str:
@@ -158,6 +164,12 @@ class Stack:
             "platform": {"kind": "local", "local": {"app_spec": str(self.app_spec_file)}},
             "redis_url": self.redis_url,
             "evidence_destination": f"s3://{BUCKET}/evidence",
+            "reports_destination": f"s3://{BUCKET}/reports",
+            # Email to the stack's mailbox, pages to SNS in moto. Slack and Statuspage are SaaS: until their
+            # settings are given, the incident timeline records those messages as not configured.
+            "notify": {"smtp_host": "127.0.0.1", "smtp_port": self.config.ports.mailbox,
+                       "sns_topic_arn": f"arn:aws:sns:us-east-1:123456789012:{ONCALL_TOPIC}",
+                       "aws_endpoint_url": self.moto_url},
             "app": {"health_url": f"{self.app_url}/health",
                     "critical_url": f"{self.app_url}/api/v1/companies?limit=10",
                     "write_check_url": f"{self.app_url}/api/v1/write-check"},
@@ -171,6 +183,7 @@ class Stack:
         os.chmod(self.settings_file, 0o600)
         self._up_moto(log)
         self._up_redis(log)
+        self._up_mailbox(log)
         self._up_postgres(log)
         if with_temporal:
             self._up_temporal(log)
@@ -187,7 +200,18 @@ class Stack:
                           aws_access_key_id="testing", aws_secret_access_key="testing")
         if BUCKET not in [b["Name"] for b in s3.list_buckets().get("Buckets", [])]:
             s3.create_bucket(Bucket=BUCKET)
-        log(f"s3 (moto)      {self.moto_url}  bucket {BUCKET}")
+        boto3.client("sns", endpoint_url=self.moto_url, region_name="us-east-1", aws_access_key_id="testing",
+                     aws_secret_access_key="testing").create_topic(Name=ONCALL_TOPIC)  # idempotent
+        log(f"s3, sns (moto) {self.moto_url}  bucket {BUCKET}, topic {ONCALL_TOPIC}")
+
+    def _up_mailbox(self, log) -> None:
+        """A real SMTP server (aiosmtpd) that files every incident email in a Maildir."""
+        port = self.config.ports.mailbox
+        self.processes.spawn("mailbox", [sys.executable, "-m", "aiosmtpd", "-n", "-l", f"127.0.0.1:{port}",
+                                         "-c", "aiosmtpd.handlers.Mailbox", str(self.mailbox_dir)],
+                             self.logs / "mailbox.log")
+        wait_for_port(port, what="SMTP mailbox")
+        log(f"smtp mailbox   127.0.0.1:{port}  maildir {self.mailbox_dir}")
 
     def _up_redis(self, log) -> None:
         port = self.config.ports.redis
@@ -333,6 +357,7 @@ class Stack:
             ("temporal web ui", self.ui_url, "up" if port_open(ports.temporal_ui) else "down"),
             ("s3 (moto)", self.moto_url, "up" if port_open(ports.moto) else "down"),
             ("redis", self.redis_url, "up" if port_open(ports.redis) else "down"),
+            ("smtp mailbox", f"127.0.0.1:{ports.mailbox}", "up" if port_open(ports.mailbox) else "down"),
             ("postgres", f"127.0.0.1:{ports.postgres}", self._pg_health(pg)),
             ("standby", f"127.0.0.1:{ports.standby}", self._standby_health()),
             ("demo app", f"{self.app_url}/health", _http_health(f"{self.app_url}/health")),
@@ -374,6 +399,8 @@ class Stack:
                 log(f"stopped {name}")
         if self.processes.stop("redis"):
             log("stopped redis")
+        if self.processes.stop("mailbox"):
+            log("stopped mailbox")
         if self.processes.stop("moto"):
             log("stopped moto (S3 contents are in memory and are gone)")
 

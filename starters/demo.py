@@ -1,22 +1,34 @@
-"""The README's first command: a database-corruption drill on the embedded stack.
+"""The README's first command: a database-corruption drill on the embedded stack, run as an incident.
 
 Brings the stack up, records row counts, corrupts a table's data file on disk,
-starts the runbook, approves it as the drill's operator would, and prints the
-step timings, RTO and RPO, recovered row counts and the run's Web UI link.
+and opens an incident the way an alert would (labels alertname
+PostgresDataCorruption, datname corporate_intel): the playbook classifies it
+P0 and starts DatabaseCorruptionRecovery as its child. The drill approves the
+restore as the on-duty DBA, confirms the recovery as incident commander, and
+prints the step timings, RTO and RPO, recovered row counts, where the messages
+went, the post-incident report and the Web UI links.
 """
 
+import asyncio
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from temporalio.service import RPCError
+
+from activities.report import read_report
 from models.approval import ApprovalRequest
-from models.db_corruption import CorruptionRecoveryResult, DatabaseCorruptionInput
+from models.db_corruption import CorruptionRecoveryResult
+from models.incident import IncidentInput, IncidentStatus, ResolveRequest
 from stack.corrupt import corrupt_table
 from stack.stack import DATABASE, Stack
 from starters._start import wait_for_approval
-from starters.db_corruption import start_db_corruption
+from starters.incident import open_incident
+from workers.main import build_s3
+from workers.settings import Settings
 from workers.temporal_client import connect
-from workflows.db_corruption import DatabaseCorruptionRecovery
+from workflows.db_corruption import DatabaseCorruptionRecovery, workflow_id
+from workflows.incident import Incident
 
 CORRUPTED_TABLE = "companies"
 
@@ -32,24 +44,54 @@ async def run_demo(stack: Stack) -> CorruptionRecoveryResult:
     damaged = corrupt_table(pg, DATABASE, CORRUPTED_TABLE)
     print(f"corrupted {CORRUPTED_TABLE}: overwrote bytes of {damaged}")
 
-    incident = "DRILL-" + started.strftime("%Y%m%d-%H%M%S")
+    incident_id = "DRILL-" + started.strftime("%Y%m%d-%H%M%S")
     client = await connect(stack.temporal_address)
-    handle = await start_db_corruption(client, DatabaseCorruptionInput(
-        incident_id=incident, database=DATABASE, incident_started_at=started, expected_row_counts=counts,
-    ), stack.task_queue)
-    print(f"\nwatch the run: {stack.ui_url}/namespaces/default/workflows/{handle.id}\n")
+    incident = await open_incident(client, IncidentInput(
+        incident_id=incident_id, title="Monthly restore drill: companies table corrupted on disk",
+        labels={"alertname": "PostgresDataCorruption", "datname": DATABASE}, services=["corporate-intel-api"],
+        runbook_input={"incident_started_at": started.isoformat(), "expected_row_counts": counts},
+        opened_by="drp demo"), stack.task_queue)
+    ui = f"{stack.ui_url}/namespaces/default/workflows"
+    print(f"\nwatch the incident: {ui}/{incident_id}\n")
 
-    step = await wait_for_approval(handle)
+    runbook = client.get_workflow_handle(workflow_id(incident_id))
+    step = await _when_started(lambda: wait_for_approval(runbook))
     if step:
-        print(f"assessment done; approving {step!r} as the drill operator")
-        await handle.execute_update(DatabaseCorruptionRecovery.approve,
-                                    ApprovalRequest(approver="alice", reason="scheduled monthly restore drill"))
-    result = await handle.result()
+        print(f"assessment done; approving {step!r} as bob, the DBA on the P0 roster")
+        await runbook.execute_update(DatabaseCorruptionRecovery.approve,
+                                     ApprovalRequest(approver="bob", reason="scheduled monthly restore drill"))
+    result = CorruptionRecoveryResult.model_validate(await runbook.result())
     print_result(result)
-    print(f"\nWeb UI: {stack.ui_url}/namespaces/default/workflows/{handle.id}")
+    await _incident_when(incident, lambda s: s.status == "recovered")
+    await incident.execute_update(Incident.resolve, ResolveRequest(by="alice", reason="drill verified"))
+    status = await _incident_when(incident, lambda s: s.report_uri is not None)
+    print(f"\nincident {status.status}; its messages went to the stack's mailbox ({stack.mailbox_dir}) and to SNS "
+          "in moto. Slack and the status page are not configured on the embedded stack: the report's timeline "
+          "lists those messages as FAILED with the setting that is missing.")
+    settings = Settings(**stack.worker_settings())
+    print("\n" + (read_report(build_s3(settings), settings.reports_destination, incident_id) or ""))
+    print(f"Web UI: {ui}/{incident_id} (the incident) and {ui}/{runbook.id} (the runbook)")
     drp = Path(sys.executable).parent / "drp"
-    print(f"The stack keeps running for you to look around; stop it with: {drp} stack down")
+    print(f"The stack keeps running for you to look around; `{drp} report {incident_id}` prints the report "
+          f"again; stop the stack with: {drp} stack down")
     return result
+
+
+async def _when_started(poll, timeout: float = 60):
+    """`await poll()` (a poll of the runbook), retried until the incident has started the runbook."""
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                return await poll()
+            except RPCError:  # the incident has not started it yet
+                await asyncio.sleep(0.1)
+
+
+async def _incident_when(incident, check, timeout: float = 60) -> IncidentStatus:
+    async with asyncio.timeout(timeout):
+        while not check(status := await incident.query(Incident.status)):
+            await asyncio.sleep(0.1)
+    return status
 
 
 def print_result(result: CorruptionRecoveryResult) -> None:

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_every_part_is_up_and_postgres_archives_wal_with_checksums(stack):
     status = {part: health for part, _address, health in stack.status()}
     assert status["temporal"] == status["temporal web ui"] == status["s3 (moto)"] == status["demo app"] == "up"
+    assert status["smtp mailbox"] == "up"
     assert status["postgres"].startswith("up (wal archived") and "archive failures 0" in status["postgres"]
     assert status["worker"] == "down"  # tests run their own workers
     with stack.postgres().connect(DATABASE) as conn:

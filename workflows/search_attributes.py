@@ -5,4 +5,4 @@ from temporalio.common import SearchAttributeKey
 INCIDENT_ID = SearchAttributeKey.for_keyword("IncidentId")
 PROCEDURE = SearchAttributeKey.for_keyword("Procedure")
 SEVERITY = SearchAttributeKey.for_keyword("Severity")
-STATUS = SearchAttributeKey.for_keyword("Status")  # an Incident's state: investigating ... resolved
+STATUS = SearchAttributeKey.for_keyword("IncidentStatus")  # investigating ... resolved
