@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 import pytest
 import redis
 import yaml
-from temporalio.client import WorkflowUpdateFailedError
+from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 
 from activities.report import read_report
 from models.approval import ApprovalRequest
@@ -135,6 +135,7 @@ async def test_alert_labels_open_a_p0_that_recovers_escalates_and_reports(stack,
     assert timeline.count("| message |") == kinds[:kinds.index("report")].count("message") > 5
     assert "**RTO Target:** 2h 00m 00s" in report and "**RPO Target:** 5m 00s" in report
     assert f"**Actual:** {_human(child['rto_actual'])}" in report
+    assert f"**RPO Target:** 5m 00s | **Actual:** {_human(child['rpo_actual'])}" in report
     assert "'restore' approved by bob: restore from backup" in report.split("## Approvals")[1]
     assert "level 2 acknowledged by carol" in report.split("## Escalations")[1]
     assert "## Root Cause" in report and "## Action Items" in report
@@ -211,6 +212,29 @@ async def test_cadence_and_escalation_survive_a_worker_sigkill_without_double_po
     assert not [e for e in pages if "level 2" in e.text and e.at > ack.at]
     assert sum("level 1" in e.text for e in pages) >= 2  # level 1 was re-paged until level 2 took over
     assert result.status == "closed" or result.status == "resolved"
+
+
+async def test_a_failed_runbook_is_closed_by_a_person_and_reported_as_failed(stack, client, notify_world,
+                                                                              tmp_path):
+    playbook = short_playbook(tmp_path)
+    inc = incident_id()
+    async with running_worker(client, stack,
+                              settings=lambda q: incident_settings(stack, q, notify_world, playbook)) as queue:
+        with pytest.raises(WorkflowFailureError) as mismatch:  # the Web UI's ID field must be the incident ID
+            await (await client.start_workflow(Incident.run, IncidentInput(incident_id=inc, title="x"),
+                                               id=f"other-{inc}", task_queue=queue)).result()
+        assert mismatch.value.cause.type == "WorkflowIdMismatch"
+        handle = await open_incident(client, IncidentInput(
+            incident_id=inc, title="corruption alert for a database that is not there",
+            labels={"alertname": "PostgresDataCorruption", "datname": "no_such_db"}), queue)
+        status = await status_when(handle, lambda s: s.status == "runbook failed")
+        assert any("UnknownDatabase" in e.text or "no_such_db" in e.text for e in status.timeline)
+        await handle.execute_update(Incident.resolve, ResolveRequest(by="alice", reason="false alarm, db renamed"))
+        result = await handle.result()
+    assert result.status == "closed"
+    report = read_report(build_s3(incident_settings(stack, "q", notify_world, playbook)), "s3://drp-backups/reports",
+                         inc)
+    assert "The db-corruption runbook failed:" in report and "Closed by alice: false alarm, db renamed" in report
 
 
 async def test_the_cli_opens_acknowledges_resolves_and_prints_the_report(stack, client, notify_world, tmp_path):

@@ -102,6 +102,10 @@ class Incident:
 
     @workflow.run
     async def run(self, inp: IncidentInput) -> IncidentResult:
+        if workflow.info().workflow_id != inp.incident_id:
+            raise ApplicationError(f"start the incident with workflow ID {inp.incident_id!r} (the incident ID): "
+                                   "acknowledgements, reports and alerts find it by that ID",
+                                   type="WorkflowIdMismatch", non_retryable=True)
         # The escalation clock starts when the incident is declared; an alert's own start is recorded.
         opened_at = self.opened_at = workflow.info().start_time
         self._event("opened", f"{inp.title} - opened by {inp.opened_by}" +
