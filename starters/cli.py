@@ -366,14 +366,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    code = 0
     try:
         result = args.func(args)
         if asyncio.iscoroutine(result):
             asyncio.run(result)
     except CliError as err:
         print(f"drp: {err}", file=sys.stderr)
-        return 2
-    return 0
+        code = 2
+    # The Temporal client's Rust threads can abort the interpreter's teardown (SIGABRT,
+    # "PyGILState_Release ... finalizing": temporalio/sdk-python#300). Everything is done and
+    # flushed here, so the process ends without that teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

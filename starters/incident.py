@@ -4,6 +4,7 @@ The incident ID is the workflow ID; an ID that is already open is refused,
 never joined by accident (alerts join by their group instead, see alerts.py).
 """
 
+import re
 from datetime import datetime, timezone
 
 from temporalio.client import Client, WorkflowHandle
@@ -25,10 +26,14 @@ def incident_search_attributes(inp: IncidentInput) -> TypedSearchAttributes:
 
 
 async def next_incident_id(client: Client, now: datetime | None = None) -> str:
-    """INC-YYYYMMDD-NNN: one more than today's highest (the playbook's numbering)."""
+    """INC-YYYYMMDD-NNN: one more than today's highest (the playbook's numbering).
+
+    Incidents opened by alerts share the prefix with an 8-character group hash
+    (INC-YYYYMMDD-1a2b3c4d, sometimes all digits): only 3 to 6 digit numbers count."""
     day = f"INC-{(now or datetime.now(timezone.utc)):%Y%m%d}-"
     taken = [int(w.id.removeprefix(day)) async for w in client.list_workflows(
-        f"WorkflowType = 'Incident' AND WorkflowId STARTS_WITH '{day}'") if w.id.removeprefix(day).isdigit()]
+        f"WorkflowType = 'Incident' AND WorkflowId STARTS_WITH '{day}'")
+        if re.fullmatch(r"\d{3,6}", w.id.removeprefix(day))]
     return f"{day}{max(taken, default=0) + 1:03d}"
 
 

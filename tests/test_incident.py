@@ -258,12 +258,18 @@ async def test_the_cli_opens_acknowledges_resolves_and_prints_the_report(stack, 
         shown = await cli("incident", "status", inc)
         assert f"{inc} P1 investigating level 1" in shown.stdout and "escalation" in shown.stdout
 
+        raised = await cli("incident", "severity", inc, "--severity", "P0", "--by", "alice", "--reason", "checkout down")
+        assert raised.returncode == 0 and f"{inc}: now P0" in raised.stdout, raised.stderr
+        same = await cli("incident", "severity", inc, "--severity", "P0", "--by", "alice", "--reason", "again")
+        assert same.returncode == 2 and "already P0" in same.stderr
+        status = await status_when(handle, lambda s: s.severity.value == "P0")
+        assert any(e.kind == "severity" and "P1 -> P0 by alice: checkout down" in e.text for e in status.timeline)
         acked = await cli("ack", inc, "--by", "carol")
         assert acked.returncode == 0 and "level 1 acknowledged by carol" in acked.stdout
         again = await cli("ack", inc, "--by", "carol")
         assert again.returncode == 2 and "already acknowledged" in again.stderr
         outsider = await cli("incident", "resolve", inc, "--by", "carol", "--reason", "fine now")
-        assert outsider.returncode == 2 and "not on the P1 roster (alice, bob)" in outsider.stderr
+        assert outsider.returncode == 2 and "not on the P0 roster (alice, bob, frank)" in outsider.stderr
         early = await cli("report", inc)
         assert early.returncode == 2 and "written when the incident is resolved" in early.stderr
         resolved = await cli("incident", "resolve", inc, "--by", "bob", "--reason", "cache warmed")
@@ -272,7 +278,7 @@ async def test_the_cli_opens_acknowledges_resolves_and_prints_the_report(stack, 
     report = await cli("report", inc)
     assert report.returncode == 0, report.stderr
     assert report.stdout.startswith("# Incident Report: Checkout latency")
-    assert "**Severity:** P1 (High)" in report.stdout and "Resolved by bob: cache warmed" in report.stdout
+    assert "**Severity:** P0 (Critical)" in report.stdout and "Resolved by bob: cache warmed" in report.stdout
     assert "level 1 acknowledged by carol" in report.stdout and "**Services Affected:** checkout" in report.stdout
 
 
