@@ -98,7 +98,9 @@ class Incident:
         self.runbook_error: str | None = None
         self.report_uri: str | None = None
         self.deliveries: list[asyncio.Task] = []
-        self.changed = False
+        self.changed = False  # set by signals and updates: the cadence loop re-plans its next wake-up
+        self.opened_at: datetime | None = None
+        self.labels: tuple[str, str, str] | None = None  # search attributes as last upserted
 
     @workflow.run
     async def run(self, inp: IncidentInput) -> IncidentResult:
@@ -416,9 +418,12 @@ class Incident:
     def _show(self) -> None:
         """Search attributes and current details: what the Web UI lists and shows."""
         plan = self.plan
-        workflow.upsert_search_attributes([
-            INCIDENT_ID.value_set(self.inp.incident_id), SEVERITY.value_set(plan.severity.value),
-            PROCEDURE.value_set(plan.procedure or "none"), STATUS.value_set(self.status)])
+        labels = (plan.severity.value, plan.procedure or "none", self.status)
+        if labels != self.labels:  # an upsert is a history event: only on change
+            self.labels = labels
+            workflow.upsert_search_attributes([
+                INCIDENT_ID.value_set(self.inp.incident_id), SEVERITY.value_set(labels[0]),
+                PROCEDURE.value_set(labels[1]), STATUS.value_set(labels[2])])
         step = self.progress.current_step if self.progress else None
         lines = [f"**{plan.severity.value} {self.status}** - {self.inp.title}",
                  f"Escalation level {self.level} (acknowledged up to {self.acked_level})",
