@@ -3,8 +3,10 @@ authentication, validation and signal-with-start keyed by the alert group."""
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -19,7 +21,7 @@ from activities.processes import free_port, wait_for_port
 from models.config import AlertReceiverSettings
 from starters.alerts import PATH, build_app, sign
 from tests.conftest import running_worker
-from tests.notify_world import incident_settings, short_playbook
+from tests.notify_world import ROOT, incident_settings, short_playbook
 from workflows.incident import Incident
 
 TOKEN, SECRET = "bearer-for-tests", "hmac-for-tests"
@@ -184,3 +186,27 @@ async def test_receiver_refuses_strangers_and_malformed_payloads_and_starts_noth
     started = await until(lambda: incidents_on(client, queue))
     assert len(started) == 1
     await client.get_workflow_handle(started[0].id).terminate("test over")
+
+
+async def test_drp_alerts_serve_needs_a_secret_and_accepts_an_authenticated_webhook(stack, client):
+    from tests.test_stack import drp
+
+    base = {**os.environ, "DRP_SETTINGS_FILE": str(stack.settings_file)}
+    refused = await asyncio.to_thread(drp, "alerts", "serve", env=base)
+    assert refused.returncode == 2 and "never runs unauthenticated" in refused.stderr
+    port, queue = free_port(), f"test-{uuid.uuid4().hex[:10]}"
+    env = {**base, "DRP_ALERTS__BEARER_TOKEN": TOKEN, "DRP_ALERTS__PORT": str(port), "DRP_TASK_QUEUE": queue}
+    server = subprocess.Popen([sys.executable, "-m", "starters.cli", "alerts", "serve"], env=env, cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        await asyncio.to_thread(wait_for_port, port, what="drp alerts serve")
+        async with httpx.AsyncClient() as http:
+            answer = await http.post(f"http://127.0.0.1:{port}{PATH}", json=payload(f"g-{uuid.uuid4().hex}"),
+                                     headers={"Authorization": f"Bearer {TOKEN}"})
+        assert answer.status_code == 202
+        [incident] = await until(lambda: incidents_on(client, queue))
+        assert incident.id == answer.json()["incident_id"]
+        await client.get_workflow_handle(incident.id).terminate("test over")
+    finally:
+        server.terminate()
+        server.wait(10)

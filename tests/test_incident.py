@@ -12,6 +12,7 @@ import pytest
 import redis
 import yaml
 from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
+from temporalio.service import RPCError
 
 from activities.report import read_report
 from models.approval import ApprovalRequest
@@ -212,6 +213,31 @@ async def test_cadence_and_escalation_survive_a_worker_sigkill_without_double_po
     assert not [e for e in pages if "level 2" in e.text and e.at > ack.at]
     assert sum("level 1" in e.text for e in pages) >= 2  # level 1 was re-paged until level 2 took over
     assert result.status == "closed" or result.status == "resolved"
+
+
+async def test_escalation_timers_survive_a_temporal_server_restart(stack, client, notify_world, tmp_path):
+    playbook = short_playbook(tmp_path)  # P0: status updates every 2 s, level 2 after 5 s
+    inc = incident_id()
+    async with running_worker(client, stack,
+                              settings=lambda q: incident_settings(stack, q, notify_world, playbook)) as queue:
+        handle = await open_incident(client, IncidentInput(incident_id=inc, title="API answering 5xx",
+                                                           severity="P0", procedure="none"), queue)
+        await status_when(handle, lambda s: s.level == 1)
+        stack.restart_temporal()  # same port and store: the timers are in it
+        async with asyncio.timeout(60):
+            while True:  # the client and the worker reconnect by themselves
+                try:
+                    status = await status_when(handle, lambda s: s.level == 2, timeout=30)
+                    break
+                except RPCError:  # the server is still starting
+                    await asyncio.sleep(0.5)
+        assert any("level 2 Senior Engineer + DBA: unresolved after 5s" in e.text for e in status.timeline)
+        await handle.execute_update(Incident.resolve, ResolveRequest(by="alice", reason="after a restart"))
+        result = await handle.result()
+    escalated = next(e.at for e in result.timeline if e.kind == "escalation" and "level 2" in e.text)
+    assert 5 <= (escalated - result.opened_at).total_seconds() < 15
+    texts = notify_world.slack_texts()
+    assert len(texts) == len(set(texts)) and sum("PAGE level 2" in t for t in texts) == 1
 
 
 async def test_a_failed_runbook_is_closed_by_a_person_and_reported_as_failed(stack, client, notify_world,
