@@ -51,8 +51,7 @@ async def run_demo(stack: Stack) -> CorruptionRecoveryResult:
         labels={"alertname": "PostgresDataCorruption", "datname": DATABASE}, services=["corporate-intel-api"],
         runbook_input={"incident_started_at": started.isoformat(), "expected_row_counts": counts},
         opened_by="drp demo"), stack.task_queue)
-    ui = f"{stack.ui_url}/namespaces/default/workflows"
-    print(f"\nwatch the incident: {ui}/{incident_id}\n")
+    print(f"\nwatch the incident: {await _link(stack, incident)}\n")
 
     runbook = client.get_workflow_handle(workflow_id(incident_id))
     step = await _when_started(lambda: wait_for_approval(runbook))
@@ -70,11 +69,17 @@ async def run_demo(stack: Stack) -> CorruptionRecoveryResult:
           "lists those messages as FAILED with the setting that is missing.")
     settings = Settings(**stack.worker_settings())
     print("\n" + (read_report(build_s3(settings), settings.reports_destination, incident_id) or ""))
-    print(f"Web UI: {ui}/{incident_id} (the incident) and {ui}/{runbook.id} (the runbook)")
+    print(f"Web UI: {await _link(stack, incident)} (the incident)\n        {await _link(stack, runbook)} (the runbook)")
     drp = Path(sys.executable).parent / "drp"
     print(f"The stack keeps running for you to look around; `{drp} report {incident_id}` prints the report "
           f"again; stop the stack with: {drp} stack down")
     return result
+
+
+async def _link(stack: Stack, handle) -> str:
+    """The Web UI's page of a run: its history, addressed by workflow and run ID."""
+    run_id = (await handle.describe()).run_id
+    return f"{stack.ui_url}/namespaces/default/workflows/{handle.id}/{run_id}/history"
 
 
 async def _when_started(poll, timeout: float = 60):
