@@ -66,8 +66,9 @@ def _temporal_target(args) -> tuple[str, str]:
             getattr(args, "task_queue", None) or queue or "drp-recovery")
 
 
-def _settings(args):
-    """Worker settings: the environment (DRP_SETTINGS_FILE, DRP_*), else the local stack's settings file."""
+def _settings(args, kind=None):
+    """Settings (the worker's, unless `kind`): the environment (DRP_SETTINGS_FILE, DRP_*), else the local
+    stack's settings file."""
     from stack.stack import default_state_dir
     from workers.settings import Settings
 
@@ -75,7 +76,7 @@ def _settings(args):
     if "DRP_SETTINGS_FILE" not in os.environ and stack_file.exists():
         os.environ["DRP_SETTINGS_FILE"] = str(stack_file)
     try:
-        return Settings()
+        return (kind or Settings)()
     except ValidationError as err:
         raise CliError(f"worker settings incomplete: {_errors(err)} (set DRP_SETTINGS_FILE or DRP_* variables)") \
             from err
@@ -223,9 +224,10 @@ def cmd_report(args) -> None:
 
 async def cmd_alerts(args) -> None:
     from starters.alerts import serve
+    from workers.settings import ReceiverSettings
     from workers.temporal_client import connect
 
-    settings = _settings(args)
+    settings = _settings(args, ReceiverSettings)
     if settings.alerts is None:
         raise CliError("set alerts.bearer_token or alerts.hmac_secret (DRP_ALERTS__BEARER_TOKEN): "
                        "the receiver never runs unauthenticated")

@@ -103,12 +103,31 @@ class StandbySettings(BaseModel):
     data_dir: Path
 
 
-class Settings(BaseSettings):
+class _DrpSettings(BaseSettings):
+    """DRP_* variables, then the JSON file named by DRP_SETTINGS_FILE."""
+
     model_config = SettingsConfigDict(env_prefix="DRP_", env_nested_delimiter="__", extra="ignore")
 
     temporal_address: str = "127.0.0.1:7233"
     temporal_namespace: str = "default"
     task_queue: str = "drp-recovery"
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        sources = [init_settings, env_settings]
+        path = os.environ.get("DRP_SETTINGS_FILE")
+        if path:
+            sources.append(JsonConfigSettingsSource(settings_cls, json_file=path))
+        return tuple(sources)
+
+
+class ReceiverSettings(_DrpSettings):
+    """`drp alerts serve` talks only to Temporal: it needs none of the worker's systems."""
+
+    alerts: AlertReceiverSettings | None = None
+
+
+class Settings(_DrpSettings):
     # How long a workflow waits for the worker that last ran it before any worker may take it:
     # the pause a worker crash adds to a running incident or runbook.
     sticky_queue_timeout: Duration = timedelta(seconds=10)
@@ -125,12 +144,3 @@ class Settings(BaseSettings):
     evidence_destination: str = "s3://drp-backups/evidence"  # recovered rows, as CSV, per incident
     reports_destination: str = "s3://drp-backups/reports"  # post-incident reports, <incident>.md
     notify: NotifySettings = NotifySettings()  # incident messages; the delivery ledger uses redis_url
-    alerts: AlertReceiverSettings | None = None  # `drp alerts serve`
-
-    @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
-        sources = [init_settings, env_settings]
-        path = os.environ.get("DRP_SETTINGS_FILE")
-        if path:
-            sources.append(JsonConfigSettingsSource(settings_cls, json_file=path))
-        return tuple(sources)
