@@ -51,7 +51,8 @@ class NotifyActivities:
         if channel is None:
             raise _bad("UnknownChannel", f"channel {n.channel!r} is not in the playbook's communication.channels")
         context = {"status_page_url": self.settings.status_page_public_url, **n.context}
-        message = render(n.kind, self.playbook.communication.templates[n.kind], context)
+        templates = self.playbook.communication.templates
+        message = render(n.kind, templates.get(f"{n.kind}.{context.get('severity')}", templates[n.kind]), context)
         reference = {"slack": self._slack, "email": self._email, "sns": self._sns,
                      "statuspage": self._statuspage}[channel.kind](n, channel, message)
         delivery = Delivery(key=n.key, channel=n.channel, kind=n.kind, subject=message.subject,

@@ -104,7 +104,7 @@ class Escalation(_Frozen):
 class Communication(_Frozen):
     channels: dict[str, Channel]
     templates_dir: str = "templates"  # relative to the playbook file
-    # Filled by load_playbook from templates_dir, checked there: message kind -> template text.
+    # Filled by load_playbook from templates_dir, checked there: "kind" or "kind.P1" -> template text.
     templates: dict[str, str] = {}
 
 class ClassificationRule(_Frozen):
@@ -237,11 +237,16 @@ def _with_templates(playbook: Playbook, path: Path) -> Playbook:
     """Read every message template now, so a typo in one stops the worker instead of a 3 a.m. notice."""
     folder = path.parent / playbook.communication.templates_dir
     texts = {}
-    for kind in sorted(MESSAGE_KINDS):
-        file = folder / f"{kind}.txt"
+    # <kind>.txt for every kind; <kind>.<severity>.txt where one severity says it differently
+    # (the playbook's P1 customer notice offers a workaround, P0's does not).
+    files = [(kind, folder / f"{kind}.txt") for kind in sorted(MESSAGE_KINDS)]
+    files += [(f"{kind}.{sev.value}", folder / f"{kind}.{sev.value}.txt")
+              for kind in sorted(MESSAGE_KINDS) for sev in Severity if (folder / f"{kind}.{sev.value}.txt").exists()]
+    for name, file in files:
+        kind = name.split(".")[0]
         try:
-            texts[kind] = file.read_text()
-            parse_template(kind, texts[kind])
+            texts[name] = file.read_text()
+            parse_template(kind, texts[name])
         except OSError as err:
             raise PlaybookError(f"{file}: cannot read the {kind} template: {err.strerror}") from err
         except TemplateError as err:

@@ -40,7 +40,8 @@ def port(stack, notify_world):
 
 def note(kind: str, channel: str, **changes) -> Notification:
     key = f"INC-N{uuid.uuid4().hex[:6]}/{kind}-0/{channel}"
-    return Notification(key=key, incident_id="INC-N1", kind=kind, channel=channel, context=CONTEXT, **changes)
+    return Notification(**{"key": key, "incident_id": "INC-N1", "kind": kind, "channel": channel, "context": CONTEXT,
+                           **changes})
 
 
 def test_slack_gets_one_message_per_key_however_often_it_is_retried(port, notify_world):
@@ -63,6 +64,13 @@ def test_email_reaches_a_real_smtp_server_with_a_stable_message_id(port, notify_
     assert mail["Message-ID"] == delivery.reference and mail["X-DRP-Key"] == n.key
     body = mail.get_content()
     assert "affecting corporate-intel-api" in body and "https://status.corporate-intel.com" in body
+
+
+def test_a_severity_can_have_its_own_template(port, notify_world):
+    send, _ = port
+    send(note("customer_notice", "customer_email", context={**CONTEXT, "severity": "P1"}))
+    [(_, mail)] = notify_world.mail.messages
+    assert mail["Subject"] == "Degraded performance - Corporate Intelligence Platform"  # customer_notice.P1.txt
 
 
 def test_sns_publishes_subject_message_and_the_idempotency_key(port, notify_world):
