@@ -1,4 +1,6 @@
-"""Open an incident (the parent workflow) from a script: `open_incident(client, IncidentInput(...), queue)`.
+"""Open an incident (the parent workflow) from a script: `open_incident(client, IncidentInput(...), queue)`,
+or `python -m starters.incident --title ... [--severity P0] [--procedure db-corruption]` (the same
+options as `drp incident open`).
 
 The incident ID is the workflow ID; an ID that is already open is refused,
 never joined by accident (alerts join by their group instead, see alerts.py).
@@ -42,3 +44,11 @@ async def open_incident(client: Client, inp: IncidentInput, task_queue: str) -> 
         Incident.run, inp, id=inp.incident_id, task_queue=task_queue,
         id_conflict_policy=WorkflowIDConflictPolicy.FAIL, id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
         search_attributes=incident_search_attributes(inp), static_summary=f"incident {inp.incident_id}: {inp.title}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    from starters.cli import main
+
+    main(["incident", "open", *sys.argv[1:]])
