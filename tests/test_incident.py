@@ -162,8 +162,8 @@ async def test_cadence_and_escalation_survive_a_worker_sigkill_without_double_po
         handle = await open_incident(client, IncidentInput(
             incident_id=inc, title="API answering 5xx", severity="P0", procedure="none",
             services=["corporate-intel-api"]), queue)
-        await status_when(handle, lambda s: any(e.kind == "message" for e in s.timeline))
-        await asyncio.sleep(1.5)  # into the cadence: L1 re-paged, the first status update ticks are due
+        # Into the cadence: level 1 paged and re-paged, then the worker dies.
+        await status_when(handle, lambda s: sum("paging level 1" in e.text for e in s.timeline) >= 2)
         killed_at = (datetime.now(timezone.utc) - (await handle.describe()).start_time).total_seconds()
         first.send_signal(signal.SIGKILL)
         assert first.wait(10) == -signal.SIGKILL
@@ -172,9 +172,8 @@ async def test_cadence_and_escalation_survive_a_worker_sigkill_without_double_po
         await status_when(handle, lambda s: s.level == 2)
         ack = await handle.execute_update(Incident.acknowledge, AckRequest(by="bob", note="on it"))
         assert ack.level == 2
-        await status_when(handle, lambda s: s.level == 3 and any("paging level 3" in e.text and e.at > ack.at
-                                                                  for e in s.timeline[-3:]), timeout=30)
-        await asyncio.sleep(1.2)  # one re-page of level 3
+        await status_when(handle, lambda s: sum("paging level 3" in e.text for e in s.timeline) >= 2,
+                          timeout=30)  # paged, then re-paged
         await handle.execute_update(Incident.resolve, ResolveRequest(by="alice", reason="mitigated by hand"))
         result = await handle.result()
     finally:
@@ -199,7 +198,8 @@ async def test_cadence_and_escalation_survive_a_worker_sigkill_without_double_po
     ticks = sorted(int(t.rsplit("-", 1)[1]) for t in by_channel["incidents_slack"] if t.startswith("status_update"))
     after_restart = [t for t in ticks if t * 2 > killed_at]
     assert len(after_restart) >= 2 and after_restart == list(range(after_restart[0], after_restart[-1] + 1))
-    assert ticks[-1] == int((result.resolved_at - result.opened_at).total_seconds() // 2)
+    due = int((result.resolved_at - result.opened_at).total_seconds() // 2)
+    assert ticks[-1] in (due - 1, due)  # the last one may have been due in the moment the resolution came
     # The right people on the right channels: level 2 by email to the DBAs, level 3 to the executives.
     subjects = {tuple(rcpt): [] for rcpt, _ in world.mail.messages}
     for rcpt, mail in world.mail.messages:
@@ -212,7 +212,7 @@ async def test_cadence_and_escalation_survive_a_worker_sigkill_without_double_po
     pages = [e for e in result.timeline if e.kind == "page"]
     assert not [e for e in pages if "level 2" in e.text and e.at > ack.at]
     assert sum("level 1" in e.text for e in pages) >= 2  # level 1 was re-paged until level 2 took over
-    assert result.status == "closed" or result.status == "resolved"
+    assert result.status == "resolved"
 
 
 async def test_escalation_timers_survive_a_temporal_server_restart(stack, client, notify_world, tmp_path):
