@@ -7,7 +7,7 @@ start-up and answers from memory.
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from models.incident import IncidentPlan, LevelPlan, PlanRequest
+from models.incident import IncidentPlan, PlanRequest
 from models.playbook import Objectives, Playbook, Severity
 
 
@@ -60,9 +60,7 @@ class PlaybookActivities:
             status_page_update_every=policy.status_page_update_every,
             customer_notice_within=policy.customer_notification_within,
             exec_notice_within=policy.exec_notification_within,
-            levels=[LevelPlan(level=lv.level, name=lv.name, after=lv.after, channels=lv.channels)
-                    for lv in pb.escalation.levels],
-            repage_every=pb.escalation.repage_every, approval_escalate_after=policy.approval_escalate_after,
+            levels=pb.escalation.levels, repage_every=pb.escalation.repage_every, approval_escalate_after=policy.approval_escalate_after,
             postmortem_after=pb.postmortem_within, responders=sorted(pb.people),
             resolvers=pb.approvers_for(severity, procedure or "")["*"],
             incident_commander=commanders[0] if commanders else None,

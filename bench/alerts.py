@@ -31,10 +31,8 @@ from activities.processes import free_port
 from models.alerts import AlertmanagerWebhook
 from models.config import AlertReceiverSettings
 from stack.stack import DATABASE, Stack
-from starters.alerts import PATH, build_app
-from starters.incident import incident_search_attributes
+from starters.alerts import PATH, build_app, deliver
 from workers.temporal_client import connect
-from workflows.incident import Incident
 
 TOKEN = "bench-token"
 
@@ -125,12 +123,8 @@ async def main() -> None:
                 (await http.post(url, json=body, headers={"Authorization": f"Bearer {TOKEN}"})).raise_for_status()
 
             async def straight_to_temporal(i: int) -> None:
-                payload = AlertmanagerWebhook.model_validate(webhook("BenchLoad", f"direct-{run}-{i // 5}",
-                                                                     severity="info"))
-                inp = payload.incident_input()
-                await client.start_workflow(Incident.run, inp, id=inp.incident_id, task_queue=stack.task_queue,
-                                            start_signal="alert", start_signal_args=[payload.notice()],
-                                            search_attributes=incident_search_attributes(inp))
+                await deliver(client, AlertmanagerWebhook.model_validate(
+                    webhook("BenchLoad", f"direct-{run}-{i // 5}", severity="info")), stack.task_queue)
 
             receiver_lat, receiver_rate = await paced(args.rate, args.seconds, via_receiver)
             direct_lat, direct_rate = await paced(args.rate, args.seconds, straight_to_temporal)

@@ -4,6 +4,8 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from models.identifiers import not_blank
+
 
 class ApprovalRequest(BaseModel):
     """What an operator sends: who decides, why, and whether to go ahead."""
@@ -14,13 +16,7 @@ class ApprovalRequest(BaseModel):
     reason: str = Field(max_length=2000)
     approved: bool = True
 
-    @field_validator("approver", "reason")
-    @classmethod
-    def _not_blank(cls, value: str, info) -> str:
-        value = value.strip()
-        if not value:
-            raise ValueError(f"{info.field_name} must not be empty: say who approves and why")
-        return value
+    _named = field_validator("approver", "reason")(not_blank)
 
 
 class ApprovalRecord(BaseModel):

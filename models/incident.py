@@ -7,8 +7,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from models.approval import ApprovalRecord
-from models.identifiers import IncidentId
-from models.playbook import Severity
+from models.identifiers import IncidentId, not_blank
+from models.playbook import EscalationLevel, Severity
 from models.steps import StepRecord
 
 IncidentState = Literal["investigating", "recovering", "awaiting approval", "recovered", "runbook failed",
@@ -17,13 +17,6 @@ IncidentState = Literal["investigating", "recovering", "awaiting approval", "rec
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-def _named(value: str, info) -> str:
-    value = value.strip()
-    if not value:
-        raise ValueError(f"{info.field_name} must not be empty")
-    return value
 
 
 class AlertSummary(_Frozen):
@@ -69,13 +62,6 @@ class PlanRequest(_Frozen):
     procedure: str | None = None
 
 
-class LevelPlan(_Frozen):
-    level: int
-    name: str
-    after: timedelta
-    channels: list[str]
-
-
 class IncidentPlan(_Frozen):
     """Everything the playbook says about one incident, resolved once by an activity (workflows read no files)."""
 
@@ -92,7 +78,7 @@ class IncidentPlan(_Frozen):
     # Deadlines from the playbook; the incident sends both notices when it opens, well within them.
     customer_notice_within: timedelta | None = None
     exec_notice_within: timedelta | None = None
-    levels: list[LevelPlan]
+    levels: list[EscalationLevel]
     repage_every: timedelta
     approval_escalate_after: timedelta
     postmortem_after: timedelta
@@ -107,7 +93,7 @@ class AckRequest(_Frozen):
     by: str = Field(max_length=200)
     note: str = Field(default="", max_length=2000)
 
-    _by = field_validator("by")(_named)
+    _named = field_validator("by")(not_blank)
 
 
 class AckRecord(_Frozen):
@@ -120,7 +106,7 @@ class ResolveRequest(_Frozen):
     by: str = Field(max_length=200)
     reason: str = Field(max_length=2000)
 
-    _named = field_validator("by", "reason")(_named)
+    _named = field_validator("by", "reason")(not_blank)
 
 
 class SeverityChange(_Frozen):
@@ -128,7 +114,7 @@ class SeverityChange(_Frozen):
     by: str = Field(max_length=200)
     reason: str = Field(max_length=2000)
 
-    _named = field_validator("by", "reason")(_named)
+    _named = field_validator("by", "reason")(not_blank)
 
 
 class RunbookProgress(_Frozen):

@@ -45,14 +45,7 @@ def build_app(client: Client, settings: AlertReceiverSettings, task_queue: str) 
             return _json(400, {"error": "not an Alertmanager webhook (version 4)", "problems": problems})
         incident_id = payload.incident_id()
         try:
-            if payload.status == "firing":
-                inp = payload.incident_input()
-                await client.start_workflow(
-                    Incident.run, inp, id=incident_id, task_queue=task_queue, start_signal="alert",
-                    start_signal_args=[payload.notice()], search_attributes=incident_search_attributes(inp),
-                    static_summary=f"incident {incident_id}: {inp.title}")
-            else:
-                await client.get_workflow_handle(incident_id).signal(Incident.alert, payload.notice())
+            await deliver(client, payload, task_queue)
         except RPCError as err:
             if err.status == RPCStatusCode.NOT_FOUND:  # resolved, and no incident open for it
                 return _json(202, {"incident_id": incident_id, "note": "no open incident for this group"})
@@ -68,6 +61,20 @@ def build_app(client: Client, settings: AlertReceiverSettings, task_queue: str) 
     app.router.add_post(PATH, receive)
     app.router.add_get("/-/healthy", healthy)
     return app
+
+
+async def deliver(client: Client, payload: AlertmanagerWebhook, task_queue: str) -> None:
+    """Firing: signal-with-start of the group's incident. Resolved: signal it (RPCError NOT_FOUND when none
+    is open: a resolved notification never opens an incident)."""
+    incident_id = payload.incident_id()
+    if payload.status == "firing":
+        inp = payload.incident_input()
+        await client.start_workflow(
+            Incident.run, inp, id=incident_id, task_queue=task_queue, start_signal="alert",
+            start_signal_args=[payload.notice()], search_attributes=incident_search_attributes(inp),
+            static_summary=f"incident {incident_id}: {inp.title}")
+    else:
+        await client.get_workflow_handle(incident_id).signal(Incident.alert, payload.notice())
 
 
 def _authenticated(headers, body: bytes, settings: AlertReceiverSettings) -> bool:

@@ -110,14 +110,14 @@ def build_s3(settings: Settings):
     return boto3.client("s3", region_name=b.aws_region, **b.boto3_kwargs(b.endpoint_url))
 
 
-def build_notify_activities(settings: Settings, playbook, http: httpx.Client) -> NotifyActivities:
+def build_notify_activities(settings: Settings, playbook, redis, http: httpx.Client) -> NotifyActivities:
     import boto3
 
     n = settings.notify
     sns = None
     if n.sns_topic_arn:
         sns = boto3.client("sns", region_name=n.sns_region, **settings.backup.boto3_kwargs(n.aws_endpoint_url))
-    return NotifyActivities(playbook, n, build_redis(settings), http, sns)
+    return NotifyActivities(playbook, n, redis, http, sns)
 
 
 def build_activities(settings: Settings) -> list:
@@ -133,12 +133,12 @@ def build_activities(settings: Settings) -> list:
     standby = settings.postgres.server(standby=settings.standby) if settings.standby else None
     rds = build_rds_activities(settings)
     replication = ReplicationActivities(server, standby)
-    s3 = build_s3(settings)
-    deletion = DeletionActivities(server, barman, build_redis(settings), s3, settings.evidence_destination)
+    s3, redis = build_s3(settings), build_redis(settings)
+    deletion = DeletionActivities(server, barman, redis, s3, settings.evidence_destination)
     playbook_activities = PlaybookActivities(playbook)
     return [
         playbook_activities.objectives_for, playbook_activities.approvers_for, playbook_activities.plan_incident,
-        build_notify_activities(settings, playbook, http).send_notification,
+        build_notify_activities(settings, playbook, redis, http).send_notification,
         ReportActivities(playbook, s3, settings.reports_destination).write_report,
         postgres.assess_database, postgres.seal_primary, postgres.verify_restored, postgres.archive_current_wal,
         backup.restore_base_backup, backup.replay_wal, backup.swap_in_restored, backup.take_base_backup,

@@ -73,10 +73,6 @@ SEND_OPTIONS = {"start_to_close_timeout": timedelta(seconds=30), "schedule_to_cl
 QUICK = opt.quick(opt.QUICK_HEARTBEAT)
 
 
-def workflow_id(incident_id: str) -> str:
-    return incident_id
-
-
 @workflow.defn(name="Incident", failure_exception_types=[ValidationError])
 class Incident:
     @workflow.init
@@ -168,11 +164,11 @@ class Incident:
             self._event("runbook", f"{plan.workflow} failed: {self.runbook_error}. Close the incident with "
                                    f"`drp incident resolve {inp.incident_id}` once people have taken over.")
         else:
+            result = self.runbook_result or {}
             # The last step's signal can be cut off by the child's completion: its result has them all.
-            self._record_steps([StepRecord.model_validate(s) for s in (self.runbook_result or {}).get("steps", [])])
+            self._record_steps([StepRecord.model_validate(s) for s in result.get("steps", [])])
             self._set_status("recovered")
-            outcome = (self.runbook_result or {}).get("outcome", "completed")
-            self._event("runbook", f"{plan.workflow} finished: {outcome}. Confirm with "
+            self._event("runbook", f"{plan.workflow} finished: {result.get('outcome', 'completed')}. Confirm with "
                                    f"`drp incident resolve {inp.incident_id} --by NAME --reason TEXT`.")
 
     @workflow.signal
