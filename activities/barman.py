@@ -13,6 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+# How often restore_command tries a WAL file the archive answers with an error, and the
+# line it leaves in the server log when it gives up (exit 126: recovery stops, not ends).
+RESTORE_TRIES = 5
+ARCHIVE_UNREADABLE = "drp: WAL archive unreadable"
+
+
 @dataclass(frozen=True)
 class BarmanCloud:
     bin_dir: Path
@@ -34,17 +40,49 @@ class BarmanCloud:
         """archive_command for postgresql.conf (runs as the server's OS user)."""
         return shlex.join(self._common("barman-cloud-wal-archive") + [self.destination, self.server_name]) + " %p"
 
-    def restore_command(self) -> str:
-        """restore_command for recovery (runs as the server's OS user)."""
-        return shlex.join(self._common("barman-cloud-wal-restore") + [self.destination, self.server_name]) + " %f %p"
+    def restore_command(self, tries: int = RESTORE_TRIES) -> str:
+        """restore_command for recovery (runs as the server's OS user).
+
+        PostgreSQL reads any exit status below 126 as "this WAL file does not
+        exist" and ends recovery there, yet barman-cloud-wal-restore exits 2 or 4
+        on network and S3 errors (1 only when the file is truly absent). So the
+        call is retried `tries` times with a growing pause, and an archive that
+        stays unreadable exits 126: the server stops with FATAL and recovery
+        resumes when it is started again, instead of promoting early and
+        dropping the WAL it could not read. The marker on stderr lands in the
+        server log, where the replay activity looks for it.
+        """
+        fetch = shlex.join(self._common("barman-cloud-wal-restore") + [self.destination, self.server_name])
+        script = (f'n=0; while :; do {fetch} "$1" "$2"; rc=$?; [ $rc -le 1 ] && exit $rc; n=$((n+1)); '
+                  f'[ $n -ge {int(tries)} ] && {{ echo "{ARCHIVE_UNREADABLE}: barman-cloud-wal-restore exited $rc '
+                  f'for $1 {int(tries)} times" >&2; exit 126; }}; sleep $n; done')
+        return shlex.join(["sh", "-c", script, "drp-wal-restore"]) + " %f %p"
+
+    def fetch_wal_file(self, name: str, dest: Path) -> bool:
+        """Download one archived WAL or history file; False when the archive does not have it.
+
+        Raises RuntimeError when the archive cannot be read (anything but "not found").
+        """
+        argv = self._common("barman-cloud-wal-restore") + [self.destination, self.server_name, name, str(dest)]
+        proc = subprocess.run(argv, env=self.env(), capture_output=True, text=True, timeout=300)
+        if proc.returncode == 1:
+            return False
+        if proc.returncode != 0:
+            raise RuntimeError(f"barman-cloud-wal-restore {name} exited {proc.returncode}: "
+                               f"{proc.stderr.strip()[-2000:]}")
+        return True
 
     def backup_argv(self, host: str, port: int, user: str) -> list[str]:
         return self._common("barman-cloud-backup") + [
             "--immediate-checkpoint", "-h", host, "-p", str(port), "-U", user, self.destination, self.server_name,
         ]
 
-    def restore_argv(self, backup_id: str, target_dir: Path) -> list[str]:
-        return self._common("barman-cloud-restore") + [self.destination, self.server_name, backup_id, str(target_dir)]
+    def restore_argv(self, backup_id: str, target_dir: Path, tablespaces: dict[str, str] | None = None) -> list[str]:
+        """barman-cloud-restore of one backup; `tablespaces` relocates each named tablespace (name -> dir)."""
+        relocate = [arg for name, location in (tablespaces or {}).items()
+                    for arg in ("--tablespace", f"{name}:{location}")]
+        return self._common("barman-cloud-restore") + [*relocate, self.destination, self.server_name, backup_id,
+                                                       str(target_dir)]
 
     def list_backups(self) -> list[dict]:
         """Completed backups, oldest first, as barman-cloud-backup-list reports them."""
