@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,9 +21,11 @@ import psycopg
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.barman import BarmanCloud
+from activities.barman import ARCHIVE_UNREADABLE, BarmanCloud
 from activities.pgserver import PgServer, run_as
 from activities.processes import free_port, pid_alive
+from activities.sealing import marker_path, set_allow_connections
+from activities.timelines import backup_on_history, history_file_name, lsn_to_int, parse_history
 from models.postgres import (
     BackupRequest,
     BackupResult,
@@ -32,7 +35,9 @@ from models.postgres import (
     RestoreResult,
     SwapRequest,
     SwapResult,
+    Tablespace,
     TeardownRequest,
+    TimelineBranch,
 )
 
 RECOVERY_BEGIN = "# --- drp recovery: begin ---"
@@ -103,10 +108,15 @@ class BackupActivities:
 
     @activity.defn
     def restore_base_backup(self, req: RestoreRequest) -> RestoreResult:
-        """Restore a base backup (the newest unless named) into <data_dir>.<purpose>-<incident>.
+        """Restore a base backup into <data_dir>.<purpose>-<incident>: the newest completed one on
+        production's timeline history (activities.timelines), unless one is named.
 
-        Re-run safe: a finished restore is returned as is, a restore still running
-        from a crashed attempt is waited for, and only a failed one is redone.
+        Production's timeline is `req.timeline`, else its control file's; its
+        history comes from its own pg_wal, else from the archive. Re-run safe: a
+        finished restore is returned as is, a restore still running from a crashed
+        attempt is waited for, and only a failed one is redone.
+        Raises NoBackup / NoBackupOnTimeline / TimelineHistoryMissing (non-retryable,
+        nothing changed) and RestoreFailed (retryable).
         """
         restore_dir = restore_dir_for(self.server.data_dir, req.incident_id, req.purpose)
         job = RestoreJob(restore_dir)
@@ -115,34 +125,97 @@ class BackupActivities:
             if record and job.exit_code() == 0:
                 self._prepare_data_dir(job.restore_dir)
                 return RestoreResult(restore_dir=str(restore_dir), backup_id=record["backup_id"],
-                                     launches=record["launches"])
+                                     launches=record["launches"], timeline=record.get("timeline"),
+                                     timeline_history=record.get("timeline_history", []),
+                                     tablespaces=record.get("tablespaces", []))
             if record and job.running_pid():
                 self._wait_for(job, record)
                 continue
-            self._launch(job, record, req.backup_id)
+            self._launch(job, record or self._choose(req, restore_dir))
 
-    def _launch(self, job: RestoreJob, previous: dict | None, backup_id: str | None) -> None:
-        if previous and job.restore_dir.exists():
-            self._remove_partial(job.restore_dir)  # a failed or killed copy: S3 still holds the backup
+    def _choose(self, req: RestoreRequest, restore_dir: Path) -> dict:
+        """The first launch's record: which backup, on which timeline (read-only; raises when none fits)."""
+        timeline = req.timeline if req.timeline is not None else self.server.control_timeline()
+        history = self._history(timeline) if timeline else []
         backups = self.barman.list_backups()
         if not backups:
             raise ApplicationError(f"no completed base backup in {self.barman.destination} for server "
                                    f"{self.barman.server_name!r}; nothing was changed", type="NoBackup",
                                    non_retryable=True)
-        if backup_id and backup_id not in {b["backup_id"] for b in backups}:
-            raise ApplicationError(f"backup {backup_id} is not in {self.barman.destination}", type="NoBackup",
+        candidates = [b for b in backups if b["backup_id"] == req.backup_id] if req.backup_id else backups
+        if not candidates:
+            raise ApplicationError(f"backup {req.backup_id} is not in {self.barman.destination}", type="NoBackup",
                                    non_retryable=True)
-        record = {"backup_id": previous["backup_id"] if previous else backup_id or backups[-1]["backup_id"],
-                  "launches": (previous or {}).get("launches", 0) + 1,
+        chosen = backup_on_history(candidates, timeline, history) if timeline else candidates[-1]
+        if chosen is None:
+            path = ", ".join(f"timeline {b.parent} until {b.switchpoint}" for b in history) or "no ancestors"
+            found = ", ".join(f"{b['backup_id']} (timeline {b.get('timeline')}, ended {b.get('end_xlog')})"
+                              for b in candidates)
+            raise ApplicationError(
+                f"no completed base backup lies on production's timeline {timeline} ({path}); the archive has "
+                f"{found}. Take a base backup of production, or name one with backup_id; nothing was changed",
+                type="NoBackupOnTimeline", non_retryable=True)
+        tablespaces = [Tablespace(name=name, oid=int(oid), location=location,
+                                  restored_to=f"{location.rstrip('/')}{restore_dir.name.removeprefix(self.server.data_dir.name)}")
+                       for name, oid, location in chosen.get("tablespaces") or []]
+        self._check_tablespaces(chosen, tablespaces)
+        return {"backup_id": chosen["backup_id"], "launches": 0, "timeline": timeline,
+                "timeline_history": [b.model_dump() for b in history],
+                "tablespaces": [t.model_dump() for t in tablespaces]}
+
+    def _check_tablespaces(self, backup: dict, tablespaces: list[Tablespace]) -> None:
+        """Refuse a backup that lacks one of production's tablespaces: WAL replay would create it at
+        production's own location, over production's files (NoBackupOnTimeline names what to do)."""
+        try:
+            production = {int(p.name) for p in (self.server.data_dir / "pg_tblspc").iterdir() if p.name.isdigit()}
+        except OSError:
+            return  # production's directory is gone or unreadable: the backup's list is all there is
+        missing = production - {t.oid for t in tablespaces}
+        if missing:
+            raise ApplicationError(
+                f"backup {backup['backup_id']} was taken before tablespace(s) with OID {sorted(missing)} existed: "
+                "replaying their creation would write into production's tablespace directories. Take a new base "
+                "backup (barman-cloud-backup) and run again; nothing was changed",
+                type="TablespaceNotInBackup", non_retryable=True)
+
+    def _history(self, timeline: int) -> list[TimelineBranch]:
+        """Production's timeline history: from its own pg_wal, else from the archive; [] for timeline 1."""
+        if timeline <= 1:
+            return []
+        name = history_file_name(timeline)
+        try:
+            return parse_history((self.server.data_dir / "pg_wal" / name).read_text())
+        except OSError:
+            pass
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                found = self.barman.fetch_wal_file(name, Path(tmp) / name)
+            except RuntimeError as err:
+                raise ApplicationError(f"cannot read {name} from the archive: {err}", type="ArchiveUnreachable")
+            if not found:
+                raise ApplicationError(
+                    f"production is on timeline {timeline}, but {name} is neither in its pg_wal nor in "
+                    f"{self.barman.destination}: the recovery cannot follow its history; nothing was changed",
+                    type="TimelineHistoryMissing", non_retryable=True)
+            return parse_history((Path(tmp) / name).read_text())
+
+    def _launch(self, job: RestoreJob, previous: dict) -> None:
+        if previous["launches"]:  # a failed or killed copy: S3 still holds the backup
+            self._remove_restored(job.restore_dir, previous.get("tablespaces", []))
+        record = {**previous, "launches": previous["launches"] + 1,
                   "started_at": datetime.now(timezone.utc).isoformat()}
         for stale in (job.exit_file, job.pid_file):
             stale.unlink(missing_ok=True)
         job.job_file.write_text(json.dumps(record))
+        tablespaces = [Tablespace.model_validate(t) for t in record.get("tablespaces", [])]
+        for tablespace in tablespaces:  # fresh, empty and the server's: barman refuses a non-empty one
+            self._make_server_dir(Path(tablespace.restored_to))
         # The shell records its PID and the exit code itself: both survive this worker's death.
         script = 'pidf=$1 exitf=$2; shift 2; echo $$ > "$pidf"; rc=0; "$@" || rc=$?; echo $rc > "$exitf"'
         argv = run_as(self.server.os_user, [
             "sh", "-c", script, "restore", str(job.pid_file), str(job.exit_file),
-            *self.barman.restore_argv(record["backup_id"], job.restore_dir),
+            *self.barman.restore_argv(record["backup_id"], job.restore_dir,
+                                      {t.name: t.restored_to for t in tablespaces}),
         ])
         with open(job.log_file, "ab") as log:
             proc = subprocess.Popen(argv, env=self.barman.env(), stdout=log, stderr=subprocess.STDOUT,
@@ -152,14 +225,14 @@ class BackupActivities:
                 proc.wait(timeout=self.poll_seconds)
                 break
             except subprocess.TimeoutExpired:
-                _heartbeat({"phase": "restoring", **record})
+                _heartbeat({"phase": "restoring", "backup_id": record["backup_id"], "launches": record["launches"]})
         self._finish(job, record)
 
     def _wait_for(self, job: RestoreJob, record: dict) -> None:
         """Adopt a restore started by an earlier attempt of this activity."""
         activity.logger.info("adopting the restore of %s started by an earlier attempt", record["backup_id"])
         while job.running_pid():
-            _heartbeat({"phase": "restoring (adopted)", **record})
+            _heartbeat({"phase": "restoring (adopted)", "backup_id": record["backup_id"]})
             time.sleep(self.poll_seconds)
         self._finish(job, record)
 
@@ -178,51 +251,86 @@ class BackupActivities:
         if self.server.os_user and os.geteuid() == 0:
             subprocess.run(["chown", f"{self.server.os_user}:", str(restore_dir / "pg_wal")], check=True)
 
-    def _remove_partial(self, restore_dir: Path) -> None:
-        shutil.rmtree(restore_dir)
+    def _remove_restored(self, restore_dir: Path, tablespaces: list[dict]) -> None:
+        """Delete a restore this run made (never production's or the damaged directories)."""
+        for directory in [restore_dir, *(Path(t["restored_to"]) for t in tablespaces)]:
+            if directory.exists():
+                shutil.rmtree(directory)
+
+    def _make_server_dir(self, directory: Path) -> None:
+        directory.mkdir(mode=0o700, exist_ok=True)
+        if self.server.os_user and os.geteuid() == 0:
+            subprocess.run(["chown", f"{self.server.os_user}:", str(directory)], check=True)
 
     # --- replay -----------------------------------------------------------------
 
     @activity.defn
     def replay_wal(self, req: ReplayRequest) -> ReplayResult:
-        """Start the restore on a spare port and replay archived WAL to its end, then promote.
+        """Start the restore on a spare port and replay archived WAL along production's timeline.
 
-        Re-run safe: a server already replaying on that directory is watched, not restarted.
+        Full recovery (no `target_xid`): to the end of the archive, then promote;
+        the promoted copy keeps `archive_mode = on` with an empty
+        `archive_command`, so it archives nothing (its WAL waits in pg_wal) until
+        the swap makes it production. The databases the seal closed are
+        reopened in it. A recovery that ended before `must_reach_lsn` (or
+        `must_reach_segment`) is refused: ReplayIncomplete. Side instance
+        (`target_xid`): stops just before that transaction, paused, read-only,
+        `archive_mode = off`.
+
+        Re-run safe: a server already replaying on that directory is watched, not
+        restarted; one that stopped because the archive was unreadable (exit
+        126 from restore_command) is started again and resumes: ArchiveUnreachable
+        is retryable, ReplayFailed (any other stop) is not. Heartbeats the replay
+        position.
         """
         restore_dir = Path(req.restore_dir)
         server = self.server.at(restore_dir, port=self.server.at(restore_dir).running_port() or free_port())
+        timeline = req.timeline if req.timeline is not None else self.server.control_timeline()
         if not server.is_running():
             if not (restore_dir / "PG_VERSION").exists():
                 raise ApplicationError(f"{restore_dir} holds no restored cluster; restore it first",
                                        type="NothingToReplay", non_retryable=True)
-            self._write_recovery_config(restore_dir, req.target_xid)
+            self._write_recovery_config(restore_dir, req.target_xid, timeline)
             server.start(wait=False)
         while True:
             if not server.is_running():
-                raise ApplicationError("recovery stopped before it was done; see the server log:"
-                                       + server.log_tail(), type="ReplayFailed", non_retryable=True)
+                log = server.log_tail(40)
+                if ARCHIVE_UNREADABLE in log:
+                    raise ApplicationError("the WAL archive could not be read, so recovery stopped instead of "
+                                           "ending early; it resumes on the next attempt:" + log[-1500:],
+                                           type="ArchiveUnreachable")
+                raise ApplicationError("recovery stopped before it was done; see the server log:" + log[-1500:],
+                                       type="ReplayFailed", non_retryable=True)
             state = _recovery_state(server)
             if state and req.target_xid is not None and state.get("paused"):
-                return ReplayResult(port=server.port, timeline=0, end_lsn=state["lsn"])
+                return ReplayResult(port=server.port, timeline=0, end_lsn=state["lsn"], followed_timeline=timeline)
             if state and not state["in_recovery"]:
-                _check_reached(state["segment"], req.must_reach_segment)
+                recovery_end = _recovery_end(restore_dir, state["timeline"])
+                try:
+                    _check_reached(state["segment"], recovery_end, req.must_reach_segment, req.must_reach_lsn)
+                except ApplicationError:
+                    server.stop()  # promoted but incomplete: nobody may write to it
+                    raise
+                set_allow_connections(server, req.reopen_databases, allow=True)
                 return ReplayResult(port=server.port, timeline=state["timeline"], end_lsn=state["lsn"],
-                                    last_commit_at=state["last_commit_at"])
+                                    last_commit_at=state["last_commit_at"], followed_timeline=timeline,
+                                    recovery_end_lsn=recovery_end)
             _heartbeat({"phase": "replaying", "port": server.port, **(state or {"lsn": "starting"})})
             time.sleep(self.poll_seconds)
 
-    def _write_recovery_config(self, restore_dir: Path, target_xid: int | None) -> None:
+    def _write_recovery_config(self, restore_dir: Path, target_xid: int | None, timeline: int | None) -> None:
         auto = restore_dir / "postgresql.auto.conf"
         current = auto.read_text() if auto.exists() else ""
         if RECOVERY_BEGIN not in current:
             restore_command = self.barman.restore_command().replace("'", "''")
-            if target_xid is None:  # to the end of the archive, then become the new primary
-                target = "recovery_target_action = 'promote'\n"
+            if target_xid is None:  # to the end of the archive, then a new primary that archives nothing yet
+                target = "recovery_target_action = 'promote'\narchive_mode = on\narchive_command = ''\n"
             else:  # a side instance: just before the bad transaction, paused, read-only, archiving nothing
                 target = (f"recovery_target_xid = '{target_xid % 2**32}'\nrecovery_target_inclusive = off\n"
                           "recovery_target_action = 'pause'\narchive_mode = off\n")
+            follow = str(timeline) if timeline else "latest"
             block = (f"\n{RECOVERY_BEGIN}\nrestore_command = '{restore_command}'\n"
-                     f"recovery_target_timeline = 'latest'\n{target}{RECOVERY_END}\n")
+                     f"recovery_target_timeline = '{follow}'\n{target}{RECOVERY_END}\n")
             _write_as(self.server.os_user, auto, current + block)
         _write_as(self.server.os_user, restore_dir / "recovery.signal", "")
 
@@ -230,9 +338,14 @@ class BackupActivities:
 
     @activity.defn
     def swap_in_restored(self, req: SwapRequest) -> SwapResult:
-        """Move the damaged directory aside, put the verified restore in its place, start it.
+        """Move the damaged directory (and its seal marker) aside, put the verified restore in its
+        place, start it as production, and wait until the WAL it held back is archived.
 
+        The restore's recovery settings are removed first, so production's own
+        archive_command applies: the new timeline's history file and the WAL
+        written since the promotion reach the archive now, and only now.
         Re-run safe: each rename happens only if it has not happened yet.
+        Raises PrimaryRunning / SwapConflict (non-retryable), ArchiveLagging (retryable).
         """
         data_dir = self.server.data_dir
         restore_dir = Path(req.restore_dir)
@@ -248,10 +361,39 @@ class BackupActivities:
             if data_dir.exists():
                 raise ApplicationError(f"both {data_dir} and {damaged} exist; refusing to overwrite either",
                                        type="SwapConflict", non_retryable=True)
+            if marker_path(data_dir).exists():  # the seal stays with the evidence it describes
+                marker_path(data_dir).rename(marker_path(damaged))
+            for tablespace in req.tablespaces:
+                _swap_tablespace(restore_dir, tablespace, req.incident_id)
             restore_dir.rename(data_dir)
         self.server.start()
         self.server.wait_ready()
+        self._wait_archive_drained(data_dir)
         return SwapResult(data_dir=str(data_dir), damaged_dir=str(damaged))
+
+    def _wait_archive_drained(self, data_dir: Path, timeout: float = 300) -> None:
+        """Wait until pg_wal/archive_status holds no .ready file: everything held back is archived."""
+        status = data_dir / "pg_wal" / "archive_status"
+        deadline = time.monotonic() + timeout
+        while pending := sorted(p.name for p in status.glob("*.ready")):
+            if time.monotonic() > deadline:
+                raise ApplicationError(f"{len(pending)} WAL files still wait to be archived after {timeout:.0f}s "
+                                       f"(first {pending[0]}); check archive_command", type="ArchiveLagging")
+            _heartbeat({"phase": "archiving held-back WAL", "pending": len(pending)})
+            time.sleep(self.poll_seconds)
+
+    @activity.defn
+    def stop_restore(self, req: SwapRequest) -> str:
+        """Stop a restore that will not be swapped in (the run failed or was refused) and keep it for
+        inspection. It archived nothing (empty archive_command), so the archive is as it was.
+        Returns what was left where (re-run safe)."""
+        restore = self.server.at(Path(req.restore_dir))
+        if not restore.data_dir.exists():
+            return "no restore was made"
+        running = restore.is_running()
+        restore.stop()
+        return (f"the restore in {restore.data_dir} was {'stopped' if running else 'not running'} and is kept for "
+                "inspection; it archived nothing")
 
     def _strip_recovery_config(self, restore_dir: Path) -> None:
         auto = restore_dir / "postgresql.auto.conf"
@@ -278,8 +420,7 @@ class BackupActivities:
             while pid_alive(pid):
                 time.sleep(0.05)
         self.server.at(side).stop(mode="immediate")
-        if side.exists():
-            shutil.rmtree(side)
+        self._remove_restored(side, (job.load() or {}).get("tablespaces", []))
         for leftover in (job.job_file, job.pid_file, job.exit_file, job.log_file, self.server.at(side).log_file):
             leftover.unlink(missing_ok=True)
 
@@ -316,7 +457,7 @@ class BackupActivities:
 
 def _recovery_state(server: PgServer) -> dict | None:
     try:
-        with server.connect(timeout=2) as conn:
+        with server.connect("template1", timeout=2) as conn:  # the seal's fenced databases open at promotion
             in_recovery = conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
             if in_recovery:
                 lsn, paused = conn.execute("SELECT pg_last_wal_replay_lsn()::text, "
@@ -332,18 +473,55 @@ def _recovery_state(server: PgServer) -> dict | None:
         return None  # still starting up, or not yet consistent
 
 
-def _check_reached(current_segment: str, required: str | None) -> None:
-    """Refuse a recovery that ended before the last segment the old primary archived.
+def _swap_tablespace(restore_dir: Path, tablespace: Tablespace, incident_id: str) -> None:
+    """Production's tablespace directory aside (never deleted), the restored one in its place, the
+    restore's pg_tblspc link pointed at it. Each move happens once, so a retry continues."""
+    location, fresh = Path(tablespace.location), Path(tablespace.restored_to)
+    damaged = location.with_name(f"{location.name}.damaged-{incident_id}")
+    if fresh.exists():
+        if location.exists() and not damaged.exists():
+            location.rename(damaged)
+        if location.exists():
+            raise ApplicationError(f"both {location} and {damaged} exist; refusing to overwrite either",
+                                   type="SwapConflict", non_retryable=True)
+        fresh.rename(location)
+    link = restore_dir / "pg_tblspc" / str(tablespace.oid)
+    if os.readlink(link) != str(location):
+        tmp = link.with_name(link.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        os.symlink(location, tmp)
+        os.replace(tmp, link)
 
-    PostgreSQL ends recovery at the first WAL file restore_command cannot
-    fetch, so an S3 outage mid-replay looks like the end of the archive. The
-    position (the last 16 hex digits, timeline aside) tells the two apart.
+
+def _recovery_end(restore_dir: Path, timeline: int) -> str | None:
+    """Where replay ended: the switch point in the history file the promotion wrote for its new timeline."""
+    try:
+        branches = parse_history((restore_dir / "pg_wal" / history_file_name(timeline)).read_text())
+    except OSError:
+        return None
+    return branches[-1].switchpoint if branches else None
+
+
+def _check_reached(current_segment: str, recovery_end: str | None, required_segment: str | None,
+                   required_lsn: str | None) -> None:
+    """Refuse a recovery that ended before the last WAL the sealed primary archived.
+
+    PostgreSQL ends recovery at the first WAL file restore_command reports as
+    absent, so a segment missing from the archive looks like its end. With the
+    sealed primary's position (`required_lsn`, just past its last archived
+    segment) the replay's end point, read from the new timeline's history file,
+    must reach it; without it, the segment names' positions are compared.
     """
-    if required and current_segment[8:] < required[8:]:
+    if required_lsn and recovery_end is not None and lsn_to_int(recovery_end) < lsn_to_int(required_lsn):
         raise ApplicationError(
-            f"recovery ended in segment {current_segment[8:]} but the old primary archived up to {required}; "
-            "WAL is missing or was unreachable. The restore is kept; production is untouched.",
-            type="ReplayIncomplete", non_retryable=True)
+            f"recovery ended at {recovery_end} but the old primary archived WAL up to {required_lsn} "
+            f"(segment {required_segment}): a WAL segment is missing from the archive. The restore is kept, "
+            "stopped, and archived nothing; production is untouched.", type="ReplayIncomplete", non_retryable=True)
+    if required_segment and current_segment[8:] < required_segment[8:]:
+        raise ApplicationError(
+            f"recovery ended in segment {current_segment[8:]} but the old primary archived up to {required_segment}; "
+            "WAL is missing or was unreachable. The restore is kept, stopped, and archived nothing; "
+            "production is untouched.", type="ReplayIncomplete", non_retryable=True)
 
 
 def _write_as(os_user: str | None, path: Path, text: str) -> None:

@@ -126,6 +126,18 @@ class PgServer:
             if pid:
                 os.kill(pid, signal.SIGKILL)
 
+    def control_data(self) -> dict[str, str]:
+        """pg_controldata of this data directory as {field: value}; empty when there is none to read."""
+        if not (self.data_dir / "global" / "pg_control").exists():
+            return {}
+        out = self.tool("pg_controldata", str(self.data_dir), check=False).stdout
+        return {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in out.splitlines() if ":" in line)}
+
+    def control_timeline(self) -> int | None:
+        """The timeline of the latest checkpoint in the control file (readable with the server down)."""
+        value = self.control_data().get("Latest checkpoint's TimeLineID")
+        return int(value) if value else None
+
     def log_tail(self, lines: int = 20) -> str:
         try:
             return "\n" + "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
@@ -149,11 +161,11 @@ class PgServer:
             dbname=dbname, autocommit=autocommit, connect_timeout=timeout,
         )
 
-    def wait_ready(self, timeout: float = 60) -> None:
+    def wait_ready(self, timeout: float = 60, dbname: str = "postgres") -> None:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                with self.connect():
+                with self.connect(dbname):
                     return
             except psycopg.OperationalError:
                 if time.monotonic() > deadline:

@@ -5,6 +5,7 @@ old server only after the last WAL it wrote is safe in the archive.
 """
 
 import time
+from datetime import datetime, timezone
 
 import psycopg
 from psycopg import sql
@@ -12,18 +13,24 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.pgserver import PgServer
+from activities.sealing import marker_path, read_seal, set_allow_connections, write_seal
 from models.postgres import (
     Assessment,
     AssessRequest,
+    ProductionState,
     SealRequest,
     SealResult,
     VerifyRequest,
     VerifyResult,
 )
 
+# Ordinary and partitioned tables outside the system schemas: the quoted name (as PostgreSQL prints
+# it, e.g. public."Orders"), whether it is UNLOGGED, and the schema and name for sql.Identifier.
 USER_TABLES = """
-    SELECT format('%I.%I', schemaname, tablename) FROM pg_tables
-    WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1
+    SELECT format('%I.%I', n.nspname, c.relname), c.relpersistence = 'u', n.nspname, c.relname
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't'
+      AND n.nspname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1
 """
 
 
@@ -59,7 +66,9 @@ class PostgresActivities:
         findings: list[str] = []
         corrupted: set[str] = set()
         with server.connect(database) as conn:
-            tables = [r[0] for r in conn.execute(USER_TABLES)]
+            rows = conn.execute(USER_TABLES).fetchall()
+            tables = [r[0] for r in rows]
+            unlogged = [r[0] for r in rows if r[1]]
             amcheck = bool(conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'amcheck'").fetchone())
         schema = server.tool("pg_dump", *server.client_args(database), "--schema-only", "-f", "/dev/null",
                              check=False, timeout=600)
@@ -89,37 +98,96 @@ class PostgresActivities:
         if failures:
             findings.append(f"pg_stat_database.checksum_failures = {failures}")
         return Assessment(database=database, server_reachable=True, corrupted_tables=sorted(corrupted),
-                          findings=findings, checksum_failures=failures, amcheck_available=amcheck)
+                          findings=findings, checksum_failures=failures, amcheck_available=amcheck,
+                          unlogged_tables=unlogged)
 
     # --- seal -----------------------------------------------------------------
 
     @activity.defn
     def seal_primary(self, req: SealRequest) -> SealResult:
-        """Get the damaged primary's last WAL into the archive, record what it holds, stop it.
+        """Fence the damaged primary's writers, record what it holds, archive its last WAL, stop it.
 
-        Safe to re-run: what was recorded before the stop is returned again, and a
-        server that was already down is left as it is (was_running=False).
+        Fencing: every non-template database is closed to new connections
+        (`ALLOW_CONNECTIONS false`) and every other client backend is terminated
+        before the row counts, the last commit time and `pg_switch_wal()` are
+        taken, so another writer cannot commit after the counts: the counts are
+        final and every commit is in the WAL archived through `archived_through`.
+        The seal marker (activities.sealing) is written before the first change
+        and keeps the databases it closed, so a retry, a later run or a person
+        (`drp unseal`) can undo exactly that.
+
+        Re-run safe: a sealed primary returns the recorded seal (also to a later
+        incident's run: the archive must still reach what was recorded); a
+        primary that was down and never sealed is recorded as found
+        (`was_running=False`, its timeline from the control file).
+        Raises ArchiveLagging (retryable) when the last segment is not archived in time.
         """
-        record = self.server.data_dir.with_name(f"{self.server.data_dir.name}.seal-{req.incident_id}.json")
-        if not self.server.is_running():  # stopped by us in an earlier attempt, or already down
-            if record.exists():
-                return SealResult.model_validate_json(record.read_text())
-            return SealResult(was_running=False)
+        data_dir = self.server.data_dir
+        marker = read_seal(data_dir) or {}
+        if not self.server.is_running():
+            if marker.get("result"):
+                return SealResult.model_validate(marker["result"]).model_copy(
+                    update={"sealed_by": marker.get("incident_id")})
+            result = SealResult(was_running=False, timeline=self.server.control_timeline())
+            write_seal(data_dir, {"incident_id": req.incident_id, "state": "found stopped",
+                                  "sealed_at": _now(), "fenced_databases": [], "result": result.model_dump()})
+            return result
         try:
-            conn = self.server.connect(req.database)
+            ctl = self.server.connect("template1")
         except psycopg.OperationalError:
             self.server.stop()  # running but not answering: nothing more can be saved from it
-            return SealResult(was_running=True)
-        with conn:
-            counts = _row_counts(conn, skip=set(req.skip_tables))
-            last_commit = conn.execute("SELECT timestamp FROM pg_last_committed_xact()").fetchone()
-            segment = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
-            self._wait_archived(conn, segment)
-        result = SealResult(was_running=True, archived_through=segment, row_counts=counts,
-                            last_commit_at=last_commit[0] if last_commit else None)
-        record.write_text(result.model_dump_json())  # a retry after the stop below still knows all this
+            result = SealResult(was_running=True, timeline=self.server.control_timeline())
+            write_seal(data_dir, {"incident_id": req.incident_id, "state": "stopped unanswering",
+                                  "sealed_at": _now(), "fenced_databases": [], "result": result.model_dump()})
+            return result
+        with ctl:
+            if "fenced_databases" not in marker:  # first attempt: remember what was open before closing it
+                fenced = [r[0] for r in ctl.execute(
+                    "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1")]
+                marker = {"incident_id": req.incident_id, "state": "fencing", "sealed_at": _now(),
+                          "fenced_databases": fenced}
+                write_seal(data_dir, marker)
+            fenced = marker["fenced_databases"]
+            _allow(ctl, fenced, False)
+            _terminate_others(ctl, keep=[])
+            # Only this run inside the database it counts: open it for one connection, close it again.
+            _allow(ctl, [req.database], True)
+            conn = self.server.connect(req.database)
+            _allow(ctl, [req.database], False)
+            with conn:
+                _terminate_others(ctl, keep=[conn.info.backend_pid])
+                counts, unlogged = _row_counts(conn, skip=set(req.skip_tables))
+                last_commit = conn.execute("SELECT timestamp FROM pg_last_committed_xact()").fetchone()
+                timeline = int(conn.execute(
+                    "SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()[0][:8], 16)
+                end_lsn, segment = conn.execute(
+                    "SELECT s::text, pg_walfile_name(s) FROM pg_switch_wal() s").fetchone()
+                self._wait_archived(conn, segment)
+        result = SealResult(was_running=True, archived_through=segment, end_lsn=end_lsn, row_counts=counts,
+                            last_commit_at=last_commit[0] if last_commit else None, timeline=timeline,
+                            fenced_databases=fenced, unlogged_tables=unlogged)
+        write_seal(data_dir, {**marker, "state": "sealed", "result": result.model_dump()})
         self.server.stop()
         return result
+
+    @activity.defn
+    def reopen_production(self, req: SealRequest) -> ProductionState:
+        """Undo a seal that did not get as far as stopping production: reopen the databases it fenced and
+        remove the marker. A stopped (sealed) primary is left as it is: it is the evidence, and
+        `drp unseal` is a person's decision. Re-run safe."""
+        marker = read_seal(self.server.data_dir)
+        running = self.server.is_running()
+        if not running:
+            who = marker.get("incident_id") if marker else None
+            return ProductionState(running=False, detail=(
+                f"production is stopped and sealed by incident {who}; `drp unseal` starts it again as it was"
+                if marker else "production is stopped"))
+        if marker is None:
+            return ProductionState(running=True, detail="production keeps running; it was not fenced")
+        set_allow_connections(self.server, marker.get("fenced_databases", []), allow=True)
+        marker_path(self.server.data_dir).unlink(missing_ok=True)
+        return ProductionState(running=True,
+                               detail="production keeps running; the databases the seal closed are open again")
 
     @activity.defn
     def archive_current_wal(self, req: AssessRequest) -> str:
@@ -153,10 +221,12 @@ class PostgresActivities:
         with server.connect(req.database) as conn:
             if conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
                 problems.append("server is still in recovery")
-            counts = _row_counts(conn)
+            counts, unlogged = _row_counts(conn)
         assessment = self._inspect(server, req.database)
         problems += assessment.findings
         for table, want in {**req.baseline_row_counts, **req.expected_row_counts}.items():
+            if _qualified(table) in unlogged:
+                continue  # by design empty after a restore: reported, not compared
             got = counts.get(_qualified(table))
             if got != want:
                 problems.append(f"{table}: {got} rows restored, {want} expected")
@@ -178,15 +248,18 @@ class PostgresActivities:
             checks.insert(1, "pg_amcheck --heapallindexed")
         if req.baseline_row_counts or req.expected_row_counts:
             checks.append("row counts match")
-        return VerifyResult(row_counts=counts, checks=checks)
+        return VerifyResult(row_counts=counts, checks=checks, unlogged_tables=unlogged)
 
 
-def _row_counts(conn: psycopg.Connection, skip: set[str] = frozenset()) -> dict[str, int]:
-    counts = {}
-    for (table,) in conn.execute(USER_TABLES).fetchall():
+def _row_counts(conn: psycopg.Connection, skip: set[str] = frozenset()) -> tuple[dict[str, int], list[str]]:
+    """Row counts of the readable, WAL-logged user tables, and the UNLOGGED tables (not counted)."""
+    counts, unlogged = {}, []
+    for table, is_unlogged, schema, name in conn.execute(USER_TABLES).fetchall():
         if table in skip or table.split(".", 1)[-1] in skip:
             continue
-        schema, name = table.split(".", 1)
+        if is_unlogged:
+            unlogged.append(table)
+            continue
         try:
             with conn.transaction():
                 counts[table] = conn.execute(
@@ -194,7 +267,33 @@ def _row_counts(conn: psycopg.Connection, skip: set[str] = frozenset()) -> dict[
                 ).fetchone()[0]
         except psycopg.Error:
             continue  # unreadable (corrupted) tables have no trustworthy count
-    return counts
+    return counts, unlogged
+
+
+def _allow(conn: psycopg.Connection, databases: list[str], allow: bool) -> None:
+    for name in databases:
+        conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}").format(
+            sql.Identifier(name), sql.SQL("true" if allow else "false")))
+
+
+def _terminate_others(conn: psycopg.Connection, keep: list[int], timeout: float = 60) -> None:
+    """Terminate every client backend but this one and `keep`, and wait until they are gone."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = conn.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+            "AND pid <> pg_backend_pid() AND NOT pid = ANY(%s)", (keep,)).fetchone()[0]
+        if left == 0:
+            return
+        if time.monotonic() > deadline:
+            raise ApplicationError(f"{left} sessions did not end after pg_terminate_backend within {timeout:.0f}s",
+                                   type="FenceIncomplete")
+        _heartbeat(f"fencing: waiting for {left} sessions to end")
+        time.sleep(0.2)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
 
 
 def _amcheck_reports(output: str) -> list[tuple[str, str]]:

@@ -14,6 +14,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.pgserver import PgServer, run_as
+from activities.timelines import diverged, history_file_name, parse_history
 from models.failover import (
     Fenced,
     FenceRequest,
@@ -25,6 +26,11 @@ from models.failover import (
     Role,
     StandbyStatus,
 )
+from models.postgres import TimelineBranch
+
+# Replicas are read through template1: a seal closes every other database (ALLOW_CONNECTIONS false),
+# a standby replays that, and CREATE DATABASE (which needs template1 unused) cannot run on a replica.
+REPLICA_DB = "template1"
 
 
 class ReplicationActivities:
@@ -47,8 +53,18 @@ class ReplicationActivities:
 
     @activity.defn
     def check_standby(self, req: LagCheck) -> StandbyStatus:
-        """Is the replica replaying, how far behind its source, on which timeline; refuse a lagging one."""
+        """Is the replica replaying, how far behind its source, on which timeline; refuse a lagging one
+        (StandbyLagging, unless `override`) and, always, one whose history diverged from its source's
+        (StandbyDiverged: promoting it would drop every commit the source made after the fork)."""
         status = self._status(req.replica)
+        if status.diverged:
+            raise ApplicationError(
+                f"the standby on {status.host}:{status.port} is on timeline {status.timeline} at {status.replay_lsn}, "
+                f"a position that is not on the history of its source (timeline {status.source_timeline}, at "
+                f"{status.primary_lsn or 'unknown'}): the standby diverged and can never follow it. Promoting "
+                "it would lose every commit made since the fork, so this is refused even with override_lag. "
+                "Rebuild it first (DatabaseFailback's rejoin, or a fresh pg_basebackup); nothing was changed.",
+                type="StandbyDiverged", non_retryable=True)
         if status.in_recovery and self._too_far(status, req) and not req.override:
             raise ApplicationError(
                 f"standby lags {status.lag_bytes} bytes / {status.lag_seconds}s (allowed {req.max_lag_bytes} bytes / "
@@ -73,13 +89,16 @@ class ReplicationActivities:
     def _status(self, role: Role) -> StandbyStatus:
         replica, source = self.server(role), self.other(role)
         try:
-            with replica.connect() as conn:
+            with replica.connect(REPLICA_DB) as conn:
                 in_recovery, receive, replay = conn.execute(
                     "SELECT pg_is_in_recovery(), pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text"
                 ).fetchone()
-                streaming = bool(conn.execute("SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming'")
-                                 .fetchone())
-                timeline = conn.execute("SELECT timeline_id FROM pg_control_checkpoint()").fetchone()[0]
+                received_tli = conn.execute(
+                    "SELECT received_tli FROM pg_stat_wal_receiver WHERE status = 'streaming'").fetchone()
+                streaming = received_tli is not None
+                # Streaming: the timeline it receives; otherwise its last restartpoint's.
+                timeline = received_tli[0] if streaming else conn.execute(
+                    "SELECT timeline_id FROM pg_control_checkpoint()").fetchone()[0]
         except psycopg.OperationalError as err:
             raise ApplicationError(f"replica {replica.host}:{replica.port} unreachable: "
                                    f"{str(err).strip().splitlines()[-1]}", type="StandbyUnreachable") from err
@@ -96,10 +115,18 @@ class ReplicationActivities:
                     lag_seconds, synchronous = float(row[0]), row[1] == "sync"
         except psycopg.OperationalError:
             pass  # a dead primary is why we fail over; lag against it cannot be measured then
+        source_timeline = current_timeline(source)
+        # A fork: its position lies past where its source's history left its timeline, or (same timeline,
+        # two histories: a standby's source started as a primary without promotion) ahead of the source.
+        fork = bool(in_recovery and replay and (
+            (lag_bytes is not None and lag_bytes < 0)
+            or (not streaming and source_timeline
+                and diverged(timeline, replay, source_timeline, timeline_history(source, source_timeline)))))
         return StandbyStatus(host=replica.host, port=replica.port, in_recovery=in_recovery, streaming=streaming,
                              timeline=timeline, receive_lsn=receive, replay_lsn=replay, primary_reachable=reachable,
-                             primary_lsn=primary_lsn, lag_bytes=lag_bytes, lag_seconds=lag_seconds,
-                             synchronous=synchronous)
+                             primary_lsn=primary_lsn, lag_bytes=None if fork else lag_bytes,
+                             lag_seconds=lag_seconds, synchronous=synchronous, diverged=fork,
+                             source_timeline=source_timeline)
 
     @activity.defn
     def fence_primary(self, req: FenceRequest) -> Fenced:
@@ -112,12 +139,11 @@ class ReplicationActivities:
         was_running = old.is_running()
         old.stop(mode="fast")
         subprocess.run(run_as(old.os_user, ["touch", str(old.data_dir / "standby.signal")]), check=True)
-        control = dict(line.split(":", 1) for line in
-                       old.tool("pg_controldata", str(old.data_dir), check=False).stdout.splitlines() if ":" in line)
+        control = old.control_data()
         # Only a clean shutdown's checkpoint is the last thing the primary wrote; after a crash it is not.
-        clean = control.get("Database cluster state", "").strip() == "shut down"
+        clean = control.get("Database cluster state") == "shut down"
         return Fenced(was_running=was_running,
-                      final_lsn=control.get("Latest checkpoint location", "").strip() or None if clean else None)
+                      final_lsn=control.get("Latest checkpoint location") or None if clean else None)
 
     @activity.defn
     def promote_standby(self, req: PromoteRequest) -> Promoted:
@@ -126,7 +152,7 @@ class ReplicationActivities:
         With the old primary's final position known, the standby gets
         `catch_up_seconds` to receive it; what it still lacks then is the data lost.
         """
-        with self.server(req.server).connect() as conn:
+        with self.server(req.server).connect(REPLICA_DB) as conn:
             if not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
                 return Promoted(already_primary=True, lost_bytes=None, **_position(conn))
             lost = self._wait_for_wal(conn, req.final_lsn, req.catch_up_seconds) if req.final_lsn else None
@@ -186,7 +212,7 @@ class ReplicationActivities:
 
     def _follows(self, server: PgServer, source: PgServer) -> bool:
         try:
-            with server.connect(timeout=2) as conn:
+            with server.connect(REPLICA_DB, timeout=2) as conn:
                 row = conn.execute("SELECT pg_is_in_recovery(), (SELECT sender_port FROM pg_stat_wal_receiver "
                                    "WHERE status = 'streaming')").fetchone()
         except psycopg.OperationalError:
@@ -197,3 +223,41 @@ class ReplicationActivities:
 def _position(conn: psycopg.Connection) -> dict:
     segment, lsn = conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn()), pg_current_wal_lsn()::text").fetchone()
     return {"timeline": int(segment[:8], 16), "promoted_at_lsn": lsn}
+
+
+def current_timeline(server: PgServer) -> int | None:
+    """A server's current timeline: from its WAL position when it answers as a primary, else its control file."""
+    try:
+        with server.connect(timeout=3) as conn:
+            if not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
+                return int(conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()[0][:8], 16)
+    except psycopg.OperationalError:
+        pass
+    return server.control_timeline()
+
+
+def timeline_history(server: PgServer, timeline: int) -> list[TimelineBranch]:
+    """A timeline's history from the server's own pg_wal ([] for timeline 1 or when unreadable)."""
+    if timeline <= 1:
+        return []
+    try:
+        return parse_history((server.data_dir / "pg_wal" / history_file_name(timeline)).read_text())
+    except OSError:
+        return []
+
+
+def has_diverged(replica: PgServer, source: PgServer) -> bool:
+    """True when a replica that is not streaming holds WAL its source's history never had (see
+    activities.timelines.diverged); False when it streams, is not a replica, or cannot be read."""
+    try:
+        with replica.connect(REPLICA_DB, timeout=3) as conn:
+            in_recovery, replay, streaming, checkpoint_tli = conn.execute(
+                "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, EXISTS (SELECT 1 FROM "
+                "pg_stat_wal_receiver WHERE status = 'streaming'), (SELECT timeline_id FROM pg_control_checkpoint())"
+            ).fetchone()
+    except psycopg.OperationalError:
+        return False
+    source_tli = current_timeline(source)
+    if not in_recovery or streaming or not replay or not source_tli:
+        return False
+    return diverged(checkpoint_tli, replay, source_tli, timeline_history(source, source_tli))

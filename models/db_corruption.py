@@ -56,6 +56,13 @@ class CorruptionRecoveryResult(BaseModel):
     rpo_target: timedelta
     rto_actual: timedelta | None = None
     rpo_actual: timedelta | None = None
+    # Empty after any restore (PostgreSQL does not WAL-log them): reported, not compared.
+    unlogged_tables: list[str] = []
+    # The standby after the recovery: "streaming from the new primary (...)", "diverged: needs rebuild (...)",
+    # "none configured"; None for runs from before the rebuild step.
+    standby: str | None = None
+    timeline: int | None = None  # the new primary's timeline
+    followed_timeline: int | None = None  # production's timeline the replay followed (None: the newest)
 
     @property
     def rto_met(self) -> bool | None:

@@ -57,6 +57,9 @@ class StandbyStatus(_Frozen):
     lag_bytes: int | None = None
     lag_seconds: float | None = None
     synchronous: bool = False
+    # The replica holds WAL its source's history never had (a fork): it can never follow it.
+    diverged: bool = False
+    source_timeline: int | None = None
 
 
 class FenceRequest(_Frozen):

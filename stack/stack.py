@@ -24,6 +24,8 @@ from activities.barman import BarmanCloud
 from activities.pgserver import PgServer, embedded_bin_dir
 from activities.platforms import LocalAppSpec, LocalProcessPlatform
 from activities.processes import ProcessTable, free_port, port_open, wait_for_port
+from activities.replication import has_diverged
+from activities.sealing import describe_seal, read_seal
 
 DATABASE = "corporate_intel"
 AUDITED_TABLES = ("public.companies", "public.filings", "public.metrics")
@@ -184,10 +186,15 @@ class Stack:
         self._up_moto(log)
         self._up_redis(log)
         self._up_mailbox(log)
-        self._up_postgres(log)
+        seal = read_seal(self.postgres().data_dir)
+        if seal is None:
+            self._up_postgres(log)
+        else:  # a recovery holds production: starting it (or the app on it) would undo the seal's guarantees
+            log(f"postgres       left stopped: {describe_seal(seal)}")
         if with_temporal:
             self._up_temporal(log)
-        self._up_app(log)
+        if seal is None:
+            self._up_app(log)
         if with_worker:
             self._up_worker(log)
 
@@ -366,8 +373,9 @@ class Stack:
         return rows
 
     def _pg_health(self, pg: PgServer) -> str:
+        seal = read_seal(pg.data_dir)
         if not pg.is_running():
-            return "down"
+            return describe_seal(seal) if seal else "down"
         try:
             with pg.connect(DATABASE) as conn:
                 archived, failed = conn.execute(
@@ -381,13 +389,17 @@ class Stack:
         if not standby.is_running():
             return "down"
         try:
-            with standby.connect() as conn:
+            with standby.connect("template1") as conn:
                 in_recovery, streaming = conn.execute(
                     "SELECT pg_is_in_recovery(), EXISTS (SELECT 1 FROM pg_stat_wal_receiver "
                     "WHERE status = 'streaming')").fetchone()
-            return ("up (streaming)" if streaming else "up (not streaming)") if in_recovery else "up (promoted)"
         except Exception as err:  # noqa: BLE001 (status reports any failure)
             return f"unhealthy: {str(err).splitlines()[0]}"
+        if not in_recovery:
+            return "up (promoted)"
+        if streaming:
+            return "up (streaming)"
+        return "up (diverged: needs rebuild)" if has_diverged(standby, self.postgres()) else "up (not streaming)"
 
     def down(self, log=print) -> None:
         for name in ("worker", "app", "temporal"):

@@ -98,7 +98,20 @@ def cmd_stack(args) -> None:
 def cmd_worker(args) -> None:
     from workers.main import main as worker_main
 
+    _settings(args)  # the stack's settings file when nothing else is set, as every other command reads them
     worker_main()
+
+
+def cmd_unseal(args) -> None:
+    from activities.sealing import read_seal, unseal
+
+    server = _settings(args).production_server()
+    if read_seal(server.data_dir) is None:
+        raise CliError(f"{server.data_dir} is not sealed: nothing to do")
+    try:
+        print(unseal(server))
+    except Exception as err:  # noqa: BLE001 (one line for the operator, whatever failed)
+        raise CliError(f"could not unseal {server.data_dir}: {str(err).strip().splitlines()[-1]}") from err
 
 
 async def cmd_start(args) -> None:
@@ -297,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stack)
 
     sub.add_parser("worker", help="run a worker").set_defaults(func=cmd_worker)
+    sub.add_parser("unseal", help="abandon a recovery: start the sealed primary again as it was, reopen its "
+                                  "databases, remove the seal").set_defaults(func=cmd_unseal)
     sub.add_parser("demo", help="run a recovery drill on the embedded stack").set_defaults(func=cmd_demo)
 
     p = sub.add_parser("start", help="start a runbook")

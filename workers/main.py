@@ -18,6 +18,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 from activities.backup import BackupActivities
 from activities.deletion import DeletionActivities
 from activities.notify import NotifyActivities
+from activities.locks import LockActivities
 from activities.platform import PlatformActivities
 from activities.platforms import AppPlatform, KubernetesPlatform, LocalProcessPlatform
 from activities.playbook import PlaybookActivities
@@ -32,6 +33,7 @@ from workers.logging import LoggingInterceptor, configure_logging
 from workers.settings import PlatformSettings, Settings
 from workers.temporal_client import connect
 from workflows.accidental_deletion import AccidentalDeletionRecovery
+from workflows.database_lock import DatabaseLock
 from workflows.db_corruption import DatabaseCorruptionRecovery
 from workflows.db_failback import DatabaseFailback
 from workflows.db_failover import DatabaseFailover
@@ -39,7 +41,7 @@ from workflows.incident import Incident
 from workflows.region_failback import RegionFailback
 from workflows.region_failover import RegionFailover
 
-WORKFLOWS = [Incident, DatabaseCorruptionRecovery, AccidentalDeletionRecovery, DatabaseFailover, DatabaseFailback,
+WORKFLOWS = [Incident, DatabaseLock, DatabaseCorruptionRecovery, AccidentalDeletionRecovery, DatabaseFailover, DatabaseFailback,
              RegionFailover, RegionFailback]
 
 
@@ -120,9 +122,9 @@ def build_notify_activities(settings: Settings, playbook, redis, http: httpx.Cli
     return NotifyActivities(playbook, n, redis, http, sns)
 
 
-def build_activities(settings: Settings) -> list:
+def build_activities(settings: Settings, client: Client | None = None) -> list:
     playbook = load_playbook(settings.playbook_path)
-    server = settings.postgres.server(server_env=settings.backup.credentials_env())
+    server = settings.production_server()
     barman = settings.backup.barman()
     postgres = PostgresActivities(server)
     backup = BackupActivities(server, barman)
@@ -130,19 +132,21 @@ def build_activities(settings: Settings) -> list:
     region = build_region_activities(settings, http)
     platform = PlatformActivities(build_platform(settings.platform), http,
                                   settings.app.health_url, settings.app.critical_url, settings.app.write_check_url)
-    standby = settings.postgres.server(standby=settings.standby) if settings.standby else None
+    standby = settings.standby_server()
     rds = build_rds_activities(settings)
     replication = ReplicationActivities(server, standby)
     s3, redis = build_s3(settings), build_redis(settings)
     deletion = DeletionActivities(server, barman, redis, s3, settings.evidence_destination)
     playbook_activities = PlaybookActivities(playbook)
+    locks = LockActivities(client, server, barman.server_name)
     return [
+        locks.cluster, locks.holder,
         playbook_activities.objectives_for, playbook_activities.approvers_for, playbook_activities.plan_incident,
         build_notify_activities(settings, playbook, redis, http).send_notification,
         ReportActivities(playbook, s3, settings.reports_destination).write_report,
         postgres.assess_database, postgres.seal_primary, postgres.verify_restored, postgres.archive_current_wal,
         backup.restore_base_backup, backup.replay_wal, backup.swap_in_restored, backup.take_base_backup,
-        backup.remove_side_instance,
+        backup.remove_side_instance, backup.stop_restore, postgres.reopen_production,
         deletion.identify_deletions, deletion.contain, deletion.extract_deleted_rows, deletion.reinsert_rows,
         deletion.verify_reinserted, deletion.lift_containment,
         platform.stop_application, platform.start_application, platform.check_application,
@@ -161,7 +165,7 @@ def build_worker(client: Client, settings: Settings, executor: ThreadPoolExecuto
     # so an activity's result can be embedded in a workflow's result as it is.
     runner = SandboxedWorkflowRunner(restrictions=SandboxRestrictions.default.with_passthrough_modules("models"))
     return Worker(client, task_queue=settings.task_queue, workflows=WORKFLOWS,
-                  activities=build_activities(settings), activity_executor=executor,
+                  activities=build_activities(settings, client), activity_executor=executor,
                   interceptors=[LoggingInterceptor()], workflow_runner=runner,
                   sticky_queue_schedule_to_start_timeout=settings.sticky_queue_timeout)
 

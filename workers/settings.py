@@ -144,3 +144,14 @@ class Settings(_DrpSettings):
     evidence_destination: str = "s3://drp-backups/evidence"  # recovered rows, as CSV, per incident
     reports_destination: str = "s3://drp-backups/reports"  # post-incident reports, <incident>.md
     notify: NotifySettings = NotifySettings()  # incident messages; the delivery ledger uses redis_url
+
+    def production_server(self) -> PgServer:
+        """The production primary, started (when anything here starts it) with the archive's credentials
+        in its environment, so its archive_command works whoever started it."""
+        return self.postgres.server(server_env=self.backup.credentials_env())
+
+    def standby_server(self) -> PgServer | None:
+        """The streaming standby, likewise with the archive's credentials (it archives once promoted)."""
+        if self.standby is None:
+            return None
+        return self.postgres.server(server_env=self.backup.credentials_env(), standby=self.standby)

@@ -19,6 +19,7 @@ NON_RETRYABLE = [
     "NoPrimaryKey", "ReinsertIncomplete", "NoRedis", "NoStandby", "StandbyLagging", "WrongServer", "NoWriteCheck",
     "FailoverNotConfigured", "UnknownRegion", "UnknownReplica", "UnknownHostedZone", "PrimaryHealthy", "ReplicaLagging",
     "DnsChangeRejected", "UnknownChannel", "ChannelNotConfigured", "ChannelRejected", "BadDestination",
+    "DatabaseBusy", "NoBackupOnTimeline", "TimelineHistoryMissing", "StandbyDiverged", "TablespaceNotInBackup",
 ]
 
 RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
@@ -38,6 +39,11 @@ def quick(heartbeat: timedelta) -> dict:
 def long_running(heartbeat: timedelta, limit: timedelta = timedelta(hours=6)) -> dict:
     """Restores, replays, backups, scans: heartbeat-driven, retried until the limit."""
     return {"start_to_close_timeout": limit, "heartbeat_timeout": heartbeat, "retry_policy": RETRY}
+
+
+def bounded(heartbeat: timedelta, limit: timedelta) -> dict:
+    """A long step that may fail without failing the run: heartbeat-driven, retried for `limit` in all."""
+    return {"schedule_to_close_timeout": limit, "heartbeat_timeout": heartbeat, "retry_policy": RETRY}
 
 
 def until_healthy(deadline: timedelta) -> dict:

@@ -25,6 +25,7 @@ from models.failover import (
 )
 from models.platform import StartAppRequest, StopAppRequest
 from workflows import _options as opt
+from workflows import database_lock
 from workflows._runbook import Runbook
 
 with workflow.unsafe.imports_passed_through():
@@ -43,6 +44,9 @@ class DatabaseFailback(Runbook):
     @workflow.run
     async def run(self, inp: DatabaseFailbackInput) -> DatabaseFailbackResult:
         await self.prepare(inp.incident_id, FAILBACK, inp.severity)
+        return await database_lock.holding(FAILBACK, inp.incident_id, lambda: self._failback(inp))
+
+    async def _failback(self, inp: DatabaseFailbackInput) -> DatabaseFailbackResult:
         hb = inp.heartbeat_timeout
         rejoined = await self.steps.run("rejoin old primary as standby", workflow.execute_activity_method(
             ReplicationActivities.rejoin_as_standby,

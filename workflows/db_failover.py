@@ -27,6 +27,7 @@ from models.failover import (
 )
 from models.platform import StartAppRequest, StopAppRequest
 from workflows import _options as opt
+from workflows import database_lock
 from workflows._runbook import Runbook
 
 with workflow.unsafe.imports_passed_through():
@@ -47,10 +48,13 @@ class DatabaseFailover(Runbook):
     @workflow.run
     async def run(self, inp: DatabaseFailoverInput) -> DatabaseFailoverResult:
         await self.prepare(inp.incident_id, PROCEDURE, inp.severity)
+        objectives = await workflow.execute_activity_method(
+            PlaybookActivities.objectives_for, PROCEDURE, **opt.quick(inp.heartbeat_timeout))
+        return await database_lock.holding(PROCEDURE, inp.incident_id, lambda: self._failover(inp, objectives))
+
+    async def _failover(self, inp: DatabaseFailoverInput, objectives) -> DatabaseFailoverResult:
         started = inp.incident_started_at or workflow.info().start_time
         hb = inp.heartbeat_timeout
-        objectives = await workflow.execute_activity_method(
-            PlaybookActivities.objectives_for, PROCEDURE, **opt.quick(hb))
 
         rds = await workflow.execute_activity_method(RdsActivities.database_target, **opt.quick(hb)) == "rds"
         lag = LagCheck(max_lag_bytes=inp.max_lag_bytes, max_lag_seconds=inp.max_lag.total_seconds(),
