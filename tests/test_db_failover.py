@@ -19,9 +19,12 @@ import psycopg
 import pytest
 from temporalio.client import WorkflowFailureError
 
+from models.db_corruption import DatabaseCorruptionInput
 from models.failover import DatabaseFailbackInput, DatabaseFailoverInput
 from models.region import RegionFailoverInput
+from stack.corrupt import corrupt_table
 from stack.stack import DATABASE, Stack
+from starters.db_corruption import start_db_corruption
 from starters.db_failback import start_db_failback
 from starters.db_failover import start_db_failover
 from starters.region_failover import start_region_failover
@@ -184,3 +187,27 @@ async def test_failback_rebuilds_from_a_base_backup_when_pg_rewind_cannot_and_ke
     aside = Path(result.rejoined_old_primary.moved_aside)
     assert (aside / "global" / "pg_control.hidden").exists()  # the old directory, intact, kept
     assert result.write_check.served_by_port == primary.port
+
+
+async def test_a_corruption_recovery_after_failovers_follows_production_timeline_and_keeps_every_commit(pair,
+                                                                                                       client):
+    """Runs last: the failovers and failbacks above moved production several timelines past the pair's
+    only base backup (timeline 1). The restore must replay along production's own history, through
+    every history file and segment those promotions archived, and lose nothing."""
+    primary = pair.postgres()
+    with primary.connect(DATABASE) as conn:
+        timeline = int(conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()[0][:8], 16)
+        acknowledged = [conn.execute("INSERT INTO app_write_checks DEFAULT VALUES RETURNING id").fetchone()[0]
+                        for _ in range(20)]
+    assert timeline >= 3
+    corrupt_table(primary, DATABASE, "metrics")
+    async with running_worker(client, pair) as queue:
+        handle = await start_db_corruption(client, DatabaseCorruptionInput(incident_id=incident(),
+                                                                           database=DATABASE), queue)
+        await approve_when_asked(handle, approver="bob", reason="restore after failovers")
+        result = await handle.result()
+    assert result.outcome == "recovered" and result.followed_timeline == timeline
+    assert result.timeline > timeline and result.standby.startswith("streaming from the new primary")
+    with primary.connect(DATABASE) as conn:
+        present = {r[0] for r in conn.execute("SELECT id FROM app_write_checks WHERE id = ANY(%s)", (acknowledged,))}
+    assert present == set(acknowledged)
