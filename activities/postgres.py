@@ -141,6 +141,7 @@ class PostgresActivities:
                                   "sealed_at": _now(), "fenced_databases": [], "result": result.model_dump()})
             return result
         with ctl:
+            ctl.execute("SET synchronous_commit = local")  # the fence must not wait for a standby that is gone
             if "fenced_databases" not in marker:  # first attempt: remember what was open before closing it
                 fenced = [r[0] for r in ctl.execute(
                     "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1")]

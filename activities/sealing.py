@@ -54,6 +54,7 @@ def set_allow_connections(server: PgServer, databases: list[str], allow: bool) -
     if not databases:
         return
     with server.connect("template1") as conn:
+        conn.execute("SET synchronous_commit = local")  # a synchronous standby may be gone or not yet rebuilt
         for name in databases:
             conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}").format(
                 sql.Identifier(name), sql.SQL("true" if allow else "false")))

@@ -58,10 +58,21 @@ async def running_worker(client, stack: Stack, backup: dict | None = None, setti
     """An in-process worker on a fresh task queue; yields the queue name. `backup` overrides backup
     settings; `settings(queue)`, when given, builds the whole Settings instead."""
     queue = f"test-{uuid.uuid4().hex[:10]}"
-    with ThreadPoolExecutor(max_workers=8) as executor:
-        async with build_worker(client, settings(queue) if settings else worker_settings(stack, queue, backup),
-                                executor):
-            yield queue
+    try:
+        with ThreadPoolExecutor(max_workers=8) as executor:
+            async with build_worker(client, settings(queue) if settings else worker_settings(stack, queue, backup),
+                                    executor):
+                yield queue
+    finally:
+        await terminate_runs(client, queue)
+
+
+async def terminate_runs(client, queue: str) -> None:
+    """End every run a test left open on its queue (a test that failed half-way): a run that still holds
+    the database lock or waits for an approval must not reach into the next test."""
+    async for run in client.list_workflows(f"TaskQueue = '{queue}' AND ExecutionStatus = 'Running'"):
+        with contextlib.suppress(Exception):
+            await client.get_workflow_handle(run.id, run_id=run.run_id).terminate(reason="the test ended")
 
 
 def row_counts(stack: Stack) -> dict[str, int]:
