@@ -18,7 +18,7 @@ NON_RETRYABLE = [
     "NoAuditLog", "UnknownTable", "UnknownRole", "NoDeletionsFound", "NoCommitTimestamps", "NoBackupBeforeTarget",
     "NoPrimaryKey", "ReinsertIncomplete", "NoRedis", "NoStandby", "StandbyLagging", "WrongServer", "NoWriteCheck",
     "FailoverNotConfigured", "UnknownRegion", "UnknownReplica", "UnknownHostedZone", "PrimaryHealthy", "ReplicaLagging",
-    "DnsChangeRejected", "UnknownChannel", "ChannelNotConfigured", "ChannelRejected", "BadDestination",
+    "DnsChangeRejected", "RecordOutsideZone", "FailbackNotSupported", "UnknownChannel", "ChannelNotConfigured", "ChannelRejected", "BadDestination",
 ]
 
 RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
