@@ -198,9 +198,7 @@ def halted_error(procedure: str, incident_id: str, step: str, err: ActivityError
     """The error a runbook fails with after it changed something: the original error's type, and a
     message and details (FailoverHalted) that say what was done and what not, production's state, and
     the command that goes on. Raised without a cause, so the incident's timeline shows this message."""
-    cause: BaseException = err
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
+    cause: BaseException = err.cause or err  # the activity's own error (its causes are the client's details)
     kind = cause.type if isinstance(cause, ApplicationError) else type(cause).__name__
     halted = FailoverHalted(procedure=procedure, incident_id=incident_id, failed_step=step, error_type=kind,
                             error=str(cause), done=done, not_done=not_done, production=production,
