@@ -13,6 +13,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities import statuspage
+from activities.pgserver import PgServer
 from activities.platforms import KubernetesPlatform
 from models.config import FailoverSettings
 from models.region import (
@@ -32,8 +33,9 @@ from models.region import (
 
 class RegionActivities:
     def __init__(self, config: FailoverSettings | None, rds: dict, cloudwatch: dict, route53, sns,
-                 clusters: dict[str, KubernetesPlatform], http: httpx.Client):
+                 clusters: dict[str, KubernetesPlatform], http: httpx.Client, standby: PgServer | None = None):
         self.config = config
+        self.standby = standby  # the self-managed path's streaming standby (settings `standby`), if any
         self.rds, self.cloudwatch, self.route53, self.sns = rds, cloudwatch, route53, sns
         self.clusters = clusters
         self.http = http
@@ -45,7 +47,17 @@ class RegionActivities:
 
     @activity.defn
     def plan_region_failback(self, inp: RegionFailbackInput) -> FailbackPlan:
-        """The way home: the serving region's promoted instance must exist; the home region be configured."""
+        """The way home: the serving region's promoted instance must exist; the home region be configured.
+
+        A self-managed failover promoted the settings' streaming standby: there is no RDS instance to
+        replicate home, so this runbook refuses at once and names the one that brings that database home."""
+        if self.config is not None and self.config.database == "self-managed":
+            raise _bad("FailbackNotSupported",
+                       f"RegionFailback replicates an RDS instance home, but failover.database is self-managed: "
+                       f"the failover promoted the streaming standby, and no RDS instance exists to replicate. "
+                       f"Nothing was changed. The database comes home with DatabaseFailback (python -m "
+                       f"starters.db_failback --incident {inp.incident_id}: rewinds the old primary and switches "
+                       f"back); then point {self.config.record_name} home and scale the regions.")
         serving = self._plan(inp.serving_region, replica_must_exist=True)
         home = self._plan(self.config.primary_region, replica_must_exist=False)  # the failback creates it
         return FailbackPlan(home=home, serving_region=inp.serving_region, serving_instance=serving.replica_id,
@@ -58,24 +70,29 @@ class RegionActivities:
         if region is None:
             raise _bad("UnknownRegion", f"region {region_name!r} is not configured; known: "
                                         f"{', '.join(sorted(self.config.regions)) or 'none'}")
-        if replica_must_exist and self.config.database == "rds":
-            try:
-                self.rds[region_name].describe_db_instances(DBInstanceIdentifier=region.rds_replica_id)
-            except ClientError as err:
-                if err.response["Error"]["Code"] == "DBInstanceNotFound":
-                    raise _bad("UnknownReplica", f"RDS instance {region.rds_replica_id!r} not found in "
-                                                 f"{region_name}") from err
-                raise
+        replica_id = region.rds_replica_id
+        if self.config.database == "self-managed":
+            if self.standby is None:
+                raise _bad("NoStandby", "failover.database is self-managed but this worker has no standby "
+                                        "(settings: standby.port, standby.data_dir); nothing was changed")
+            replica_id = f"the standby {self.standby.host}:{self.standby.port}"
+        elif replica_must_exist:
+            describe_instance(self.rds[region_name], region.rds_replica_id, region_name)
         try:
-            self.route53.get_hosted_zone(Id=self.config.hosted_zone_id)
+            zone = self.route53.get_hosted_zone(Id=self.config.hosted_zone_id)["HostedZone"]
         except ClientError as err:
             if err.response["Error"]["Code"] == "NoSuchHostedZone":
                 raise _bad("UnknownHostedZone", f"hosted zone {self.config.hosted_zone_id!r} not found") from err
             raise
+        if not in_zone(self.config.record_name, zone["Name"]):
+            raise _bad("RecordOutsideZone", f"record {self.config.record_name!r} is not in hosted zone "
+                                            f"{zone['Name'].rstrip('.')!r} ({self.config.hosted_zone_id}): Route53 "
+                                            "would reject the change; fix failover.record_name or hosted_zone_id. "
+                                            "Nothing was changed.")
         return RegionPlan(backup_region=region_name, task_queue=region.task_queue, database=self.config.database,
                           primary_health_url=self.config.primary_health_url,
                           max_lag_seconds=self.config.max_replica_lag_seconds,
-                          replica_id=region.rds_replica_id, hosted_zone_id=self.config.hosted_zone_id,
+                          replica_id=replica_id, hosted_zone_id=self.config.hosted_zone_id,
                           record_name=self.config.record_name,
                           new_target=region.load_balancer_dns or ", ".join(region.load_balancer_ips),
                           deployment=f"{region.kubernetes.namespace}/{region.kubernetes.deployment}",
@@ -91,8 +108,8 @@ class RegionActivities:
         except ClientError as err:
             if err.response["Error"]["Code"] != "DBInstanceNotFound":
                 raise
-            source = self.rds[plan.serving_region].describe_db_instances(
-                DBInstanceIdentifier=plan.serving_instance)["DBInstances"][0]["DBInstanceArn"]
+            source = describe_instance(self.rds[plan.serving_region], plan.serving_instance,
+                                       plan.serving_region)["DBInstanceArn"]
             home.create_db_instance_read_replica(DBInstanceIdentifier=plan.home.replica_id,
                                                  SourceDBInstanceIdentifier=source)
             created = True
@@ -138,7 +155,12 @@ class RegionActivities:
 
     @activity.defn
     def switch_dns(self, req: RegionRequest) -> DnsSwitched:
-        """UPSERT the API record to the backup load balancer and wait until INSYNC (UPSERT is idempotent)."""
+        """Point the API record at the region's load balancer and wait until Route53 reports INSYNC.
+
+        One change batch per step, however often it is retried: the submitted change's Id is kept in
+        the heartbeat details, so a retry (worker killed, heartbeat timeout) waits on that change; a
+        retry that finds no Id but the record already at the target submits nothing either. Every
+        new batch would restart Route53's propagation wait."""
         region = self.config.regions[req.region]
         record = {"Name": self.config.record_name, "Type": "A"}
         if region.load_balancer_ips:
@@ -146,21 +168,40 @@ class RegionActivities:
         else:
             record["AliasTarget"] = {"HostedZoneId": region.load_balancer_zone_id,
                                      "DNSName": region.load_balancer_dns, "EvaluateTargetHealth": True}
+        earlier = _submitted_change(activity.info().heartbeat_details, record)
+        if earlier is not None:
+            return self._wait_insync({"Id": earlier, "Status": "PENDING"}, record, resumed=True)
+        if _same_record(self._current_record(), record):
+            activity.logger.info("%s already points at the target; no change submitted", self.config.record_name)
+            return DnsSwitched(change_id=None, status="CURRENT", record=record, already_current=True)
         try:
             change = self.route53.change_resource_record_sets(
                 HostedZoneId=self.config.hosted_zone_id,
                 ChangeBatch={"Comment": f"drp failover {req.incident_id}",
                              "Changes": [{"Action": "UPSERT", "ResourceRecordSet": record}]})["ChangeInfo"]
         except ClientError as err:
-            if err.response["Error"]["Code"] in ("InvalidChangeBatch", "InvalidInput"):
+            if err.response["Error"]["Code"] in ("InvalidChangeBatch", "InvalidInput", "NoSuchHostedZone"):
                 raise _bad("DnsChangeRejected", f"Route53 rejected the change of {self.config.record_name}: "
                                                 f"{err.response['Error']['Message']}") from err
             raise
-        while change["Status"] != "INSYNC":
-            activity.heartbeat(f"change {change['Id']} {change['Status']}")
+        return self._wait_insync(change, record, resumed=False)
+
+    def _wait_insync(self, change: dict, record: dict, resumed: bool) -> DnsSwitched:
+        while True:
+            # Heartbeat first: the Id must be on the server before anything else can go wrong.
+            activity.heartbeat({"change_id": change["Id"], "status": change["Status"], "record": record})
+            if change["Status"] == "INSYNC":
+                return DnsSwitched(change_id=change["Id"], status=change["Status"], record=record, resumed=resumed)
             time.sleep(2)
             change = self.route53.get_change(Id=change["Id"])["ChangeInfo"]
-        return DnsSwitched(change_id=change["Id"], status=change["Status"], record=record)
+
+    def _current_record(self) -> dict | None:
+        name = self.config.record_name.rstrip(".").lower()
+        sets = self.route53.list_resource_record_sets(HostedZoneId=self.config.hosted_zone_id, StartRecordName=name,
+                                                      StartRecordType="A", MaxItems="1")["ResourceRecordSets"]
+        if sets and sets[0]["Name"].rstrip(".").lower() == name and sets[0]["Type"] == "A":
+            return sets[0]
+        return None
 
     @activity.defn
     def scale_region(self, req: RegionRequest) -> None:
@@ -212,6 +253,41 @@ def promote_read_replica(rds, replica_id: str) -> RdsPromoted:
     instance = rds.describe_db_instances(DBInstanceIdentifier=replica_id)["DBInstances"][0]
     return RdsPromoted(replica_id=replica_id, endpoint=(instance.get("Endpoint") or {}).get("Address"),
                        port=(instance.get("Endpoint") or {}).get("Port", 5432), already_promoted=already)
+
+
+def describe_instance(rds, instance_id: str, region: str) -> dict:
+    """One RDS instance; one that does not exist is an operator's error, never retried."""
+    try:
+        return rds.describe_db_instances(DBInstanceIdentifier=instance_id)["DBInstances"][0]
+    except ClientError as err:
+        if err.response["Error"]["Code"] in ("DBInstanceNotFound", "DBInstanceNotFoundFault"):
+            raise _bad("UnknownReplica", f"RDS instance {instance_id!r} not found in {region}") from err
+        raise
+
+
+def in_zone(record_name: str, zone_name: str) -> bool:
+    """Whether a record name lies in a hosted zone (the apex or below it), as Route53 decides it."""
+    record, zone = record_name.rstrip(".").lower(), zone_name.rstrip(".").lower()
+    return record == zone or record.endswith("." + zone)
+
+
+def _submitted_change(details, record: dict) -> str | None:
+    """The Id of the change an earlier attempt of this step submitted for this record (heartbeat details)."""
+    last = details[-1] if details else None
+    if isinstance(last, dict) and last.get("change_id") and last.get("record") == record:
+        return last["change_id"]
+    return None
+
+
+def _same_record(current: dict | None, wanted: dict) -> bool:
+    if current is None:
+        return False
+    if "AliasTarget" in wanted:
+        alias = current.get("AliasTarget") or {}
+        return (alias.get("DNSName", "").rstrip(".").lower() == wanted["AliasTarget"]["DNSName"].rstrip(".").lower()
+                and alias.get("HostedZoneId") == wanted["AliasTarget"]["HostedZoneId"])
+    return ("AliasTarget" not in current and sorted(r["Value"] for r in current.get("ResourceRecords", []))
+            == sorted(r["Value"] for r in wanted["ResourceRecords"]))
 
 
 def replica_lag_seconds(cloudwatch, replica_id: str) -> float | None:

@@ -6,7 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from models.approval import ApprovalRecord
 from models.durations import Duration
-from models.failover import Promoted
+from models.failover import Fenced, Promoted
 from models.identifiers import IncidentId
 from models.playbook import Severity
 from models.steps import StepRecord
@@ -70,9 +70,11 @@ class RegionRequest(_Frozen):
 
 
 class DnsSwitched(_Frozen):
-    change_id: str
+    change_id: str | None  # None: the record already pointed at the target and no change of ours was known
     status: str
     record: dict
+    already_current: bool = False  # nothing submitted: the record already had the target value
+    resumed: bool = False  # an earlier attempt's change (from its heartbeat) was waited on, none submitted
 
 
 class RdsPromoted(_Frozen):
@@ -93,6 +95,7 @@ class RegionFailoverResult(_Frozen):
     replica_lag_seconds: float | None
     promoted: RdsPromoted | None = None  # database "rds"
     promoted_standby: Promoted | None = None  # database "self-managed"
+    fenced: Fenced | None = None  # database "self-managed": the old primary's fence
     dns: DnsSwitched
     notified: Notified | None
     approval: ApprovalRecord
@@ -123,6 +126,23 @@ class FailbackPlan(_Frozen):
 class HomeReplica(_Frozen):
     replica_id: str
     created: bool
+
+
+class FailoverHalted(_Frozen):
+    """The details of a run that failed after it changed something: what was done, what not, where
+    production is, and the command that goes on (and the one that goes back, where there is one)."""
+
+    procedure: str
+    incident_id: str
+    failed_step: str
+    error_type: str | None
+    error: str
+    done: list[str]  # every change made, in order, with its timing
+    not_done: list[str]
+    production: str
+    next_command: str
+    way_back: str | None = None
+    steps: list[StepRecord]
 
 
 class RegionFailbackResult(_Frozen):

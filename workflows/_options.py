@@ -18,7 +18,8 @@ NON_RETRYABLE = [
     "NoAuditLog", "UnknownTable", "UnknownRole", "NoDeletionsFound", "NoCommitTimestamps", "NoBackupBeforeTarget",
     "NoPrimaryKey", "ReinsertIncomplete", "NoRedis", "NoStandby", "StandbyLagging", "WrongServer", "NoWriteCheck",
     "FailoverNotConfigured", "UnknownRegion", "UnknownReplica", "UnknownHostedZone", "PrimaryHealthy", "ReplicaLagging",
-    "DnsChangeRejected", "UnknownChannel", "ChannelNotConfigured", "ChannelRejected", "BadDestination",
+    "DnsChangeRejected", "RecordOutsideZone", "FailbackNotSupported", "UnknownChannel", "ChannelNotConfigured",
+    "ChannelRejected", "BadDestination",
     "DatabaseBusy", "NoBackupOnTimeline", "TimelineHistoryMissing", "StandbyDiverged", "TablespaceNotInBackup",
 ]
 
