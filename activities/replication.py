@@ -10,6 +10,7 @@ import subprocess
 import time
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -173,51 +174,72 @@ class ReplicationActivities:
 
     @activity.defn
     def rejoin_as_standby(self, req: RejoinRequest) -> Rejoined:
-        """Make a fenced former primary a streaming standby of `source`: pg_rewind -R (it
-        does crash recovery first if needed), else a fresh pg_basebackup with the old
-        directory moved aside, never deleted. Re-run safe: a standby already streaming
-        from the source is left as it is."""
+        """Make `req.server` a streaming standby of `source`.
+
+        `method="rewind"`: pg_rewind -R (crash recovery first if needed); if it
+        fails, or the rewound server does not come up streaming, a fresh base
+        backup instead. `method="basebackup"`: straight to the base backup, the
+        way after a restore (the restored primary lacks the WAL before its fork
+        that a rewind would need). A base backup goes into a scratch directory
+        and the old directory is moved aside, never deleted. Re-run safe: a
+        standby already streaming from the source on its timeline is left as it
+        is. Raises RejoinFailed (retryable) when it does not stream in 5 minutes.
+        """
         server, source = self.server(req.server), self.server(req.source)
         if server.is_running():
             if self._follows(server, source):
                 return Rejoined(method="already following")
             server.stop(mode="fast")
-        subprocess.run(run_as(server.os_user, ["rm", "-f", str(server.data_dir / "standby.signal")]), check=True)
-        conninfo = f"host={source.host} port={source.port} user={source.superuser} dbname=postgres"
-        rewind = server.tool("pg_rewind", f"--target-pgdata={server.data_dir}", f"--source-server={conninfo}",
-                             "--write-recovery-conf", check=False, timeout=3600)
-        method, aside = "pg_rewind", None
-        if rewind.returncode != 0:
-            activity.logger.warning("pg_rewind failed, rebuilding from a base backup: %s", rewind.stderr[-500:])
-            aside = server.data_dir.with_name(f"{server.data_dir.name}.before-rejoin-{req.incident_id}")
-            if server.data_dir.exists() and not aside.exists():
-                server.data_dir.rename(aside)
-            if not server.data_dir.exists():
-                # Into a scratch directory first: a copy cut short by a crash is ours to discard.
-                scratch = server.data_dir.with_name(f"{server.data_dir.name}.rejoin-{req.incident_id}")
-                if scratch.exists():
-                    shutil.rmtree(scratch)
-                source.create_standby(scratch, "drp_rejoined")
-                scratch.rename(server.data_dir)
-            method = "pg_basebackup"
+        if req.method == "rewind":
+            subprocess.run(run_as(server.os_user, ["rm", "-f", str(server.data_dir / "standby.signal")]), check=True)
+            conninfo = make_conninfo(host=source.host, port=source.port, user=source.superuser, dbname="postgres")
+            rewind = server.tool("pg_rewind", f"--target-pgdata={server.data_dir}", f"--source-server={conninfo}",
+                                 "--write-recovery-conf", check=False, timeout=3600)
+            if rewind.returncode == 0:
+                server.start(wait=False)
+                if self._await_streaming(server, source):
+                    return Rejoined(method="pg_rewind")
+                server.stop(mode="immediate")
+                activity.logger.warning("the rewound server did not stream, rebuilding from a base backup:%s",
+                                        server.log_tail(5))
+            else:
+                activity.logger.warning("pg_rewind failed, rebuilding from a base backup: %s", rewind.stderr[-500:])
+        aside = server.data_dir.with_name(f"{server.data_dir.name}.before-rejoin-{req.incident_id}")
+        if server.data_dir.exists() and not aside.exists():
+            server.data_dir.rename(aside)
+        if not server.data_dir.exists():
+            # Into a scratch directory first: a copy cut short by a crash is ours to discard.
+            scratch = server.data_dir.with_name(f"{server.data_dir.name}.rejoin-{req.incident_id}")
+            if scratch.exists():
+                shutil.rmtree(scratch)
+            source.create_standby(scratch, "drp_rejoined")
+            scratch.rename(server.data_dir)
         server.start(wait=False)
-        deadline = time.monotonic() + 300
+        if not self._await_streaming(server, source):
+            raise ApplicationError(f"{server.data_dir} did not start streaming from {source.port}" +
+                                   server.log_tail(), type="RejoinFailed")
+        return Rejoined(method="pg_basebackup", moved_aside=str(aside) if aside.exists() else None)
+
+    def _await_streaming(self, server: PgServer, source: PgServer, timeout: float = 300) -> bool:
+        """Wait until `server` streams from `source`; False when it stopped (it failed to start) or the time ran out."""
+        deadline = time.monotonic() + timeout
         while not self._follows(server, source):
-            if time.monotonic() > deadline:
-                raise ApplicationError(f"{server.data_dir} did not start streaming from {source.port}" +
-                                       server.log_tail(), type="RejoinFailed")
+            if time.monotonic() > deadline or not server.is_running():
+                return False
             activity.heartbeat("waiting for streaming")
             time.sleep(0.2)
-        return Rejoined(method=method, moved_aside=str(aside) if aside else None)
+        return True
 
     def _follows(self, server: PgServer, source: PgServer) -> bool:
+        """In recovery, streaming from `source`'s port, on `source`'s current timeline."""
         try:
             with server.connect(REPLICA_DB, timeout=2) as conn:
                 row = conn.execute("SELECT pg_is_in_recovery(), (SELECT sender_port FROM pg_stat_wal_receiver "
+                                   "WHERE status = 'streaming'), (SELECT received_tli FROM pg_stat_wal_receiver "
                                    "WHERE status = 'streaming')").fetchone()
         except psycopg.OperationalError:
             return False
-        return bool(row[0]) and row[1] == source.port
+        return bool(row[0]) and row[1] == source.port and row[2] == current_timeline(source)
 
 
 def _position(conn: psycopg.Connection) -> dict:

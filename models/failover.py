@@ -89,6 +89,9 @@ class RejoinRequest(_Frozen):
     incident_id: IncidentId
     server: Role  # the fenced former primary, to become a standby of `source`
     source: Role
+    # rewind: pg_rewind, a base backup if that fails; basebackup: a fresh base backup (after a restore,
+    # the new primary lacks the WAL before its fork that a rewind needs).
+    method: Literal["rewind", "basebackup"] = "rewind"
 
 
 class Rejoined(_Frozen):

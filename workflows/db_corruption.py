@@ -166,8 +166,8 @@ class DatabaseCorruptionRecovery(Runbook):
         try:
             rejoined = await self.steps.run("rebuild standby", workflow.execute_activity_method(
                 ReplicationActivities.rejoin_as_standby,
-                RejoinRequest(incident_id=inp.incident_id, server="standby", source="primary"),
-                summary="pg_rewind the standby onto the new timeline (else a fresh base backup)",
+                RejoinRequest(incident_id=inp.incident_id, server="standby", source="primary", method="basebackup"),
+                summary="a fresh base backup of the new primary for the standby; its old directory kept aside",
                 **opt.bounded(inp.heartbeat_timeout, timedelta(hours=1))))
         except ActivityError as err:
             cause = err.cause
