@@ -4,12 +4,12 @@ https://prometheus.io/docs/alerting/latest/configuration/#webhook_config
 """
 
 import hashlib
-from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.incident import AlertNotice, AlertSummary, IncidentInput
+from models.times import Timestamp
 
 
 class _Payload(BaseModel):
@@ -20,8 +20,8 @@ class WebhookAlert(_Payload):
     status: Literal["firing", "resolved"]
     labels: dict[str, str] = Field(min_length=1)
     annotations: dict[str, str] = {}
-    startsAt: datetime  # noqa: N815 (Alertmanager's field names)
-    endsAt: datetime | None = None  # noqa: N815
+    startsAt: Timestamp  # noqa: N815 (Alertmanager's field names)
+    endsAt: Timestamp | None = None  # noqa: N815
     generatorURL: str = ""  # noqa: N815
     fingerprint: str = ""
 

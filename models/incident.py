@@ -1,7 +1,7 @@
 """The Incident workflow's contract: how an incident opens, what people send it,
 what it reports (playbook sections 2, 5 and 6)."""
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -10,6 +10,7 @@ from models.approval import ApprovalRecord
 from models.identifiers import IncidentId, not_blank
 from models.playbook import EscalationLevel, Severity
 from models.steps import StepRecord
+from models.times import Timestamp
 
 IncidentState = Literal["investigating", "recovering", "awaiting approval", "recovered", "runbook failed",
                         "resolved", "closed"]
@@ -24,8 +25,8 @@ class AlertSummary(_Frozen):
     status: Literal["firing", "resolved"]
     labels: dict[str, str]
     annotations: dict[str, str] = {}
-    starts_at: datetime
-    ends_at: datetime | None = None
+    starts_at: Timestamp
+    ends_at: Timestamp | None = None
 
 
 class AlertNotice(_Frozen):
@@ -53,7 +54,7 @@ class IncidentInput(_Frozen):
     labels: dict[str, str] = {}
     services: list[str] = []
     opened_by: str = "operator"
-    started_at: datetime | None = None
+    started_at: Timestamp | None = None
 
 
 class PlanRequest(_Frozen):
@@ -99,7 +100,7 @@ class AckRequest(_Frozen):
 class AckRecord(_Frozen):
     level: int
     by: str
-    at: datetime
+    at: Timestamp
 
 
 class ResolveRequest(_Frozen):
@@ -128,7 +129,7 @@ class RunbookProgress(_Frozen):
 
 
 class TimelineEvent(_Frozen):
-    at: datetime
+    at: Timestamp
     kind: str  # opened, alert, runbook, step, approval, escalation, page, ack, message, severity, resolved, report
     text: str
 
@@ -151,8 +152,8 @@ class IncidentResult(_Frozen):
     incident_id: str
     severity: Severity
     status: IncidentState
-    opened_at: datetime
-    resolved_at: datetime
+    opened_at: Timestamp
+    resolved_at: Timestamp
     report_uri: str
     timeline: list[TimelineEvent]
 
@@ -162,8 +163,8 @@ class ReportRequest(_Frozen):
     title: str
     plan: IncidentPlan
     status: IncidentState
-    opened_at: datetime
-    resolved_at: datetime
+    opened_at: Timestamp
+    resolved_at: Timestamp
     resolved_by: str
     resolution: str
     services: list[str] = []
