@@ -30,12 +30,16 @@ class AlertSummary(_Frozen):
 
 
 class AlertNotice(_Frozen):
-    """One Alertmanager notification of a group, as the receiver passed it on (signal `alert`)."""
+    """One Alertmanager notification of a group, as the receiver passed it on (signal `alert`).
+
+    `truncated`: alerts of the group this notice does not list (Alertmanager's `truncatedAlerts` under its
+    `max_alerts`, plus what the receiver left out to keep the signal small)."""
 
     group_key: str
     status: Literal["firing", "resolved"]
     receiver: str
     alerts: list[AlertSummary]
+    truncated: int = 0
 
 
 class IncidentInput(_Frozen):
@@ -55,6 +59,9 @@ class IncidentInput(_Frozen):
     services: list[str] = []
     opened_by: str = "operator"
     started_at: Timestamp | None = None
+    follows: str | None = Field(default=None, max_length=500, description=(
+        "The earlier incident of the same alert group that a person resolved before the group fired again "
+        "(set by the alert receiver), and how it recurred."))
 
 
 class PlanRequest(_Frozen):
