@@ -4,18 +4,22 @@ columns, multi-megabyte values, partitioned tables, and tables the audit log nam
 
 import asyncio
 import os
+import subprocess
 import uuid
 from datetime import datetime, timedelta, timezone
 
 import psycopg
 import pytest
-from temporalio.client import WorkflowFailureError
+from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 
+from models.approval import ApprovalRequest
 from models.deletion import DeletionRecoveryResult
 from stack.stack import DATABASE
 from tests.conftest import running_worker, wait_for_approval_gate
 from tests.test_accidental_deletion import ROLE, analyst, can_delete  # noqa: F401 (fixture)
+from tests.test_input_edges import TEMPORAL
 from tests.test_stack import drp
+from workflows._steps import Progress
 
 SCHEMA, TABLE = 'Sales "EU" Ü', "Orders Ü"
 PRINTED = '"Sales ""EU"" Ü"."Orders Ü"'  # as PostgreSQL prints it (format('%I.%I'))
@@ -34,13 +38,23 @@ def cli(stack, queue: str, *args: str):
     return drp("--state-dir", str(stack.state_dir), *args, env={**os.environ, "DRP_TASK_QUEUE": queue})
 
 
-async def run_to_the_end(client, stack, queue: str, inc: str, *start_args: str):
+async def run_to_the_end(client, stack, queue: str, inc: str, *start_args: str, refuse_first: bool = False):
     """`drp start deletion`, then `drp approve` at the re-insert gate; returns the run's handle and result."""
     started = await asyncio.to_thread(cli, stack, queue, "start", "deletion", "--incident", inc,
                                       "--database", DATABASE, *start_args)
     assert started.returncode == 0, started.stderr
     handle = client.get_workflow_handle(f"accidental-deletion-{inc}", result_type=DeletionRecoveryResult)
     await wait_for_approval_gate(handle, "re-insert", timeout=240)
+    if refuse_first:  # someone off the roster, from the Temporal CLI (as the Web UI sends it): refused for good
+        refused = await asyncio.to_thread(subprocess.run, [
+            str(TEMPORAL), "workflow", "update", "execute", "--address", stack.temporal_address,
+            "--workflow-id", handle.id, "--name", "approve", "--input", '{"approver": "mallory", "reason": "x"}',
+            "-o", "json"], capture_output=True, text=True, timeout=30)
+        assert refused.returncode != 0 and "not on the roster" in refused.stdout + refused.stderr
+        with pytest.raises(WorkflowUpdateFailedError) as failed:
+            await handle.execute_update("approve", ApprovalRequest(approver="mallory", reason="x"))
+        assert failed.value.cause.type == "NotOnRoster" and failed.value.cause.non_retryable
+        assert (await handle.query("progress", result_type=Progress)).awaiting_approval == "re-insert"
     approved = await asyncio.to_thread(cli, stack, queue, "approve", inc, "--by", "bob", "--reason", "checked")
     assert approved.returncode == 0, approved.stderr
     return handle, await asyncio.wait_for(handle.result(), timeout=240)
@@ -104,7 +118,7 @@ async def test_deletion_in_a_long_transaction_of_a_table_with_quoted_names_comes
 
     async with running_worker(client, stack) as queue:
         handle, result = await run_to_the_end(client, stack, queue, inc, "--window-start", window_start.isoformat(),
-                                              "--table", PRINTED)
+                                              "--table", PRINTED, refuse_first=True)
     assert result.findings.rows_by_table == {PRINTED: 4}
     assert result.reinserted.inserted_by_table == {PRINTED: 4} and result.reinserted.conflicts_by_table == {}
     # Every row back as it was: same identity values, the generated total computed again, the big values intact.

@@ -81,3 +81,17 @@ async def test_an_undecodable_payload_fails_the_run_at_once(stack, client):
             await asyncio.wait_for(handle.result(), timeout=30)
     assert failed.value.cause.type == "ValidationError"
     assert await scheduled_activities(handle) == []
+
+
+def test_every_command_reads_settings_from_the_state_dir(tmp_path):
+    """`drp --state-dir X audit install` reads X's settings like every other command: without them, one line."""
+    env = {k: v for k, v in os.environ.items() if k != "DRP_SETTINGS_FILE"}
+    done = drp("--state-dir", str(tmp_path), "audit", "install", "--database", "corp-intel", "--tables", "Orders",
+               env=env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"drp: no settings in {tmp_path}: {tmp_path}/settings.json does not exist (`drp --state-dir {tmp_path} "
+        "stack up` writes it; or set DRP_SETTINGS_FILE)"]
+    bad = drp("--state-dir", str(tmp_path), "audit", "install", "--database", "x", "--tables", 'a."b', env=env)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "drp: --tables: 'a.\"b': a quoted name is not closed"]
