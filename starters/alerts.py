@@ -74,6 +74,11 @@ def build_app(client: Client, settings: AlertReceiverSettings, task_queue: str) 
                 return _json(503, {"error": f"Temporal is unavailable ({err.status.name}); send again"})
             log.error("alert refused by Temporal", group=payload.groupKey, error=str(err))
             return _json(422, {"error": f"Temporal refused the alert ({err.status.name}): {err.message}"})
+        except RuntimeError as err:  # the client's (re)connection failed: Temporal is down or unreachable
+            if "connect" not in str(err).lower():
+                raise
+            log.error("alert not accepted: Temporal unreachable", group=payload.groupKey, error=str(err))
+            return _json(503, {"error": "Temporal is unreachable; send again"})
         log.info("alert accepted", incident_id=incident_id, status=payload.status, alerts=len(payload.alerts),
                  truncated=payload.truncated())
         return _json(202, {"incident_id": incident_id, **({"note": note} if note else {})})

@@ -8,15 +8,22 @@ from datetime import datetime, timedelta, timezone
 
 import httpx
 import yaml
+from aiohttp import web
+from temporalio.client import Client
 
+from activities.processes import free_port
 from activities.report import read_report
 from models.alerts import incident_id_for
+from models.config import AlertReceiverSettings
 from models.incident import IncidentStatus, ResolveRequest
+from starters.alerts import PATH, build_app
 from tests.conftest import running_worker
 from tests.notify_world import incident_settings, short_playbook
 from tests.test_alerts import TOKEN, incidents_on, receiver, until  # noqa: F401 (receiver: fixture)
 from workers.main import build_s3
+from workers.temporal_client import data_converter
 from workflows.incident import Incident
+from workflows.search_attributes import STATUS
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -123,8 +130,6 @@ async def _ready(handle) -> bool:
 
 
 async def _resolved_attribute(client, incident_id: str) -> bool:
-    from workflows.search_attributes import STATUS
-
     desc = await client.get_workflow_handle(incident_id).describe()
     return desc.typed_search_attributes.get(STATUS) in ("resolved", "closed")
 
@@ -163,3 +168,23 @@ async def test_a_storm_of_thousands_of_alerts_is_accepted_and_the_rest_counted(
 
 async def _slack_says(world, text: str) -> bool:
     return any(text in t for t in world.slack_texts())
+
+
+async def test_the_receiver_answers_503_only_when_temporal_cannot_be_reached():
+    """Alertmanager retries 5xx and never 4xx: Temporal down is 503 (sending again helps); a body that can
+    never be accepted is 4xx."""
+    down = await Client.connect(f"127.0.0.1:{free_port()}", lazy=True, data_converter=data_converter)
+    runner = web.AppRunner(build_app(down, AlertReceiverSettings(bearer_token=TOKEN), "nowhere"))
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with httpx.AsyncClient(timeout=60) as http:
+            url = f"http://127.0.0.1:{port}{PATH}"
+            body = webhook("{}:{alertname=\"Down\"}", [one("a", datetime.now(timezone.utc))])
+            unreachable = await http.post(url, json=body, headers=AUTH)
+            malformed = await http.post(url, json={**body, "version": "3"}, headers=AUTH)
+    finally:
+        await runner.cleanup()
+    assert unreachable.status_code == 503 and "send again" in unreachable.json()["error"]
+    assert malformed.status_code == 400
