@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from models.identifiers import DatabaseName, IncidentId, PgName
+from models.identifiers import DatabaseName, IncidentId
 from models.times import Timestamp
 
 

@@ -304,7 +304,8 @@ def cmd_audit(args) -> None:
         raise CliError(err.message) from err
     except psycopg.Error as err:
         raise CliError(f"{args.database}: {str(err).strip()}") from err
-    print(f"audit log installed in {args.database} on {', '.join(str(TableRef(schema_name=s, name=n)) for s, n in tables)}")
+    names = ", ".join(str(TableRef(schema_name=s, name=n)) for s, n in tables)
+    print(f"audit log installed in {args.database} on {names}")
 
 
 def cmd_demo(args) -> None:
