@@ -132,7 +132,7 @@ async def test_a_table_typed_without_quotes_is_found_and_a_wrong_one_changes_not
     with pg(stack) as conn:
         conn.execute('CREATE TABLE IF NOT EXISTS public."Orders" (id int PRIMARY KEY)')
     typed = await asyncio.to_thread(drp, "--state-dir", str(stack.state_dir), "audit", "install",
-                                    "--database", DATABASE, "--tables", "Orders")  # as a user types it
+                                    "--database", DATABASE, "--tables", "Orders, public.Orders")  # as typed
     assert typed.returncode == 0, typed.stderr
     with pg(stack) as conn:
         assert conn.execute("SELECT 1 FROM pg_trigger WHERE tgrelid = 'public.\"Orders\"'::regclass "
