@@ -50,7 +50,7 @@ class NotifyActivities:
         channel = self.playbook.communication.channels.get(n.channel)
         if channel is None:
             raise _bad("UnknownChannel", f"channel {n.channel!r} is not in the playbook's communication.channels")
-        context = {"status_page_url": self.settings.status_page_public_url, **n.context}
+        context = {"status_page_url": self.settings.status_page_public_url, "alerts": "-", **n.context}
         templates = self.playbook.communication.templates
         message = render(n.kind, templates.get(f"{n.kind}.{context.get('severity')}", templates[n.kind]), context)
         reference = {"slack": self._slack, "email": self._email, "sns": self._sns,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 
 
 def embedded_bin_dir() -> Path:
@@ -148,8 +149,8 @@ class PgServer:
         """A streaming standby of this server in data_dir: pg_basebackup -R writes
         standby.signal and primary_conninfo; application_name is what
         synchronous_standby_names refers to."""
-        conninfo = (f"host={self.host} port={self.port} user={self.superuser} "
-                    f"application_name={application_name}")
+        conninfo = make_conninfo(host=self.host, port=self.port, user=self.superuser,
+                                 application_name=application_name)  # quoted: names may hold spaces and quotes
         self.tool("pg_basebackup", "-d", conninfo, "-D", str(data_dir), "-R", "-X", "stream", "-c", "fast",
                   timeout=3600)
 

@@ -4,12 +4,17 @@ https://prometheus.io/docs/alerting/latest/configuration/#webhook_config
 """
 
 import hashlib
-from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.incident import AlertNotice, AlertSummary, IncidentInput
+from models.times import Timestamp
+
+
+# One signal lists at most this many alerts (about 1-2 KB each: far below Temporal's 2 MB payload limit, and a
+# timeline people can read); the rest are counted in AlertNotice.truncated.
+MAX_ALERTS_PER_NOTICE = 100
 
 
 class _Payload(BaseModel):
@@ -20,8 +25,8 @@ class WebhookAlert(_Payload):
     status: Literal["firing", "resolved"]
     labels: dict[str, str] = Field(min_length=1)
     annotations: dict[str, str] = {}
-    startsAt: datetime  # noqa: N815 (Alertmanager's field names)
-    endsAt: datetime | None = None  # noqa: N815
+    startsAt: Timestamp  # noqa: N815 (Alertmanager's field names)
+    endsAt: Timestamp | None = None  # noqa: N815
     generatorURL: str = ""  # noqa: N815
     fingerprint: str = ""
 
@@ -38,28 +43,39 @@ class AlertmanagerWebhook(_Payload):
     externalURL: str = ""  # noqa: N815
     alerts: list[WebhookAlert] = Field(min_length=1)
 
-    def incident_id(self) -> str:
-        """The same alert group always maps to the same incident: INC-<date it began>-<group hash>.
+    def incident_id(self, occurrence: int = 1) -> str:
+        return incident_id_for(self.groupKey, occurrence)
 
-        Repeats and new alerts of a group carry the same groupKey, and the group's
-        earliest alert keeps its start time, so they all land in one incident."""
-        began = min(a.startsAt for a in self.alerts)
-        return f"INC-{began:%Y%m%d}-{hashlib.sha256(self.groupKey.encode()).hexdigest()[:8]}"
+    def truncated(self) -> int:
+        """Alerts of the group this notification's signal will not list: Alertmanager's own count (its
+        `max_alerts`) plus those beyond what one signal carries."""
+        return self.truncatedAlerts + max(0, len(self.alerts) - MAX_ALERTS_PER_NOTICE)
 
     def notice(self) -> AlertNotice:
-        return AlertNotice(group_key=self.groupKey, status=self.status, receiver=self.receiver, alerts=[
+        # Firing alerts first, oldest first: what a responder needs when only some can be listed.
+        listed = sorted(self.alerts, key=lambda a: (a.status != "firing", a.startsAt))[:MAX_ALERTS_PER_NOTICE]
+        return AlertNotice(group_key=self.groupKey, status=self.status, receiver=self.receiver,
+                           truncated=self.truncated(), alerts=[
             AlertSummary(fingerprint=a.fingerprint or _fingerprint(a.labels), status=a.status, labels=a.labels,
                          annotations=a.annotations, starts_at=a.startsAt,
                          ends_at=a.endsAt if a.endsAt and a.endsAt.year > 1 else None)
-            for a in self.alerts])
+            for a in listed])
 
-    def incident_input(self) -> IncidentInput:
+    def incident_input(self, occurrence: int = 1, follows: str | None = None) -> IncidentInput:
         labels = {**self.groupLabels, **self.commonLabels}
         title = (self.commonAnnotations.get("summary") or labels.get("alertname") or "Alertmanager alert group")
         service = labels.get("service")
-        return IncidentInput(incident_id=self.incident_id(), title=title[:200], labels=labels,
+        return IncidentInput(incident_id=self.incident_id(occurrence), title=title[:200], labels=labels,
                              services=[service] if service else [], opened_by=f"Alertmanager ({self.receiver})",
-                             started_at=min(a.startsAt for a in self.alerts))
+                             started_at=min(a.startsAt for a in self.alerts), follows=follows)
+
+
+def incident_id_for(group_key: str, occurrence: int = 1) -> str:
+    """An alert group's incident: INC-AM-<hash of the groupKey>, and -2, -3 ... for each time the group fires
+    again after a person resolved the previous one. Only the groupKey counts, never which alerts a
+    notification carries or when they began: every notification of a group finds the same incident."""
+    base = f"INC-AM-{hashlib.sha256(group_key.encode()).hexdigest()[:10]}"
+    return base if occurrence == 1 else f"{base}-{occurrence}"
 
 
 def _fingerprint(labels: dict[str, str]) -> str:

@@ -1,10 +1,10 @@
 """Human approval of a destructive step, sent as a Temporal Update."""
 
-from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from models.identifiers import not_blank
+from models.times import Timestamp
 
 
 class ApprovalRequest(BaseModel):
@@ -28,4 +28,4 @@ class ApprovalRecord(BaseModel):
     approver: str
     reason: str
     approved: bool
-    decided_at: datetime
+    decided_at: Timestamp

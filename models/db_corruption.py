@@ -1,15 +1,16 @@
 """Input and result of the DatabaseCorruptionRecovery runbook."""
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.approval import ApprovalRecord
 from models.durations import Duration
-from models.identifiers import IncidentId, PgName
+from models.identifiers import DatabaseName, IncidentId, PgName
 from models.playbook import Severity
 from models.steps import StepRecord
+from models.times import Timestamp
 
 PROCEDURE = "db-corruption"
 
@@ -24,9 +25,9 @@ class DatabaseCorruptionInput(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     incident_id: IncidentId
-    database: PgName
+    database: DatabaseName
     severity: Severity = Severity.P0
-    incident_started_at: datetime | None = Field(
+    incident_started_at: Timestamp | None = Field(
         default=None, description="When the incident began; the run's start time if omitted."
     )
     expected_row_counts: dict[PgName, int] = Field(
@@ -50,7 +51,7 @@ class CorruptionRecoveryResult(BaseModel):
     approval: ApprovalRecord | None = None
     backup_id: str | None = None
     recovered_row_counts: dict[str, int] = {}
-    newest_recovered_commit_at: datetime | None = None
+    newest_recovered_commit_at: Timestamp | None = None
     damaged_data_dir: str | None = None
     rto_target: timedelta
     rpo_target: timedelta

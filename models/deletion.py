@@ -1,20 +1,25 @@
 """Input, result and activity messages of the AccidentalDeletionRecovery runbook."""
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from models.approval import ApprovalRecord
 from models.durations import Duration
-from models.identifiers import IncidentId, PgName
+from models.identifiers import DatabaseName, IncidentId, PgName, Table
 from models.playbook import Severity
 from models.steps import StepRecord
+from models.times import Timestamp
 
 PROCEDURE = "accidental-deletion"
+WINDOW_DOC = (
+    "Start of the window in which the rows disappeared, with a zone (Z or +01:00). A deletion is in the window "
+    "when its transaction COMMITTED in it (pg_xact_commit_timestamp), not when the DELETE statement ran: a DELETE "
+    "inside a long transaction takes effect, for everyone else, only at its COMMIT. The audit log's statement "
+    "time is never later than the commit, so a window that starts after the DELETE but before the COMMIT "
+    "still finds it.")
 
-# schema.table or table
-TableName = Annotated[str, StringConstraints(pattern=r"^([A-Za-z_][A-Za-z0-9_$]{0,62}\.)?[A-Za-z_][A-Za-z0-9_$]{0,62}$")]
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
 
@@ -30,14 +35,17 @@ class AccidentalDeletionInput(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     incident_id: IncidentId
-    database: PgName
-    window_start: datetime
-    window_end: datetime | None = Field(default=None, description="Defaults to the run's start.")
-    table: TableName | None = None
+    database: DatabaseName
+    window_start: Timestamp = Field(description=WINDOW_DOC)
+    window_end: Timestamp | None = Field(default=None, description="End of the window (exclusive); defaults to "
+                                                                  "the run's start. See window_start.")
+    table: Table | None = Field(default=None, description=(
+        "The table the rows were deleted from, as typed (Orders, public.Orders) or as PostgreSQL prints it "
+        "(\"Orders\", public.\"Orders\"); a partitioned table's parent or one of its partitions."))
     role: PgName | None = None
     api_key_sha256: Sha256Hex | None = None
     severity: Severity = Severity.P1
-    incident_started_at: datetime | None = None
+    incident_started_at: Timestamp | None = None
     approval_timeout: Duration = timedelta(hours=1)
     lift_approval_timeout: Duration = timedelta(hours=1)
     heartbeat_timeout: Duration = timedelta(seconds=30)
@@ -52,25 +60,25 @@ class AccidentalDeletionInput(BaseModel):
 class DeletionQuery(_Frozen):
     """Which audit-log deletions a step is about (the same query everywhere)."""
 
-    database: PgName
-    window_start: datetime
-    window_end: datetime
-    table: TableName | None = None
+    database: DatabaseName
+    window_start: Timestamp
+    window_end: Timestamp
+    table: Table | None = None
     role: PgName | None = None
 
 
 class DeletionFindings(_Frozen):
     rows_by_table: dict[str, int]
     roles: list[str]
-    first_deleted_at: datetime
+    first_deleted_at: Timestamp
     target_xid: int  # the earliest-committing deleting transaction: recovery stops just before it
-    target_commit_at: datetime
+    target_commit_at: Timestamp
     backup_id: str  # the newest base backup that ended before the target
 
 
 class ContainRequest(_Frozen):
     incident_id: IncidentId
-    database: PgName
+    database: DatabaseName
     role: PgName | None = None
     api_key_sha256: Sha256Hex | None = None
 
@@ -103,7 +111,8 @@ class ReinsertRequest(_Frozen):
 
 class Reinserted(_Frozen):
     inserted_by_table: dict[str, int]
-    conflicts_by_table: dict[str, list[str]] = {}
+    conflicts_by_table: dict[str, list[str]] = {}  # the first keys of each table's conflicts
+    conflict_count_by_table: dict[str, int] = {}  # all of them
     missing_after_insert: int = 0
 
 

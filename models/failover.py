@@ -1,6 +1,6 @@
 """Input, result and activity messages of the DatabaseFailover runbook (playbook 4.2)."""
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -10,6 +10,7 @@ from models.durations import Duration
 from models.identifiers import IncidentId
 from models.playbook import Severity
 from models.steps import StepRecord
+from models.times import Timestamp
 
 PROCEDURE = "db-failover"
 FAILBACK = "db-failback"
@@ -31,7 +32,7 @@ class DatabaseFailoverInput(BaseModel):
     max_lag_bytes: int = Field(default=16 * 1024 * 1024, ge=0)
     max_lag: Duration = timedelta(seconds=60)
     override_lag: bool = Field(default=False, description="Promote even when the standby lags: a person's call.")
-    incident_started_at: datetime | None = None
+    incident_started_at: Timestamp | None = None
     approval_timeout: Duration = timedelta(minutes=30)
     heartbeat_timeout: Duration = timedelta(seconds=30)
     app_ready_timeout: Duration = timedelta(minutes=5)

@@ -1,7 +1,7 @@
 """The Incident workflow's contract: how an incident opens, what people send it,
 what it reports (playbook sections 2, 5 and 6)."""
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -10,6 +10,7 @@ from models.approval import ApprovalRecord
 from models.identifiers import IncidentId, not_blank
 from models.playbook import EscalationLevel, Severity
 from models.steps import StepRecord
+from models.times import Timestamp
 
 IncidentState = Literal["investigating", "recovering", "awaiting approval", "recovered", "runbook failed",
                         "resolved", "closed"]
@@ -24,17 +25,21 @@ class AlertSummary(_Frozen):
     status: Literal["firing", "resolved"]
     labels: dict[str, str]
     annotations: dict[str, str] = {}
-    starts_at: datetime
-    ends_at: datetime | None = None
+    starts_at: Timestamp
+    ends_at: Timestamp | None = None
 
 
 class AlertNotice(_Frozen):
-    """One Alertmanager notification of a group, as the receiver passed it on (signal `alert`)."""
+    """One Alertmanager notification of a group, as the receiver passed it on (signal `alert`).
+
+    `truncated`: alerts of the group this notice does not list (Alertmanager's `truncatedAlerts` under its
+    `max_alerts`, plus what the receiver left out to keep the signal small)."""
 
     group_key: str
     status: Literal["firing", "resolved"]
     receiver: str
     alerts: list[AlertSummary]
+    truncated: int = 0
 
 
 class IncidentInput(_Frozen):
@@ -53,7 +58,10 @@ class IncidentInput(_Frozen):
     labels: dict[str, str] = {}
     services: list[str] = []
     opened_by: str = "operator"
-    started_at: datetime | None = None
+    started_at: Timestamp | None = None
+    follows: str | None = Field(default=None, max_length=500, description=(
+        "The earlier incident of the same alert group that a person resolved before the group fired again "
+        "(set by the alert receiver), and how it recurred."))
 
 
 class PlanRequest(_Frozen):
@@ -99,7 +107,7 @@ class AckRequest(_Frozen):
 class AckRecord(_Frozen):
     level: int
     by: str
-    at: datetime
+    at: Timestamp
 
 
 class ResolveRequest(_Frozen):
@@ -128,7 +136,7 @@ class RunbookProgress(_Frozen):
 
 
 class TimelineEvent(_Frozen):
-    at: datetime
+    at: Timestamp
     kind: str  # opened, alert, runbook, step, approval, escalation, page, ack, message, severity, resolved, report
     text: str
 
@@ -151,8 +159,8 @@ class IncidentResult(_Frozen):
     incident_id: str
     severity: Severity
     status: IncidentState
-    opened_at: datetime
-    resolved_at: datetime
+    opened_at: Timestamp
+    resolved_at: Timestamp
     report_uri: str
     timeline: list[TimelineEvent]
 
@@ -162,8 +170,8 @@ class ReportRequest(_Frozen):
     title: str
     plan: IncidentPlan
     status: IncidentState
-    opened_at: datetime
-    resolved_at: datetime
+    opened_at: Timestamp
+    resolved_at: Timestamp
     resolved_by: str
     resolution: str
     services: list[str] = []

@@ -1,9 +1,10 @@
 """One message to one channel, and what the notification port answers."""
 
-from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
+
+from models.times import Timestamp
 
 StatusPageStatus = Literal["investigating", "identified", "monitoring", "resolved"]
 
@@ -28,6 +29,6 @@ class Delivery(BaseModel):
     channel: str
     kind: str
     subject: str
-    sent_at: datetime
+    sent_at: Timestamp
     reference: str = ""  # message id, SNS MessageId, status page incident id
     already_sent: bool = False  # a retry found it in the ledger and sent nothing

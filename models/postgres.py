@@ -1,11 +1,11 @@
 """Inputs and outputs of the PostgreSQL and backup activities."""
 
-from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from models.identifiers import IncidentId, PgName
+from models.identifiers import DatabaseName, IncidentId
+from models.times import Timestamp
 
 
 class _Msg(BaseModel):
@@ -13,7 +13,7 @@ class _Msg(BaseModel):
 
 
 class AssessRequest(_Msg):
-    database: PgName
+    database: DatabaseName
 
 
 class Assessment(_Msg):
@@ -33,7 +33,7 @@ class Assessment(_Msg):
 
 class SealRequest(_Msg):
     incident_id: IncidentId
-    database: PgName
+    database: DatabaseName
     skip_tables: list[str] = []
 
 
@@ -51,7 +51,7 @@ class SealResult(_Msg):
     was_running: bool
     archived_through: str | None = None
     row_counts: dict[str, int] = {}
-    last_commit_at: datetime | None = None
+    last_commit_at: Timestamp | None = None
     end_lsn: str | None = None
     timeline: int | None = None
     fenced_databases: list[str] = []
@@ -115,13 +115,13 @@ class ReplayResult(_Msg):
     port: int
     timeline: int
     end_lsn: str
-    last_commit_at: datetime | None = None
+    last_commit_at: Timestamp | None = None
     followed_timeline: int | None = None  # the recovery_target_timeline it replayed along
     recovery_end_lsn: str | None = None  # where replay ended and the new timeline began
 
 
 class VerifyRequest(_Msg):
-    database: PgName
+    database: DatabaseName
     port: int
     baseline_row_counts: dict[str, int] = {}
     expected_row_counts: dict[str, int] = {}

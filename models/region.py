@@ -1,6 +1,6 @@
 """Input, result and activity messages of the RegionFailover runbook (playbook 4.1)."""
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -10,6 +10,7 @@ from models.failover import Fenced, Promoted
 from models.identifiers import IncidentId
 from models.playbook import Severity
 from models.steps import StepRecord
+from models.times import Timestamp
 
 PROCEDURE = "region-failover"
 FAILBACK = "region-failback"
@@ -28,7 +29,7 @@ class RegionFailoverInput(BaseModel):
     health_checks: int = Field(default=3, ge=1, le=20)
     health_check_spacing: Duration = timedelta(seconds=10)
     override_lag: bool = False
-    incident_started_at: datetime | None = None
+    incident_started_at: Timestamp | None = None
     approval_timeout: Duration = timedelta(minutes=30)
     heartbeat_timeout: Duration = timedelta(seconds=30)
     ready_timeout: Duration = timedelta(minutes=10)

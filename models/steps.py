@@ -1,16 +1,18 @@
 """Per-step timing, so every run measures its own RTO instead of estimating it."""
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from pydantic import BaseModel, ConfigDict
+
+from models.times import Timestamp
 
 
 class StepRecord(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     name: str
-    started_at: datetime
-    ended_at: datetime
+    started_at: Timestamp
+    ended_at: Timestamp
     outcome: str = "ok"
     detail: str = ""
 

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict
 MESSAGE_FIELDS = frozenset({
     "incident_id", "title", "severity", "severity_name", "impact", "status", "next_steps", "timestamp",
     "started_at", "next_update", "procedure", "current_step", "level", "level_name", "approval_step",
-    "by", "reason", "duration", "report_uri", "status_page_url", "services",
+    "by", "reason", "duration", "report_uri", "status_page_url", "services", "alerts",
 })
 # The post-incident report adds what only it shows.
 REPORT_FIELDS = MESSAGE_FIELDS | frozenset({

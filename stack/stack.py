@@ -307,7 +307,7 @@ class Stack:
         with pg.connect(DATABASE) as conn:
             conn.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
             conn.execute(seed.replace(":companies", str(int(self.config.companies))))
-            install_audit_log(conn, list(AUDITED_TABLES))
+            install_audit_log(conn, [tuple(t.split(".")) for t in AUDITED_TABLES])
             conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {', '.join(AUDITED_TABLES)} TO {APP_ROLE}")
             conn.execute(f"GRANT SELECT, INSERT ON app_write_checks TO {APP_ROLE}")
             conn.execute(f"GRANT USAGE ON SEQUENCE app_write_checks_id_seq TO {APP_ROLE}")

@@ -8,8 +8,8 @@ import argparse
 import asyncio
 import hashlib
 import os
-from datetime import datetime
 
+from pydantic import ValidationError
 from temporalio.client import Client, WorkflowHandle
 
 from models.deletion import PROCEDURE, AccidentalDeletionInput
@@ -34,7 +34,8 @@ async def _main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--incident", required=True)
     parser.add_argument("--database", required=True)
-    parser.add_argument("--window-start", required=True, type=datetime.fromisoformat)
+    parser.add_argument("--window-start", required=True, help="with a zone: 2026-11-28T14:00:00Z")
+    parser.add_argument("--window-end", help="default: the run's start")
     parser.add_argument("--table")
     parser.add_argument("--role")
     parser.add_argument("--api-key-file", help="file holding the key to block (read here, only its hash is sent)")
@@ -42,8 +43,14 @@ async def _main() -> None:
     parser.add_argument("--task-queue", default=os.environ.get("DRP_TASK_QUEUE", "drp-recovery"))
     args = parser.parse_args()
     fingerprint = api_key_fingerprint(open(args.api_key_file).read()) if args.api_key_file else None
-    inp = AccidentalDeletionInput(incident_id=args.incident, database=args.database, window_start=args.window_start,
-                                  table=args.table, role=args.role, api_key_sha256=fingerprint)
+    try:
+        inp = AccidentalDeletionInput.model_validate({k: v for k, v in {
+            "incident_id": args.incident, "database": args.database, "window_start": args.window_start,
+            "window_end": args.window_end, "table": args.table, "role": args.role,
+            "api_key_sha256": fingerprint}.items() if v is not None})
+    except ValidationError as err:
+        parser.exit(2, "invalid input: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                                     for e in err.errors()) + "\n")
     handle = await start_accidental_deletion(await connect(args.temporal), inp, args.task_queue)
     print(f"started {handle.id}")
 

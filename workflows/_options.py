@@ -21,10 +21,15 @@ NON_RETRYABLE = [
     "DnsChangeRejected", "RecordOutsideZone", "FailbackNotSupported", "UnknownChannel", "ChannelNotConfigured",
     "ChannelRejected", "BadDestination",
     "DatabaseBusy", "NoBackupOnTimeline", "TimelineHistoryMissing", "StandbyDiverged", "TablespaceNotInBackup",
+    "AmbiguousTable", "UndefinedTable", "UndefinedColumn", "PermissionDenied", "SqlRefused", "ValidationError",
 ]
 
+# Long steps: an attempt ends by its heartbeat timeout (a dead worker) or start-to-close limit; ten attempts
+# with backoff (about 4 minutes of waiting in all) ride out worker restarts and short outages, and an error
+# that keeps coming back fails the run with that error instead of retrying for as long as the limit allows.
 RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
-                    maximum_interval=timedelta(seconds=30), non_retryable_error_types=NON_RETRYABLE)
+                    maximum_interval=timedelta(seconds=30), maximum_attempts=10,
+                    non_retryable_error_types=NON_RETRYABLE)
 
 
 QUICK_HEARTBEAT = timedelta(seconds=30)

@@ -1,7 +1,8 @@
 """The approval gate: a run waits here, before anything destructive, for a person.
 
 The decision arrives as a Temporal Update (`approve`) so the sender learns at
-once whether it was accepted; the validator rejects it, without touching the
+once whether it was accepted; the validator rejects it (non-retryable: the same
+request is refused again), without touching the
 run, when nothing is pending, the step was already decided, or the approver
 is not on the playbook's roster for this severity and gate. A run may pass
 several gates (re-insert, then lifting containment); each is decided once.
@@ -31,14 +32,16 @@ class ApprovalGate:
             decision = self.decisions[step]
             verb = "approved" if decision.approved else "rejected"
             raise ApplicationError(f"step {step!r} was already {verb} by {decision.approver}",
-                                   type="AlreadyDecided")
+                                   type="AlreadyDecided", non_retryable=True)
         if self.pending_step is None:
-            raise ApplicationError("no approval is pending for this run yet", type="NothingToApprove")
+            raise ApplicationError("no approval is pending for this run yet: the same decision is refused until the "
+                                   "run asks (its progress query shows awaiting_approval)", type="NothingToApprove",
+                                   non_retryable=True)
         allowed = self.roster.get(step, self.roster.get("*", []))
         if req.approver not in allowed:
             raise ApplicationError(f"{req.approver!r} is not on the roster for {step!r} at this severity; "
                                    f"ask one of: {', '.join(allowed) or 'nobody (check playbook.yaml approvers)'}",
-                                   type="NotOnRoster")
+                                   type="NotOnRoster", non_retryable=True)
 
     def record(self, req: ApprovalRequest) -> ApprovalRecord:
         assert self.pending_step is not None

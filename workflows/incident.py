@@ -97,6 +97,7 @@ class Incident:
         self.changed = False  # set by signals and updates: the cadence loop re-plans its next wake-up
         self.opened_at: datetime | None = None
         self.labels: tuple[str, str, str] | None = None  # search attributes as last upserted
+        self.truncated_alerts = 0  # alerts of the group the last notice did not list
 
     @workflow.run
     async def run(self, inp: IncidentInput) -> IncidentResult:
@@ -107,7 +108,8 @@ class Incident:
         # The escalation clock starts when the incident is declared; an alert's own start is recorded.
         opened_at = self.opened_at = workflow.info().start_time
         self._event("opened", f"{inp.title} - opened by {inp.opened_by}" +
-                    (f"; began {inp.started_at:%Y-%m-%d %H:%M:%S} UTC" if inp.started_at else ""))
+                    (f"; began {inp.started_at:%Y-%m-%d %H:%M:%S} UTC" if inp.started_at else "") +
+                    (f"; {inp.follows}" if inp.follows else ""))
         self.plan = await workflow.execute_activity_method(
             PlaybookActivities.plan_incident,
             PlanRequest(labels=inp.labels, severity=inp.severity, procedure=inp.procedure),
@@ -211,9 +213,18 @@ class Incident:
             self.alerts[a.fingerprint] = a.status
             name = a.labels.get("alertname", a.fingerprint)
             self._event("alert", f"{name} {a.status} ({', '.join(f'{k}={v}' for k, v in sorted(a.labels.items()))})")
-        if self.alerts and all(s == "resolved" for s in self.alerts.values()):
+        if notice.truncated != self.truncated_alerts:
+            self.truncated_alerts = notice.truncated
+            self._event("alert", f"{notice.truncated} more alerts of the group are not listed (Alertmanager "
+                                 "max_alerts, or over the receiver's limit per notification)")
+        if self.alerts and all(s == "resolved" for s in self.alerts.values()) and notice.status == "resolved":
             self._event("alert", "every alert of the group has resolved; a person confirms the incident resolved")
         self.changed = True
+
+    @workflow.signal
+    def recurred(self, note: str) -> None:
+        """The alert group fired again after this incident was resolved: the new incident, and how."""
+        self._event("alert", f"the alert group fired again after this incident was resolved: {note}")
 
     # --- people ---------------------------------------------------------------------------
 
@@ -397,8 +408,13 @@ class Incident:
             "current_step": (self.progress.current_step if self.progress else None) or "-",
             "level": str(level.level), "level_name": level.name, "duration": _human(now - self.opened_at),
             "services": ", ".join(self.inp.services) or self.inp.labels.get("service", "our services"),
-            "report_uri": self.report_uri or "(written when resolved)", **extra,
+            "report_uri": self.report_uri or "(written when resolved)", "alerts": self._alert_summary(), **extra,
         }
+
+    def _alert_summary(self) -> str:
+        firing = sum(s == "firing" for s in self.alerts.values())
+        text = f"{firing} firing, {len(self.alerts) - firing} resolved" if self.alerts else "none"
+        return text + (f", {self.truncated_alerts} more not listed (truncated)" if self.truncated_alerts else "")
 
     # --- record and display ---------------------------------------------------------------
 
