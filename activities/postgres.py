@@ -24,12 +24,13 @@ from models.postgres import (
     VerifyResult,
 )
 
-# Ordinary and partitioned tables outside the system schemas: the quoted name (as PostgreSQL prints
+# Tables that hold rows (partitions, not their partitioned parents, so an UNLOGGED partition is not
+# counted through a logged parent) outside the system schemas: the quoted name (as PostgreSQL prints
 # it, e.g. public."Orders"), whether it is UNLOGGED, and the schema and name for sql.Identifier.
 USER_TABLES = """
     SELECT format('%I.%I', n.nspname, c.relname), c.relpersistence = 'u', n.nspname, c.relname
     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-    WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't'
+    WHERE c.relkind = 'r' AND c.relpersistence <> 't'
       AND n.nspname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1
 """
 
@@ -128,17 +129,20 @@ class PostgresActivities:
             if marker.get("result"):
                 return SealResult.model_validate(marker["result"]).model_copy(
                     update={"sealed_by": marker.get("incident_id")})
-            result = SealResult(was_running=False, timeline=self.server.control_timeline())
-            write_seal(data_dir, {"incident_id": req.incident_id, "state": "found stopped",
-                                  "sealed_at": _now(), "fenced_databases": [], "result": result.model_dump()})
+            # An earlier attempt may have fenced it before it went down: keep what must be reopened.
+            fenced = marker.get("fenced_databases", [])
+            result = SealResult(was_running=False, timeline=self.server.control_timeline(), fenced_databases=fenced)
+            write_seal(data_dir, {"incident_id": req.incident_id, "sealed_at": _now(), **marker, "state": "found stopped",
+                                  "fenced_databases": fenced, "result": result.model_dump()})
             return result
         try:
             ctl = self.server.connect("template1")
         except psycopg.OperationalError:
             self.server.stop()  # running but not answering: nothing more can be saved from it
-            result = SealResult(was_running=True, timeline=self.server.control_timeline())
-            write_seal(data_dir, {"incident_id": req.incident_id, "state": "stopped unanswering",
-                                  "sealed_at": _now(), "fenced_databases": [], "result": result.model_dump()})
+            fenced = marker.get("fenced_databases", [])
+            result = SealResult(was_running=True, timeline=self.server.control_timeline(), fenced_databases=fenced)
+            write_seal(data_dir, {"incident_id": req.incident_id, "sealed_at": _now(), **marker, "state": "stopped unanswering",
+                                  "fenced_databases": fenced, "result": result.model_dump()})
             return result
         with ctl:
             ctl.execute("SET synchronous_commit = local")  # the fence must not wait for a standby that is gone

@@ -5,12 +5,14 @@ and left with a standby.signal (it comes back read-only if anyone starts it)
 before the standby is promoted.
 """
 
+import re
 import shutil
 import subprocess
+from pathlib import Path
 import time
 
 import psycopg
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -186,16 +188,28 @@ class ReplicationActivities:
         is. Raises RejoinFailed (retryable) when it does not stream in 5 minutes.
         """
         server, source = self.server(req.server), self.server(req.source)
+        aside = server.data_dir.with_name(f"{server.data_dir.name}.before-rejoin-{req.incident_id}")
         if server.is_running():
             if self._follows(server, source):
                 return Rejoined(method="already following")
+            _refuse_a_primary(server)
             server.stop(mode="fast")
+        elif server.data_dir.exists() and not any((server.data_dir / f).exists()
+                                                  for f in ("standby.signal", "recovery.signal")):
+            raise ApplicationError(f"{server.data_dir} is a stopped primary (no standby.signal): it may hold commits "
+                                   "nobody else has; it was not touched. Compare it with the current primary first",
+                                   type="StandbyPromoted", non_retryable=True)
+        # The name synchronous_standby_names knows it by: a rebuilt standby must stream under the same one.
+        name = (standby_application_name(server.data_dir) or standby_application_name(aside)
+                or _single_synchronous_name(source))
         if req.method == "rewind":
             subprocess.run(run_as(server.os_user, ["rm", "-f", str(server.data_dir / "standby.signal")]), check=True)
             conninfo = make_conninfo(host=source.host, port=source.port, user=source.superuser, dbname="postgres")
             rewind = server.tool("pg_rewind", f"--target-pgdata={server.data_dir}", f"--source-server={conninfo}",
                                  "--write-recovery-conf", check=False, timeout=3600)
             if rewind.returncode == 0:
+                if name:
+                    _set_application_name(server, name)
                 server.start(wait=False)
                 if self._await_streaming(server, source):
                     return Rejoined(method="pg_rewind")
@@ -204,7 +218,6 @@ class ReplicationActivities:
                                         server.log_tail(5))
             else:
                 activity.logger.warning("pg_rewind failed, rebuilding from a base backup: %s", rewind.stderr[-500:])
-        aside = server.data_dir.with_name(f"{server.data_dir.name}.before-rejoin-{req.incident_id}")
         if server.data_dir.exists() and not aside.exists():
             server.data_dir.rename(aside)
         if not server.data_dir.exists():
@@ -212,7 +225,7 @@ class ReplicationActivities:
             scratch = server.data_dir.with_name(f"{server.data_dir.name}.rejoin-{req.incident_id}")
             if scratch.exists():
                 shutil.rmtree(scratch)
-            source.create_standby(scratch, "drp_rejoined")
+            source.create_standby(scratch, name or "drp_rejoined")
             scratch.rename(server.data_dir)
         server.start(wait=False)
         if not self._await_streaming(server, source):
@@ -283,3 +296,52 @@ def has_diverged(replica: PgServer, source: PgServer) -> bool:
     if not in_recovery or streaming or not replay or not source_tli:
         return False
     return diverged(checkpoint_tli, replay, source_tli, timeline_history(source, source_tli))
+
+
+def _refuse_a_primary(server: PgServer) -> None:
+    """A server meant to become a standby that answers as a primary was promoted by someone: it may hold
+    acknowledged commits nobody else has. Never rewind or rebuild it (StandbyPromoted, non-retryable)."""
+    try:
+        with server.connect(REPLICA_DB, timeout=3) as conn:
+            primary = not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
+    except psycopg.OperationalError:
+        return
+    if primary:
+        raise ApplicationError(f"{server.data_dir} on port {server.port} is a primary (it was promoted): it may hold "
+                               "commits nobody else has, so it was not touched. Two primaries are running: decide "
+                               "which one serves before rebuilding the other", type="StandbyPromoted",
+                               non_retryable=True)
+
+
+def standby_application_name(data_dir: Path) -> str | None:
+    """The application_name in a standby's last primary_conninfo (postgresql.auto.conf), or None."""
+    try:
+        lines = (data_dir / "postgresql.auto.conf").read_text().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        match = re.match(r"\s*primary_conninfo\s*=\s*'((?:[^']|'')*)'", line)
+        if match:
+            return conninfo_to_dict(match.group(1).replace("''", "'")).get("application_name") or None
+    return None
+
+
+def _single_synchronous_name(source: PgServer) -> str | None:
+    """The standby name the source's synchronous_standby_names expects, when it names exactly one."""
+    try:
+        with source.connect(timeout=3) as conn:
+            names = conn.execute("SHOW synchronous_standby_names").fetchone()[0].strip()
+    except psycopg.OperationalError:
+        return None
+    return names.strip('"') if re.fullmatch(r'"?[A-Za-z0-9_.-]+"?', names) else None
+
+
+def _set_application_name(server: PgServer, name: str) -> None:
+    """Append primary_conninfo again with `name` as application_name (a later line wins)."""
+    auto = server.data_dir / "postgresql.auto.conf"
+    text = auto.read_text()
+    current = next((m.group(1).replace("''", "'") for line in reversed(text.splitlines())
+                    if (m := re.match(r"\s*primary_conninfo\s*=\s*'((?:[^']|'')*)'", line))), "")
+    conninfo = make_conninfo(current, application_name=name).replace("'", "''")
+    subprocess.run(run_as(server.os_user, ["sh", "-c", 'cat >> "$0"', str(auto)]),
+                   input=f"primary_conninfo = '{conninfo}'\n".encode(), check=True)

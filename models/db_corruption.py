@@ -34,6 +34,11 @@ class DatabaseCorruptionInput(BaseModel):
         default_factory=dict,
         description="Row counts known from before the incident; verification requires them exactly.",
     )
+    backup_id: str | None = Field(
+        default=None,
+        description="Restore this base backup (barman backup ID) instead of the newest on production's timeline: "
+                    "when the newest already holds the corruption. It must lie on production's timeline history.",
+    )
     approval_timeout: Duration = timedelta(hours=1)
     heartbeat_timeout: Duration = timedelta(seconds=30)
     app_ready_timeout: Duration = timedelta(minutes=5)

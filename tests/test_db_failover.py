@@ -211,3 +211,21 @@ async def test_a_corruption_recovery_after_failovers_follows_production_timeline
     with primary.connect(DATABASE) as conn:
         present = {r[0] for r in conn.execute("SELECT id FROM app_write_checks WHERE id = ANY(%s)", (acknowledged,))}
     assert present == set(acknowledged)
+
+
+async def test_after_that_recovery_a_failover_promotes_the_rebuilt_standby_with_no_commit_lost(pair, client):
+    """Runs after the recovery above, which rebuilt the standby from the restored primary: the
+    standby must be a healthy, synchronous copy of the new timeline that a failover can promote."""
+    primary, standby = pair.postgres(), pair.standby()
+    writer = AcknowledgedWriter(primary)
+    writer.start()
+    async with running_worker(client, pair) as queue:
+        handle = await start_db_failover(client, DatabaseFailoverInput(incident_id=incident()), queue)
+        await approve_when_asked(handle, approver="bob", reason="failover after a restore")
+        result = await handle.result()
+    writer.join(timeout=60)
+    assert not result.before.diverged and result.promoted.lost_bytes == 0
+    with standby.connect(DATABASE) as conn:
+        assert not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
+        present = {r[0] for r in conn.execute("SELECT id FROM app_write_checks")}
+    assert writer.acknowledged and set(writer.acknowledged) <= present

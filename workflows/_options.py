@@ -21,6 +21,7 @@ NON_RETRYABLE = [
     "DnsChangeRejected", "RecordOutsideZone", "FailbackNotSupported", "UnknownChannel", "ChannelNotConfigured",
     "ChannelRejected", "BadDestination",
     "DatabaseBusy", "NoBackupOnTimeline", "TimelineHistoryMissing", "StandbyDiverged", "TablespaceNotInBackup",
+    "StandbyPromoted",
     "AmbiguousTable", "UndefinedTable", "UndefinedColumn", "PermissionDenied", "SqlRefused", "ValidationError",
 ]
 

@@ -107,7 +107,7 @@ class DatabaseCorruptionRecovery(Runbook):
         state.sealed = sealed
         restored = await self.steps.run("restore base backup", workflow.execute_activity_method(
             BackupActivities.restore_base_backup, RestoreRequest(incident_id=inp.incident_id,
-                                                                 timeline=sealed.timeline),
+                                                                 timeline=sealed.timeline, backup_id=inp.backup_id),
             summary=f"restore the newest base backup on timeline {sealed.timeline or 'latest'} into a fresh directory",
             **opt.long_running(hb)))
         state.restore_dir = restored.restore_dir
@@ -171,8 +171,11 @@ class DatabaseCorruptionRecovery(Runbook):
                 **opt.bounded(inp.heartbeat_timeout, timedelta(hours=1))))
         except ActivityError as err:
             cause = err.cause
-            if isinstance(cause, ApplicationError) and cause.type == "NoStandby":
+            kind = cause.type if isinstance(cause, ApplicationError) else None
+            if kind == "NoStandby":
                 return "none configured"
+            if kind == "StandbyPromoted":
+                return f"promoted by someone during the recovery, not touched: {cause.message}"
             return f"diverged: needs rebuild ({cause.message if cause else err})"
         moved = f", its old directory kept at {rejoined.moved_aside}" if rejoined.moved_aside else ""
         return f"streaming from the new primary ({rejoined.method}{moved})"
@@ -201,8 +204,10 @@ class DatabaseCorruptionRecovery(Runbook):
             notes.append("the application stays stopped; a new db-corruption run reuses the seal "
                          "(`drp start db-corruption --incident NEW --database " + inp.database + "`), or "
                          "`drp unseal` brings the damaged primary back as it was")
-        if state.swapped and not state.app_started:
-            notes.append("production runs on the restored data; the application is not started yet")
+        if state.swapped:
+            notes.append("production runs on the restored data, the damaged directory kept beside it"
+                         + ("" if state.app_started else "; the application is not started yet")
+                         + "; the standby may still need a rebuild (see `drp stack status`)")
         cause = err.cause if isinstance(err, ActivityError) and err.cause else err
         kind = cause.type if isinstance(cause, ApplicationError) and cause.type else type(cause).__name__
         message = cause.message if isinstance(cause, ApplicationError) else str(cause)
