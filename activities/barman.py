@@ -52,7 +52,10 @@ class BarmanCloud:
         dropping the WAL it could not read. The marker on stderr lands in the
         server log, where the replay activity looks for it.
         """
-        fetch = shlex.join(self._common("barman-cloud-wal-restore") + [self.destination, self.server_name])
+        # --no-partial: a standby promoted elsewhere archives its last segment as .partial, which barman
+        # would otherwise serve as the complete segment (barman-cloud-wal-restore --help); PANIC at its zeros.
+        fetch = shlex.join(self._common("barman-cloud-wal-restore") + ["--no-partial", self.destination,
+                                                                       self.server_name])
         script = (f'n=0; while :; do {fetch} "$1" "$2"; rc=$?; [ $rc -le 1 ] && exit $rc; n=$((n+1)); '
                   f'[ $n -ge {int(tries)} ] && {{ echo "{ARCHIVE_UNREADABLE}: barman-cloud-wal-restore exited $rc '
                   f'for $1 {int(tries)} times" >&2; exit 126; }}; sleep $n; done')
