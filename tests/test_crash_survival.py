@@ -10,6 +10,10 @@ import uuid
 from datetime import timedelta
 from pathlib import Path
 
+from temporalio.api.enums.v1 import TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+
 from models.approval import ApprovalRequest
 from models.db_corruption import DatabaseCorruptionInput
 from stack.corrupt import corrupt_table
@@ -27,6 +31,20 @@ def spawn_worker(stack, queue: str, log: Path, env: dict[str, str] | None = None
            "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "workers.main"], env=env, stdout=open(log, "ab"),
                             stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+async def wait_for_poller(client, queue: str, worker: subprocess.Popen, timeout: float = 120) -> None:
+    """Until the worker process polls the queue for workflow tasks (a loaded machine takes a while to
+    import and connect one): a test that times what the run does must not time the worker's start-up."""
+    request = DescribeTaskQueueRequest(namespace=client.namespace, task_queue=TaskQueue(name=queue),
+                                       task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW)
+    async with asyncio.timeout(timeout):
+        while True:
+            assert worker.poll() is None, f"the worker exited with {worker.returncode}"
+            pollers = (await client.workflow_service.describe_task_queue(request)).pollers
+            if any(p.identity.startswith(f"{worker.pid}@") for p in pollers):
+                return
+            await asyncio.sleep(0.2)
 
 
 async def wait_for_activity(handle, activity_type: str, timeout: float = 60):

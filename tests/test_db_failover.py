@@ -91,7 +91,9 @@ async def test_failover_after_the_primary_crashes_loses_no_acknowledged_commit(p
     primary, standby = pair.postgres(), pair.standby()
     writer = AcknowledgedWriter(primary)
     writer.start()
-    await asyncio.sleep(1.0)
+    async with asyncio.timeout(120):
+        while len(writer.acknowledged) <= 10:  # some commits acknowledged, more in flight
+            await asyncio.sleep(0.05)
     os.kill(primary.postmaster_pid(), signal.SIGKILL)  # the primary dies mid-write
     writer.join(timeout=30)
     assert len(writer.acknowledged) > 10

@@ -10,7 +10,6 @@ from datetime import datetime, timezone
 
 import pytest
 import redis
-import yaml
 from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 from temporalio.service import RPCError
 
@@ -22,7 +21,7 @@ from stack.stack import DATABASE
 from starters.incident import open_incident
 from tests.conftest import running_worker
 from tests.notify_world import incident_settings, short_playbook
-from tests.test_crash_survival import spawn_worker
+from tests.test_crash_survival import spawn_worker, wait_for_poller
 from tests.test_stack import drp
 from workers.main import build_s3
 from workflows.incident import Incident
@@ -69,6 +68,7 @@ async def test_alert_labels_open_a_p0_that_recovers_escalates_and_reports(stack,
         runbook = client.get_workflow_handle(f"db-corruption-{inc}")
 
         # Nobody decides within approval_escalate_after (2 s): level 2 is paged with the approval request.
+        # (The level timers are hours away: this escalation can only be the approval's.)
         status = await status_when(handle, lambda s: s.level == 2)
         assert any(e.kind == "escalation" and "nobody decided 'restore'" in e.text for e in status.timeline)
 
@@ -116,7 +116,7 @@ async def test_alert_labels_open_a_p0_that_recovers_escalates_and_reports(stack,
     assert len(message_ids) == len(set(message_ids))
     pages = world.pages()
     # SNS (the on-call pager, on levels 1 and 2): page level 1 at open, the approval request to level 1,
-    # then to level 2 when it escalated; level 2's own 5 s timer found level 2 already paged.
+    # then to level 2 when it escalated.
     assert [p["Subject"] for p in pages][:3] == [
         "[P0] PAGE level 1 (On-Call Engineer): metrics table unreadable",
         f"[P0] approval needed: restore ({inc})", f"[P0] approval needed: restore ({inc})"]
@@ -147,18 +147,19 @@ async def test_alert_labels_open_a_p0_that_recovers_escalates_and_reports(stack,
 async def test_cadence_and_escalation_survive_a_worker_sigkill_without_double_posts(
         stack, client, notify_world, tmp_path):
     world = notify_world
-    playbook = short_playbook(tmp_path, status_update_every="2s", status_page_update_every="2s")
-    raw = yaml.safe_load(playbook.read_text())
-    raw["escalation"]["repage_every"] = "1s"
-    for level, after in zip(raw["escalation"]["levels"], ("0s", "3s", "6s", "10m")):
-        level["after"] = after
-    playbook.write_text(yaml.safe_dump(raw))
+    # Level 2 comes 4 s in; level 3 at 30 s leaves the test time to acknowledge level 2 however slow the
+    # machine is (the test waits for each state; nothing here is timed by the test's own clock).
+    playbook = short_playbook(tmp_path, levels=("0s", "4s", "30s", "1h"), repage_every="1s",
+                              status_update_every="2s", status_page_update_every="2s")
     env = {"DRP_PLAYBOOK_PATH": str(playbook), "DRP_STICKY_QUEUE_TIMEOUT": "1s",
            **{f"DRP_NOTIFY__{key.upper()}": str(value) for key, value in world.settings.items()}}
     inc, queue = incident_id(), f"cadence-{uuid.uuid4().hex[:8]}"
     first = spawn_worker(stack, queue, tmp_path / "worker1.log", env)
     second = None
     try:
+        # The escalation clock starts at the opening: a worker still importing would fold level 1's
+        # re-pages into one. Open when it polls.
+        await wait_for_poller(client, queue, first)
         handle = await open_incident(client, IncidentInput(
             incident_id=inc, title="API answering 5xx", severity="P0", procedure="none",
             services=["corporate-intel-api"]), queue)
@@ -168,8 +169,9 @@ async def test_cadence_and_escalation_survive_a_worker_sigkill_without_double_po
         first.send_signal(signal.SIGKILL)
         assert first.wait(10) == -signal.SIGKILL
         second = spawn_worker(stack, queue, tmp_path / "worker2.log", env)
+        await wait_for_poller(client, queue, second)
 
-        await status_when(handle, lambda s: s.level == 2)
+        await status_when(handle, lambda s: s.level >= 2)
         ack = await handle.execute_update(Incident.acknowledge, AckRequest(by="bob", note="on it"))
         assert ack.level == 2
         await status_when(handle, lambda s: sum("paging level 3" in e.text for e in s.timeline) >= 2,
@@ -198,8 +200,9 @@ async def test_cadence_and_escalation_survive_a_worker_sigkill_without_double_po
     ticks = sorted(int(t.rsplit("-", 1)[1]) for t in by_channel["incidents_slack"] if t.startswith("status_update"))
     after_restart = [t for t in ticks if t * 2 > killed_at]
     assert len(after_restart) >= 2 and after_restart == list(range(after_restart[0], after_restart[-1] + 1))
-    due = int((result.resolved_at - result.opened_at).total_seconds() // 2)
-    assert ticks[-1] in (due - 1, due)  # the last one may have been due in the moment the resolution came
+    # ... up to the end: the tick due when level 3 was last re-paged went out (same wake-up of the loop).
+    last_page = max(e.at for e in result.timeline if e.kind == "page")
+    assert ticks[-1] >= int((last_page - result.opened_at).total_seconds() // 2)
     # The right people on the right channels: level 2 by email to the DBAs, level 3 to the executives.
     subjects = {tuple(rcpt): [] for rcpt, _ in world.mail.messages}
     for rcpt, mail in world.mail.messages:
@@ -216,7 +219,7 @@ async def test_cadence_and_escalation_survive_a_worker_sigkill_without_double_po
 
 
 async def test_escalation_timers_survive_a_temporal_server_restart(stack, client, notify_world, tmp_path):
-    playbook = short_playbook(tmp_path)  # P0: status updates every 2 s, level 2 after 5 s
+    playbook = short_playbook(tmp_path, levels=("0s", "5s", "1h", "2h"))  # P0: level 2 after 5 s
     inc = incident_id()
     async with running_worker(client, stack,
                               settings=lambda q: incident_settings(stack, q, notify_world, playbook)) as queue:
@@ -235,7 +238,7 @@ async def test_escalation_timers_survive_a_temporal_server_restart(stack, client
         await handle.execute_update(Incident.resolve, ResolveRequest(by="alice", reason="after a restart"))
         result = await handle.result()
     escalated = next(e.at for e in result.timeline if e.kind == "escalation" and "level 2" in e.text)
-    assert 5 <= (escalated - result.opened_at).total_seconds() < 15
+    assert (escalated - result.opened_at).total_seconds() >= 5  # the timer kept its time, it did not fire early
     texts = notify_world.slack_texts()
     assert len(texts) == len(set(texts)) and sum("PAGE level 2" in t for t in texts) == 1
 
