@@ -45,7 +45,24 @@ def stack() -> Stack:
 
 @pytest_asyncio.fixture(scope="session")
 async def client(stack):
-    return await connect(stack.temporal_address)
+    client = await connect(stack.temporal_address)
+    yield client
+    if os.environ.get("DRP_RECORD_HISTORIES") == "1":  # see CONTRIBUTING.md
+        await record_histories(client)
+
+
+async def record_histories(client) -> None:
+    """Every closed run of the session, as `tests/histories/<WorkflowType>/<workflow ID>.json`
+    (`WorkflowHistory.to_json()`), replacing what was recorded before: tests/test_replay.py replays them."""
+    from tests.test_replay import HISTORIES, history_path
+
+    for old in HISTORIES.glob("*/*.json"):
+        old.unlink()
+    async for run in client.list_workflows("ExecutionStatus != 'Running'"):
+        history = await client.get_workflow_handle(run.id, run_id=run.run_id).fetch_history()
+        path = history_path(run.workflow_type, run.id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(history.to_json())
 
 
 def worker_settings(stack: Stack, task_queue: str, backup: dict | None = None) -> Settings:
