@@ -366,6 +366,7 @@ async def test_database_failover_to_an_rds_replica(stack, client, aws, world, km
     Deployment repointed at its endpoint and restarted, a write verified through the app."""
     from models.failover import DatabaseFailoverInput
     from starters.db_failover import start_db_failover
+    from workflows.db_failover import DatabaseFailover
 
     app = FakeApp()
     await deploy_backup(kmock, replicas=2)
@@ -386,6 +387,7 @@ async def test_database_failover_to_an_rds_replica(stack, client, aws, world, km
                 if outcome == "promoted":
                     await approve_when_asked(handle, approver="alice", reason="go")
                     result = await handle.result()
+                    progress = await handle.query(DatabaseFailover.progress)
                 else:
                     with pytest.raises(WorkflowFailureError) as failed:
                         await handle.result()
@@ -401,3 +403,5 @@ async def test_database_failover_to_an_rds_replica(stack, client, aws, world, km
     assert env["POSTGRES_HOST"] == result.before.host and result.before.host.startswith(world["replica"])
     assert env["POSTGRES_PORT"] == "5432" and dep.spec.replicas == 2
     assert result.before.lag_seconds == 2 and result.write_check.served_by_port == 5432
+    # The Web UI's "Step n/N" counted this path's steps (no fencing of an RDS primary): n reached N.
+    assert progress.total_steps == len(result.steps) == 7 and "fence old primary" not in {s.name for s in result.steps}

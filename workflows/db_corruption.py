@@ -53,7 +53,7 @@ class DatabaseCorruptionRecovery(Runbook):
         incident_started = inp.incident_started_at or workflow.info().start_time
         hb = inp.heartbeat_timeout
         objectives = await workflow.execute_activity_method(
-            PlaybookActivities.objectives_for, PROCEDURE, **opt.quick(hb))
+            PlaybookActivities.objectives_for, PROCEDURE, **opt.quick())
 
         assessment = await self.steps.run("assess", workflow.execute_activity_method(
             PostgresActivities.assess_database, AssessRequest(database=inp.database),

@@ -70,7 +70,7 @@ NEXT_STEPS = {
 SEND_OPTIONS = {"start_to_close_timeout": timedelta(seconds=30), "schedule_to_close_timeout": timedelta(minutes=15),
                 "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(minutes=1),
                                             non_retryable_error_types=opt.NON_RETRYABLE)}
-QUICK = opt.quick(opt.QUICK_HEARTBEAT)
+QUICK = opt.quick()
 
 
 @workflow.defn(name="Incident", failure_exception_types=[ValidationError])

@@ -32,7 +32,7 @@ class RegionFailback(Runbook):
         await self.prepare(inp.incident_id, FAILBACK, inp.severity)
         hb = inp.heartbeat_timeout
         plan = await self.steps.run("plan", workflow.execute_activity_method(
-            RegionActivities.plan_region_failback, inp, **opt.quick(hb)))
+            RegionActivities.plan_region_failback, inp, **opt.quick()))
         home = {"task_queue": plan.home.task_queue}
         replica = await self.steps.run("create home replica", workflow.execute_activity_method(
             RegionActivities.create_home_replica, plan, summary=f"{plan.home.replica_id} in {plan.home.backup_region}",
@@ -55,7 +55,7 @@ class RegionFailback(Runbook):
             RegionActivities.scale_down_region, away, task_queue=plan.serving_task_queue,
             **opt.long_running(hb, timedelta(minutes=30))))
         await self.steps.run("notify", workflow.execute_activity_method(
-            RegionActivities.notify_failover, back, **home, **opt.quick(hb)))
+            RegionActivities.notify_failover, back, **home, **opt.quick()))
         self.steps.finish(f"Back in {plan.home.backup_region}.")
         return RegionFailbackResult(incident_id=inp.incident_id, plan=plan, replica=replica, promoted=promoted,
                                     dns=dns, approval=approval, steps=self.steps.completed)
