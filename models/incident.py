@@ -43,6 +43,10 @@ class IncidentInput(_Frozen):
     Leave `severity` and `procedure` empty to classify from `labels` with the
     playbook's rules; set them to override the rules. `procedure: none` opens
     an incident without a runbook (people work it; the cadence still runs).
+
+    An incident that stays open for days continues as new before its history
+    grows large (when Temporal suggests it, or after `continue_as_new_after`
+    history events if set); the next run gets the same input plus `carried`.
     """
 
     incident_id: IncidentId
@@ -54,6 +58,8 @@ class IncidentInput(_Frozen):
     services: list[str] = []
     opened_by: str = "operator"
     started_at: datetime | None = None
+    continue_as_new_after: int | None = Field(default=None, ge=50)
+    carried: "IncidentCarry | None" = None  # set by the incident itself when it continues as new
 
 
 class PlanRequest(_Frozen):
@@ -145,6 +151,31 @@ class IncidentStatus(_Frozen):
     awaiting_approval: str | None
     timeline: list[TimelineEvent]
     report_uri: str | None = None
+    run: int = 1  # 2 and more once the incident has continued as new
+
+
+class IncidentCarry(_Frozen):
+    """The state an incident hands to its next run when it continues as new: the escalation and
+    cadence clocks keep counting from `opened_at`, the ticks already sent are not sent again, and
+    the timeline, acknowledgements and the runbook's outcome reach the report."""
+
+    plan: IncidentPlan
+    opened_at: datetime
+    status: IncidentState
+    timeline: list[TimelineEvent]
+    level: int
+    level_since: datetime | None
+    acked_level: int
+    fired: list[str]  # keys of the schedule's items already done (only those still on the schedule)
+    alerts: dict[str, str] = {}
+    progress: RunbookProgress | None = None
+    steps_recorded: int = 0
+    pending_approval: tuple[str, datetime] | None = None
+    runbook_id: str | None = None  # the child runbook's workflow ID; it had finished when the incident continued
+    runbook_result: dict[str, Any] | None = None
+    runbook_error: str | None = None
+    labels: tuple[str, str, str] | None = None  # search attributes as last upserted
+    run: int = 1  # this incident's run number, 1 for the first
 
 
 class IncidentResult(_Frozen):
@@ -170,3 +201,6 @@ class ReportRequest(_Frozen):
     timeline: list[TimelineEvent]
     runbook_result: dict[str, Any] | None = None
     runbook_error: str | None = None
+
+
+IncidentInput.model_rebuild()

@@ -15,7 +15,7 @@ from temporalio.service import RPCError
 
 from activities.report import read_report
 from models.approval import ApprovalRequest
-from models.incident import AckRequest, IncidentInput, IncidentStatus, ResolveRequest
+from models.incident import AckRequest, IncidentInput, IncidentStatus, ResolveRequest, SeverityChange
 from stack.corrupt import corrupt_table
 from stack.stack import DATABASE
 from starters.incident import open_incident
@@ -316,3 +316,56 @@ def _human(iso: str) -> str:
     from activities.report import _measured
 
     return human(_measured(iso))
+
+
+async def test_an_incident_continues_as_new_carrying_its_state_and_still_resolves_and_reports(
+        stack, client, notify_world, tmp_path):
+    """A long incident's history is cut by continue-as-new (here after 150 events instead of Temporal's
+    suggestion at thousands): severity, acknowledgement, runbook outcome, timeline and the cadence's
+    sent ticks cross into the next run; nothing is sent twice; the report covers both runs."""
+    world = notify_world
+    playbook = short_playbook(tmp_path)  # P0: status updates every 2 s, status page every 3 s
+    inc = incident_id()
+    async with running_worker(client, stack,
+                              settings=lambda q: incident_settings(stack, q, world, playbook)) as queue:
+        handle = await open_incident(client, IncidentInput(
+            incident_id=inc, title="checksum alert on a healthy database", severity="P1",
+            procedure="db-corruption", runbook_input={"database": DATABASE}, continue_as_new_after=150), queue)
+        # The runbook finds no corruption; the incident does not continue while its child runs.
+        await status_when(handle, lambda s: s.status == "recovered", timeout=120)
+        # Two people raise it at once: the lock lets one re-classify, the other finds it done.
+        raised = await asyncio.gather(*(
+            handle.execute_update(Incident.set_severity, SeverityChange(severity="P0", by=by, reason="customers"))
+            for by in ("alice", "bob")), return_exceptions=True)
+        assert sum(not isinstance(r, Exception) for r in raised) == 1
+        [refusal] = [r for r in raised if isinstance(r, Exception)]
+        assert isinstance(refusal, WorkflowUpdateFailedError) and "already P0" in str(refusal.cause)
+        ack = await handle.execute_update(Incident.acknowledge, AckRequest(by="carol", note="watching"))
+
+        status = await status_when(handle, lambda s: s.run >= 2, timeout=120)
+        assert (status.severity.value, status.status, status.level, status.acknowledged_level) == (
+            "P0", "recovered", 1, 1)
+        assert "already acknowledged" in await refused(handle.execute_update, Incident.acknowledge,
+                                                       AckRequest(by="bob"))
+        continued = len(status.timeline)
+        # The new run keeps the cadence: more status updates go out.
+        await status_when(handle, lambda s: sum(e.kind == "message" for e in s.timeline[continued:]) >= 2)
+        await handle.execute_update(Incident.resolve, ResolveRequest(by="alice", reason="false alarm"))
+        result = await handle.result()  # follows the runs to the last one
+        runs = [w async for w in client.list_workflows(f"WorkflowId = '{inc}'")]
+
+    assert result.status == "resolved" and result.severity.value == "P0" and len(runs) >= 2
+    second_run = sorted(w.start_time for w in runs)[1]
+    assert result.opened_at < second_run  # the clocks kept counting from the opening, not from the new run
+    texts = [e.text for e in result.timeline]
+    assert sum("P1 -> P0" in t for t in texts) == 1 and texts.count("level 1 acknowledged by carol: watching") == 1
+    assert ack.level == 1 and sum(e.kind == "opened" for e in result.timeline) == 1
+    assert any("DatabaseCorruptionRecovery finished: no_corruption_found" in t for t in texts)
+    # The ticks sent before a continue-as-new were not sent again after it (the ledger would have said so).
+    assert not [t for t in texts if "not sent again" in t]
+    ledger = redis.Redis.from_url(stack.redis_url)
+    slack_keys = ledger.keys(f"drp:notify:{inc}/*/incidents_slack")
+    assert len(world.slack.messages) == len(slack_keys)
+    report = read_report(build_s3(incident_settings(stack, "q", world, playbook)), "s3://drp-backups/reports", inc)
+    assert "checksum alert on a healthy database - opened by operator" in report  # from the first run
+    assert "| step | assess: ok" in report and "Resolved by alice: false alarm" in report
