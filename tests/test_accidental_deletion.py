@@ -142,7 +142,7 @@ async def test_run_survives_a_worker_killed_during_the_side_replay(stack, client
     try:
         handle = await start_accidental_deletion(client, AccidentalDeletionInput(
             incident_id=inc, database=DATABASE, window_start=window_start, table="companies",
-            heartbeat_timeout=timedelta(seconds=3)), queue)
+            heartbeat_timeout=timedelta(seconds=10)), queue)
         await wait_for_activity(handle, "replay_wal")
         first.kill()
         first.wait()

@@ -47,7 +47,7 @@ async def wait_for_poller(client, queue: str, worker: subprocess.Popen, timeout:
             await asyncio.sleep(0.2)
 
 
-async def wait_for_activity(handle, activity_type: str, timeout: float = 60):
+async def wait_for_activity(handle, activity_type: str, timeout: float = 180):
     async with asyncio.timeout(timeout):
         while True:
             desc = await handle.describe()
@@ -67,12 +67,12 @@ async def test_worker_killed_during_restore_is_replaced_and_nothing_is_restored_
     second = None
     try:
         handle = await start_db_corruption(client, DatabaseCorruptionInput(
-            incident_id=inc, database=DATABASE, heartbeat_timeout=timedelta(seconds=3)), queue)
+            incident_id=inc, database=DATABASE, heartbeat_timeout=timedelta(seconds=10)), queue)
         await wait_for_approval_gate(handle)
         await handle.execute_update(DatabaseCorruptionRecovery.approve,
                                     ApprovalRequest(approver="alice", reason="crash drill"))
         await wait_for_activity(handle, "restore_base_backup")
-        async with asyncio.timeout(30):
+        async with asyncio.timeout(120):
             while not restore_pid.exists():  # the restore child is running
                 await asyncio.sleep(0.05)
         first.send_signal(signal.SIGKILL)
@@ -104,7 +104,7 @@ async def test_run_waiting_for_approval_survives_a_temporal_server_restart(stack
         handle = await start_db_corruption(client, DatabaseCorruptionInput(incident_id=inc, database=DATABASE), queue)
         await wait_for_approval_gate(handle)
         stack.restart_temporal()  # same port, same --db-filename
-        async with asyncio.timeout(60):
+        async with asyncio.timeout(120):
             while True:  # the client and the worker reconnect by themselves
                 try:
                     progress = await handle.query(DatabaseCorruptionRecovery.progress)

@@ -175,7 +175,7 @@ async def test_cadence_and_escalation_survive_a_worker_sigkill_without_double_po
         ack = await handle.execute_update(Incident.acknowledge, AckRequest(by="bob", note="on it"))
         assert ack.level == 2
         await status_when(handle, lambda s: sum("paging level 3" in e.text for e in s.timeline) >= 2,
-                          timeout=30)  # paged, then re-paged
+                          timeout=120)  # paged, then re-paged
         await handle.execute_update(Incident.resolve, ResolveRequest(by="alice", reason="mitigated by hand"))
         result = await handle.result()
     finally:
@@ -227,7 +227,7 @@ async def test_escalation_timers_survive_a_temporal_server_restart(stack, client
                                                            severity="P0", procedure="none"), queue)
         await status_when(handle, lambda s: s.level == 1)
         stack.restart_temporal()  # same port and store: the timers are in it
-        async with asyncio.timeout(60):
+        async with asyncio.timeout(120):
             while True:  # the client and the worker reconnect by themselves
                 try:
                     status = await status_when(handle, lambda s: s.level == 2, timeout=30)

@@ -299,9 +299,9 @@ async def test_failover_survives_a_killed_backup_worker_and_a_server_restart(sta
             async with build_worker(client, Settings(**raw), executor):
                 handle = await start_region_failover(client, RegionFailoverInput(
                     incident_id=f"RK-{world['tag']}", backup_region=BACKUP, health_checks=1,
-                    heartbeat_timeout=timedelta(seconds=3)), queue)
+                    heartbeat_timeout=timedelta(seconds=10)), queue)
                 await approve_when_asked(handle, approver="alice", reason="go")
-                async with asyncio.timeout(60):
+                async with asyncio.timeout(120):
                     while not await completed(handle, "promote_rds_replica"):
                         await asyncio.sleep(0.05)
                 first.kill()
