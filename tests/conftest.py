@@ -47,16 +47,17 @@ def stack() -> Stack:
 async def client(stack):
     client = await connect(stack.temporal_address)
     yield client
-    if os.environ.get("DRP_RECORD_HISTORIES") == "1":  # see CONTRIBUTING.md
-        await record_histories(client)
+    if os.environ.get("DRP_RECORD_HISTORIES") in ("1", "add"):  # see CONTRIBUTING.md
+        await record_histories(client, replace=os.environ["DRP_RECORD_HISTORIES"] == "1")
 
 
-async def record_histories(client) -> None:
+async def record_histories(client, replace: bool) -> None:
     """Every closed run of the session, as `tests/histories/<WorkflowType>/<workflow ID>.json`
-    (`WorkflowHistory.to_json()`), replacing what was recorded before: tests/test_replay.py replays them."""
+    (`WorkflowHistory.to_json()`), replacing what was recorded before unless `replace` is false:
+    tests/test_replay.py replays them."""
     from tests.test_replay import HISTORIES, history_path
 
-    for old in HISTORIES.glob("*/*.json"):
+    for old in HISTORIES.glob("*/*.json") if replace else ():
         old.unlink()
     async for run in client.list_workflows("ExecutionStatus != 'Running'"):
         history = await client.get_workflow_handle(run.id, run_id=run.run_id).fetch_history()

@@ -35,7 +35,7 @@ def history_path(workflow_type: str, workflow_id: str) -> Path:
     return path
 
 
-pytestmark = pytest.mark.skipif(os.environ.get("DRP_RECORD_HISTORIES") == "1",
+pytestmark = pytest.mark.skipif(os.environ.get("DRP_RECORD_HISTORIES") in ("1", "add"),
                                 reason="this session records the histories anew")
 
 
