@@ -36,9 +36,9 @@ from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflow
 
 from models.incident import (
     AckRecord,
-    IncidentCarry,
     AckRequest,
     AlertNotice,
+    IncidentCarry,
     IncidentInput,
     IncidentPlan,
     IncidentResult,
