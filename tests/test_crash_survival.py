@@ -66,6 +66,7 @@ async def test_worker_killed_during_restore_is_replaced_and_nothing_is_restored_
     first = spawn_worker(stack, queue, tmp_path / "worker1.log")
     second = None
     try:
+        await wait_for_poller(client, queue, first)
         handle = await start_db_corruption(client, DatabaseCorruptionInput(
             incident_id=inc, database=DATABASE, heartbeat_timeout=timedelta(seconds=10)), queue)
         await wait_for_approval_gate(handle)
