@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 
 import pytest
 import redis
+from temporalio.api.enums.v1 import PendingActivityState
 from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 from temporalio.service import RPCError
 
@@ -173,6 +174,11 @@ async def test_cadence_and_escalation_survive_a_worker_sigkill_without_double_po
         killed_at = (datetime.now(timezone.utc) - (await handle.describe()).start_time).total_seconds()
         first.send_signal(signal.SIGKILL)
         assert first.wait(10) == -signal.SIGKILL
+        # Deliveries the dead worker had started: one of them may have reached its provider without
+        # reaching the ledger (the documented repeat; a loaded machine widens that window).
+        started = PendingActivityState.PENDING_ACTIVITY_STATE_STARTED
+        cut = sum(a.activity_type.name == "send_notification" and a.state == started
+                  for a in (await handle.describe()).raw_description.pending_activities)
         second = spawn_worker(stack, queue, tmp_path / "worker2.log", env)
         await wait_for_poller(client, queue, second)
 
@@ -195,11 +201,14 @@ async def test_cadence_and_escalation_survive_a_worker_sigkill_without_double_po
     for key in keys:
         tick, channel = key.rsplit("/", 1)
         by_channel.setdefault(channel, []).append(tick)
-    # No double posts: each channel received exactly what the ledger says was delivered, once per key.
-    assert len(world.slack.messages) == len(by_channel["incidents_slack"])
-    assert len(world.pages()) == len(by_channel["oncall_pager"])
-    assert len(world.mail.messages) == sum(len(by_channel.get(c, [])) for c in
-                                           ("customer_email", "exec_email", "dba_email", "ceo_email"))
+    # No double posts: each channel received what the ledger says was delivered, once per key, except at
+    # most the deliveries the SIGKILL cut between the provider's answer and the ledger write.
+    received = {"slack": len(world.slack.messages), "pager": len(world.pages()), "mail": len(world.mail.messages)}
+    ledgered = {"slack": len(by_channel["incidents_slack"]), "pager": len(by_channel["oncall_pager"]),
+                "mail": sum(len(by_channel.get(c, [])) for c in ("customer_email", "exec_email", "dba_email",
+                                                                   "ceo_email"))}
+    assert all(received[c] >= ledgered[c] for c in received), (received, ledgered)
+    assert sum(received.values()) - sum(ledgered.values()) <= cut, (received, ledgered, cut)
     # The status update ticks, every 2 s from the opening, each once; while no worker ran, the ticks
     # that fell due were folded into the latest one, then the cadence went on without a gap.
     ticks = sorted(int(t.rsplit("-", 1)[1]) for t in by_channel["incidents_slack"] if t.startswith("status_update"))
