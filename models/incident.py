@@ -48,6 +48,10 @@ class IncidentInput(_Frozen):
     Leave `severity` and `procedure` empty to classify from `labels` with the
     playbook's rules; set them to override the rules. `procedure: none` opens
     an incident without a runbook (people work it; the cadence still runs).
+
+    An incident that stays open for days continues as new before its history
+    grows large (when Temporal suggests it, or after `continue_as_new_after`
+    history events if set); the next run gets the same input plus `carried`.
     """
 
     incident_id: IncidentId
@@ -62,6 +66,8 @@ class IncidentInput(_Frozen):
     follows: str | None = Field(default=None, max_length=500, description=(
         "The earlier incident of the same alert group that a person resolved before the group fired again "
         "(set by the alert receiver), and how it recurred."))
+    continue_as_new_after: int | None = Field(default=None, ge=50)
+    carried: "IncidentCarry | None" = None  # set by the incident itself when it continues as new
 
 
 class PlanRequest(_Frozen):
@@ -153,6 +159,31 @@ class IncidentStatus(_Frozen):
     awaiting_approval: str | None
     timeline: list[TimelineEvent]
     report_uri: str | None = None
+    run: int = 1  # 2 and more once the incident has continued as new
+
+
+class IncidentCarry(_Frozen):
+    """The state an incident hands to its next run when it continues as new: the escalation and
+    cadence clocks keep counting from `opened_at`, the ticks already sent are not sent again, and
+    the timeline, acknowledgements and the runbook's outcome reach the report."""
+
+    plan: IncidentPlan
+    opened_at: Timestamp
+    status: IncidentState
+    timeline: list[TimelineEvent]
+    level: int
+    level_since: Timestamp | None
+    acked_level: int
+    fired: list[str]  # keys of the schedule's items already done (only those still on the schedule)
+    alerts: dict[str, str] = {}
+    progress: RunbookProgress | None = None
+    steps_recorded: int = 0
+    pending_approval: tuple[str, Timestamp] | None = None
+    runbook_id: str | None = None  # the child runbook's workflow ID; it had finished when the incident continued
+    runbook_result: dict[str, Any] | None = None
+    runbook_error: str | None = None
+    labels: tuple[str, str, str] | None = None  # search attributes as last upserted
+    run: int = 1  # this incident's run number, 1 for the first
 
 
 class IncidentResult(_Frozen):
@@ -178,3 +209,6 @@ class ReportRequest(_Frozen):
     timeline: list[TimelineEvent]
     runbook_result: dict[str, Any] | None = None
     runbook_error: str | None = None
+
+
+IncidentInput.model_rebuild()

@@ -18,6 +18,8 @@ import pytest
 import pytest_asyncio
 from moto.moto_server.threaded_moto_server import ThreadedMotoServer
 
+from temporalio.service import RPCError, RPCStatusCode
+
 from models.approval import ApprovalRecord, ApprovalRequest
 from stack.stack import DATABASE, Stack
 from starters._start import wait_for_approval
@@ -45,7 +47,25 @@ def stack() -> Stack:
 
 @pytest_asyncio.fixture(scope="session")
 async def client(stack):
-    return await connect(stack.temporal_address)
+    client = await connect(stack.temporal_address)
+    yield client
+    if os.environ.get("DRP_RECORD_HISTORIES") in ("1", "add"):  # see CONTRIBUTING.md
+        await record_histories(client, replace=os.environ["DRP_RECORD_HISTORIES"] == "1")
+
+
+async def record_histories(client, replace: bool) -> None:
+    """Every closed run of the session, as `tests/histories/<WorkflowType>/<workflow ID>.json`
+    (`WorkflowHistory.to_json()`), replacing what was recorded before unless `replace` is false:
+    tests/test_replay.py replays them."""
+    from tests.test_replay import HISTORIES, history_path
+
+    for old in HISTORIES.glob("*/*.json") if replace else ():
+        old.unlink()
+    async for run in client.list_workflows("ExecutionStatus != 'Running'"):
+        history = await client.get_workflow_handle(run.id, run_id=run.run_id).fetch_history()
+        path = history_path(run.workflow_type, run.id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(history.to_json())
 
 
 def worker_settings(stack: Stack, task_queue: str, backup: dict | None = None) -> Settings:
@@ -80,9 +100,20 @@ def row_counts(stack: Stack) -> dict[str, int]:
         return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
 
 
-async def wait_for_approval_gate(handle, step: str | None = None, timeout: float = 120) -> None:
+def query_timed_out(err: RPCError) -> bool:
+    """No worker answered a query in time: on a loaded machine one may still be starting or busy."""
+    return err.status in (RPCStatusCode.CANCELLED, RPCStatusCode.DEADLINE_EXCEEDED) or "Timeout expired" in str(err)
+
+
+async def wait_for_approval_gate(handle, step: str | None = None, timeout: float = 180) -> None:
     async with asyncio.timeout(timeout):
-        assert await wait_for_approval(handle, step), "the run ended before it asked for approval"
+        while True:
+            try:
+                assert await wait_for_approval(handle, step), "the run ended before it asked for approval"
+                return
+            except RPCError as err:
+                if not query_timed_out(err):
+                    raise
 
 
 async def approve_when_asked(handle, step: str | None = None, approver: str = "alice",

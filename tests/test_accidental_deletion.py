@@ -18,7 +18,7 @@ from models.deletion import AccidentalDeletionInput
 from stack.stack import DATABASE
 from starters.accidental_deletion import api_key_fingerprint, start_accidental_deletion
 from tests.conftest import activity_attempts, approve_when_asked, running_worker, wait_for_approval_gate
-from tests.test_crash_survival import spawn_worker, wait_for_activity
+from tests.test_crash_survival import spawn_worker, wait_for_activity, wait_for_poller
 
 ROLE = "analyst"
 LEAKED_KEY = "key-of-the-analyst-script"
@@ -140,9 +140,10 @@ async def test_run_survives_a_worker_killed_during_the_side_replay(stack, client
     first = spawn_worker(stack, queue, tmp_path / "w1.log")
     second = None
     try:
+        await wait_for_poller(client, queue, first)
         handle = await start_accidental_deletion(client, AccidentalDeletionInput(
             incident_id=inc, database=DATABASE, window_start=window_start, table="companies",
-            heartbeat_timeout=timedelta(seconds=3)), queue)
+            heartbeat_timeout=timedelta(seconds=10)), queue)
         await wait_for_activity(handle, "replay_wal")
         first.kill()
         first.wait()

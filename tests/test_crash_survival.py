@@ -10,6 +10,10 @@ import uuid
 from datetime import timedelta
 from pathlib import Path
 
+from temporalio.api.enums.v1 import TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+
 from models.approval import ApprovalRequest
 from models.db_corruption import DatabaseCorruptionInput
 from stack.corrupt import corrupt_table
@@ -29,7 +33,21 @@ def spawn_worker(stack, queue: str, log: Path, env: dict[str, str] | None = None
                             stderr=subprocess.STDOUT, cwd=ROOT)
 
 
-async def wait_for_activity(handle, activity_type: str, timeout: float = 60):
+async def wait_for_poller(client, queue: str, worker: subprocess.Popen, timeout: float = 120) -> None:
+    """Until the worker process polls the queue for workflow tasks (a loaded machine takes a while to
+    import and connect one): a test that times what the run does must not time the worker's start-up."""
+    request = DescribeTaskQueueRequest(namespace=client.namespace, task_queue=TaskQueue(name=queue),
+                                       task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW)
+    async with asyncio.timeout(timeout):
+        while True:
+            assert worker.poll() is None, f"the worker exited with {worker.returncode}"
+            pollers = (await client.workflow_service.describe_task_queue(request)).pollers
+            if any(p.identity.startswith(f"{worker.pid}@") for p in pollers):
+                return
+            await asyncio.sleep(0.2)
+
+
+async def wait_for_activity(handle, activity_type: str, timeout: float = 180):
     async with asyncio.timeout(timeout):
         while True:
             desc = await handle.describe()
@@ -48,13 +66,14 @@ async def test_worker_killed_during_restore_is_replaced_and_nothing_is_restored_
     first = spawn_worker(stack, queue, tmp_path / "worker1.log")
     second = None
     try:
+        await wait_for_poller(client, queue, first)
         handle = await start_db_corruption(client, DatabaseCorruptionInput(
-            incident_id=inc, database=DATABASE, heartbeat_timeout=timedelta(seconds=3)), queue)
+            incident_id=inc, database=DATABASE, heartbeat_timeout=timedelta(seconds=10)), queue)
         await wait_for_approval_gate(handle)
         await handle.execute_update(DatabaseCorruptionRecovery.approve,
                                     ApprovalRequest(approver="alice", reason="crash drill"))
         await wait_for_activity(handle, "restore_base_backup")
-        async with asyncio.timeout(30):
+        async with asyncio.timeout(120):
             while not restore_pid.exists():  # the restore child is running
                 await asyncio.sleep(0.05)
         first.send_signal(signal.SIGKILL)
@@ -86,7 +105,7 @@ async def test_run_waiting_for_approval_survives_a_temporal_server_restart(stack
         handle = await start_db_corruption(client, DatabaseCorruptionInput(incident_id=inc, database=DATABASE), queue)
         await wait_for_approval_gate(handle)
         stack.restart_temporal()  # same port, same --db-filename
-        async with asyncio.timeout(60):
+        async with asyncio.timeout(120):
             while True:  # the client and the worker reconnect by themselves
                 try:
                     progress = await handle.query(DatabaseCorruptionRecovery.progress)

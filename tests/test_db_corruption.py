@@ -93,13 +93,6 @@ async def test_approval_validation_and_timeout_leave_everything_as_it_was(stack,
     async with running_worker(client, stack) as queue:
         inp = DatabaseCorruptionInput(incident_id=inc, database=DATABASE, approval_timeout=timedelta(seconds=3))
         handle = await start_db_corruption(client, inp, queue)
-        await wait_for_approval_gate(handle)
-        with pytest.raises(WorkflowUpdateFailedError) as refused:
-            await handle.execute_update("approve", {"approver": "alice", "reason": "   "})
-        assert "reason must not be empty" in str(refused.value.cause)
-        with pytest.raises(WorkflowUpdateFailedError) as outsider:  # carol is on call: not on the P0 roster
-            await handle.execute_update("approve", {"approver": "carol", "reason": "I am on call"})
-        assert "not on the roster" in str(outsider.value.cause) and "alice, bob, frank" in str(outsider.value.cause)
         with pytest.raises(WorkflowFailureError) as failed:
             await handle.result()
         assert failed.value.cause.type == "ApprovalTimeout"
@@ -107,10 +100,17 @@ async def test_approval_validation_and_timeout_leave_everything_as_it_was(stack,
         assert processes(stack) == pids
         assert sorted(p.name for p in data_dir.parent.iterdir()) == siblings
 
-        # The same incident may be run again after a failed run, and this time it is approved.
-        handle = await start_db_corruption(client, inp.model_copy(update={"approval_timeout": timedelta(minutes=5)}),
+        # The same incident may be run again after a failed run, and this time it is approved. Its
+        # approval timeout is long: the refusals below must reach a run that is still waiting.
+        handle = await start_db_corruption(client, inp.model_copy(update={"approval_timeout": timedelta(hours=1)}),
                                            queue)
         await wait_for_approval_gate(handle)
+        with pytest.raises(WorkflowUpdateFailedError) as refused:
+            await handle.execute_update("approve", {"approver": "alice", "reason": "   "})
+        assert "reason must not be empty" in str(refused.value.cause)
+        with pytest.raises(WorkflowUpdateFailedError) as outsider:  # carol is on call: not on the P0 roster
+            await handle.execute_update("approve", {"approver": "carol", "reason": "I am on call"})
+        assert "not on the roster" in str(outsider.value.cause) and "alice, bob, frank" in str(outsider.value.cause)
         await handle.execute_update(DatabaseCorruptionRecovery.approve, APPROVE)
         with pytest.raises(WorkflowUpdateFailedError) as twice:
             await handle.execute_update(DatabaseCorruptionRecovery.approve, APPROVE)

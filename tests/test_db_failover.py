@@ -32,6 +32,7 @@ from tests.conftest import approve_when_asked, running_worker
 from tests.test_kubernetes_platform import fake_deployment_controller
 from tests.test_region_failover import BACKUP, NAME, NS, Health, deploy_backup, raw_settings, record, region_workers
 from workers.settings import Settings
+from workflows.db_failover import DatabaseFailover
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,9 @@ async def test_failover_after_the_primary_crashes_loses_no_acknowledged_commit(p
     primary, standby = pair.postgres(), pair.standby()
     writer = AcknowledgedWriter(primary)
     writer.start()
-    await asyncio.sleep(1.0)
+    async with asyncio.timeout(120):
+        while len(writer.acknowledged) <= 10:  # some commits acknowledged, more in flight
+            await asyncio.sleep(0.05)
     os.kill(primary.postmaster_pid(), signal.SIGKILL)  # the primary dies mid-write
     writer.join(timeout=30)
     assert len(writer.acknowledged) > 10
@@ -104,6 +107,8 @@ async def test_failover_after_the_primary_crashes_loses_no_acknowledged_commit(p
         handle = await start_db_failover(client, DatabaseFailoverInput(incident_id=inc), queue)
         await approve_when_asked(handle, approver="bob", reason="primary down")
         result = await handle.result()
+        progress = await handle.query(DatabaseFailover.progress)
+    assert progress.total_steps == len(result.steps) == 8  # the Web UI's "Step n/N" reached N
 
     assert not result.before.primary_reachable and result.fenced.final_lsn is None
     assert result.promoted.lost_bytes is None  # a crashed primary's end is unknown; the count below is the proof

@@ -10,19 +10,19 @@ from datetime import datetime, timezone
 
 import pytest
 import redis
-import yaml
+from temporalio.api.enums.v1 import PendingActivityState
 from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 from temporalio.service import RPCError
 
 from activities.report import read_report
 from models.approval import ApprovalRequest
-from models.incident import AckRequest, IncidentInput, IncidentStatus, ResolveRequest
+from models.incident import AckRequest, IncidentInput, IncidentStatus, ResolveRequest, SeverityChange
 from stack.corrupt import corrupt_table
 from stack.stack import DATABASE
 from starters.incident import open_incident
-from tests.conftest import running_worker
+from tests.conftest import query_timed_out, running_worker
 from tests.notify_world import incident_settings, short_playbook
-from tests.test_crash_survival import spawn_worker
+from tests.test_crash_survival import spawn_worker, wait_for_poller
 from tests.test_stack import drp
 from workers.main import build_s3
 from workflows.incident import Incident
@@ -38,7 +38,12 @@ async def status_when(handle, check, timeout: float = 60) -> IncidentStatus:
     try:
         async with asyncio.timeout(timeout):
             while True:
-                status = await handle.query(Incident.status)
+                try:
+                    status = await handle.query(Incident.status)
+                except RPCError as err:
+                    if not query_timed_out(err):
+                        raise
+                    continue  # no worker answered in time (a loaded machine): ask again
                 if check(status):
                     return status
                 await asyncio.sleep(0.1)
@@ -69,6 +74,7 @@ async def test_alert_labels_open_a_p0_that_recovers_escalates_and_reports(stack,
         runbook = client.get_workflow_handle(f"db-corruption-{inc}")
 
         # Nobody decides within approval_escalate_after (2 s): level 2 is paged with the approval request.
+        # (The level timers are hours away: this escalation can only be the approval's.)
         status = await status_when(handle, lambda s: s.level == 2)
         assert any(e.kind == "escalation" and "nobody decided 'restore'" in e.text for e in status.timeline)
 
@@ -116,7 +122,7 @@ async def test_alert_labels_open_a_p0_that_recovers_escalates_and_reports(stack,
     assert len(message_ids) == len(set(message_ids))
     pages = world.pages()
     # SNS (the on-call pager, on levels 1 and 2): page level 1 at open, the approval request to level 1,
-    # then to level 2 when it escalated; level 2's own 5 s timer found level 2 already paged.
+    # then to level 2 when it escalated.
     assert [p["Subject"] for p in pages][:3] == [
         "[P0] PAGE level 1 (On-Call Engineer): metrics table unreadable",
         f"[P0] approval needed: restore ({inc})", f"[P0] approval needed: restore ({inc})"]
@@ -147,18 +153,19 @@ async def test_alert_labels_open_a_p0_that_recovers_escalates_and_reports(stack,
 async def test_cadence_and_escalation_survive_a_worker_sigkill_without_double_posts(
         stack, client, notify_world, tmp_path):
     world = notify_world
-    playbook = short_playbook(tmp_path, status_update_every="2s", status_page_update_every="2s")
-    raw = yaml.safe_load(playbook.read_text())
-    raw["escalation"]["repage_every"] = "1s"
-    for level, after in zip(raw["escalation"]["levels"], ("0s", "3s", "6s", "10m")):
-        level["after"] = after
-    playbook.write_text(yaml.safe_dump(raw))
+    # Level 2 comes 4 s in; level 3 at 30 s leaves the test time to acknowledge level 2 however slow the
+    # machine is (the test waits for each state; nothing here is timed by the test's own clock).
+    playbook = short_playbook(tmp_path, levels=("0s", "4s", "30s", "1h"), repage_every="1s",
+                              status_update_every="2s", status_page_update_every="2s")
     env = {"DRP_PLAYBOOK_PATH": str(playbook), "DRP_STICKY_QUEUE_TIMEOUT": "1s",
            **{f"DRP_NOTIFY__{key.upper()}": str(value) for key, value in world.settings.items()}}
     inc, queue = incident_id(), f"cadence-{uuid.uuid4().hex[:8]}"
     first = spawn_worker(stack, queue, tmp_path / "worker1.log", env)
     second = None
     try:
+        # The escalation clock starts at the opening: a worker still importing would fold level 1's
+        # re-pages into one. Open when it polls.
+        await wait_for_poller(client, queue, first)
         handle = await open_incident(client, IncidentInput(
             incident_id=inc, title="API answering 5xx", severity="P0", procedure="none",
             services=["corporate-intel-api"]), queue)
@@ -167,13 +174,19 @@ async def test_cadence_and_escalation_survive_a_worker_sigkill_without_double_po
         killed_at = (datetime.now(timezone.utc) - (await handle.describe()).start_time).total_seconds()
         first.send_signal(signal.SIGKILL)
         assert first.wait(10) == -signal.SIGKILL
+        # Deliveries the dead worker had started: one of them may have reached its provider without
+        # reaching the ledger (the documented repeat; a loaded machine widens that window).
+        started = PendingActivityState.PENDING_ACTIVITY_STATE_STARTED
+        cut = sum(a.activity_type.name == "send_notification" and a.state == started
+                  for a in (await handle.describe()).raw_description.pending_activities)
         second = spawn_worker(stack, queue, tmp_path / "worker2.log", env)
+        await wait_for_poller(client, queue, second)
 
-        await status_when(handle, lambda s: s.level == 2)
+        await status_when(handle, lambda s: s.level >= 2)
         ack = await handle.execute_update(Incident.acknowledge, AckRequest(by="bob", note="on it"))
         assert ack.level == 2
         await status_when(handle, lambda s: sum("paging level 3" in e.text for e in s.timeline) >= 2,
-                          timeout=30)  # paged, then re-paged
+                          timeout=120)  # paged, then re-paged
         await handle.execute_update(Incident.resolve, ResolveRequest(by="alice", reason="mitigated by hand"))
         result = await handle.result()
     finally:
@@ -188,18 +201,22 @@ async def test_cadence_and_escalation_survive_a_worker_sigkill_without_double_po
     for key in keys:
         tick, channel = key.rsplit("/", 1)
         by_channel.setdefault(channel, []).append(tick)
-    # No double posts: each channel received exactly what the ledger says was delivered, once per key.
-    assert len(world.slack.messages) == len(by_channel["incidents_slack"])
-    assert len(world.pages()) == len(by_channel["oncall_pager"])
-    assert len(world.mail.messages) == sum(len(by_channel.get(c, [])) for c in
-                                           ("customer_email", "exec_email", "dba_email", "ceo_email"))
+    # No double posts: each channel received what the ledger says was delivered, once per key, except at
+    # most the deliveries the SIGKILL cut between the provider's answer and the ledger write.
+    received = {"slack": len(world.slack.messages), "pager": len(world.pages()), "mail": len(world.mail.messages)}
+    ledgered = {"slack": len(by_channel["incidents_slack"]), "pager": len(by_channel["oncall_pager"]),
+                "mail": sum(len(by_channel.get(c, [])) for c in ("customer_email", "exec_email", "dba_email",
+                                                                   "ceo_email"))}
+    assert all(received[c] >= ledgered[c] for c in received), (received, ledgered)
+    assert sum(received.values()) - sum(ledgered.values()) <= cut, (received, ledgered, cut)
     # The status update ticks, every 2 s from the opening, each once; while no worker ran, the ticks
     # that fell due were folded into the latest one, then the cadence went on without a gap.
     ticks = sorted(int(t.rsplit("-", 1)[1]) for t in by_channel["incidents_slack"] if t.startswith("status_update"))
     after_restart = [t for t in ticks if t * 2 > killed_at]
     assert len(after_restart) >= 2 and after_restart == list(range(after_restart[0], after_restart[-1] + 1))
-    due = int((result.resolved_at - result.opened_at).total_seconds() // 2)
-    assert ticks[-1] in (due - 1, due)  # the last one may have been due in the moment the resolution came
+    # ... up to the end: the tick due when level 3 was last re-paged went out (same wake-up of the loop).
+    last_page = max(e.at for e in result.timeline if e.kind == "page")
+    assert ticks[-1] >= int((last_page - result.opened_at).total_seconds() // 2)
     # The right people on the right channels: level 2 by email to the DBAs, level 3 to the executives.
     subjects = {tuple(rcpt): [] for rcpt, _ in world.mail.messages}
     for rcpt, mail in world.mail.messages:
@@ -216,7 +233,7 @@ async def test_cadence_and_escalation_survive_a_worker_sigkill_without_double_po
 
 
 async def test_escalation_timers_survive_a_temporal_server_restart(stack, client, notify_world, tmp_path):
-    playbook = short_playbook(tmp_path)  # P0: status updates every 2 s, level 2 after 5 s
+    playbook = short_playbook(tmp_path, levels=("0s", "5s", "1h", "2h"))  # P0: level 2 after 5 s
     inc = incident_id()
     async with running_worker(client, stack,
                               settings=lambda q: incident_settings(stack, q, notify_world, playbook)) as queue:
@@ -224,7 +241,7 @@ async def test_escalation_timers_survive_a_temporal_server_restart(stack, client
                                                            severity="P0", procedure="none"), queue)
         await status_when(handle, lambda s: s.level == 1)
         stack.restart_temporal()  # same port and store: the timers are in it
-        async with asyncio.timeout(60):
+        async with asyncio.timeout(120):
             while True:  # the client and the worker reconnect by themselves
                 try:
                     status = await status_when(handle, lambda s: s.level == 2, timeout=30)
@@ -235,7 +252,7 @@ async def test_escalation_timers_survive_a_temporal_server_restart(stack, client
         await handle.execute_update(Incident.resolve, ResolveRequest(by="alice", reason="after a restart"))
         result = await handle.result()
     escalated = next(e.at for e in result.timeline if e.kind == "escalation" and "level 2" in e.text)
-    assert 5 <= (escalated - result.opened_at).total_seconds() < 15
+    assert (escalated - result.opened_at).total_seconds() >= 5  # the timer kept its time, it did not fire early
     texts = notify_world.slack_texts()
     assert len(texts) == len(set(texts)) and sum("PAGE level 2" in t for t in texts) == 1
 
@@ -313,3 +330,56 @@ def _human(iso: str) -> str:
     from activities.report import _measured
 
     return human(_measured(iso))
+
+
+async def test_an_incident_continues_as_new_carrying_its_state_and_still_resolves_and_reports(
+        stack, client, notify_world, tmp_path):
+    """A long incident's history is cut by continue-as-new (here after 150 events instead of Temporal's
+    suggestion at thousands): severity, acknowledgement, runbook outcome, timeline and the cadence's
+    sent ticks cross into the next run; nothing is sent twice; the report covers both runs."""
+    world = notify_world
+    playbook = short_playbook(tmp_path)  # P0: status updates every 2 s, status page every 3 s
+    inc = incident_id()
+    async with running_worker(client, stack,
+                              settings=lambda q: incident_settings(stack, q, world, playbook)) as queue:
+        handle = await open_incident(client, IncidentInput(
+            incident_id=inc, title="checksum alert on a healthy database", severity="P1",
+            procedure="db-corruption", runbook_input={"database": DATABASE}, continue_as_new_after=150), queue)
+        # The runbook finds no corruption; the incident does not continue while its child runs.
+        await status_when(handle, lambda s: s.status == "recovered", timeout=120)
+        # Two people raise it at once: the lock lets one re-classify, the other finds it done.
+        raised = await asyncio.gather(*(
+            handle.execute_update(Incident.set_severity, SeverityChange(severity="P0", by=by, reason="customers"))
+            for by in ("alice", "bob")), return_exceptions=True)
+        assert sum(not isinstance(r, Exception) for r in raised) == 1
+        [refusal] = [r for r in raised if isinstance(r, Exception)]
+        assert isinstance(refusal, WorkflowUpdateFailedError) and "already P0" in str(refusal.cause)
+        ack = await handle.execute_update(Incident.acknowledge, AckRequest(by="carol", note="watching"))
+
+        status = await status_when(handle, lambda s: s.run >= 2, timeout=120)
+        assert (status.severity.value, status.status, status.level, status.acknowledged_level) == (
+            "P0", "recovered", 1, 1)
+        assert "already acknowledged" in await refused(handle.execute_update, Incident.acknowledge,
+                                                       AckRequest(by="bob"))
+        continued = len(status.timeline)
+        # The new run keeps the cadence: more status updates go out.
+        await status_when(handle, lambda s: sum(e.kind == "message" for e in s.timeline[continued:]) >= 2)
+        await handle.execute_update(Incident.resolve, ResolveRequest(by="alice", reason="false alarm"))
+        result = await handle.result()  # follows the runs to the last one
+        runs = [w async for w in client.list_workflows(f"WorkflowId = '{inc}'")]
+
+    assert result.status == "resolved" and result.severity.value == "P0" and len(runs) >= 2
+    second_run = sorted(w.start_time for w in runs)[1]
+    assert result.opened_at < second_run  # the clocks kept counting from the opening, not from the new run
+    texts = [e.text for e in result.timeline]
+    assert sum("P1 -> P0" in t for t in texts) == 1 and texts.count("level 1 acknowledged by carol: watching") == 1
+    assert ack.level == 1 and sum(e.kind == "opened" for e in result.timeline) == 1
+    assert any("DatabaseCorruptionRecovery finished: no_corruption_found" in t for t in texts)
+    # The ticks sent before a continue-as-new were not sent again after it (the ledger would have said so).
+    assert not [t for t in texts if "not sent again" in t]
+    ledger = redis.Redis.from_url(stack.redis_url)
+    slack_keys = ledger.keys(f"drp:notify:{inc}/*/incidents_slack")
+    assert len(world.slack.messages) == len(slack_keys)
+    report = read_report(build_s3(incident_settings(stack, "q", world, playbook)), "s3://drp-backups/reports", inc)
+    assert "checksum alert on a healthy database - opened by operator" in report  # from the first run
+    assert "| step | assess: ok" in report and "Resolved by alice: false alarm" in report

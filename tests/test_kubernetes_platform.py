@@ -25,7 +25,7 @@ def api_client(kmock) -> k8s.ApiClient:
 
 
 def platform(kmock, **kwargs) -> KubernetesPlatform:
-    return KubernetesPlatform(api_client(kmock), NS, NAME, poll_seconds=0.05, timeout_seconds=10, **kwargs)
+    return KubernetesPlatform(api_client(kmock), NS, NAME, poll_seconds=0.05, timeout_seconds=120, **kwargs)
 
 
 async def deploy(kmock, replicas: int) -> None:

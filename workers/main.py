@@ -161,13 +161,17 @@ def build_activities(settings: Settings, client: Client | None = None) -> list:
     ]
 
 
-def build_worker(client: Client, settings: Settings, executor: ThreadPoolExecutor) -> Worker:
+def workflow_runner() -> SandboxedWorkflowRunner:
+    """The sandbox the worker runs workflows in; the replay test (tests/test_replay.py) uses the same."""
     # models/ is stdlib + pydantic only: passing it through the sandbox keeps one class per model,
     # so an activity's result can be embedded in a workflow's result as it is.
-    runner = SandboxedWorkflowRunner(restrictions=SandboxRestrictions.default.with_passthrough_modules("models"))
+    return SandboxedWorkflowRunner(restrictions=SandboxRestrictions.default.with_passthrough_modules("models"))
+
+
+def build_worker(client: Client, settings: Settings, executor: ThreadPoolExecutor) -> Worker:
     return Worker(client, task_queue=settings.task_queue, workflows=WORKFLOWS,
                   activities=build_activities(settings, client), activity_executor=executor,
-                  interceptors=[LoggingInterceptor()], workflow_runner=runner,
+                  interceptors=[LoggingInterceptor()], workflow_runner=workflow_runner(),
                   sticky_queue_schedule_to_start_timeout=settings.sticky_queue_timeout)
 
 

@@ -33,14 +33,22 @@ RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2
                     non_retryable_error_types=NON_RETRYABLE)
 
 
-QUICK_HEARTBEAT = timedelta(seconds=30)
+QUICK_LIMIT = timedelta(minutes=2)
 
 
-def quick(heartbeat: timedelta) -> dict:
-    """Reads and small changes: seconds each, a few tries."""
-    return {"start_to_close_timeout": timedelta(minutes=2), "heartbeat_timeout": max(heartbeat, timedelta(minutes=2)),
-            "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=5,
-                                        non_retryable_error_types=NON_RETRYABLE)}
+def quick(*, heartbeat: timedelta | None = None) -> dict:
+    """Reads and small changes: seconds each, a few tries. None of them heartbeats today, so none has a
+    heartbeat timeout (a heartbeat timeout on an activity that never heartbeats fails every attempt
+    that outlives it). One that heartbeats passes `heartbeat`, shorter than the two-minute limit so it
+    notices a dead worker before the limit does."""
+    options = {"start_to_close_timeout": QUICK_LIMIT,
+               "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=5,
+                                           non_retryable_error_types=NON_RETRYABLE)}
+    if heartbeat is not None:
+        if heartbeat >= QUICK_LIMIT:
+            raise ValueError(f"a quick activity's heartbeat timeout must be shorter than {QUICK_LIMIT}")
+        options["heartbeat_timeout"] = heartbeat
+    return options
 
 
 def long_running(heartbeat: timedelta, limit: timedelta = timedelta(hours=6)) -> dict:

@@ -34,7 +34,7 @@ class Runbook:
         ])
         self.gate.roster = await workflow.execute_activity_method(
             PlaybookActivities.approvers_for, args=[procedure, severity], summary="approver roster",
-            **opt.quick(opt.QUICK_HEARTBEAT))
+            **opt.quick())
 
     @workflow.update
     def approve(self, req: ApprovalRequest) -> ApprovalRecord:
@@ -47,7 +47,7 @@ class Runbook:
     @workflow.query
     def progress(self) -> Progress:
         return Progress(current_step=self.steps.current, completed=self.steps.completed,
-                        awaiting_approval=self.gate.pending_step)
+                        awaiting_approval=self.gate.pending_step, total_steps=self.steps.total)
 
     def _tell_incident(self) -> None:
         """Signal the step progress to the parent Incident, if an incident started this run."""

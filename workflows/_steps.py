@@ -18,6 +18,7 @@ class Progress(BaseModel):
     current_step: str | None
     completed: list[StepRecord]
     awaiting_approval: str | None = None
+    total_steps: int | None = None  # the N of "Step n/N": the steps of the path this run takes
 
 
 class StepTracker:

@@ -54,15 +54,15 @@ class AccidentalDeletionRecovery(Runbook):
                               window_end=inp.window_end or workflow.info().start_time, table=inp.table,
                               role=inp.role)
         objectives = await workflow.execute_activity_method(
-            PlaybookActivities.objectives_for, PROCEDURE, **opt.quick(hb))
+            PlaybookActivities.objectives_for, PROCEDURE, **opt.quick())
 
         # Read-only and validating: wrong input stops here having changed nothing.
         findings = await self.steps.run("identify", workflow.execute_activity_method(
-            DeletionActivities.identify_deletions, query, summary="read the audit log", **opt.quick(hb)))
+            DeletionActivities.identify_deletions, query, summary="read the audit log", **opt.quick()))
         contain = ContainRequest(incident_id=inp.incident_id, database=inp.database, role=inp.role,
                                  api_key_sha256=inp.api_key_sha256)
         containment = await self.steps.run("contain", workflow.execute_activity_method(
-            DeletionActivities.contain, contain, summary="revoke writes / block the API key", **opt.quick(hb)))
+            DeletionActivities.contain, contain, summary="revoke writes / block the API key", **opt.quick()))
         try:
             await self.steps.run("archive current WAL", workflow.execute_activity_method(
                 PostgresActivities.archive_current_wal, AssessRequest(database=inp.database),
@@ -104,7 +104,7 @@ class AccidentalDeletionRecovery(Runbook):
                     detail="Rows are back. Approve to restore the role's privileges and unblock the API key.")
                 await self.steps.run("lift containment", workflow.execute_activity_method(
                     DeletionActivities.lift_containment, contain, summary="give back what was revoked",
-                    **opt.quick(hb)))
+                    **opt.quick()))
                 lifted = True
             except ApplicationError as err:
                 if err.type not in ("ApprovalTimeout", "ApprovalRejected"):

@@ -49,7 +49,7 @@ async def acquire(procedure: str, incident_id: str) -> workflow.ChildWorkflowHan
     """Take the lock of the cluster this worker's runbooks change, or fail with DatabaseBusy naming
     the run that holds it (non-retryable: nothing was changed)."""
     cluster = await workflow.execute_activity_method(LockActivities.cluster, summary="which database cluster",
-                                                     **opt.quick(opt.QUICK_HEARTBEAT))
+                                                     **opt.quick())
     info = workflow.info()
     holder = LockHolder(cluster=cluster, workflow_id=info.workflow_id, run_id=info.run_id, procedure=procedure,
                         incident_id=incident_id)
@@ -61,7 +61,7 @@ async def acquire(procedure: str, incident_id: str) -> workflow.ChildWorkflowHan
     except WorkflowAlreadyStartedError:
         held_by = await workflow.execute_activity_method(LockActivities.holder, lock_id(cluster),
                                                          summary="who holds the lock",
-                                                         **opt.quick(opt.QUICK_HEARTBEAT))
+                                                         **opt.quick())
         raise ApplicationError(
             f"database cluster {cluster} is being changed by {held_by}; this run changed nothing. Wait for that "
             f"run to end (or cancel it), then start this one again", type="DatabaseBusy",

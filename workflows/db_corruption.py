@@ -56,7 +56,7 @@ class DatabaseCorruptionRecovery(Runbook):
     async def run(self, inp: DatabaseCorruptionInput) -> CorruptionRecoveryResult:
         await self.prepare(inp.incident_id, PROCEDURE, inp.severity)
         objectives = await workflow.execute_activity_method(
-            PlaybookActivities.objectives_for, PROCEDURE, **opt.quick(inp.heartbeat_timeout))
+            PlaybookActivities.objectives_for, PROCEDURE, **opt.quick())
         return await database_lock.holding(PROCEDURE, inp.incident_id, lambda: self._recover(inp, objectives))
 
     async def _recover(self, inp: DatabaseCorruptionInput, objectives) -> CorruptionRecoveryResult:
@@ -188,7 +188,7 @@ class DatabaseCorruptionRecovery(Runbook):
         if state.sealing and not state.swapped:
             production = await workflow.execute_activity_method(
                 PostgresActivities.reopen_production, SealRequest(incident_id=inp.incident_id, database=inp.database),
-                summary="undo the fence if production still runs", **opt.quick(hb))
+                summary="undo the fence if production still runs", **opt.quick())
             notes.append(production.detail)
             if production.running:
                 await workflow.execute_activity_method(
@@ -199,7 +199,7 @@ class DatabaseCorruptionRecovery(Runbook):
         if state.restore_dir and not state.swapped:
             notes.append(await workflow.execute_activity_method(
                 BackupActivities.stop_restore, SwapRequest(incident_id=inp.incident_id, restore_dir=state.restore_dir),
-                summary="stop the restore that will not be swapped in", **opt.quick(hb)))
+                summary="stop the restore that will not be swapped in", **opt.quick()))
         if state.sealed is not None and not state.swapped:
             notes.append("the application stays stopped; a new db-corruption run reuses the seal "
                          "(`drp start db-corruption --incident NEW --database " + inp.database + "`), or "

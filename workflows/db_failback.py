@@ -92,7 +92,7 @@ class DatabaseFailback(Runbook):
         await workflow.execute_activity_method(
             PlatformActivities.repoint_application,
             RepointRequest(incident_id=inp.incident_id, host=status.host, port=status.port),
-            **opt.quick(inp.heartbeat_timeout))
+            **opt.quick())
         await workflow.execute_activity_method(
             PlatformActivities.start_application,
             StartAppRequest(incident_id=inp.incident_id, replicas=max(stopped.replicas_before, 1)),

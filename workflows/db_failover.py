@@ -41,27 +41,34 @@ def workflow_id(incident_id: str) -> str:
     return f"db-failover-{incident_id}"
 
 
+# Each path's steps, in order: the Web UI's "Step n/N" counts the path the run takes.
+SELF_MANAGED_STEPS = ("check standby", "approve", "stop application", "fence old primary", "promote standby",
+                      "repoint application", "start application", "verify a write")
+RDS_STEPS = tuple(s for s in SELF_MANAGED_STEPS if s != "fence old primary")  # promotion detaches the replica
+
+
 @workflow.defn(name="DatabaseFailover", failure_exception_types=[ValidationError])
 class DatabaseFailover(Runbook):
-    STEPS = 8
+    STEPS = len(SELF_MANAGED_STEPS)  # until the target is known
 
     @workflow.run
     async def run(self, inp: DatabaseFailoverInput) -> DatabaseFailoverResult:
         await self.prepare(inp.incident_id, PROCEDURE, inp.severity)
         objectives = await workflow.execute_activity_method(
-            PlaybookActivities.objectives_for, PROCEDURE, **opt.quick(inp.heartbeat_timeout))
+            PlaybookActivities.objectives_for, PROCEDURE, **opt.quick())
         return await database_lock.holding(PROCEDURE, inp.incident_id, lambda: self._failover(inp, objectives))
 
     async def _failover(self, inp: DatabaseFailoverInput, objectives) -> DatabaseFailoverResult:
         started = inp.incident_started_at or workflow.info().start_time
         hb = inp.heartbeat_timeout
 
-        rds = await workflow.execute_activity_method(RdsActivities.database_target, **opt.quick(hb)) == "rds"
+        rds = await workflow.execute_activity_method(RdsActivities.database_target, **opt.quick()) == "rds"
+        self.steps.total = len(RDS_STEPS if rds else SELF_MANAGED_STEPS)
         lag = LagCheck(max_lag_bytes=inp.max_lag_bytes, max_lag_seconds=inp.max_lag.total_seconds(),
                        override=inp.override_lag)
         before = await self.steps.run("check standby", workflow.execute_activity_method(
             RdsActivities.check_rds_replica if rds else ReplicationActivities.check_standby, lag,
-            summary="RDS replica and ReplicaLag" if rds else "replaying? lag? timeline?", **opt.quick(hb)))
+            summary="RDS replica and ReplicaLag" if rds else "replaying? lag? timeline?", **opt.quick()))
         approval = await self.steps.run("approve", self.gate.wait(
             "promote standby", inp.approval_timeout, unchanged="nothing was changed: the primary was not fenced"),
             detail=f"Standby on timeline {before.timeline}, lag {before.lag_bytes} bytes / {before.lag_seconds}s, "
@@ -86,7 +93,7 @@ class DatabaseFailover(Runbook):
         await self.steps.run("repoint application", workflow.execute_activity_method(
             PlatformActivities.repoint_application,
             RepointRequest(incident_id=inp.incident_id, host=before.host, port=before.port),
-            summary=f"database is now {before.host}:{before.port}", **opt.quick(hb)))
+            summary=f"database is now {before.host}:{before.port}", **opt.quick()))
         await self.steps.run("start application", workflow.execute_activity_method(
             PlatformActivities.start_application,
             StartAppRequest(incident_id=inp.incident_id, replicas=max(stopped.replicas_before, 1)),

@@ -17,9 +17,16 @@ postmortem.
 
 All timing is `workflow.now()` against the opening time and durable timers,
 so a worker crash or a server restart loses no tick and repeats none.
+
+An incident can stay open for days on a one-minute cadence: before its
+history grows too long it continues as new, once its runbook has finished and
+no handler or message is in flight, carrying its state (`IncidentCarry`) to
+the next run. Updates that run activities (`set_severity`) take a lock, so two
+re-classifications never interleave.
 """
 
 import asyncio
+import re
 from datetime import datetime, timedelta
 
 from pydantic import ValidationError
@@ -31,6 +38,7 @@ from models.incident import (
     AckRecord,
     AckRequest,
     AlertNotice,
+    IncidentCarry,
     IncidentInput,
     IncidentPlan,
     IncidentResult,
@@ -70,7 +78,9 @@ NEXT_STEPS = {
 SEND_OPTIONS = {"start_to_close_timeout": timedelta(seconds=30), "schedule_to_close_timeout": timedelta(minutes=15),
                 "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(minutes=1),
                                             non_retryable_error_types=opt.NON_RETRYABLE)}
-QUICK = opt.quick(opt.QUICK_HEARTBEAT)
+QUICK = opt.quick()
+# Marks runs that may continue as new: an incident started on older code replays its history without it.
+CONTINUE_AS_NEW_PATCH = "incident-continue-as-new"
 
 
 @workflow.defn(name="Incident", failure_exception_types=[ValidationError])
@@ -98,6 +108,12 @@ class Incident:
         self.opened_at: datetime | None = None
         self.labels: tuple[str, str, str] | None = None  # search attributes as last upserted
         self.truncated_alerts = 0  # alerts of the group the last notice did not list
+        self.runbook_id: str | None = None
+        self.runbook_task: asyncio.Task | None = None
+        self.lock = asyncio.Lock()  # update handlers that run activities, one at a time
+        self.run_number = 1
+        if inp.carried is not None:
+            self._restore(inp.carried)
 
     @workflow.run
     async def run(self, inp: IncidentInput) -> IncidentResult:
@@ -105,21 +121,31 @@ class Incident:
             raise ApplicationError(f"start the incident with workflow ID {inp.incident_id!r} (the incident ID): "
                                    "acknowledgements, reports and alerts find it by that ID",
                                    type="WorkflowIdMismatch", non_retryable=True)
-        # The escalation clock starts when the incident is declared; an alert's own start is recorded.
-        opened_at = self.opened_at = workflow.info().start_time
-        self._event("opened", f"{inp.title} - opened by {inp.opened_by}" +
-                    (f"; began {inp.started_at:%Y-%m-%d %H:%M:%S} UTC" if inp.started_at else "") +
-                    (f"; {inp.follows}" if inp.follows else ""))
-        self.plan = await workflow.execute_activity_method(
-            PlaybookActivities.plan_incident,
-            PlanRequest(labels=inp.labels, severity=inp.severity, procedure=inp.procedure),
-            summary="classify and read the severity's policy", **QUICK)
-        self._event("severity", f"{self.plan.severity.value} {self.plan.severity_name} ({self.plan.classified_by})")
-        self._show()
-        if self.plan.workflow:
-            asyncio.create_task(self._run_runbook())
+        if inp.carried is None:
+            # The escalation clock starts when the incident is declared; an alert's own start is recorded.
+            self.opened_at = workflow.info().start_time
+            self._event("opened", f"{inp.title} - opened by {inp.opened_by}" +
+                        (f"; began {inp.started_at:%Y-%m-%d %H:%M:%S} UTC" if inp.started_at else "") +
+                        (f"; {inp.follows}" if inp.follows else ""))
+            self.plan = await workflow.execute_activity_method(
+                PlaybookActivities.plan_incident,
+                PlanRequest(labels=inp.labels, severity=inp.severity, procedure=inp.procedure),
+                summary="classify and read the severity's policy", **QUICK)
+            self._event("severity", f"{self.plan.severity.value} {self.plan.severity_name} "
+                                    f"({self.plan.classified_by})")
+            self._show()
+            if self.plan.workflow:
+                self.runbook_task = asyncio.create_task(self._run_runbook())
+                # Only a crash wakes the loop: a runbook's normal end changes no schedule (and waking
+                # then would add a timer that running incidents' histories do not have).
+                self.runbook_task.add_done_callback(
+                    lambda t: self._wake() if not t.cancelled() and t.exception() is not None else None)
+        else:
+            self._show()  # a continued run: the state came in the input, the runbook has finished
+        opened_at = self.opened_at
 
         await self._communicate_until_resolved()
+        await workflow.wait_condition(workflow.all_handlers_finished)  # a re-classification in flight lands first
 
         req, resolved_at = self.resolution
         self.status = "closed" if self.runbook_error else "resolved"
@@ -151,7 +177,7 @@ class Incident:
 
     async def _run_runbook(self) -> None:
         plan, inp = self.plan, self.inp
-        child_id = f"{plan.procedure}-{inp.incident_id}"
+        child_id = self.runbook_id = f"{plan.procedure}-{inp.incident_id}"
         args = {**plan.runbook_input, **inp.runbook_input, "incident_id": inp.incident_id,
                 "severity": plan.severity.value}
         self._set_status("recovering")
@@ -263,20 +289,26 @@ class Incident:
 
     @workflow.update
     async def set_severity(self, change: SeverityChange) -> IncidentPlan:
-        old = self.plan.severity
-        self.plan = await workflow.execute_activity_method(
-            PlaybookActivities.plan_incident,
-            PlanRequest(labels=self.inp.labels, severity=change.severity, procedure=self.plan.procedure or "none"),
-            summary=f"re-classify as {change.severity.value}", **QUICK)
-        self._event("severity", f"{old.value} -> {change.severity.value} by {change.by}: {change.reason}")
-        self._show()
-        self.changed = True
-        return self.plan
+        async with self.lock:  # the validator saw the state before any change queued ahead of this one
+            self._check_severity_change(change)
+            old = self.plan.severity
+            self.plan = await workflow.execute_activity_method(
+                PlaybookActivities.plan_incident,
+                PlanRequest(labels=self.inp.labels, severity=change.severity,
+                            procedure=self.plan.procedure or "none"),
+                summary=f"re-classify as {change.severity.value}", **QUICK)
+            self._event("severity", f"{old.value} -> {change.severity.value} by {change.by}: {change.reason}")
+            self._show()
+            self._wake()
+            return self.plan
 
     @set_severity.validator
     def _validate_set_severity(self, change: SeverityChange) -> None:
-        plan = self._ready()
-        self._check_resolver(change.by, plan)
+        self._check_resolver(change.by, self._ready())
+        self._check_severity_change(change)
+
+    def _check_severity_change(self, change: SeverityChange) -> None:
+        plan = self.plan
         if change.severity == plan.severity:
             raise ApplicationError(f"the incident is already {plan.severity.value}", type="NothingToChange")
         if self.resolution is not None:
@@ -291,7 +323,7 @@ class Incident:
             procedure=self.plan.procedure if self.plan else self.inp.procedure,
             current_step=self.progress.current_step if self.progress else None,
             awaiting_approval=self.pending_approval[0] if self.pending_approval else None,
-            timeline=self.timeline, report_uri=self.report_uri)
+            timeline=self.timeline, report_uri=self.report_uri, run=self.run_number)
 
     def _ready(self) -> IncidentPlan:
         if self.plan is None:
@@ -308,6 +340,7 @@ class Incident:
 
     async def _communicate_until_resolved(self) -> None:
         while self.resolution is None:
+            self._surface_runbook_crash()
             now = workflow.now()
             # One due item at a time, the schedule recomputed after each: an escalation changes what
             # (and whom) the next re-page is for. After an outage only the latest tick of a series is
@@ -316,6 +349,9 @@ class Incident:
                                if at <= now and key not in self.fired), None):
                 self.fired.add(due[0])
                 due[1]()
+            if self._history_too_long() and workflow.patched(CONTINUE_AS_NEW_PATCH):
+                await self._continue_as_new()  # returns only if the incident was resolved meanwhile
+                continue
             later = [at for at, key, _ in self._schedule(now) if at > now and key not in self.fired]
             self.changed = False
             try:
@@ -323,6 +359,59 @@ class Incident:
                                               timeout=(min(later) - now) if later else None)
             except asyncio.TimeoutError:
                 pass
+
+    def _wake(self) -> None:
+        self.changed = True
+
+    def _surface_runbook_crash(self) -> None:
+        """The runbook task handles the child's failures itself; anything else it raised (a bug) fails
+        the workflow task here, visibly and retried on the next worker, instead of vanishing with the task."""
+        task = self.runbook_task
+        if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
+            raise task.exception()
+
+    # --- continue-as-new --------------------------------------------------------------------
+
+    def _history_too_long(self) -> bool:
+        """Temporal suggests it (the history nears its size or event limit), or the input's own threshold
+        is reached. Not while the runbook child runs: this run awaits its result."""
+        if self.runbook_task is not None and not self.runbook_task.done():
+            return False
+        info = workflow.info()
+        limit = self.inp.continue_as_new_after
+        return info.is_continue_as_new_suggested() or (limit is not None and info.get_current_history_length() >= limit)
+
+    async def _continue_as_new(self) -> None:
+        # Updates (set_severity) finish and every message started is delivered or given up: their
+        # outcome belongs to this run's state. Signals and sync updates meanwhile change the state carried.
+        await workflow.wait_condition(lambda: workflow.all_handlers_finished() and
+                                      all(t.done() for t in self.deliveries))
+        self._raise_delivery_bugs()
+        if self.resolution is not None:
+            return
+        # Of the repeating series only the ticks still on the schedule matter (older ones never come
+        # back); the one-off keys (opening, levels, approval escalations) are few and all kept.
+        on_schedule = {key for _, key, _ in self._schedule(workflow.now())}
+        fired = sorted(k for k in self.fired if k in on_schedule or not _SERIES_TICK.fullmatch(k))
+        carry = IncidentCarry(
+            plan=self.plan, opened_at=self.opened_at, status=self.status, timeline=self.timeline, level=self.level,
+            level_since=self.level_since, acked_level=self.acked_level,
+            fired=fired, alerts=self.alerts, progress=self.progress,
+            steps_recorded=self.steps_recorded, pending_approval=self.pending_approval, runbook_id=self.runbook_id,
+            runbook_result=self.runbook_result, runbook_error=self.runbook_error, labels=self.labels,
+            run=self.run_number + 1)
+        workflow.logger.info("continuing as new (run %d) after %d history events", carry.run,
+                             workflow.info().get_current_history_length())
+        workflow.continue_as_new(self.inp.model_copy(update={"carried": carry}),
+                                 search_attributes=workflow.info().typed_search_attributes)
+
+    def _restore(self, c: IncidentCarry) -> None:
+        self.plan, self.opened_at, self.status, self.timeline = c.plan, c.opened_at, c.status, list(c.timeline)
+        self.level, self.level_since, self.acked_level = c.level, c.level_since, c.acked_level
+        self.fired, self.alerts, self.progress = set(c.fired), dict(c.alerts), c.progress
+        self.steps_recorded, self.pending_approval, self.runbook_id = c.steps_recorded, c.pending_approval, c.runbook_id
+        self.runbook_result, self.runbook_error, self.labels = c.runbook_result, c.runbook_error, c.labels
+        self.run_number = c.run
 
     def _schedule(self, now: datetime):
         """Each series' due or next occurrence as (when, key, action); keys make every tick fire once."""
@@ -393,6 +482,14 @@ class Incident:
 
     async def _deliveries_done(self) -> None:
         await workflow.wait_condition(lambda: all(t.done() for t in self.deliveries))
+        self._raise_delivery_bugs()
+
+    def _raise_delivery_bugs(self) -> None:
+        """A delivery handles a failed send itself; anything else it raised is a bug, not to be lost."""
+        for task in self.deliveries:
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()
+        self.deliveries = []
 
     def _context(self, **extra: str) -> dict[str, str]:
         plan, now = self.plan, workflow.now()
@@ -447,6 +544,9 @@ class Incident:
             lines.append(f"Report: {self.report_uri}")
         lines += ["", "Latest:", *(f"- {e.at:%H:%M:%S} {e.kind}: {e.text}" for e in self.timeline[-5:])]
         workflow.set_current_details("\n".join(lines))
+
+
+_SERIES_TICK = re.compile(r"(repage-L\d+|status_update-\d+s|status_page-\d+s)-\d+")
 
 
 def _ticks(start: datetime, every: timedelta, now: datetime, series: str, send):

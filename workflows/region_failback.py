@@ -39,7 +39,7 @@ class RegionFailback(Runbook):
         await self.prepare(inp.incident_id, FAILBACK, inp.severity)
         hb = inp.heartbeat_timeout
         plan = await self.steps.run("plan", workflow.execute_activity_method(
-            RegionActivities.plan_region_failback, inp, **opt.quick(hb)))
+            RegionActivities.plan_region_failback, inp, **opt.quick()))
         home = {"task_queue": plan.home.task_queue}
         back = RegionRequest(incident_id=inp.incident_id, region=plan.home.backup_region)
         away = RegionRequest(incident_id=inp.incident_id, region=inp.serving_region)
@@ -81,7 +81,7 @@ class RegionFailback(Runbook):
             done.append(f"{inp.serving_region} scaled down to 0")
             step = "notify"
             await self.steps.run(step, workflow.execute_activity_method(
-                RegionActivities.notify_failover, back, **home, **opt.quick(hb)))
+                RegionActivities.notify_failover, back, **home, **opt.quick()))
         except ActivityError as err:
             switched = any(d.startswith(f"{plan.home.record_name} points") for d in done)
             production = (f"{plan.home.record_name} points at "

@@ -61,9 +61,9 @@ class RegionFailover(Runbook):
         started = inp.incident_started_at or workflow.info().start_time
         hb = inp.heartbeat_timeout
         objectives = await workflow.execute_activity_method(
-            PlaybookActivities.objectives_for, PROCEDURE, **opt.quick(hb))
+            PlaybookActivities.objectives_for, PROCEDURE, **opt.quick())
         plan = await self.steps.run("plan", workflow.execute_activity_method(
-            RegionActivities.plan_region_failover, inp, summary="everything to change exists", **opt.quick(hb)))
+            RegionActivities.plan_region_failover, inp, summary="everything to change exists", **opt.quick()))
         checks = PrimaryCheck(url=plan.primary_health_url, checks=inp.health_checks,
                               spacing_seconds=inp.health_check_spacing.total_seconds())
         await self.steps.run("verify primary is down", workflow.execute_activity_method(
@@ -126,7 +126,7 @@ class RegionFailover(Runbook):
             rto = workflow.now() - started
             step = "notify"
             notified = await self.steps.run(step, workflow.execute_activity_method(
-                RegionActivities.notify_failover, region, summary="SNS", **backup, **opt.quick(hb)))
+                RegionActivities.notify_failover, region, summary="SNS", **backup, **opt.quick()))
         except ActivityError as err:
             raise self._halted(inp, plan, step, err, done, changes) from None
         self.steps.finish(f"Serving from {plan.backup_region}; RTO {rto}.")
@@ -183,11 +183,11 @@ class RegionFailover(Runbook):
                 RegionActivities.replica_lag,
                 LagRequest(region=plan.backup_region, replica_id=plan.replica_id,
                            max_lag_seconds=plan.max_lag_seconds, override=inp.override_lag),
-                summary="CloudWatch ReplicaLag", **opt.quick(inp.heartbeat_timeout))
+                summary="CloudWatch ReplicaLag", **opt.quick())
         status = await workflow.execute_activity_method(
             ReplicationActivities.check_standby,
             LagCheck(max_lag_bytes=2**63 - 1, max_lag_seconds=plan.max_lag_seconds, override=inp.override_lag),
-            summary="standby replay lag", **opt.quick(inp.heartbeat_timeout))
+            summary="standby replay lag", **opt.quick())
         return status.lag_seconds
 
 
