@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 
 from pydantic import ValidationError
-from temporalio.client import WorkflowUpdateFailedError
+from temporalio.client import WorkflowExecutionStatus, WorkflowUpdateFailedError
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
@@ -108,12 +108,27 @@ def cmd_worker(args) -> None:
     asyncio.run(run(settings))
 
 
-def cmd_unseal(args) -> None:
+async def cmd_unseal(args) -> None:
+    from activities.locks import LockActivities
     from activities.sealing import read_seal, unseal
+    from workers.temporal_client import connect
+    from workflows.database_lock import lock_id
 
-    server = _settings(args).production_server()
+    settings = _settings(args)
+    server = settings.production_server()
     if read_seal(server.data_dir) is None:
         raise CliError(f"{server.data_dir} is not sealed: nothing to do")
+    # Never under a running recovery: it would start the damaged primary beside the restore it is replaying.
+    locks = LockActivities(await connect(settings.temporal_address, settings.temporal_namespace), server,
+                           settings.backup.server_name)
+    lock = locks.client.get_workflow_handle(lock_id(locks.cluster()))
+    try:
+        running = (await lock.describe()).status == WorkflowExecutionStatus.RUNNING
+    except RPCError:
+        running = False  # no lock workflow: nobody holds it
+    if running:
+        raise CliError(f"a recovery holds this database ({await locks.holder(lock.id)}): let it finish or cancel "
+                       "it first; nothing was changed")
     try:
         print(unseal(server))
     except Exception as err:  # noqa: BLE001 (one line for the operator, whatever failed)

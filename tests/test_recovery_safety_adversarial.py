@@ -273,3 +273,25 @@ async def test_corruption_already_in_the_newest_backup_leaves_a_way_to_recover_f
     assert result.outcome == "recovered" and result.backup_id == older
 
 
+
+
+async def test_drp_unseal_is_refused_while_a_recovery_holds_the_database(stack, client):
+    """`drp unseal` used to check only the marker: a person could start the damaged primary again beside
+    the restore being replayed, and the run's last word then contradicted itself. It now asks Temporal
+    whether the database lock is held and refuses, naming the run, changing nothing."""
+    from tests.test_recovery_safety import drp
+
+    corrupt_table(stack.postgres(), DATABASE, "metrics")
+    inc = incident()
+    async with running_worker(client, stack) as queue:
+        handle = await start_db_corruption(client, DatabaseCorruptionInput(incident_id=inc, database=DATABASE), queue)
+        await approve_when_asked(handle)
+        async with asyncio.timeout(300):
+            while (await handle.query("progress", result_type=Progress)).current_step not in (
+                    "restore base backup", "replay WAL", "verify restore"):
+                await asyncio.sleep(0.1)
+        refused = drp(stack, "unseal")
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr
+        assert f"db-corruption-{inc}" in refused.stderr and "nothing was changed" in refused.stderr
+        assert read_seal(stack.postgres().data_dir) is not None  # still sealed: the run goes on
+        assert (await handle.result()).outcome == "recovered"
