@@ -45,6 +45,21 @@ def stack() -> Stack:
         shutil.rmtree(state, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def own_stack(prefix: str, **kwargs):
+    """A PostgreSQL primary + standby (with S3, Redis and the app, without Temporal) of a test's own, for
+    tests that change which server is the primary; removed afterwards. `kwargs` go to Stack."""
+    state = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(state, 0o755)  # the unprivileged server user must reach it (pytest's tmp_path is mode 700)
+    s = Stack(state, **kwargs)
+    try:
+        s.up(with_worker=False, with_temporal=False, log=lambda *_: None)
+        yield s
+    finally:
+        s.down(log=lambda *_: None)
+        shutil.rmtree(state, ignore_errors=True)
+
+
 @pytest_asyncio.fixture(scope="session")
 async def client(stack):
     client = await connect(stack.temporal_address)

@@ -7,9 +7,7 @@ tests need theirs to stay put.
 
 import asyncio
 import os
-import shutil
 import signal
-import tempfile
 import threading
 import uuid
 from pathlib import Path
@@ -23,12 +21,12 @@ from models.db_corruption import DatabaseCorruptionInput
 from models.failover import DatabaseFailbackInput, DatabaseFailoverInput
 from models.region import RegionFailoverInput
 from stack.corrupt import corrupt_table
-from stack.stack import DATABASE, Stack
+from stack.stack import DATABASE
 from starters.db_corruption import start_db_corruption
 from starters.db_failback import start_db_failback
 from starters.db_failover import start_db_failover
 from starters.region_failover import start_region_failover
-from tests.conftest import approve_when_asked, running_worker
+from tests.conftest import approve_when_asked, own_stack, running_worker
 from tests.test_kubernetes_platform import fake_deployment_controller
 from tests.test_region_failover import BACKUP, NAME, NS, Health, deploy_backup, raw_settings, record, region_workers
 from workers.settings import Settings
@@ -37,15 +35,8 @@ from workflows.db_failover import DatabaseFailover
 
 @pytest.fixture(scope="module")
 def pair():
-    state = Path(tempfile.mkdtemp(prefix="drp-test-failover-"))
-    os.chmod(state, 0o755)
-    s = Stack(state, companies=50, synchronous_standby=True)
-    try:
-        s.up(with_worker=False, with_temporal=False, log=lambda *_: None)
+    with own_stack("drp-test-failover-", companies=50, synchronous_standby=True) as s:
         yield s
-    finally:
-        s.down(log=lambda *_: None)
-        shutil.rmtree(state, ignore_errors=True)
 
 
 class AcknowledgedWriter(threading.Thread):

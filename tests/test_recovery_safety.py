@@ -10,10 +10,8 @@ timeline history files, and the state production is left in on failure.
 import asyncio
 import os
 import pwd
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import uuid
 from pathlib import Path
@@ -30,10 +28,10 @@ from activities.sealing import marker_path, read_seal
 from models.db_corruption import DatabaseCorruptionInput
 from models.failover import DatabaseFailoverInput
 from stack.corrupt import corrupt_table
-from stack.stack import BUCKET, DATABASE, DUMMY_AWS, Stack
+from stack.stack import BUCKET, DATABASE, DUMMY_AWS
 from starters.db_corruption import start_db_corruption
 from starters.db_failover import start_db_failover
-from tests.conftest import approve_when_asked, row_counts, running_worker, wait_for_approval_gate
+from tests.conftest import approve_when_asked, own_stack, row_counts, running_worker, wait_for_approval_gate
 from workers.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -271,11 +269,7 @@ async def test_the_standby_follows_the_recovered_primary(stack, client):
 def forked_pair():
     """A primary and a standby whose histories forked: the standby received WAL past the point where
     the primary's timeline began (what a restore that ignores the standby leaves behind)."""
-    state = Path(tempfile.mkdtemp(prefix="drp-test-fork-"))
-    os.chmod(state, 0o755)
-    s = Stack(state, companies=20)
-    try:
-        s.up(with_worker=False, with_temporal=False, log=lambda *_: None)
+    with own_stack("drp-test-fork-", companies=20) as s:
         old, new = s.postgres(), s.standby()  # `new` becomes the primary on timeline 2
         new.stop()
         with old.connect(DATABASE) as conn:
@@ -292,9 +286,6 @@ def forked_pair():
         subprocess.run(run_as(old.os_user, ["touch", str(old.data_dir / "standby.signal")]), check=True)
         old.start()
         yield s, new, old
-    finally:
-        s.down(log=lambda *_: None)
-        shutil.rmtree(state, ignore_errors=True)
 
 
 async def test_failover_refuses_a_diverged_standby_even_with_override_lag(forked_pair, client):

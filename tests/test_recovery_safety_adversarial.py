@@ -7,14 +7,10 @@ test_recovery_safety.py, on the same session stack.
 """
 
 import asyncio
-import os
-import shutil
-import tempfile
 import threading
 import time
 import uuid
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from temporalio.client import WorkflowFailureError
@@ -24,10 +20,10 @@ from activities.postgres import PostgresActivities
 from models.db_corruption import DatabaseCorruptionInput
 from models.postgres import SealRequest
 from stack.corrupt import corrupt_table
-from stack.stack import DATABASE, STANDBY_NAME, Stack
+from stack.stack import DATABASE, STANDBY_NAME
 from starters.db_corruption import start_db_corruption
 from temporalio.exceptions import ApplicationError
-from tests.conftest import approve_when_asked, running_worker
+from tests.conftest import approve_when_asked, own_stack, running_worker
 from workers.settings import Settings
 from workflows._steps import Progress
 
@@ -118,15 +114,8 @@ async def test_a_failure_after_the_swap_does_not_report_nothing_was_changed(stac
 
 @pytest.fixture(scope="module")
 def sync_pair():
-    state = Path(tempfile.mkdtemp(prefix="drp-test-break-sync-"))
-    os.chmod(state, 0o755)
-    s = Stack(state, companies=50, synchronous_standby=True)
-    try:
-        s.up(with_worker=False, with_temporal=False, log=lambda *_: None)
+    with own_stack("drp-test-break-sync-", companies=50, synchronous_standby=True) as s:
         yield s
-    finally:
-        s.down(log=lambda *_: None)
-        shutil.rmtree(state, ignore_errors=True)
 
 
 async def test_a_synchronous_standby_is_still_synchronous_after_a_recovery(sync_pair, client):

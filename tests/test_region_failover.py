@@ -6,16 +6,13 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import subprocess
-import tempfile
 import sys
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import boto3
 import httpx
@@ -27,11 +24,12 @@ from temporalio.client import WorkflowFailureError
 from activities import statuspage
 from models.failover import DatabaseFailbackInput
 from models.region import FailoverHalted, RegionFailbackInput, RegionFailoverInput
-from stack.stack import Stack
 from starters.db_failback import start_db_failback
 from starters.region_failback import start_region_failback
 from starters.region_failover import start_region_failover
-from tests.conftest import CREDS, activity_attempts, approve_when_asked, running_worker, wait_for_approval_gate
+from tests.conftest import (
+    CREDS, activity_attempts, approve_when_asked, own_stack, running_worker, wait_for_approval_gate,
+)
 from tests.fakes import FakeStatuspage
 from tests.test_crash_survival import ROOT, spawn_worker, wait_for_activity
 from tests.test_kubernetes_platform import api_client, fake_deployment_controller
@@ -523,15 +521,8 @@ def pg_pair():
     Asynchronous: with a synchronous standby, DatabaseFailback after a clean fence promotes the old primary
     with synchronous_standby_names still set, and its write check waits on a standby it rejoins only
     after that check (a DatabaseFailback issue, not the region runbook's)."""
-    state = Path(tempfile.mkdtemp(prefix="drp-test-region-"))
-    os.chmod(state, 0o755)
-    s = Stack(state, companies=20)
-    try:
-        s.up(with_worker=False, with_temporal=False, log=lambda *_: None)
+    with own_stack("drp-test-region-", companies=20) as s:
         yield s
-    finally:
-        s.down(log=lambda *_: None)
-        shutil.rmtree(state, ignore_errors=True)
 
 
 def in_recovery(server) -> bool:
