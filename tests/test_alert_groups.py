@@ -17,7 +17,7 @@ from models.alerts import incident_id_for
 from models.config import AlertReceiverSettings
 from models.incident import IncidentStatus, ResolveRequest
 from starters.alerts import PATH, build_app
-from tests.conftest import running_worker
+from tests.conftest import running_worker, terminate_runs
 from tests.notify_world import incident_settings, short_playbook
 from tests.test_alerts import TOKEN, incidents_on, receiver, until  # noqa: F401 (receiver: fixture)
 from workers.main import build_s3
@@ -72,7 +72,7 @@ async def test_a_group_whose_alerts_began_on_two_dates_is_one_incident(client, r
         == incident_id_for(group)
     started = await until(lambda: incidents_on(client, queue))
     assert [w.id for w in started] == [incident_id_for(group)]
-    await client.get_workflow_handle(started[0].id).terminate("test over")
+    await terminate_runs(client, queue)
 
 
 async def test_a_resolved_group_that_fires_again_opens_a_new_linked_incident(
@@ -120,8 +120,7 @@ async def test_a_resolved_group_that_fires_again_opens_a_new_linked_incident(
         done = await post(webhook(group, [one("a", began, "resolved")], "resolved"))
         assert done["incident_id"] == third
         assert {w.id for w in await incidents_on(client, queue)} == {first, second, third}
-    for incident_id in (first, second, third):
-        await client.get_workflow_handle(incident_id).terminate("test over")
+    await terminate_runs(client, queue)
 
 
 async def _ready(handle) -> bool:

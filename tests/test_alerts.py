@@ -21,7 +21,7 @@ from activities.processes import free_port, wait_for_port
 from models.alerts import incident_id_for
 from models.config import AlertReceiverSettings
 from starters.alerts import PATH, build_app, sign
-from tests.conftest import running_worker
+from tests.conftest import running_worker, terminate_runs
 from tests.notify_world import ROOT, incident_settings, short_playbook
 from workflows.incident import Incident
 
@@ -143,7 +143,7 @@ async def test_alertmanager_webhooks_open_one_incident_per_group_and_resolve_it(
             await until(resolved)
     assert set(receiver.answers) == {202}
     assert incident.id.startswith("INC-AM-")
-    await handle.terminate("test over")
+    await terminate_runs(client, queue)
 
 
 def payload(group: str, status: str = "firing", **changes) -> dict:
@@ -186,7 +186,7 @@ async def test_receiver_refuses_strangers_and_malformed_payloads_and_starts_noth
     assert first.json()["incident_id"] == incident_id_for(group)
     started = await until(lambda: incidents_on(client, queue))
     assert len(started) == 1
-    await client.get_workflow_handle(started[0].id).terminate("test over")
+    await terminate_runs(client, queue)
 
 
 async def test_drp_alerts_serve_needs_a_secret_and_accepts_an_authenticated_webhook(stack, client):
@@ -207,7 +207,7 @@ async def test_drp_alerts_serve_needs_a_secret_and_accepts_an_authenticated_webh
         assert answer.status_code == 202
         [incident] = await until(lambda: incidents_on(client, queue))
         assert incident.id == answer.json()["incident_id"]
-        await client.get_workflow_handle(incident.id).terminate("test over")
+        await terminate_runs(client, queue)
     finally:
         server.terminate()
         server.wait(10)
