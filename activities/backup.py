@@ -478,6 +478,9 @@ def _swap_tablespace(restore_dir: Path, tablespace: Tablespace, incident_id: str
     restore's pg_tblspc link pointed at it. Each move happens once, so a retry continues."""
     location, fresh = Path(tablespace.location), Path(tablespace.restored_to)
     damaged = location.with_name(f"{location.name}.damaged-{incident_id}")
+    link = restore_dir / "pg_tblspc" / str(tablespace.oid)
+    if not link.is_symlink():
+        return  # dropped after the backup: the replay removed it, there is nothing of production's to swap
     if fresh.exists():
         if location.exists() and not damaged.exists():
             location.rename(damaged)
@@ -485,7 +488,6 @@ def _swap_tablespace(restore_dir: Path, tablespace: Tablespace, incident_id: str
             raise ApplicationError(f"both {location} and {damaged} exist; refusing to overwrite either",
                                    type="SwapConflict", non_retryable=True)
         fresh.rename(location)
-    link = restore_dir / "pg_tblspc" / str(tablespace.oid)
     if os.readlink(link) != str(location):
         tmp = link.with_name(link.name + ".tmp")
         tmp.unlink(missing_ok=True)

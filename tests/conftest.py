@@ -21,7 +21,7 @@ from moto.moto_server.threaded_moto_server import ThreadedMotoServer
 from temporalio.service import RPCError, RPCStatusCode
 
 from models.approval import ApprovalRecord, ApprovalRequest
-from stack.stack import DATABASE, Stack
+from stack.stack import DATABASE, STANDBY_NAME, Stack
 from starters._start import wait_for_approval
 from workers.main import build_worker
 from workers.settings import Settings
@@ -58,6 +58,18 @@ def own_stack(prefix: str, **kwargs):
     finally:
         s.down(log=lambda *_: None)
         shutil.rmtree(state, ignore_errors=True)
+
+
+def rebuild_standby(stack: Stack) -> None:
+    """A fresh streaming standby of the stack's primary, the old directory moved aside: for tests that leave
+    the session's standby promoted or unrebuildable (it shares the host, so a tablespace in the primary
+    cannot be copied to the same path for it)."""
+    standby = stack.standby()
+    standby.stop(mode="immediate")
+    if standby.data_dir.exists():
+        standby.data_dir.rename(standby.data_dir.with_name(f"{standby.data_dir.name}.replaced-{uuid.uuid4().hex[:8]}"))
+    stack.postgres().create_standby(standby.data_dir, STANDBY_NAME)
+    standby.start()
 
 
 @pytest_asyncio.fixture(scope="session")

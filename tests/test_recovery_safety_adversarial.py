@@ -20,10 +20,10 @@ from activities.postgres import PostgresActivities
 from models.db_corruption import DatabaseCorruptionInput
 from models.postgres import SealRequest
 from stack.corrupt import corrupt_table
-from stack.stack import DATABASE, STANDBY_NAME
+from stack.stack import DATABASE
 from starters.db_corruption import start_db_corruption
 from temporalio.exceptions import ApplicationError
-from tests.conftest import approve_when_asked, own_stack, running_worker
+from tests.conftest import approve_when_asked, own_stack, rebuild_standby, running_worker
 from workers.settings import Settings
 from workflows._steps import Progress
 
@@ -198,6 +198,7 @@ async def test_the_standby_rebuild_never_rewinds_a_standby_that_took_writes(stac
     promotes to serve again. The step then rewinds that promoted server onto the restore: every commit
     it acknowledged is destroyed, no copy is kept (only a failed pg_rewind moves the directory aside),
     and the result says "streaming from the new primary (pg_rewind)"."""
+    rebuild_standby(stack)  # a streaming standby to promote, whatever the tests before left
     corrupt_table(stack.postgres(), DATABASE, "metrics")
     standby = stack.standby()
     async with running_worker(client, stack) as queue:
@@ -229,11 +230,7 @@ async def test_the_standby_rebuild_never_rewinds_a_standby_that_took_writes(stac
             "exist nowhere, and no copy of its directory was kept")
     with standby.connect(DATABASE) as conn:  # the promoted server's commits are where they were
         assert len(conn.execute("SELECT id FROM app_write_checks WHERE id = ANY(%s)", (acknowledged,)).fetchall()) == 10
-    # A person decided: this copy goes (kept aside), the standby is rebuilt from production.
-    standby.stop()
-    standby.data_dir.rename(standby.data_dir.with_name(f"{standby.data_dir.name}.promoted-by-hand"))
-    stack.postgres().create_standby(standby.data_dir, STANDBY_NAME)
-    standby.start()
+    rebuild_standby(stack)  # a person decided: this copy goes (kept aside), the standby comes from production
 
 
 async def test_corruption_already_in_the_newest_backup_leaves_a_way_to_recover_from_an_older_one(stack, client):
