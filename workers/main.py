@@ -74,7 +74,8 @@ def build_region_activities(settings: Settings, http: httpx.Client) -> RegionAct
         route53=boto3.client("route53", region_name=b.aws_region, **creds),
         sns=boto3.client("sns", region_name=b.aws_region, **creds),
         clusters={r: build_kubernetes(cfg.kubernetes) for r, cfg in f.regions.items()}, http=http,
-        standby=settings.postgres.server(standby=settings.standby) if settings.standby else None)
+        standby=settings.postgres.server(standby=settings.standby) if settings.standby else None,
+        ledger=build_redis(settings))
 
 
 def build_rds_activities(settings: Settings) -> RdsActivities:
