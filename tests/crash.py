@@ -58,39 +58,68 @@ def points(*specs: str) -> list[Point]:
     return out
 
 
-class Crash:
-    """Worker processes, one per task queue, on one settings file. The first generation carries the
-    crash point; when it fires (the hook SIGKILLs its own process, or the test SIGKILLs it at an approval
-    gate or after a recorded heartbeat) every first-generation process is SIGKILLed, the Temporal server
-    restarts if the point says so, and a plain second generation takes over."""
+class Case(tuple):
+    """The points one run crashes at, in the order the run reaches them: worker generation k carries the
+    k-th point, generation k+1 takes over when it fires (several points a run keep the matrix cheap)."""
 
-    def __init__(self, client, temporal_stack, settings: dict, queues: list[str], tmp: Path, point: Point,
+    def __str__(self) -> str:
+        return " > ".join(map(str, self))
+
+
+def case(*specs: str) -> Case:
+    return Case(points(*specs))
+
+
+class Crash:
+    """Worker processes, one per task queue, on one settings file, in generations. Generation k carries
+    the k-th crash point; when it fires (the hook SIGKILLs its own process, or the test SIGKILLs it at an
+    approval gate or after a recorded heartbeat) every process of the generation is SIGKILLed, the
+    Temporal server restarts if the point says so, and generation k+1 takes over. The last one is plain."""
+
+    def __init__(self, client, temporal_stack, settings: dict, queues: list[str], tmp: Path, case,
                  workflow_id: str):
-        self.client, self.temporal_stack, self.point, self.workflow_id = client, temporal_stack, point, workflow_id
+        self.points = [p for p in (case if isinstance(case, (list, tuple)) else [case]) if p.kind != "none"]
+        self.client, self.temporal_stack, self.workflow_id = client, temporal_stack, workflow_id
         self.queues, self.tmp = queues, tmp
-        self.dir = tmp / "crash"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir(parents=True, exist_ok=True)
         self.settings_file = tmp / "settings.json"
         # a dead worker's sticky queue is given up on after this; production's 10 s would only slow the matrix
         self.settings_file.write_text(json.dumps({**settings, "sticky_queue_timeout": "3s"}))
-        self.first: list[subprocess.Popen] = []
-        self.second: list[subprocess.Popen] = []
-        self.crashed: str | None = None  # where the first generation died
+        self.generations: list[list[subprocess.Popen]] = []
+        self.crashed: list[str] = []  # where each generation died, in order
         self.handle = None
         self._watcher: asyncio.Task | None = None
         self._lock = asyncio.Lock()
 
-    def _spawn(self, queue: str, generation: int) -> subprocess.Popen:
+    @property
+    def current(self) -> int:
+        """Index of the point the running generation carries (len(points) when it is the plain last one)."""
+        return len(self.generations) - 1
+
+    @property
+    def point(self) -> Point | None:
+        return self.points[self.current] if self.current < len(self.points) else None
+
+    def dir(self, index: int) -> Path:
+        d = self.tmp / f"crash-{index + 1}"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def _spawn(self, queue: str, index: int) -> subprocess.Popen:
         env = {**os.environ, "DRP_SETTINGS_FILE": str(self.settings_file), "DRP_TASK_QUEUE": queue,
-               "PYTHONPATH": str(ROOT), "DRP_CRASH_DIR": str(self.dir), "DRP_CRASH_WORKFLOW": self.workflow_id}
+               "PYTHONPATH": str(ROOT), "DRP_CRASH_DIR": str(self.dir(index)), "DRP_CRASH_WORKFLOW": self.workflow_id}
         env.pop("DRP_CRASH_AT", None)
-        if generation == 1 and self.point.kind != "none":
-            env["DRP_CRASH_AT"] = f"{self.point.kind}:{self.point.activity}:{self.point.nth}"
-        log = open(self.tmp / f"worker{generation}-{queue}.log", "ab")
+        if index < len(self.points):
+            point = self.points[index]
+            env["DRP_CRASH_AT"] = f"{point.kind}:{point.activity}:{point.nth}"
+        log = open(self.tmp / f"worker{index + 1}-{queue}.log", "ab")
         return subprocess.Popen([sys.executable, "-m", "tests.crash_worker"], env=env, stdout=log,
                                 stderr=subprocess.STDOUT, cwd=ROOT)
 
-    async def _wait_for_pollers(self, procs: list[subprocess.Popen]) -> None:
+    async def _start_generation(self) -> None:
+        index = len(self.generations)
+        procs = [self._spawn(q, index) for q in self.queues]
+        self.generations.append(procs)
         for queue, proc in zip(self.queues, procs):
             async with asyncio.timeout(180):
                 while True:
@@ -101,58 +130,59 @@ class Crash:
                         await asyncio.sleep(0.5)
 
     async def __aenter__(self) -> "Crash":
-        self.first = [self._spawn(q, 1) for q in self.queues]
-        await self._wait_for_pollers(self.first)
+        await self._start_generation()
         return self
 
     def watch(self, handle) -> None:
-        """Start watching `handle`'s run for the crash point (call right after starting the run)."""
+        """Start watching `handle`'s run for the crash points (call right after starting the run)."""
         self.handle = handle
-        if self.point.kind != "none":
+        if self.points:
             self._watcher = asyncio.create_task(self._watch())
 
     async def _watch(self) -> None:
-        while True:
-            if any(p.poll() is not None for p in self.first):
-                break  # the hook SIGKILLed its own process
-            if (self.dir / "mid").exists() and await self._heartbeat_recorded():
-                break
-            await asyncio.sleep(0.1)
-        await self.crash()
+        while self.point is not None:
+            index, point = self.current, self.point
+            if any(p.poll() is not None for p in self.generations[index]) or (
+                    (self.dir(index) / "mid").exists() and await self._heartbeat_recorded(point)):
+                await self.crash(index)  # the hook SIGKILLed its own process, or the activity stopped mid-way
+            else:
+                await asyncio.sleep(0.1)
 
-    async def _heartbeat_recorded(self) -> bool:
+    async def _heartbeat_recorded(self, point: Point) -> bool:
         try:
             desc = await self.handle.describe()
         except RPCError:
             return False
-        return any(a.activity_type.name == self.point.activity and a.HasField("last_heartbeat_time")
+        return any(a.activity_type.name == point.activity and a.HasField("last_heartbeat_time")
                    for a in desc.raw_description.pending_activities)
 
-    async def crash(self) -> None:
+    async def crash(self, index: int) -> None:
+        """SIGKILL generation `index` (the running one), restart the server if its point says so, start the next."""
         async with self._lock:
-            if self.crashed is not None:
+            if index != self.current or self.point is None:
                 return
-            for proc in self.first:
+            point = self.points[index]
+            for proc in self.generations[index]:
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGKILL)
                 await asyncio.to_thread(proc.wait)
-            fired = self.dir / "fired"
-            self.crashed = (fired.read_text().strip() if fired.exists() else
-                            f"{self.point.kind} {self.point.activity}#{self.point.nth} (SIGKILL by the test)")
-            if self.point.restart:
+            fired = self.dir(index) / "fired"
+            where = fired.read_text().strip() if fired.exists() else f"{point} (SIGKILL by the test)"
+            if point.restart:
                 await asyncio.to_thread(self.temporal_stack.restart_temporal)
-                self.crashed += ", then the Temporal server restarted"
-            self.second = [self._spawn(q, 2) for q in self.queues]
-            await self._wait_for_pollers(self.second)
+                where += ", then the Temporal server restarted"
+            self.crashed.append(where)
+            await self._start_generation()
 
     async def approve(self, handle, step: str | None = None, approver: str = "alice",
                       reason: str = "approved in the crash matrix"):
         """Approve at the gate; a `completed` point armed before the gate fires here, while the run waits."""
         await self._gate(handle, step)
-        if self.point.kind == "completed" and (self.dir / "armed").exists() and self.crashed is None:
-            (self.dir / "fired").write_text(f"completed {self.point.activity}#{self.point.nth}, at the approval "
-                                            f"gate {step or ''} (SIGKILL by the test)\n")
-            await self.crash()
+        point, index = self.point, self.current
+        if point is not None and point.kind == "completed" and (self.dir(index) / "armed").exists():
+            (self.dir(index) / "fired").write_text(f"completed {point.activity}#{point.nth}, at the approval gate "
+                                                   f"{step or ''} (SIGKILL by the test)\n")
+            await self.crash(index)
             await self._gate(handle, step)
         async with asyncio.timeout(300):
             while True:
@@ -175,7 +205,7 @@ class Crash:
                         raise
                     await asyncio.sleep(0.5)
 
-    async def result(self, handle, timeout: float = 600):
+    async def result(self, handle, timeout: float = 900):
         async with asyncio.timeout(timeout):
             while True:
                 try:
@@ -185,26 +215,28 @@ class Crash:
                     await asyncio.sleep(0.5)
         if self._watcher is not None and self._watcher.done() and self._watcher.exception():
             raise self._watcher.exception()
-        assert self.point.kind == "none" or self.crashed, f"the run ended without reaching {self.point}"
+        assert len(self.crashed) == len(self.points), (
+            f"the run ended without reaching {', '.join(map(str, self.points[len(self.crashed):]))}; "
+            f"it crashed at: {self.crashed}")
         return result
 
-    async def attempts(self, handle) -> list[int] | None:
-        """The attempts of the point's activity that reached the history (its last attempt completed it)."""
-        if self.point.kind == "none":
-            return None
-        return await activity_attempts(handle, self.point.activity)
+    async def attempts(self, handle) -> dict[str, list[int]]:
+        """Per crash point's activity, the attempts that reached the history (the last one completed it)."""
+        return {p.activity: await activity_attempts(handle, p.activity) for p in self.points}
 
     async def __aexit__(self, *exc) -> None:
         if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._watcher
-        for proc in self.first:  # only the processes this test started
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-        for proc in self.second:
-            if proc.poll() is None:
+        for index, procs in enumerate(self.generations):  # only the processes this test started
+            for proc in procs:
+                if proc.poll() is not None:
+                    continue
+                if index < len(self.points):
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                    continue
                 proc.terminate()
                 try:
                     await asyncio.to_thread(proc.wait, 30)
@@ -224,7 +256,7 @@ def _no_worker_yet(err: RPCError) -> bool:
                                                            "transport", "deadline"))
 
 
-def report(runbook: str, point: Point, outcome: str, where: str | None, attempts, counts: dict) -> None:
+def report(runbook: str, point, outcome: str, where, attempts, counts: dict) -> None:
     """One line of the matrix, appended to $DRP_CRASH_REPORT (JSON lines) when set."""
     path = os.environ.get("DRP_CRASH_REPORT")
     if path:

@@ -4,8 +4,9 @@ of one run, so that no kill depends on how fast the machine is.
 
 `python -m tests.crash_worker` with DRP_SETTINGS_FILE / DRP_TASK_QUEUE as for `workers.main`, and:
 
-- DRP_CRASH_AT = "<kind>:<activity type>:<n>", the n-th activity of that type (1-based) the run
-  DRP_CRASH_WORKFLOW (a workflow ID) schedules, where kind is
+- DRP_CRASH_AT = "<kind>:<activity type>:<n>": the n-th first attempt of an activity of that type
+  (1-based) of the run DRP_CRASH_WORKFLOW (a workflow ID) that this process receives (the first worker
+  of a run receives them all; a later generation counts from its own start), where kind is
   - `scheduled`: the activity was scheduled and handed to this worker; the process dies before its
     body runs (the server retries it once its heartbeat or start-to-close timeout notices);
   - `returned`: its body did all its work and returned; the process dies before the result reaches
@@ -19,7 +20,7 @@ of one run, so that no kill depends on how fast the machine is.
     the process once the server shows the heartbeat (the retry resumes from the heartbeat details).
 - DRP_CRASH_DIR: where the `armed` / `mid` / `fired` files go.
 
-Only the first worker of a test gets DRP_CRASH_AT; its replacement is a plain worker.
+Each generation of workers gets the next point of the case (tests/crash.py); the last one is plain.
 """
 
 import asyncio

@@ -39,9 +39,13 @@ from starters.db_failback import start_db_failback
 from starters.db_failover import start_db_failover
 from starters.region_failback import start_region_failback
 from starters.region_failover import start_region_failover
-from tests.conftest import CREDS, approve_when_asked, own_stack, row_counts, running_worker
-from tests.crash import Crash, Point, points, report
-from tests.test_accidental_deletion import LEAKED_KEY, ROLE, Writer, analyst, delete_as_analyst, snapshot  # noqa: F401
+from temporalio.service import RPCError
+
+from tests.conftest import (
+    CREDS, activity_attempts, approve_when_asked, own_stack, query_timed_out, row_counts, running_worker,
+)
+from tests.crash import Case, Crash, case, points, report
+from tests.test_accidental_deletion import LEAKED_KEY, ROLE, Writer, analyst, snapshot  # noqa: F401 (fixture)
 from tests.test_db_failover import AcknowledgedWriter
 from tests.test_kubernetes_platform import api_client, fake_deployment_controller
 from tests.test_region_failover import (
@@ -53,8 +57,10 @@ FULL = os.environ.get("DRP_CRASH_MATRIX") == "full"
 HB = timedelta(seconds=10)  # the runs' heartbeat timeout: how soon a dead worker's long activity is retried
 
 
-def matrix(default: list[str], full: list[str]) -> list[Point]:
-    return points(*(full if FULL else default))
+def matrix(default: list[str], full: list[str]) -> list[Case]:
+    """The default run: one run crashed at each of `default`'s points in turn (in the order the run reaches
+    them: each kill starts the next worker generation). DRP_CRASH_MATRIX=full: one run per point of `full`."""
+    return [case(*default)] if not FULL else [Case([p]) for p in points(*full)]
 
 
 def app_starts(log) -> int:
@@ -88,6 +94,8 @@ CORRUPTION_STEPS = ["assess", "approve", "stop application", "seal primary", "re
 CORRUPTION_ACTIVITIES = ["approvers_for", "objectives_for", "cluster", "assess_database", "stop_application",
                          "seal_primary", "restore_base_backup", "replay_wal", "verify_restored", "swap_in_restored",
                          "start_application", "check_application", "rejoin_as_standby", "take_base_backup"]
+CORRUPTION_DEFAULT = ["completed:seal_primary", "scheduled:restore_base_backup", "mid:swap_in_restored+restart",
+                      "mid:take_base_backup"]
 CORRUPTION_LONG = ["assess_database", "seal_primary", "restore_base_backup", "replay_wal", "swap_in_restored",
                    "rejoin_as_standby", "take_base_backup"]
 
@@ -98,8 +106,7 @@ def full_points(activities: list[str], long: list[str], quick_returned: list[str
 
 
 @pytest.mark.parametrize("point", matrix(
-    ["scheduled:restore_base_backup", "completed:seal_primary", "mid:take_base_backup",
-     "mid:swap_in_restored+restart"],
+    CORRUPTION_DEFAULT,
     full_points(CORRUPTION_ACTIVITIES, CORRUPTION_LONG,
                 ["stop_application", "start_application", "verify_restored"])), ids=str)
 async def test_db_corruption_recovery(stack, client, tmp_path, point):
@@ -145,6 +152,7 @@ DELETION_STEPS = ["identify", "contain", "archive current WAL", "restore side in
 DELETION_ACTIVITIES = ["approvers_for", "objectives_for", "identify_deletions", "contain", "archive_current_wal",
                        "restore_base_backup", "replay_wal", "extract_deleted_rows", "reinsert_rows",
                        "verify_reinserted", "remove_side_instance", "lift_containment"]
+DELETION_DEFAULT = ["completed:contain", "scheduled:replay_wal", "mid:reinsert_rows"]
 DELETION_LONG = ["archive_current_wal", "restore_base_backup", "replay_wal", "extract_deleted_rows",
                  "reinsert_rows"]
 SECTORS = iter(["Energy", "Materials", "Technology", "Consumer", "Telecom", "Utilities", "Healthcare",
@@ -152,7 +160,7 @@ SECTORS = iter(["Energy", "Materials", "Technology", "Consumer", "Telecom", "Uti
 
 
 @pytest.mark.parametrize("point", matrix(
-    ["scheduled:replay_wal", "completed:contain", "mid:reinsert_rows"],
+    DELETION_DEFAULT,
     full_points(DELETION_ACTIVITIES, DELETION_LONG, ["contain", "lift_containment", "remove_side_instance"])),
     ids=str)
 async def test_accidental_deletion_recovery(stack, client, analyst, tmp_path, point):  # noqa: F811
@@ -161,8 +169,8 @@ async def test_accidental_deletion_recovery(stack, client, analyst, tmp_path, po
     ids = list(range(base, base + 30))
     with primary.connect(DATABASE) as conn:  # the rows the accident deletes
         for i in ids:
-            conn.execute("INSERT INTO companies (id, name, ticker, sector) VALUES (%s, %s, 'CRSH', 'Crash')",
-                         (i, f"Crash {i}"))
+            conn.execute("INSERT INTO companies (id, name, ticker, sector) VALUES (%s, %s, %s, 'Crash')",
+                         (i, f"Crash {i}", f"C{i}"))
     doomed = snapshot(stack, "companies", f"id IN ({','.join(map(str, ids))})")
     assert len(doomed) == len(ids)
     writer = Writer(stack, first_id=20_000_000 + (base - 1_000_000) * 10)  # production keeps writing
@@ -267,8 +275,8 @@ def acknowledged_present(server, ids: list[int]) -> int:
 
 # DatabaseFailover has no activity that heartbeats in every run (promote_standby does only while the standby
 # still lacks the fenced primary's last WAL): its in-activity point is `returned` (promoted, not yet reported).
-FAILOVER_DEFAULT = ["scheduled:fence_primary", "completed:promote_standby", "returned:promote_standby"]
-FAILBACK_DEFAULT = ["scheduled:promote_standby", "completed:fence_primary+restart", "mid:rejoin_as_standby"]
+FAILOVER_DEFAULT = ["scheduled:fence_primary", "returned:promote_standby", "completed:repoint_application"]
+FAILBACK_DEFAULT = ["mid:rejoin_as_standby", "completed:fence_primary+restart", "scheduled:promote_standby"]
 
 
 def failover_points() -> list:
@@ -281,8 +289,8 @@ def failover_points() -> list:
                                                 ["stop_application", "start_application", "repoint_application"]))
     cases = []
     for i in range(max(len(over), len(back))):
-        cases += [pytest.param("DatabaseFailover", p, id=f"DatabaseFailover-{p}") for p in over[i:i + 1]]
-        cases += [pytest.param("DatabaseFailback", p, id=f"DatabaseFailback-{p}") for p in back[i:i + 1]]
+        cases += [pytest.param("DatabaseFailover", c, id=f"DatabaseFailover: {c}") for c in over[i:i + 1]]
+        cases += [pytest.param("DatabaseFailback", c, id=f"DatabaseFailback: {c}") for c in back[i:i + 1]]
     return cases
 
 
@@ -308,8 +316,9 @@ async def test_db_failover_and_failback(pair, stack, client, tmp_path, runbook, 
     queue = f"cf-{uuid.uuid4().hex[:8]}"
     wid = f"db-failover-{inc}" if failover else f"db-failback-{inc}"
     try:
-        async with Crash(client, stack, {**pair.worker_settings(), "task_queue": queue}, [queue], tmp_path, point,
-                         wid) as crash:
+        # the pair has no Temporal of its own: its workers use the session's
+        settings = {**pair.worker_settings(), "task_queue": queue, "temporal_address": stack.temporal_address}
+        async with Crash(client, stack, settings, [queue], tmp_path, point, wid) as crash:
             if failover:
                 handle = await start_db_failover(client, DatabaseFailoverInput(incident_id=inc, heartbeat_timeout=HB),
                                                  queue)
@@ -346,10 +355,13 @@ async def test_db_failover_and_failback(pair, stack, client, tmp_path, runbook, 
 
 REGION_STEPS = ["plan", "verify primary is down", "check replica lag", "approve", "promote replica", "switch DNS",
                 "scale backup region", "verify backup region", "notify"]
+REGION_DEFAULT = ["mid:verify_primary_down", "completed:promote_rds_replica+restart", "scheduled:switch_dns",
+                  "returned:notify_failover"]
 REGION_ACTIVITIES = ["approvers_for", "objectives_for", "plan_region_failover", "verify_primary_down", "replica_lag",
                      "promote_rds_replica", "switch_dns", "scale_region", "check_region_health", "notify_failover"]
 FAILBACK_REGION_STEPS = ["plan", "create home replica", "approve", "promote home replica", "switch DNS home",
                          "scale home region", "verify home region", "scale serving region down", "notify"]
+FAILBACK_REGION_DEFAULT = ["scheduled:create_home_replica", "mid:switch_dns", "completed:scale_region"]
 FAILBACK_REGION_ACTIVITIES = ["approvers_for", "plan_region_failback", "create_home_replica", "promote_rds_replica",
                               "switch_dns", "scale_region", "check_region_health", "scale_down_region",
                               "notify_failover"]
@@ -401,8 +413,7 @@ async def scale_patches(kmock) -> list[int]:
 
 
 @pytest.mark.parametrize("point", matrix(
-    ["scheduled:switch_dns", "completed:promote_rds_replica+restart", "mid:verify_primary_down",
-     "returned:notify_failover"],
+    REGION_DEFAULT,
     full_points(REGION_ACTIVITIES, ["verify_primary_down", "switch_dns"],
                 ["promote_rds_replica", "switch_dns", "scale_region", "notify_failover"])), ids=str)
 async def test_region_failover(stack, client, aws, world, kmock, tmp_path, point):
@@ -453,7 +464,7 @@ async def test_region_failover(stack, client, aws, world, kmock, tmp_path, point
 
 
 @pytest.mark.parametrize("point", matrix(
-    ["scheduled:create_home_replica", "completed:switch_dns", "mid:switch_dns"],
+    FAILBACK_REGION_DEFAULT,
     full_points(FAILBACK_REGION_ACTIVITIES, ["switch_dns"],
                 ["create_home_replica", "promote_rds_replica", "switch_dns", "scale_region", "scale_down_region",
                  "notify_failover"])), ids=str)
@@ -471,7 +482,7 @@ async def test_region_failback(stack, client, aws, world, kmock, tmp_path, point
         inc = f"CB-{world['tag']}"
         queues = [queue] + [r["task_queue"] for r in raw["failover"]["regions"].values()]
         try:
-            async with Crash(client, stack, raw, queues, tmp_path, Point("none"), f"region-failover-{inc}") as setup:
+            async with Crash(client, stack, raw, queues, tmp_path / "failover", Case(), f"region-failover-{inc}") as setup:
                 failover = await start_region_failover(client, RegionFailoverInput(
                     incident_id=inc, backup_region=BACKUP, health_checks=1), queue)
                 await setup.approve(failover)
@@ -516,12 +527,77 @@ async def test_region_failback(stack, client, aws, world, kmock, tmp_path, point
 def test_the_default_matrix_covers_every_runbook_at_each_kind_of_point():
     """Issue 9's floor for the default run: every runbook at a scheduled, a completed and a mid point,
     and at least one Temporal server restart."""
-    default = {
-        "DatabaseCorruptionRecovery": ["scheduled:restore_base_backup", "completed:seal_primary",
-                                       "mid:take_base_backup", "mid:swap_in_restored+restart"],
-        "DatabaseFailover": FAILOVER_DEFAULT, "DatabaseFailback": FAILBACK_DEFAULT,
-    }
+    default = {"DatabaseCorruptionRecovery": CORRUPTION_DEFAULT, "AccidentalDeletionRecovery": DELETION_DEFAULT,
+               "DatabaseFailover": FAILOVER_DEFAULT, "DatabaseFailback": FAILBACK_DEFAULT,
+               "RegionFailover": REGION_DEFAULT, "RegionFailback": FAILBACK_REGION_DEFAULT,
+               "Incident": INCIDENT_DEFAULT}
     for runbook, specs in default.items():
         kinds = {p.kind for p in points(*specs)}
+        # DatabaseFailover has no activity that heartbeats in every run: `returned` is its in-activity point
         assert {"scheduled", "completed"} <= kinds and kinds & {"mid", "returned"}, runbook
     assert any(p.restart for specs in default.values() for p in points(*specs))
+
+
+INCIDENT_DEFAULT = ["scheduled:send_notification", "returned:send_notification", "completed:send_notification"]
+
+
+# --- Incident (the parent workflow: notifications through the Redis delivery ledger) ----------------------
+
+@pytest.mark.parametrize("point", matrix(
+    INCIDENT_DEFAULT,
+    ["none", "scheduled:plan_incident", "completed:plan_incident"]
+    + [f"{kind}:send_notification#{n}" for kind in ("scheduled", "returned", "completed") for n in (1, 2, 3, 4)]
+    + ["scheduled:write_report", "returned:write_report", "completed:write_report",
+       "completed:send_notification#4+restart"]), ids=str)
+async def test_incident(stack, client, notify_world, tmp_path, point):
+    import redis
+
+    from models.incident import IncidentInput, ResolveRequest
+    from starters.incident import open_incident
+    from tests.notify_world import short_playbook
+    from tests.test_incident import status_when
+    from workflows.incident import Incident
+
+    world = notify_world
+    # no cadence or escalation tick during the case: the messages are the opening's and the resolution's
+    playbook = short_playbook(tmp_path, status_update_every="1h", status_page_update_every="1h")
+    inc, queue = f"INC-CM{uuid.uuid4().hex[:8]}", f"ci-{uuid.uuid4().hex[:8]}"
+    raw = {**stack.worker_settings(), "task_queue": queue, "playbook_path": str(playbook), "notify": world.settings}
+    async with Crash(client, stack, raw, [queue], tmp_path, point, inc) as crash:
+        handle = await open_incident(client, IncidentInput(
+            incident_id=inc, title="API answering 5xx", severity="P0", procedure="none",
+            services=["corporate-intel-api"]), queue)
+        crash.watch(handle)
+        if crash.points and crash.points[0].activity == "send_notification":  # the opening's messages
+            async with asyncio.timeout(300):
+                while not crash.crashed:
+                    await asyncio.sleep(0.1)
+        await status_when(handle, lambda s: any(e.kind == "message" for e in s.timeline), timeout=300)
+        async with asyncio.timeout(300):
+            while True:
+                try:
+                    await handle.execute_update(Incident.resolve, ResolveRequest(by="alice", reason="mitigated"))
+                    break
+                except RPCError as err:
+                    if "no poller" not in str(err).lower() and not query_timed_out(err):
+                        raise
+                    await asyncio.sleep(0.5)
+        result = await crash.result(handle)
+        attempts = await crash.attempts(handle)
+        retried = sum(a > 1 for a in await activity_attempts(handle, "send_notification"))
+    ledger = redis.Redis.from_url(stack.redis_url)
+    channels = [k.decode().rsplit("/", 1)[1] for k in ledger.keys(f"drp:notify:{inc}/*")]
+    ledgered = {"slack": channels.count("incidents_slack"), "pager": channels.count("oncall_pager"),
+                "mail": sum(c.endswith("_email") for c in channels),
+                "status page": sum("status" in c for c in channels)}
+    received = {"slack": len(world.slack.messages), "pager": len(world.pages()), "mail": len(world.mail.messages),
+                "status page": sum(not c.startswith("GET") for c in world.page.calls)}
+    counts = {f"{c} sent/ledgered": f"{received[c]}/{ledgered[c]}" for c in received}
+    report("Incident", point, result.status, crash.crashed, attempts, counts)
+
+    assert result.status == "resolved"
+    # each delivery once; the only repeat allowed is a message another activity of the dead worker had handed
+    # to its provider without reaching the ledger (README, "Incidents"): at most the number retried
+    assert all(received[c] >= ledgered[c] for c in received), counts
+    assert sum(received.values()) - sum(ledgered.values()) <= retried, (counts, retried)
+    assert ledgered["slack"] >= 2 and ledgered["pager"] >= 1  # opened and resolved
