@@ -256,6 +256,17 @@ def _no_worker_yet(err: RPCError) -> bool:
                                                            "transport", "deadline"))
 
 
+@contextlib.contextmanager
+def reporting(runbook: str, case, where, attempts, counts: dict):
+    """Report the case's line of the matrix: pass, or FAIL with the first line of the failed assertion."""
+    try:
+        yield
+    except AssertionError as err:
+        report(runbook, case, "FAIL: " + (str(err).splitlines() or [""])[0][:300], where, attempts, counts)
+        raise
+    report(runbook, case, "pass", where, attempts, counts)
+
+
 def report(runbook: str, point, outcome: str, where, attempts, counts: dict) -> None:
     """One line of the matrix, appended to $DRP_CRASH_REPORT (JSON lines) when set."""
     path = os.environ.get("DRP_CRASH_REPORT")
@@ -263,3 +274,20 @@ def report(runbook: str, point, outcome: str, where, attempts, counts: dict) -> 
         with open(path, "a") as out:
             out.write(json.dumps({"runbook": runbook, "point": str(point), "outcome": outcome, "where": where,
                                   "attempts": attempts, "counts": counts}) + "\n")
+
+
+def table(lines: list[dict]) -> str:
+    """The matrix as a Markdown table (BENCHMARKS.md)."""
+    out = ["| runbook | crash points (in run order) | result | where the workers died | attempts of the "
+           "point's activity | side effects counted on the real systems |", "|---|---|---|---|---|---|"]
+    for r in lines:
+        where = "; ".join(r["where"]) if isinstance(r["where"], list) else (r["where"] or "-")
+        attempts = r["attempts"] if not isinstance(r["attempts"], dict) else ", ".join(
+            f"{k} {v}" for k, v in r["attempts"].items())
+        counts = ", ".join(f"{k} {v}" for k, v in r["counts"].items())
+        out.append(f"| {r['runbook']} | `{r['point']}` | {r['outcome']} | {where} | {attempts or '-'} | {counts} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":  # python -m tests.crash report.jsonl
+    print(table([json.loads(line) for line in open(sys.argv[1]) if line.strip()]))
