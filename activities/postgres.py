@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -77,11 +78,13 @@ class PostgresActivities:
             findings.append(f"pg_dump --schema-only failed: {_first_error(schema.stderr)}")
         if amcheck:
             _heartbeat("pg_amcheck")
-            check = server.tool("pg_amcheck", *server.client_args(database), "--heapallindexed",
-                                check=False, timeout=3600)
+            # The database as a positional connection string: pg_amcheck's -d takes a pattern, which
+            # folds case and reads *, ? and . as wildcards and separators.
+            check = server.tool("pg_amcheck", *server.connection_args(), make_conninfo(dbname=database),
+                                "--heapallindexed", check=False, timeout=3600)
             for header, detail in _amcheck_reports(check.stdout + check.stderr):
                 findings.append(f"{header} {detail}".strip())
-                table = _table_of(header.split('"')[1] if '"' in header else "", tables)
+                table = _table_of(header, database, rows)
                 if table:
                     corrupted.add(table)
             if check.returncode not in (0, 2):
@@ -316,11 +319,15 @@ def _qualified(table: str) -> str:
     return table if "." in table else f"public.{table}"
 
 
-def _table_of(relation: str, tables: list[str]) -> str | None:
-    """Map a relation named by pg_amcheck (db.schema.rel) to one of the user tables."""
-    parts = relation.split(".")
-    candidate = ".".join(parts[-2:]) if len(parts) >= 2 else relation
-    return candidate if candidate in tables else None
+def _table_of(header: str, database: str, rows: list[tuple]) -> str | None:
+    """The user table a pg_amcheck report header names, as `format('%I.%I')`, or None (an index).
+
+    pg_amcheck names a relation `"<database>.<schema>.<relation>"` with the names as stored, not
+    quoted (PostgreSQL's src/bin/amcheck/pg_amcheck.c), so the header is matched against each
+    table's stored names rather than split on dots: names may hold dots, quotes and spaces.
+    `rows` are USER_TABLES rows: (quoted name, unlogged, schema, relation)."""
+    named = [r for r in rows if f'"{database}.{r[2]}.{r[3]}"' in header]
+    return max(named, key=lambda r: len(r[2]) + len(r[3]))[0] if named else None
 
 
 def _first_error(stderr: str) -> str:
