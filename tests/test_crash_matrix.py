@@ -26,6 +26,7 @@ import kmock as kmock_module
 import psycopg
 import pytest
 from kubernetes import client as k8s
+from temporalio.service import RPCError
 
 from models.db_corruption import DatabaseCorruptionInput
 from models.deletion import AccidentalDeletionInput
@@ -39,19 +40,17 @@ from starters.db_failback import start_db_failback
 from starters.db_failover import start_db_failover
 from starters.region_failback import start_region_failback
 from starters.region_failover import start_region_failover
-from temporalio.service import RPCError
-
 from tests.conftest import (
     CREDS, activity_attempts, approve_when_asked, own_stack, query_timed_out, row_counts, running_worker,
 )
 from tests.crash import Case, Crash, case, points, reporting
+from tests.fakes import FakeStatuspage
 from tests.test_accidental_deletion import LEAKED_KEY, ROLE, Writer, analyst, snapshot  # noqa: F401 (fixture)
 from tests.test_db_failover import AcknowledgedWriter
 from tests.test_kubernetes_platform import api_client, fake_deployment_controller
 from tests.test_region_failover import (
     BACKUP, NAME, NS, AwsProxy, Health, deploy_backup, raw_settings, record, replica_lag,
 )
-from tests.fakes import FakeStatuspage
 
 FULL = os.environ.get("DRP_CRASH_MATRIX") == "full"
 HB = timedelta(seconds=10)  # the runs' heartbeat timeout: how soon a dead worker's long activity is retried
