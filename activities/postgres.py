@@ -13,7 +13,8 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.pgserver import PgServer
-from activities.sealing import marker_path, read_seal, set_allow_connections, write_seal
+from activities.sealing import marker_path, read_seal, set_allow_connections, set_subscriptions, write_seal
+from activities.timelines import waldump_end
 from models.postgres import (
     Assessment,
     AssessRequest,
@@ -131,7 +132,9 @@ class PostgresActivities:
                     update={"sealed_by": marker.get("incident_id")})
             # An earlier attempt may have fenced it before it went down: keep what must be reopened.
             fenced = marker.get("fenced_databases", [])
-            result = SealResult(was_running=False, timeline=self.server.control_timeline(), fenced_databases=fenced)
+            result = SealResult(was_running=False, timeline=self.server.control_timeline(), fenced_databases=fenced,
+                                disabled_subscriptions=marker.get("disabled_subscriptions", []),
+                                **self._stopped_wal())
             write_seal(data_dir, {"incident_id": req.incident_id, "sealed_at": _now(), **marker, "state": "found stopped",
                                   "fenced_databases": fenced, "result": result.model_dump()})
             return result
@@ -140,7 +143,9 @@ class PostgresActivities:
         except psycopg.OperationalError:
             self.server.stop()  # running but not answering: nothing more can be saved from it
             fenced = marker.get("fenced_databases", [])
-            result = SealResult(was_running=True, timeline=self.server.control_timeline(), fenced_databases=fenced)
+            result = SealResult(was_running=True, timeline=self.server.control_timeline(), fenced_databases=fenced,
+                                disabled_subscriptions=marker.get("disabled_subscriptions", []),
+                                **self._stopped_wal())
             write_seal(data_dir, {"incident_id": req.incident_id, "sealed_at": _now(), **marker, "state": "stopped unanswering",
                                   "fenced_databases": fenced, "result": result.model_dump()})
             return result
@@ -153,6 +158,10 @@ class PostgresActivities:
                           "fenced_databases": fenced}
                 write_seal(data_dir, marker)
             fenced = marker["fenced_databases"]
+            if "disabled_subscriptions" not in marker:  # apply workers are not client sessions: stop them too
+                marker = {**marker, "disabled_subscriptions": _enabled_subscriptions(ctl)}
+                write_seal(data_dir, marker)
+            set_subscriptions(self.server, marker["disabled_subscriptions"], enable=False)
             _allow(ctl, fenced, False)
             _terminate_others(ctl, keep=[])
             # Only this run inside the database it counts: open it for one connection, close it again.
@@ -170,7 +179,8 @@ class PostgresActivities:
                 self._wait_archived(conn, segment)
         result = SealResult(was_running=True, archived_through=segment, end_lsn=end_lsn, row_counts=counts,
                             last_commit_at=last_commit[0] if last_commit else None, timeline=timeline,
-                            fenced_databases=fenced, unlogged_tables=unlogged)
+                            fenced_databases=fenced, unlogged_tables=unlogged,
+                            disabled_subscriptions=marker["disabled_subscriptions"])
         write_seal(data_dir, {**marker, "state": "sealed", "result": result.model_dump()})
         self.server.stop()
         return result
@@ -190,9 +200,13 @@ class PostgresActivities:
         if marker is None:
             return ProductionState(running=True, detail="production keeps running; it was not fenced")
         set_allow_connections(self.server, marker.get("fenced_databases", []), allow=True)
+        subscriptions = marker.get("disabled_subscriptions", [])
+        set_subscriptions(self.server, subscriptions, enable=True)
         marker_path(self.server.data_dir).unlink(missing_ok=True)
         return ProductionState(running=True,
-                               detail="production keeps running; the databases the seal closed are open again")
+                               detail="production keeps running; the databases the seal closed are open again"
+                                      + (f" and the subscriptions it disabled ({', '.join(subscriptions)}) enabled "
+                                         "again" if subscriptions else ""))
 
     @activity.defn
     def archive_current_wal(self, req: AssessRequest) -> str:
@@ -202,6 +216,29 @@ class PostgresActivities:
             segment = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
             self._wait_archived(conn, segment)
         return segment
+
+    def _stopped_wal(self) -> dict:
+        """What a primary found stopped still holds in its own pg_wal: where its WAL ends (pg_waldump from
+        its last checkpoint's REDO point to the first invalid record, as crash recovery would read it),
+        the complete segments it never archived (`.ready`), and that pg_wal for the replay to read.
+        Read-only. When it cannot be read, `wal_end_unknown` says why."""
+        wal = self.server.data_dir / "pg_wal"
+        try:
+            ready = sorted(p.name.removesuffix(".ready") for p in (wal / "archive_status").glob("*.ready")
+                           if len(p.name) == 24 + len(".ready"))
+        except OSError as err:
+            return {"wal_end_unknown": f"{wal} cannot be read: {err}"}
+        control = self.server.control_data()
+        redo, timeline = control.get("Latest checkpoint's REDO location"), control.get("Latest checkpoint's TimeLineID")
+        if not redo or not timeline:
+            return {"unarchived_wal": ready, "wal_end_unknown": f"no readable control file in {self.server.data_dir}"}
+        dump = self.server.tool("pg_waldump", "--quiet", "-p", str(wal), "-t", timeline, "-s", redo,
+                                check=False, timeout=1800)
+        end = waldump_end(dump.stderr, int(control.get("Bytes per WAL segment") or 16 * 1024 * 1024))
+        if end is None:
+            return {"unarchived_wal": ready,
+                    "wal_end_unknown": f"pg_waldump could not find the end of {wal}: {dump.stderr.strip()[-300:]}"}
+        return {"end_lsn": end, "local_wal_dir": str(wal), "unarchived_wal": ready}
 
     def _wait_archived(self, conn: psycopg.Connection, segment: str) -> None:
         deadline = time.monotonic() + self.archive_wait_seconds
@@ -273,6 +310,13 @@ def _row_counts(conn: psycopg.Connection, skip: set[str] = frozenset()) -> tuple
         except psycopg.Error:
             continue  # unreadable (corrupted) tables have no trustworthy count
     return counts, unlogged
+
+
+def _enabled_subscriptions(conn: psycopg.Connection) -> list[str]:
+    """'database/subscription' of every enabled logical-replication subscription of the cluster."""
+    return [f"{db}/{name}" for db, name in conn.execute(
+        "SELECT d.datname, s.subname FROM pg_subscription s JOIN pg_database d ON d.oid = s.subdbid "
+        "WHERE s.subenabled ORDER BY 1, 2")]
 
 
 def _allow(conn: psycopg.Connection, databases: list[str], allow: bool) -> None:

@@ -1,0 +1,188 @@
+"""Issue 10's remaining gaps, each through the operator's door (`drp start`, `drp approve` as subprocesses,
+SQL from other clients), each counting the acknowledged writes and looking at the archive:
+
+- a primary found crashed with WAL it never archived (`.ready`, and the partly written last segment);
+- logical-replication apply workers writing through the seal (a subscription to another server);
+- the archive failing during the replay (an S3 proxy that answers WAL reads with 500 for a while).
+"""
+
+import asyncio
+import contextlib
+import http.client
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import threading
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import psycopg
+import pytest
+from temporalio.client import WorkflowFailureError
+
+from activities.barman import ARCHIVE_UNREADABLE
+from activities.pgserver import PgServer, embedded_bin_dir, run_as
+from activities.processes import free_port
+from activities.timelines import waldump_end
+from stack.corrupt import corrupt_table
+from stack.stack import DATABASE
+from tests.conftest import activity_attempts, running_worker, wait_for_approval_gate
+from tests.test_recovery_safety import wal_keys
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def incident() -> str:
+    return f"AG-{uuid.uuid4().hex[:8]}"
+
+
+def drp(stack, queue: str, *args: str) -> subprocess.CompletedProcess:
+    """The operator's command line against the test's worker queue and the session's Temporal."""
+    env = {**os.environ, "DRP_SETTINGS_FILE": str(stack.settings_file), "DRP_TASK_QUEUE": queue,
+           "DRP_TEMPORAL_ADDRESS": stack.temporal_address}
+    return subprocess.run([sys.executable, "-m", "starters.cli", "--state-dir", str(stack.state_dir), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=180, env=env)
+
+
+async def start_and_approve(client, stack, queue: str, inc: str, procedure: str = "db-corruption",
+                            *extra: str):
+    started = drp(stack, queue, "start", procedure, "--incident", inc, "--database", DATABASE,
+                  "--task-queue", queue, *extra)
+    assert started.returncode == 0, started.stderr
+    handle = client.get_workflow_handle(started.stdout.split()[-1])
+    await wait_for_approval_gate(handle)
+    approved = drp(stack, queue, "approve", inc, "--by", "alice", "--reason", "approved in the test suite")
+    assert approved.returncode == 0, approved.stderr
+    return handle
+
+
+def ids_present(server: PgServer, table: str, ids: list[int]) -> set[int]:
+    with server.connect(DATABASE) as conn:
+        return {r[0] for r in conn.execute(f"SELECT id FROM {table} WHERE id = ANY(%s)", (ids,))}
+
+
+def test_the_end_of_a_crashed_primary_wal_is_read_where_crash_recovery_would_stop():
+    size = 16 * 1024 * 1024
+    assert waldump_end("pg_waldump: error: error in WAL record at 0/4002C70: invalid record length at 0/4002C98: "
+                       "expected at least 24, got 0", size) == "0/4002C98"
+    assert waldump_end('pg_waldump: error: could not find file "0000000200000001000000FF": No such file', size) \
+        == "1/FF000000"
+    assert waldump_end("", size) is None
+
+
+async def test_wal_a_crashed_primary_never_archived_is_archived_and_replayed(stack, client):
+    """The primary's archive_command fails for a while, commits go on (some in complete segments left
+    `.ready`, some in the partly written last segment), then it crashes. The recovery must keep every
+    acknowledged commit: the `.ready` segments are archived from its pg_wal, the last one read from it
+    by restore_command, and the replay is refused unless it reaches the end of that WAL."""
+    pg = stack.postgres()
+    with pg.connect() as conn:
+        conn.execute("ALTER SYSTEM SET archive_command = 'false'")  # the archive fails for a while
+        conn.execute("SELECT pg_reload_conf()")
+    with pg.connect(DATABASE) as conn:
+        acknowledged = [conn.execute("INSERT INTO app_write_checks DEFAULT VALUES RETURNING id").fetchone()[0]
+                        for _ in range(20)]
+        segment = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]  # complete, .ready
+        acknowledged += [conn.execute("INSERT INTO app_write_checks DEFAULT VALUES RETURNING id").fetchone()[0]
+                         for _ in range(10)]  # only in the current, partly written segment
+    ready = pg.data_dir / "pg_wal" / "archive_status" / f"{segment}.ready"
+    assert ready.exists()
+    assert not any(Path(k).name.startswith(segment) for k in wal_keys(stack))
+    pg.stop(mode="immediate")  # the damaged primary crashes
+    inc = incident()
+    async with running_worker(client, stack) as queue:
+        handle = await start_and_approve(client, stack, queue, inc)
+        result = await handle.result()
+    assert result.outcome == "recovered" and result.data_loss is None
+    assert result.rpo_actual.total_seconds() == 0 and segment in result.unarchived_wal
+    assert ids_present(pg, "app_write_checks", acknowledged) == set(acknowledged)
+    assert any(Path(k).name.startswith(segment) for k in wal_keys(stack))  # the archive is whole again
+    damaged = Path(result.damaged_data_dir)
+    assert (damaged / "pg_wal" / "archive_status" / f"{segment}.ready").exists()  # evidence left as it was
+    with pg.connect() as conn:  # production (the restore) archives with its own archive_command
+        assert conn.execute("SHOW archive_command").fetchone()[0] != "false"
+
+
+def test_a_stopped_primary_whose_wal_cannot_be_read_is_not_called_recovered():
+    from models.postgres import SealResult
+    from workflows.db_corruption import _data_loss_window, _possible_loss
+
+    unknown = SealResult(was_running=False, timeline=1, wal_end_unknown="pg_wal: no such directory")
+    assert "no such directory" in _possible_loss(unknown, None)
+    known = SealResult(was_running=False, timeline=1, end_lsn="0/4002C98", local_wal_dir="/x/pg_wal")
+    assert _possible_loss(known, None) is None
+    from datetime import datetime, timezone
+    assert _data_loss_window(known, datetime.now(timezone.utc), None).total_seconds() == 0
+
+
+@contextlib.contextmanager
+def publisher_server(stack):
+    """Another PostgreSQL server (wal_level = logical) publishing a table `feed`."""
+    data = stack.pg_dir.parent / f"publisher-{uuid.uuid4().hex[:6]}"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    server = PgServer(bin_dir=embedded_bin_dir(), data_dir=data, port=free_port(), os_user=stack.config.os_user)
+    if server.os_user and os.geteuid() == 0:
+        data.mkdir(mode=0o700)
+        user = pwd.getpwnam(server.os_user)
+        os.chown(data, user.pw_uid, user.pw_gid)
+    server.tool("initdb", "-D", str(data), "-U", server.superuser, "-A", "trust", "--locale=C", timeout=120)
+    subprocess.run(run_as(server.os_user, ["sh", "-c", 'cat >> "$0"', str(data / "postgresql.conf")]),
+                   input=b"wal_level = logical\nunix_socket_directories = ''\n", check=True)
+    server.start()
+    try:
+        with server.connect() as conn:
+            conn.execute("CREATE TABLE feed (id bigint PRIMARY KEY)")
+            conn.execute("CREATE PUBLICATION feed_pub FOR TABLE feed")
+        yield server
+    finally:
+        server.stop(mode="immediate")
+        shutil.rmtree(data, ignore_errors=True)
+        server.log_file.unlink(missing_ok=True)
+
+
+async def test_a_subscription_is_disabled_by_the_seal_and_enabled_again_with_every_row(stack, client):
+    """A subscription's apply worker is no client session: the fence alone never stopped it, so it kept
+    committing after the seal's counts (verification then failed, production left sealed). The seal
+    disables it (WAL-logged: the restore has it disabled too), the swap enables it again, and every row
+    the publisher acknowledged arrives in the recovered production."""
+    pg = stack.postgres()
+    with publisher_server(stack) as publisher:
+        with pg.connect(DATABASE) as conn:
+            conn.execute("CREATE TABLE feed (id bigint PRIMARY KEY)")
+            conn.execute(f"CREATE SUBSCRIPTION feed_sub CONNECTION 'host={publisher.host} port={publisher.port} "
+                         f"user={publisher.superuser} dbname=postgres' PUBLICATION feed_pub")
+        acknowledged, stop = [], threading.Event()
+
+        def writer():  # the other system keeps writing all through the recovery
+            with publisher.connect() as conn:
+                n = 0
+                while not stop.is_set():
+                    n += 1
+                    conn.execute("INSERT INTO feed VALUES (%s)", (n,))
+                    acknowledged.append(n)
+
+        thread = threading.Thread(target=writer, daemon=True)
+        thread.start()
+        try:
+            async with asyncio.timeout(120):  # the subscription applies before the incident
+                while not ids_present(pg, "feed", acknowledged[:50]) or len(acknowledged) < 50:
+                    await asyncio.sleep(0.1)
+            corrupt_table(pg, DATABASE, "metrics")
+            async with running_worker(client, stack) as queue:
+                handle = await start_and_approve(client, stack, queue, incident())
+                result = await handle.result()
+        finally:
+            stop.set()
+            thread.join(timeout=30)
+        assert result.outcome == "recovered" and result.subscriptions == [f"{DATABASE}/feed_sub"]
+        with pg.connect(DATABASE) as conn:
+            assert conn.execute("SELECT subenabled FROM pg_subscription WHERE subname = 'feed_sub'").fetchone()[0]
+        async with asyncio.timeout(300):  # an upper bound: the enabled subscription catches up
+            while ids_present(pg, "feed", acknowledged) != set(acknowledged):
+                await asyncio.sleep(0.2)
+        with pg.connect(DATABASE) as conn:
+            conn.execute("DROP SUBSCRIPTION feed_sub")
+            conn.execute("DROP TABLE feed")
