@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -39,23 +40,41 @@ def incident() -> str:
     return f"AG-{uuid.uuid4().hex[:8]}"
 
 
-def drp(stack, queue: str, *args: str) -> subprocess.CompletedProcess:
+def drp(stack, queue: str, *args: str, temporal: str | None = None) -> subprocess.CompletedProcess:
     """The operator's command line against the test's worker queue and the session's Temporal."""
     env = {**os.environ, "DRP_SETTINGS_FILE": str(stack.settings_file), "DRP_TASK_QUEUE": queue,
-           "DRP_TEMPORAL_ADDRESS": stack.temporal_address}
+           "DRP_TEMPORAL_ADDRESS": temporal or stack.temporal_address}
     return subprocess.run([sys.executable, "-m", "starters.cli", "--state-dir", str(stack.state_dir), *args],
                           capture_output=True, text=True, cwd=ROOT, timeout=180, env=env)
 
 
+def drp_start(client, stack, queue: str, procedure: str, inc: str, *extra: str, temporal: str | None = None):
+    """`drp start PROCEDURE --incident INC ...`; the handle of the run it started."""
+    database = ("--database", DATABASE) if procedure in ("db-corruption", "deletion") else ()
+    started = drp(stack, queue, "start", procedure, "--incident", inc, *database, "--task-queue", queue, *extra,
+                  temporal=temporal)
+    assert started.returncode == 0, started.stderr
+    return client.get_workflow_handle(started.stdout.split()[-1])
+
+
+def drp_approve(stack, queue: str, inc: str, temporal: str | None = None, by: str = "alice") -> None:
+    """`drp approve`, asked again (as an operator would) while the run's workflow task is being retried on a
+    loaded machine ("Workflow Task in failed state", an update that timed out); bounded in minutes."""
+    deadline = time.monotonic() + 300
+    while True:
+        approved = drp(stack, queue, "approve", inc, "--by", by, "--reason", "approved in the test suite",
+                       temporal=temporal)
+        transient = "Workflow Task in failed state" in approved.stderr or "imeout" in approved.stderr
+        if approved.returncode == 0 or not transient or time.monotonic() > deadline:
+            break
+    assert approved.returncode == 0, approved.stderr
+
+
 async def start_and_approve(client, stack, queue: str, inc: str, procedure: str = "db-corruption",
                             *extra: str):
-    started = drp(stack, queue, "start", procedure, "--incident", inc, "--database", DATABASE,
-                  "--task-queue", queue, *extra)
-    assert started.returncode == 0, started.stderr
-    handle = client.get_workflow_handle(started.stdout.split()[-1])
+    handle = drp_start(client, stack, queue, procedure, inc, *extra)
     await wait_for_approval_gate(handle)
-    approved = drp(stack, queue, "approve", inc, "--by", "alice", "--reason", "approved in the test suite")
-    assert approved.returncode == 0, approved.stderr
+    drp_approve(stack, queue, inc)
     return handle
 
 
