@@ -345,7 +345,10 @@ class BackupActivities:
         if RECOVERY_BEGIN not in current:
             restore_command = self.barman.restore_command(fallback_dir=local_wal_dir).replace("'", "''")
             if target_xid is None:  # to the end of the archive, then a new primary that archives nothing yet
-                target = "recovery_target_action = 'promote'\narchive_mode = on\narchive_command = ''\n"
+                # and applies no subscription (it would consume production's slots on the publishers) until
+                # the swap makes it production: no logical-replication launcher at all.
+                target = ("recovery_target_action = 'promote'\narchive_mode = on\narchive_command = ''\n"
+                          "max_logical_replication_workers = 0\n")
             else:  # a side instance: just before the bad transaction, paused, read-only, archiving nothing
                 target = (f"recovery_target_xid = '{target_xid % 2**32}'\nrecovery_target_inclusive = off\n"
                           "recovery_target_action = 'pause'\narchive_mode = off\n")

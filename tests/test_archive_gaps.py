@@ -19,6 +19,7 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote
 
 import psycopg
 import pytest
@@ -29,8 +30,8 @@ from activities.pgserver import PgServer, embedded_bin_dir, run_as
 from activities.processes import free_port
 from activities.timelines import waldump_end
 from stack.corrupt import corrupt_table
-from stack.stack import DATABASE
-from tests.conftest import activity_attempts, running_worker, wait_for_approval_gate
+from stack.stack import DATABASE, STANDBY_NAME
+from tests.conftest import activity_attempts, own_stack, running_worker, wait_for_approval_gate
 from tests.test_recovery_safety import wal_keys
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -205,3 +206,155 @@ async def test_a_subscription_is_disabled_by_the_seal_and_enabled_again_with_eve
         with pg.connect(DATABASE) as conn:
             conn.execute("DROP SUBSCRIPTION feed_sub")
             conn.execute("DROP TABLE feed")
+
+
+@pytest.fixture(scope="module")
+def sync_pair():
+    with own_stack("drp-test-syncfb-", companies=50, synchronous_standby=True) as s:
+        yield s
+
+
+async def test_failback_with_a_synchronous_standby_completes_and_restores_synchronous_replication(sync_pair,
+                                                                                                   client):
+    """After a failover the operator makes the new primary synchronous again (`'*'`: whichever standby
+    rejoins). DatabaseFailback rewinds the old primary from it, which copies that setting, then promotes it
+    while the former standby is fenced: every commit, the runbook's write check first, waited for a standby
+    that did not exist. The promotion pauses synchronous replication (as Patroni does), and once the former
+    standby streams again the old primary's own setting comes back, only if that standby confirms."""
+    primary, standby = sync_pair.postgres(), sync_pair.standby()
+    temporal = client.service_client.config.target_host
+    async with running_worker(client, sync_pair) as queue:
+        inc = incident()
+        failover = drp_start(client, sync_pair, queue, "failover", inc, temporal=temporal)
+        await wait_for_approval_gate(failover)
+        drp_approve(sync_pair, queue, inc, temporal=temporal)
+        await failover.result()
+    with standby.connect(DATABASE) as conn:  # written on the promoted standby
+        acknowledged = [conn.execute("INSERT INTO app_write_checks DEFAULT VALUES RETURNING id").fetchone()[0]
+                        for _ in range(25)]
+    with standby.connect() as conn:
+        conn.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+        conn.execute("SELECT pg_reload_conf()")
+    async with running_worker(client, sync_pair) as queue:
+        inc = incident()
+        failback = drp_start(client, sync_pair, queue, "failback", inc, temporal=temporal)
+        await wait_for_approval_gate(failback)
+        drp_approve(sync_pair, queue, inc, temporal=temporal)
+        async with asyncio.timeout(900):  # an upper bound: the write check used to wait for ever
+            result = await failback.result()
+    assert result.promoted.synchronous_paused == STANDBY_NAME  # the old primary's own setting, from before
+    assert result.rejoined_standby.synchronous and "restored" in result.rejoined_standby.synchronous
+    assert "NOT restored" not in result.rejoined_standby.synchronous
+    with primary.connect() as conn:
+        assert conn.execute("SHOW synchronous_standby_names").fetchone()[0] == STANDBY_NAME
+        assert conn.execute("SELECT application_name, sync_state FROM pg_stat_replication").fetchall() == [
+            (STANDBY_NAME, "sync")]
+    assert ids_present(primary, "app_write_checks", acknowledged) == set(acknowledged)
+    with primary.connect(DATABASE) as conn:  # a commit is confirmed by the synchronous standby
+        new = conn.execute("INSERT INTO app_write_checks DEFAULT VALUES RETURNING id").fetchone()[0]
+    async with asyncio.timeout(120):
+        while not ids_present(standby, "app_write_checks", [new]):
+            await asyncio.sleep(0.1)
+
+
+class FlakyS3(ThreadingHTTPServer):
+    """An HTTP proxy in front of moto that answers every read of the WAL archive (`/wals/`) with 500 while
+    `failing` is set: the S3 outage a restore_command meets in the field."""
+
+    daemon_threads = True
+
+    def __init__(self, upstream: str):
+        self.upstream = upstream.removeprefix("http://")
+        self.failing = threading.Event()
+        self.failed = 0
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    self.rfile.readline()
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _forward(self) -> None:
+        body = self._body()
+        server: FlakyS3 = self.server
+        if server.failing.is_set() and self.command == "GET" and "/wals/" in unquote(self.path):
+            server.failed += 1
+            error = b"<Error><Code>InternalError</Code><Message>injected outage</Message></Error>"
+            self.send_response(500)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(error)))
+            self.end_headers()
+            self.wfile.write(error)
+            return
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "transfer-encoding",
+                                                                               "content-length")}
+        upstream = http.client.HTTPConnection(server.upstream, timeout=600)
+        try:
+            upstream.request(self.command, self.path, body=body, headers={**headers,
+                                                                          "Content-Length": str(len(body))})
+            response = upstream.getresponse()
+            data = response.read()
+        finally:
+            upstream.close()
+        self.send_response(response.status)
+        for key, value in response.getheaders():
+            if key.lower() not in ("connection", "transfer-encoding", "content-length", "date", "server"):
+                self.send_header(key, value)
+        length = response.getheader("Content-Length") if self.command == "HEAD" else str(len(data))
+        self.send_header("Content-Length", length or "0")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+
+async def test_an_s3_outage_during_the_replay_is_waited_out_and_every_commit_comes_back(stack, client):
+    """The archive answers every WAL read with 500 from the start of the recovery until PostgreSQL has
+    stopped once on it (restore_command gave up: exit 126, FATAL instead of "end of archive"); then S3
+    comes back. The replay step is retried, recovery resumes where it stopped, and every acknowledged
+    commit is there; nothing is called recovered with rows missing."""
+    from tests.test_recovery_safety import acknowledged_rows, archive_now, present
+
+    acknowledged = acknowledged_rows(stack, 15, "before the outage")
+    archive_now(stack)
+    acknowledged += acknowledged_rows(stack, 15, "in the last segment")
+    corrupt_table(stack.postgres(), DATABASE, "metrics")
+    proxy = FlakyS3(stack.moto_url)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    proxy.failing.set()
+    inc = incident()
+    data_dir = stack.postgres().data_dir
+    server_log = data_dir.with_name(f"{data_dir.name}.restore-{inc}.log")
+    try:
+        async with running_worker(client, stack, backup={"endpoint_url": proxy.url}) as queue:
+            handle = await start_and_approve(client, stack, queue, inc)
+            async with asyncio.timeout(900):  # an upper bound: PostgreSQL stops on the unreadable archive
+                while not (server_log.exists() and ARCHIVE_UNREADABLE in server_log.read_text(errors="replace")):
+                    await asyncio.sleep(0.2)
+            proxy.failing.clear()  # S3 is back
+            result = await handle.result()
+            attempts = await activity_attempts(handle, "replay_wal")
+    finally:
+        proxy.shutdown()
+    assert proxy.failed > 0 and max(attempts) >= 2  # the outage was met, and the step went on
+    assert result.outcome == "recovered" and result.rpo_actual.total_seconds() == 0
+    assert present(stack, acknowledged) == set(acknowledged)
