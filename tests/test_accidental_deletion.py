@@ -232,12 +232,12 @@ async def test_a_deletion_recovery_holds_the_database_lock_until_its_side_instan
     window_start = delete_as_analyst(analyst, "Industrials", 150) - timedelta(seconds=1)
     inc, other, second = incident(), incident(), incident()
     async with running_worker(client, stack) as queue:
-        holder = drp_start(client, stack, queue, "deletion", inc, "--window-start", window_start.isoformat(),
+        holder = await drp_start(client, stack, queue, "deletion", inc, "--window-start", window_start.isoformat(),
                            "--role", ROLE)
         await wait_for_approval_gate(holder, "re-insert")
         pids = stack.postgres().postmaster_pid(), stack.processes.pid("app")
-        for refused in (drp_start(client, stack, queue, "db-corruption", other),
-                        drp_start(client, stack, queue, "deletion", second, "--window-start",
+        for refused in (await drp_start(client, stack, queue, "db-corruption", other),
+                        await drp_start(client, stack, queue, "deletion", second, "--window-start",
                                   window_start.isoformat(), "--role", ROLE)):
             with pytest.raises(WorkflowFailureError) as busy:
                 await refused.result()
@@ -246,12 +246,12 @@ async def test_a_deletion_recovery_holds_the_database_lock_until_its_side_instan
         assert (stack.postgres().postmaster_pid(), stack.processes.pid("app")) == pids  # nothing changed
         assert not can_delete(stack)  # the holder's containment is untouched
 
-        drp_approve(stack, queue, inc)  # re-insert
+        await drp_approve(stack, queue, inc)  # re-insert
         await wait_for_approval_gate(holder, "lift containment")
         # Released before the lift gate: a corruption recovery of the same database may run now.
-        after = drp_start(client, stack, queue, "db-corruption", incident())
+        after = await drp_start(client, stack, queue, "db-corruption", incident())
         assert (await after.result()).outcome == "no_corruption_found"
-        drp_approve(stack, queue, inc)  # lift containment (alice: incident commander)
+        await drp_approve(stack, queue, inc)  # lift containment (alice: incident commander)
         result = await holder.result()
     assert result.containment_lifted and result.reinserted.missing_after_insert == 0
     assert can_delete(stack)

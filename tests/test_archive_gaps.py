@@ -49,22 +49,25 @@ def drp(stack, queue: str, *args: str, temporal: str | None = None) -> subproces
                           capture_output=True, text=True, cwd=ROOT, timeout=180, env=env)
 
 
-def drp_start(client, stack, queue: str, procedure: str, inc: str, *extra: str, temporal: str | None = None):
-    """`drp start PROCEDURE --incident INC ...`; the handle of the run it started."""
+async def drp_start(client, stack, queue: str, procedure: str, inc: str, *extra: str,
+                    temporal: str | None = None):
+    """`drp start PROCEDURE --incident INC ...`; the handle of the run it started. (In a thread: the test's
+    worker shares this event loop.)"""
     database = ("--database", DATABASE) if procedure in ("db-corruption", "deletion") else ()
-    started = drp(stack, queue, "start", procedure, "--incident", inc, *database, "--task-queue", queue, *extra,
-                  temporal=temporal)
+    started = await asyncio.to_thread(drp, stack, queue, "start", procedure, "--incident", inc, *database,
+                                      "--task-queue", queue, *extra, temporal=temporal)
     assert started.returncode == 0, started.stderr
     return client.get_workflow_handle(started.stdout.split()[-1])
 
 
-def drp_approve(stack, queue: str, inc: str, temporal: str | None = None, by: str = "alice") -> None:
-    """`drp approve`, asked again (as an operator would) while the run's workflow task is being retried on a
-    loaded machine ("Workflow Task in failed state", an update that timed out); bounded in minutes."""
+async def drp_approve(stack, queue: str, inc: str, temporal: str | None = None, by: str = "alice") -> None:
+    """`drp approve` (in a thread: the test's worker shares this event loop), asked again as an operator would
+    while the run's workflow task is being retried on a loaded machine ("Workflow Task in failed state", an
+    update that timed out); bounded in minutes."""
     deadline = time.monotonic() + 300
     while True:
-        approved = drp(stack, queue, "approve", inc, "--by", by, "--reason", "approved in the test suite",
-                       temporal=temporal)
+        approved = await asyncio.to_thread(drp, stack, queue, "approve", inc, "--by", by, "--reason",
+                                           "approved in the test suite", temporal=temporal)
         transient = "Workflow Task in failed state" in approved.stderr or "imeout" in approved.stderr
         if approved.returncode == 0 or not transient or time.monotonic() > deadline:
             break
@@ -73,9 +76,9 @@ def drp_approve(stack, queue: str, inc: str, temporal: str | None = None, by: st
 
 async def start_and_approve(client, stack, queue: str, inc: str, procedure: str = "db-corruption",
                             *extra: str):
-    handle = drp_start(client, stack, queue, procedure, inc, *extra)
+    handle = await drp_start(client, stack, queue, procedure, inc, *extra)
     await wait_for_approval_gate(handle)
-    drp_approve(stack, queue, inc)
+    await drp_approve(stack, queue, inc)
     return handle
 
 
@@ -225,9 +228,9 @@ async def test_failback_with_a_synchronous_standby_completes_and_restores_synchr
     temporal = client.service_client.config.target_host
     async with running_worker(client, sync_pair) as queue:
         inc = incident()
-        failover = drp_start(client, sync_pair, queue, "failover", inc, temporal=temporal)
+        failover = await drp_start(client, sync_pair, queue, "failover", inc, temporal=temporal)
         await wait_for_approval_gate(failover)
-        drp_approve(sync_pair, queue, inc, temporal=temporal)
+        await drp_approve(sync_pair, queue, inc, temporal=temporal)
         await failover.result()
     with standby.connect(DATABASE) as conn:  # written on the promoted standby
         acknowledged = [conn.execute("INSERT INTO app_write_checks DEFAULT VALUES RETURNING id").fetchone()[0]
@@ -237,9 +240,9 @@ async def test_failback_with_a_synchronous_standby_completes_and_restores_synchr
         conn.execute("SELECT pg_reload_conf()")
     async with running_worker(client, sync_pair) as queue:
         inc = incident()
-        failback = drp_start(client, sync_pair, queue, "failback", inc, temporal=temporal)
+        failback = await drp_start(client, sync_pair, queue, "failback", inc, temporal=temporal)
         await wait_for_approval_gate(failback)
-        drp_approve(sync_pair, queue, inc, temporal=temporal)
+        await drp_approve(sync_pair, queue, inc, temporal=temporal)
         async with asyncio.timeout(900):  # an upper bound: the write check used to wait for ever
             result = await failback.result()
     assert result.promoted.synchronous_paused == STANDBY_NAME  # the old primary's own setting, from before

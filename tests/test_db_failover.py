@@ -156,7 +156,7 @@ async def test_region_failover_can_promote_the_self_managed_standby(pair, client
                 incident_id=incident(), backup_region=BACKUP, health_checks=1), queue)
             await wait_for_approval_gate(handle)
             # It holds the database lock: a DatabaseFailover of the same pair, from `drp`, is refused.
-            other = drp_start(client, pair, queue, "failover", incident(),
+            other = await drp_start(client, pair, queue, "failover", incident(),
                               temporal=client.service_client.config.target_host)
             with pytest.raises(WorkflowFailureError) as busy:
                 await other.result()
