@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import re
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,6 +43,11 @@ from models.postgres import (
 
 RECOVERY_BEGIN = "# --- drp recovery: begin ---"
 RECOVERY_END = "# --- drp recovery: end ---"
+
+
+# A complete WAL segment or a timeline history file (not .partial or .backup): what archive_command archives
+# and a recovery needs.
+_WAL_OR_HISTORY = re.compile(r"[0-9A-F]{24}|[0-9A-F]{8}\.history")
 
 
 def _heartbeat(*details) -> None:
@@ -326,7 +332,7 @@ class BackupActivities:
         Its pg_wal is only read (the `.ready` files stay: they are evidence of what the archiver missed)."""
         try:
             ready = sorted(p.name.removesuffix(".ready") for p in (wal / "archive_status").glob("*.ready")
-                           if len(p.name) == 24 + len(".ready"))
+                           if _WAL_OR_HISTORY.fullmatch(p.name.removesuffix(".ready")))
         except OSError:
             return  # unreadable: restore_command still falls back to it file by file
         for i, segment in enumerate(ready):

@@ -4,6 +4,7 @@ Every check here reads, never writes, except `seal_primary`, which stops the
 old server only after the last WAL it wrote is safe in the archive.
 """
 
+import re
 import time
 from datetime import datetime, timezone
 
@@ -34,6 +35,11 @@ USER_TABLES = """
     WHERE c.relkind = 'r' AND c.relpersistence <> 't'
       AND n.nspname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1
 """
+
+
+# A complete WAL segment or a timeline history file (not .partial or .backup): what archive_command archives
+# and a recovery needs.
+_WAL_OR_HISTORY = re.compile(r"[0-9A-F]{24}|[0-9A-F]{8}\.history")
 
 
 def _heartbeat(*details) -> None:
@@ -225,7 +231,7 @@ class PostgresActivities:
         wal = self.server.data_dir / "pg_wal"
         try:
             ready = sorted(p.name.removesuffix(".ready") for p in (wal / "archive_status").glob("*.ready")
-                           if len(p.name) == 24 + len(".ready"))
+                           if _WAL_OR_HISTORY.fullmatch(p.name.removesuffix(".ready")))
         except OSError as err:
             return {"wal_end_unknown": f"{wal} cannot be read: {err}"}
         control = self.server.control_data()

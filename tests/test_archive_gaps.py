@@ -29,12 +29,17 @@ from activities.barman import ARCHIVE_UNREADABLE
 from activities.pgserver import PgServer, embedded_bin_dir, run_as
 from activities.processes import free_port
 from activities.timelines import waldump_end
+from models.db_corruption import CorruptionRecoveryResult
+from models.deletion import DeletionRecoveryResult
+from models.failover import DatabaseFailbackResult, DatabaseFailoverResult
 from stack.corrupt import corrupt_table
 from stack.stack import DATABASE, STANDBY_NAME
 from tests.conftest import activity_attempts, own_stack, running_worker, wait_for_approval_gate
 from tests.test_recovery_safety import wal_keys
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = {"db-corruption": CorruptionRecoveryResult, "deletion": DeletionRecoveryResult,
+           "failover": DatabaseFailoverResult, "failback": DatabaseFailbackResult}
 
 
 def incident() -> str:
@@ -57,7 +62,7 @@ async def drp_start(client, stack, queue: str, procedure: str, inc: str, *extra:
     started = await asyncio.to_thread(drp, stack, queue, "start", procedure, "--incident", inc, *database,
                                       "--task-queue", queue, *extra, temporal=temporal)
     assert started.returncode == 0, started.stderr
-    return client.get_workflow_handle(started.stdout.split()[-1])
+    return client.get_workflow_handle(started.stdout.split()[-1], result_type=RESULTS[procedure])
 
 
 async def drp_approve(stack, queue: str, inc: str, temporal: str | None = None, by: str = "alice") -> None:
@@ -308,7 +313,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self.wfile.write(error)
             return
         headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "transfer-encoding",
-                                                                               "content-length")}
+                                                                               "content-length", "expect")}
         upstream = http.client.HTTPConnection(server.upstream, timeout=600)
         try:
             upstream.request(self.command, self.path, body=body, headers={**headers,
