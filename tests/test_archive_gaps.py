@@ -149,7 +149,7 @@ def test_a_stopped_primary_whose_wal_cannot_be_read_is_not_called_recovered():
 @contextlib.contextmanager
 def publisher_server(stack):
     """Another PostgreSQL server (wal_level = logical) publishing a table `feed`."""
-    data = stack.pg_dir.parent / f"publisher-{uuid.uuid4().hex[:6]}"
+    data = stack.pg_dir / f"publisher-{uuid.uuid4().hex[:6]}"
     data.parent.mkdir(parents=True, exist_ok=True)
     server = PgServer(bin_dir=embedded_bin_dir(), data_dir=data, port=free_port(), os_user=stack.config.os_user)
     if server.os_user and os.geteuid() == 0:
