@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -60,14 +61,20 @@ class PostgresActivities:
         try:
             conn = self.server.connect("postgres")
         except psycopg.OperationalError as err:
-            return Assessment(database=req.database, server_reachable=False,
-                              findings=[f"server unreachable: {str(err).strip().splitlines()[-1]}"])
+            return Assessment(
+                database=req.database,
+                server_reachable=False,
+                findings=[f"server unreachable: {str(err).strip().splitlines()[-1]}"],
+            )
         with conn:
             exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (req.database,)).fetchone()
         if not exists:
-            raise ApplicationError(f"database {req.database!r} does not exist on {self.server.host}:"
-                                   f"{self.server.port}; nothing was changed", type="UnknownDatabase",
-                                   non_retryable=True)
+            raise ApplicationError(
+                f"database {req.database!r} does not exist on {self.server.host}:"
+                f"{self.server.port}; nothing was changed",
+                type="UnknownDatabase",
+                non_retryable=True,
+            )
         return self._inspect(self.server, req.database)
 
     def _inspect(self, server: PgServer, database: str) -> Assessment:
@@ -78,36 +85,53 @@ class PostgresActivities:
             tables = [r[0] for r in rows]
             unlogged = [r[0] for r in rows if r[1]]
             amcheck = bool(conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'amcheck'").fetchone())
-        schema = server.tool("pg_dump", *server.client_args(database), "--schema-only", "-f", "/dev/null",
-                             check=False, timeout=600)
+        schema = server.tool(
+            "pg_dump", *server.client_args(database), "--schema-only", "-f", "/dev/null", check=False, timeout=600
+        )
         if schema.returncode != 0:
             findings.append(f"pg_dump --schema-only failed: {_first_error(schema.stderr)}")
         if amcheck:
             _heartbeat("pg_amcheck")
-            check = server.tool("pg_amcheck", *server.client_args(database), "--heapallindexed",
-                                check=False, timeout=3600)
+            # The database as a positional connection string: pg_amcheck's -d takes a pattern, which
+            # folds case and reads *, ? and . as wildcards and separators.
+            check = server.tool(
+                "pg_amcheck",
+                *server.connection_args(),
+                make_conninfo(dbname=database),
+                "--heapallindexed",
+                check=False,
+                timeout=3600,
+            )
             for header, detail in _amcheck_reports(check.stdout + check.stderr):
                 findings.append(f"{header} {detail}".strip())
-                table = _table_of(header.split('"')[1] if '"' in header else "", tables)
+                table = _table_of(header, database, rows)
                 if table:
                     corrupted.add(table)
             if check.returncode not in (0, 2):
                 findings.append(f"pg_amcheck exited {check.returncode}: {_first_error(check.stderr)}")
         for table in tables:  # the playbook's per-table dump: reads every heap page
             _heartbeat(f"pg_dump -t {table}")
-            dump = server.tool("pg_dump", *server.client_args(database), "-t", table, "-f", "/dev/null",
-                               check=False, timeout=3600)
+            dump = server.tool(
+                "pg_dump", *server.client_args(database), "-t", table, "-f", "/dev/null", check=False, timeout=3600
+            )
             if dump.returncode != 0:
                 corrupted.add(table)
                 findings.append(f"pg_dump -t {table}: {_first_error(dump.stderr)}")
         with server.connect(database) as conn:
-            failures = conn.execute("SELECT coalesce(checksum_failures, 0) FROM pg_stat_database "
-                                    "WHERE datname = %s", (database,)).fetchone()[0]
+            failures = conn.execute(
+                "SELECT coalesce(checksum_failures, 0) FROM pg_stat_database WHERE datname = %s", (database,)
+            ).fetchone()[0]
         if failures:
             findings.append(f"pg_stat_database.checksum_failures = {failures}")
-        return Assessment(database=database, server_reachable=True, corrupted_tables=sorted(corrupted),
-                          findings=findings, checksum_failures=failures, amcheck_available=amcheck,
-                          unlogged_tables=unlogged)
+        return Assessment(
+            database=database,
+            server_reachable=True,
+            corrupted_tables=sorted(corrupted),
+            findings=findings,
+            checksum_failures=failures,
+            amcheck_available=amcheck,
+            unlogged_tables=unlogged,
+        )
 
     # --- seal -----------------------------------------------------------------
 
@@ -135,33 +159,68 @@ class PostgresActivities:
         if not self.server.is_running():
             if marker.get("result"):
                 return SealResult.model_validate(marker["result"]).model_copy(
-                    update={"sealed_by": marker.get("incident_id")})
+                    update={"sealed_by": marker.get("incident_id")}
+                )
             # An earlier attempt may have fenced it before it went down: keep what must be reopened.
             fenced = marker.get("fenced_databases", [])
-            result = SealResult(was_running=False, timeline=self.server.control_timeline(), fenced_databases=fenced,
-                                disabled_subscriptions=marker.get("disabled_subscriptions", []),
-                                **self._stopped_wal())
-            write_seal(data_dir, {"incident_id": req.incident_id, "sealed_at": _now(), **marker, "state": "found stopped",
-                                  "fenced_databases": fenced, "result": result.model_dump()})
+            result = SealResult(
+                was_running=False,
+                timeline=self.server.control_timeline(),
+                fenced_databases=fenced,
+                disabled_subscriptions=marker.get("disabled_subscriptions", []),
+                **self._stopped_wal(),
+            )
+            write_seal(
+                data_dir,
+                {
+                    "incident_id": req.incident_id,
+                    "sealed_at": _now(),
+                    **marker,
+                    "state": "found stopped",
+                    "fenced_databases": fenced,
+                    "result": result.model_dump(),
+                },
+            )
             return result
         try:
             ctl = self.server.connect("template1")
         except psycopg.OperationalError:
             self.server.stop()  # running but not answering: nothing more can be saved from it
             fenced = marker.get("fenced_databases", [])
-            result = SealResult(was_running=True, timeline=self.server.control_timeline(), fenced_databases=fenced,
-                                disabled_subscriptions=marker.get("disabled_subscriptions", []),
-                                **self._stopped_wal())
-            write_seal(data_dir, {"incident_id": req.incident_id, "sealed_at": _now(), **marker, "state": "stopped unanswering",
-                                  "fenced_databases": fenced, "result": result.model_dump()})
+            result = SealResult(
+                was_running=True,
+                timeline=self.server.control_timeline(),
+                fenced_databases=fenced,
+                disabled_subscriptions=marker.get("disabled_subscriptions", []),
+                **self._stopped_wal(),
+            )
+            write_seal(
+                data_dir,
+                {
+                    "incident_id": req.incident_id,
+                    "sealed_at": _now(),
+                    **marker,
+                    "state": "stopped unanswering",
+                    "fenced_databases": fenced,
+                    "result": result.model_dump(),
+                },
+            )
             return result
         with ctl:
             ctl.execute("SET synchronous_commit = local")  # the fence must not wait for a standby that is gone
             if "fenced_databases" not in marker:  # first attempt: remember what was open before closing it
-                fenced = [r[0] for r in ctl.execute(
-                    "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1")]
-                marker = {"incident_id": req.incident_id, "state": "fencing", "sealed_at": _now(),
-                          "fenced_databases": fenced}
+                fenced = [
+                    r[0]
+                    for r in ctl.execute(
+                        "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1"
+                    )
+                ]
+                marker = {
+                    "incident_id": req.incident_id,
+                    "state": "fencing",
+                    "sealed_at": _now(),
+                    "fenced_databases": fenced,
+                }
                 write_seal(data_dir, marker)
             fenced = marker["fenced_databases"]
             if "disabled_subscriptions" not in marker:  # apply workers are not client sessions: stop them too
@@ -178,15 +237,20 @@ class PostgresActivities:
                 _terminate_others(ctl, keep=[conn.info.backend_pid])
                 counts, unlogged = _row_counts(conn, skip=set(req.skip_tables))
                 last_commit = conn.execute("SELECT timestamp FROM pg_last_committed_xact()").fetchone()
-                timeline = int(conn.execute(
-                    "SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()[0][:8], 16)
-                end_lsn, segment = conn.execute(
-                    "SELECT s::text, pg_walfile_name(s) FROM pg_switch_wal() s").fetchone()
+                timeline = int(conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()[0][:8], 16)
+                end_lsn, segment = conn.execute("SELECT s::text, pg_walfile_name(s) FROM pg_switch_wal() s").fetchone()
                 self._wait_archived(conn, segment)
-        result = SealResult(was_running=True, archived_through=segment, end_lsn=end_lsn, row_counts=counts,
-                            last_commit_at=last_commit[0] if last_commit else None, timeline=timeline,
-                            fenced_databases=fenced, unlogged_tables=unlogged,
-                            disabled_subscriptions=marker["disabled_subscriptions"])
+        result = SealResult(
+            was_running=True,
+            archived_through=segment,
+            end_lsn=end_lsn,
+            row_counts=counts,
+            last_commit_at=last_commit[0] if last_commit else None,
+            timeline=timeline,
+            fenced_databases=fenced,
+            unlogged_tables=unlogged,
+            disabled_subscriptions=marker["disabled_subscriptions"],
+        )
         write_seal(data_dir, {**marker, "state": "sealed", "result": result.model_dump()})
         self.server.stop()
         return result
@@ -200,19 +264,29 @@ class PostgresActivities:
         running = self.server.is_running()
         if not running:
             who = marker.get("incident_id") if marker else None
-            return ProductionState(running=False, detail=(
-                f"production is stopped and sealed by incident {who}; `drp unseal` starts it again as it was"
-                if marker else "production is stopped"))
+            return ProductionState(
+                running=False,
+                detail=(
+                    f"production is stopped and sealed by incident {who}; `drp unseal` starts it again as it was"
+                    if marker
+                    else "production is stopped"
+                ),
+            )
         if marker is None:
             return ProductionState(running=True, detail="production keeps running; it was not fenced")
         set_allow_connections(self.server, marker.get("fenced_databases", []), allow=True)
         subscriptions = marker.get("disabled_subscriptions", [])
         set_subscriptions(self.server, subscriptions, enable=True)
         marker_path(self.server.data_dir).unlink(missing_ok=True)
-        return ProductionState(running=True,
-                               detail="production keeps running; the databases the seal closed are open again"
-                                      + (f" and the subscriptions it disabled ({', '.join(subscriptions)}) enabled "
-                                         "again" if subscriptions else ""))
+        return ProductionState(
+            running=True,
+            detail="production keeps running; the databases the seal closed are open again"
+            + (
+                f" and the subscriptions it disabled ({', '.join(subscriptions)}) enabled again"
+                if subscriptions
+                else ""
+            ),
+        )
 
     @activity.defn
     def archive_current_wal(self, req: AssessRequest) -> str:
@@ -230,20 +304,26 @@ class PostgresActivities:
         Read-only. When it cannot be read, `wal_end_unknown` says why."""
         wal = self.server.data_dir / "pg_wal"
         try:
-            ready = sorted(p.name.removesuffix(".ready") for p in (wal / "archive_status").glob("*.ready")
-                           if _WAL_OR_HISTORY.fullmatch(p.name.removesuffix(".ready")))
+            ready = sorted(
+                p.name.removesuffix(".ready")
+                for p in (wal / "archive_status").glob("*.ready")
+                if _WAL_OR_HISTORY.fullmatch(p.name.removesuffix(".ready"))
+            )
         except OSError as err:
             return {"wal_end_unknown": f"{wal} cannot be read: {err}"}
         control = self.server.control_data()
         redo, timeline = control.get("Latest checkpoint's REDO location"), control.get("Latest checkpoint's TimeLineID")
         if not redo or not timeline:
             return {"unarchived_wal": ready, "wal_end_unknown": f"no readable control file in {self.server.data_dir}"}
-        dump = self.server.tool("pg_waldump", "--quiet", "-p", str(wal), "-t", timeline, "-s", redo,
-                                check=False, timeout=1800)
+        dump = self.server.tool(
+            "pg_waldump", "--quiet", "-p", str(wal), "-t", timeline, "-s", redo, check=False, timeout=1800
+        )
         end = waldump_end(dump.stderr, int(control.get("Bytes per WAL segment") or 16 * 1024 * 1024))
         if end is None:
-            return {"unarchived_wal": ready,
-                    "wal_end_unknown": f"pg_waldump could not find the end of {wal}: {dump.stderr.strip()[-300:]}"}
+            return {
+                "unarchived_wal": ready,
+                "wal_end_unknown": f"pg_waldump could not find the end of {wal}: {dump.stderr.strip()[-300:]}",
+            }
         return {"end_lsn": end, "local_wal_dir": str(wal), "unarchived_wal": ready}
 
     def _wait_archived(self, conn: psycopg.Connection, segment: str) -> None:
@@ -253,9 +333,11 @@ class PostgresActivities:
             if last and last[:24] >= segment:  # same timeline: names sort by position
                 return
             if time.monotonic() > deadline:
-                raise ApplicationError(f"WAL segment {segment} not archived after {self.archive_wait_seconds:.0f}s "
-                                       f"(last archived {last}, last failed {failed}); check archive_command",
-                                       type="ArchiveLagging")
+                raise ApplicationError(
+                    f"WAL segment {segment} not archived after {self.archive_wait_seconds:.0f}s "
+                    f"(last archived {last}, last failed {failed}); check archive_command",
+                    type="ArchiveLagging",
+                )
             _heartbeat(f"waiting for {segment} to be archived")
             time.sleep(0.5)
 
@@ -279,19 +361,28 @@ class PostgresActivities:
             if got != want:
                 problems.append(f"{table}: {got} rows restored, {want} expected")
         if problems:
-            raise ApplicationError("restored database failed verification; production is untouched and the "
-                                   "restore is kept for inspection: " + "; ".join(problems),
-                                   type="VerificationFailed", non_retryable=True)
+            raise ApplicationError(
+                "restored database failed verification; production is untouched and the "
+                "restore is kept for inspection: " + "; ".join(problems),
+                type="VerificationFailed",
+                non_retryable=True,
+            )
         try:
             with server.connect(req.database, autocommit=False) as conn:
                 conn.execute("CREATE TABLE drp_write_probe (id int)")  # proves the server takes writes
                 conn.execute("INSERT INTO drp_write_probe VALUES (1)")
                 conn.rollback()  # and leaves nothing behind
         except psycopg.Error as err:
-            raise ApplicationError(f"restored server refuses writes: {err}", type="VerificationFailed",
-                                   non_retryable=True) from err
-        checks = ["not in recovery", "pg_dump --schema-only", "pg_dump of every table",
-                  "no checksum failures", "accepts writes"]
+            raise ApplicationError(
+                f"restored server refuses writes: {err}", type="VerificationFailed", non_retryable=True
+            ) from err
+        checks = [
+            "not in recovery",
+            "pg_dump --schema-only",
+            "pg_dump of every table",
+            "no checksum failures",
+            "accepts writes",
+        ]
         if assessment.amcheck_available:
             checks.insert(1, "pg_amcheck --heapallindexed")
         if req.baseline_row_counts or req.expected_row_counts:
@@ -320,15 +411,22 @@ def _row_counts(conn: psycopg.Connection, skip: set[str] = frozenset()) -> tuple
 
 def _enabled_subscriptions(conn: psycopg.Connection) -> list[str]:
     """'database/subscription' of every enabled logical-replication subscription of the cluster."""
-    return [f"{db}/{name}" for db, name in conn.execute(
-        "SELECT d.datname, s.subname FROM pg_subscription s JOIN pg_database d ON d.oid = s.subdbid "
-        "WHERE s.subenabled ORDER BY 1, 2")]
+    return [
+        f"{db}/{name}"
+        for db, name in conn.execute(
+            "SELECT d.datname, s.subname FROM pg_subscription s JOIN pg_database d ON d.oid = s.subdbid "
+            "WHERE s.subenabled ORDER BY 1, 2"
+        )
+    ]
 
 
 def _allow(conn: psycopg.Connection, databases: list[str], allow: bool) -> None:
     for name in databases:
-        conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}").format(
-            sql.Identifier(name), sql.SQL("true" if allow else "false")))
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}").format(
+                sql.Identifier(name), sql.SQL("true" if allow else "false")
+            )
+        )
 
 
 def _terminate_others(conn: psycopg.Connection, keep: list[int], timeout: float = 60) -> None:
@@ -337,12 +435,15 @@ def _terminate_others(conn: psycopg.Connection, keep: list[int], timeout: float 
     while True:
         left = conn.execute(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE backend_type = 'client backend' "
-            "AND pid <> pg_backend_pid() AND NOT pid = ANY(%s)", (keep,)).fetchone()[0]
+            "AND pid <> pg_backend_pid() AND NOT pid = ANY(%s)",
+            (keep,),
+        ).fetchone()[0]
         if left == 0:
             return
         if time.monotonic() > deadline:
-            raise ApplicationError(f"{left} sessions did not end after pg_terminate_backend within {timeout:.0f}s",
-                                   type="FenceIncomplete")
+            raise ApplicationError(
+                f"{left} sessions did not end after pg_terminate_backend within {timeout:.0f}s", type="FenceIncomplete"
+            )
         _heartbeat(f"fencing: waiting for {left} sessions to end")
         time.sleep(0.2)
 
@@ -366,11 +467,15 @@ def _qualified(table: str) -> str:
     return table if "." in table else f"public.{table}"
 
 
-def _table_of(relation: str, tables: list[str]) -> str | None:
-    """Map a relation named by pg_amcheck (db.schema.rel) to one of the user tables."""
-    parts = relation.split(".")
-    candidate = ".".join(parts[-2:]) if len(parts) >= 2 else relation
-    return candidate if candidate in tables else None
+def _table_of(header: str, database: str, rows: list[tuple]) -> str | None:
+    """The user table a pg_amcheck report header names, as `format('%I.%I')`, or None (an index).
+
+    pg_amcheck names a relation `"<database>.<schema>.<relation>"` with the names as stored, not
+    quoted (PostgreSQL's src/bin/amcheck/pg_amcheck.c), so the header is matched against each
+    table's stored names rather than split on dots: names may hold dots, quotes and spaces.
+    `rows` are USER_TABLES rows: (quoted name, unlogged, schema, relation)."""
+    named = [r for r in rows if f'"{database}.{r[2]}.{r[3]}"' in header]
+    return max(named, key=lambda r: len(r[2]) + len(r[3]))[0] if named else None
 
 
 def _first_error(stderr: str) -> str:
@@ -378,4 +483,3 @@ def _first_error(stderr: str) -> str:
         if "error" in line.lower():
             return line.strip()
     return stderr.strip().splitlines()[0] if stderr.strip() else "(no output)"
-
