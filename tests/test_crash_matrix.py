@@ -146,7 +146,7 @@ async def test_db_corruption_recovery(stack, client, tmp_path, point):
 DELETION_STEPS = ["identify", "contain", "archive current WAL", "restore side instance",
                   "replay to just before the deletion", "extract deleted rows", "approve re-insert", "re-insert",
                   "verify", "tear down side instance", "approve lifting containment", "lift containment"]
-DELETION_ACTIVITIES = ["approvers_for", "objectives_for", "identify_deletions", "contain", "archive_current_wal",
+DELETION_ACTIVITIES = ["approvers_for", "objectives_for", "cluster", "identify_deletions", "contain", "archive_current_wal",
                        "restore_base_backup", "replay_wal", "extract_deleted_rows", "reinsert_rows",
                        "verify_reinserted", "remove_side_instance", "lift_containment"]
 DELETION_DEFAULT = ["completed:contain", "scheduled:replay_wal", "mid:reinsert_rows"]
