@@ -25,6 +25,7 @@ from models.config import (
     RdsSettings,
 )
 from models.durations import Duration
+from workers.deploy_settings import CodecServerSettings, EncryptionSettings, MetricsSettings, TemporalTlsSettings
 
 
 class PostgresSettings(BaseModel):
@@ -106,11 +107,18 @@ class StandbySettings(BaseModel):
 class _DrpSettings(BaseSettings):
     """DRP_* variables, then the JSON file named by DRP_SETTINGS_FILE."""
 
-    model_config = SettingsConfigDict(env_prefix="DRP_", env_nested_delimiter="__", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="DRP_", env_nested_delimiter="__", extra="ignore",
+                                      hide_input_in_errors=True)
 
     temporal_address: str = "127.0.0.1:7233"
     temporal_namespace: str = "default"
     task_queue: str = "drp-recovery"
+    # A secured cluster / Temporal Cloud (workers/deploy_settings.py); all read by temporal_client.connect().
+    temporal_tls: TemporalTlsSettings | None = None
+    temporal_api_key: SecretStr | None = None  # sent as Authorization: Bearer; turns TLS on unless temporal_tls says
+    encryption: EncryptionSettings = EncryptionSettings()
+    codec_server: CodecServerSettings | None = None
+    metrics: MetricsSettings = MetricsSettings()
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
@@ -119,6 +127,10 @@ class _DrpSettings(BaseSettings):
         if path:
             sources.append(JsonConfigSettingsSource(settings_cls, json_file=path))
         return tuple(sources)
+
+
+class TemporalSettings(_DrpSettings):
+    """Only what connecting to Temporal needs (the CLI, the starters, the codec server)."""
 
 
 class ReceiverSettings(_DrpSettings):

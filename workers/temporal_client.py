@@ -14,8 +14,9 @@ type `ValidationError`, so `temporal workflow update` and the Web UI do not repo
 refused input as `retryable: true` — the same input can never pass.
 """
 
+import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import temporalio.api.common.v1
 import temporalio.api.failure.v1
@@ -25,6 +26,11 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import PydanticPayloadConverter
 from temporalio.converter import DataConverter, DefaultFailureConverter, PayloadConverter
 from temporalio.exceptions import ApplicationError, FailureError
+from temporalio.service import TLSConfig
+
+if TYPE_CHECKING:
+    from workers.deploy_settings import EncryptionSettings
+    from workers.settings import _DrpSettings
 
 
 class StrictPydanticPayloadConverter(PydanticPayloadConverter):
@@ -65,9 +71,62 @@ class FailureConverter(DefaultFailureConverter):
         super().to_failure(exception, payload_converter, failure)
 
 
+class EncodedFailureConverter(FailureConverter):
+    """FailureConverter that moves failure messages and stack traces into an (encrypted) payload."""
+
+    def __init__(self) -> None:
+        super().__init__(encode_common_attributes=True)
+
+
 data_converter = DataConverter(payload_converter_class=StrictPydanticPayloadConverter,
                                failure_converter_class=FailureConverter)
 
 
-async def connect(address: str, namespace: str = "default") -> Client:
-    return await Client.connect(address, namespace=namespace, data_converter=data_converter)
+def build_data_converter(encryption: "EncryptionSettings | None" = None) -> DataConverter:
+    """The data converter, with the AES-GCM codec when encryption is enabled (workers/codec.py)."""
+    if encryption is None or not encryption.enabled:
+        return data_converter
+    from workers.codec import EncryptionCodec
+
+    return dataclasses.replace(
+        data_converter, payload_codec=EncryptionCodec(encryption.key_bytes(), encryption.key_id),
+        failure_converter_class=EncodedFailureConverter if encryption.encode_failures else FailureConverter)
+
+
+def tls_config(settings: "_DrpSettings") -> TLSConfig | bool | None:
+    """TLSConfig from `temporal_tls` (files read here, once); None lets the SDK decide (TLS with an API key)."""
+    t = settings.temporal_tls
+    if t is None:
+        return None
+    if not t.enabled:
+        return False
+    return TLSConfig(server_root_ca_cert=t.server_ca_cert.read_bytes() if t.server_ca_cert else None,
+                     domain=t.server_name,
+                     client_cert=t.client_cert.read_bytes() if t.client_cert else None,
+                     client_private_key=t.client_key.read_bytes() if t.client_key else None)
+
+
+def connect_options(settings: "_DrpSettings") -> dict[str, Any]:
+    """Client.connect's keyword arguments for these settings (namespace, TLS, API key, data converter)."""
+    return {"namespace": settings.temporal_namespace, "tls": tls_config(settings),
+            "api_key": settings.temporal_api_key.get_secret_value() if settings.temporal_api_key else None,
+            "data_converter": build_data_converter(settings.encryption)}
+
+
+async def connect(address: str | None = None, namespace: str | None = None, *,
+                  settings: "_DrpSettings | None" = None, metrics: bool = False) -> Client:
+    """The one way every process connects: namespace, TLS / API key and payload encryption from
+    `settings` (default: read from DRP_* / DRP_SETTINGS_FILE). `address`/`namespace` override the
+    settings'. `metrics`: serve the SDK's Prometheus metrics on `metrics.worker_bind_address` (the worker)."""
+    if settings is None:
+        from workers.settings import TemporalSettings
+
+        settings = TemporalSettings()
+    options = connect_options(settings)
+    if namespace is not None:
+        options["namespace"] = namespace
+    if metrics and settings.metrics.worker_bind_address:
+        from workers.metrics import prometheus_runtime
+
+        options["runtime"] = prometheus_runtime(settings.metrics.worker_bind_address)
+    return await Client.connect(address or settings.temporal_address, **options)
