@@ -10,6 +10,7 @@
     drp ack INCIDENT --by NAME    acknowledge the page: stops re-paging the current level
     drp report INCIDENT           print the post-incident report
     drp alerts serve              receive Alertmanager webhooks
+    drp codec serve               the Web UI's codec endpoint (decrypts payloads for people with the token)
     drp playbook check [FILE]     validate a playbook file
     drp audit install             install the audit log the deletion runbook reads
 """
@@ -87,6 +88,15 @@ def _settings(args, kind=None):
             from err
 
 
+async def _connect(args, address: str | None = None):
+    """A client with the connection settings (namespace, TLS, API key, encryption) from the environment,
+    else the local stack's settings file; `address` (a flag) wins."""
+    from workers.settings import TemporalSettings
+    from workers.temporal_client import connect
+
+    return await connect(address, settings=_settings(args, TemporalSettings))
+
+
 def cmd_stack(args) -> None:
     stack = _stack(args)
     if args.action == "up":
@@ -119,7 +129,7 @@ async def cmd_unseal(args) -> None:
     if read_seal(server.data_dir) is None:
         raise CliError(f"{server.data_dir} is not sealed: nothing to do")
     # Never under a running recovery: it would start the damaged primary beside the restore it is replaying.
-    locks = LockActivities(await connect(settings.temporal_address, settings.temporal_namespace), server,
+    locks = LockActivities(await connect(settings=settings), server,
                            settings.backup.server_name)
     lock = locks.client.get_workflow_handle(lock_id(locks.cluster()))
     try:
@@ -171,7 +181,7 @@ async def cmd_start(args) -> None:
         raise CliError(f"invalid input: {_errors(err)}") from err
     address, queue = _temporal_target(args)
     try:
-        handle = await start(await connect(address), inp, queue)
+        handle = await start(await _connect(args, address), inp, queue)
     except WorkflowAlreadyStartedError as err:
         raise CliError(f"a {args.procedure} run for incident {inp.incident_id} is already running") from err
     print(f"started {handle.id}")
@@ -185,7 +195,7 @@ async def cmd_approve(args) -> None:
     except ValidationError as err:
         raise CliError(f"approval refused: {_errors(err)}") from err
     address, _ = _temporal_target(args)
-    client = await connect(address)
+    client = await _connect(args, address)
     for make_id in RUNBOOK_IDS:
         handle = client.get_workflow_handle(make_id(args.incident))
         try:
@@ -206,7 +216,7 @@ async def cmd_incident(args) -> None:
     from workers.temporal_client import connect
 
     address, queue = _temporal_target(args)
-    client = await connect(address)
+    client = await _connect(args, address)
     if args.action == "open":
         raw = {"title": args.title, "severity": args.severity, "procedure": args.procedure,
                "runbook_input": json.loads(args.input) if args.input else {},
@@ -250,7 +260,7 @@ async def cmd_ack(args) -> None:
 
     req = _validated(AckRequest, by=args.by, note=args.note or "")
     address, _ = _temporal_target(args)
-    handle = (await connect(address)).get_workflow_handle(args.incident)
+    handle = (await _connect(args, address)).get_workflow_handle(args.incident)
     record = await _call(handle.execute_update, "acknowledge", req)
     print(f"{args.incident}: level {record['level']} acknowledged by {record['by']}")
 
@@ -276,9 +286,31 @@ async def cmd_alerts(args) -> None:
     if settings.alerts is None:
         raise CliError("set alerts.bearer_token or alerts.hmac_secret (DRP_ALERTS__BEARER_TOKEN): "
                        "the receiver never runs unauthenticated")
-    runner = await serve(await connect(settings.temporal_address, settings.temporal_namespace), settings.alerts,
-                         settings.task_queue)
+    runner = await serve(await connect(settings=settings), settings.alerts, settings.task_queue)
     print(f"receiving Alertmanager webhooks on http://{settings.alerts.host}:{settings.alerts.port}/alerts")
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+async def cmd_codec(args) -> None:
+    from starters.codec_server import serve
+    from workers.codec import EncryptionCodec
+    from workers.settings import TemporalSettings
+
+    settings = _settings(args, TemporalSettings)
+    if settings.codec_server is None:
+        raise CliError("set codec_server.bearer_token (DRP_CODEC_SERVER__BEARER_TOKEN): the codec server never "
+                       "runs unauthenticated")
+    e = settings.encryption
+    if not e.keys or e.key_id is None:
+        raise CliError("set encryption.keys and encryption.key_id (DRP_ENCRYPTION__KEYS, DRP_ENCRYPTION__KEY_ID): "
+                       "the codec server decrypts with the workers' keys")
+    runner = await serve(EncryptionCodec(e.key_bytes(), e.key_id), settings.codec_server, settings.temporal_namespace)
+    c = settings.codec_server
+    print(f"codec endpoint on http://{c.host}:{c.port} (keys: {', '.join(sorted(e.keys))}; current {e.key_id})",
+          flush=True)
     try:
         await asyncio.Event().wait()
     finally:
@@ -415,6 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("alerts", help="the Alertmanager webhook receiver")
     p.add_argument("action", choices=["serve"])
     p.set_defaults(func=cmd_alerts)
+
+    p = sub.add_parser("codec", help="the Web UI's codec endpoint (payload encryption)")
+    p.add_argument("action", choices=["serve"])
+    p.set_defaults(func=cmd_codec)
 
     p = sub.add_parser("audit", help="the audit log")
     p.add_argument("action", choices=["install"])
