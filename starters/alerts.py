@@ -37,6 +37,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from models.alerts import AlertmanagerWebhook
 from models.config import AlertReceiverSettings
+from starters.http_metrics import instrument
 from starters.incident import incident_search_attributes
 from workflows.incident import Incident
 from workflows.search_attributes import STATUS
@@ -90,6 +91,7 @@ def build_app(client: Client, settings: AlertReceiverSettings, task_queue: str) 
     app = web.Application(client_max_size=MAX_BODY)
     app.router.add_post(PATH, receive)
     app.router.add_get("/-/healthy", healthy)
+    instrument(app)  # GET /metrics: request counts and latencies
     return app
 
 

@@ -30,6 +30,7 @@ from activities.report import ReportActivities
 from models.config import KubernetesPlatformSettings
 from models.playbook import load_playbook
 from workers.logging import LoggingInterceptor, configure_logging
+from workers.metrics import RunbookMetricsInterceptor
 from workers.settings import PlatformSettings, Settings
 from workers.temporal_client import connect
 from workflows.accidental_deletion import AccidentalDeletionRecovery
@@ -171,20 +172,22 @@ def workflow_runner() -> SandboxedWorkflowRunner:
 def build_worker(client: Client, settings: Settings, executor: ThreadPoolExecutor) -> Worker:
     return Worker(client, task_queue=settings.task_queue, workflows=WORKFLOWS,
                   activities=build_activities(settings, client), activity_executor=executor,
-                  interceptors=[LoggingInterceptor()], workflow_runner=workflow_runner(),
+                  interceptors=[LoggingInterceptor(), RunbookMetricsInterceptor()], workflow_runner=workflow_runner(),
                   sticky_queue_schedule_to_start_timeout=settings.sticky_queue_timeout)
 
 
 async def run(settings: Settings) -> None:
     log = structlog.get_logger()
-    client = await connect(settings.temporal_address, settings.temporal_namespace)
+    client = await connect(settings=settings, metrics=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     with ThreadPoolExecutor(max_workers=16) as executor:
         worker = build_worker(client, settings, executor)
-        log.info("worker started", task_queue=settings.task_queue, temporal=settings.temporal_address)
+        log.info("worker started", task_queue=settings.task_queue, temporal=settings.temporal_address,
+                 namespace=settings.temporal_namespace, encryption=settings.encryption.enabled,
+                 metrics=settings.metrics.worker_bind_address)
         async with worker:
             await stop.wait()
     log.info("worker stopped")
