@@ -84,8 +84,8 @@ def _settings(args, kind=None):
     try:
         return (kind or Settings)()
     except ValidationError as err:
-        raise CliError(f"worker settings incomplete: {_errors(err)} (set DRP_SETTINGS_FILE or DRP_* variables)") \
-            from err
+        raise CliError(f"settings incomplete or invalid: {_errors(err)} (set DRP_SETTINGS_FILE or DRP_* "
+                       "variables)") from err
 
 
 async def _connect(args, address: str | None = None):
