@@ -23,6 +23,7 @@ from temporalio.worker import Worker
 
 from tests.deploy_workflows import SecretEcho, echo
 from workers.metrics import RunbookMetricsInterceptor
+from workflows.search_attributes import INCIDENT_ID, PROCEDURE, SEVERITY, STATUS
 
 VENV_BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def dev_server():
     """A bare `temporal server start-dev` (in memory); yields its client without any codec (the raw view)."""
-    env = await WorkflowEnvironment.start_local(dev_server_existing_path=str(VENV_BIN / "temporal"))
+    env = await WorkflowEnvironment.start_local(dev_server_existing_path=str(VENV_BIN / "temporal"),
+                                                search_attributes=[INCIDENT_ID, PROCEDURE, SEVERITY, STATUS])
     try:
         yield env.client
     finally:
