@@ -17,6 +17,7 @@ from temporalio.worker import Replayer
 
 from workers.logging import LoggingInterceptor
 from workers.main import WORKFLOWS, workflow_runner
+from workers.metrics import RunbookMetricsInterceptor
 from workers.temporal_client import data_converter
 
 HISTORIES = Path(__file__).resolve().parent / "histories"
@@ -51,7 +52,7 @@ def load(path: Path) -> WorkflowHistory:
 def replayer() -> Replayer:
     """The worker's own workflows, sandbox, data converter and interceptors."""
     return Replayer(workflows=WORKFLOWS, workflow_runner=workflow_runner(), data_converter=data_converter,
-                    interceptors=[LoggingInterceptor()])
+                    interceptors=[LoggingInterceptor(), RunbookMetricsInterceptor()])
 
 
 def test_every_workflow_type_has_recorded_histories():
