@@ -1,0 +1,59 @@
+"""The example Prometheus rules and Alertmanager routing agree with the playbook and the receiver: every
+runbook trigger the playbook classifies has an alert rule that keeps the labels its runbook input reads,
+and Alertmanager sends it, authenticated, to the receiver's path."""
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from models.playbook import load_playbook
+from starters.alerts import PATH
+from workers.metrics import OUTCOMES, RTO
+
+ROOT = Path(__file__).resolve().parent.parent
+RULES = ROOT / "deploy/prometheus/rules.yml"
+ALERTMANAGER = ROOT / "deploy/alertmanager/alertmanager.yml"
+
+
+def rules(group: str) -> dict[str, dict]:
+    groups = {g["name"]: g for g in yaml.safe_load(RULES.read_text())["groups"]}
+    return {r["alert"]: r for r in groups[group]["rules"]}
+
+
+def test_every_playbook_trigger_has_a_rule_routed_to_the_receiver():
+    playbook = load_playbook(ROOT / "playbook.yaml")
+    triggers = rules("drp-runbook-triggers")
+    config = yaml.safe_load(ALERTMANAGER.read_text())
+    receivers = {r["name"]: r for r in config["receivers"]}
+    classified = [r for r in playbook.classification.rules if "alertname" in r.match]
+    assert classified
+    for rule in classified:
+        names = [a for a in triggers if re.fullmatch(rule.match["alertname"], a)]
+        assert names, f"no alert rule for the playbook trigger {rule.match} ({rule.procedure})"
+        for name in names:
+            expr = triggers[name]["expr"]
+            for label in (rule.input_from_labels or {}).values():
+                assert label in expr, f"{name} drops the label {label!r} the {rule.procedure} input reads"
+            route = next(r for r in config["route"]["routes"]
+                         if any(re.fullmatch(m.split("=~", 1)[1].strip('"'), name) for m in r["matchers"]))
+            hook = receivers[route["receiver"]]["webhook_configs"][0]
+            assert hook["url"].endswith(PATH) and hook["send_resolved"] is True
+            assert hook["http_config"]["authorization"]["type"] == "Bearer"
+    # drp's own alerts never go to the receiver.
+    assert not any(name in str(config["route"]["routes"]) for name in rules("drp-self"))
+
+
+def test_self_alerts_use_the_metrics_drp_exports():
+    text = RULES.read_text()
+    assert f"{OUTCOMES}_total" in text and "drp_receiver_requests_total" in text
+    assert RTO.startswith("drp_")
+
+
+@pytest.mark.skipif(shutil.which("amtool") is None, reason="amtool comes with Debian's prometheus-alertmanager")
+def test_alertmanager_config_is_valid():
+    done = subprocess.run(["amtool", "check-config", str(ALERTMANAGER)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
