@@ -300,7 +300,7 @@ async def cmd_codec(args) -> None:
     from workers.settings import TemporalSettings
 
     settings = _settings(args, TemporalSettings)
-    if settings.codec_server is None:
+    if settings.codec_server is None or settings.codec_server.bearer_token is None:
         raise CliError("set codec_server.bearer_token (DRP_CODEC_SERVER__BEARER_TOKEN): the codec server never "
                        "runs unauthenticated")
     e = settings.encryption

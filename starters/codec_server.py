@@ -28,6 +28,8 @@ ALLOWED_HEADERS = "authorization,content-type,x-namespace"
 
 def build_app(codec: EncryptionCodec, settings: CodecServerSettings, default_namespace: str) -> web.Application:
     namespaces = set(settings.namespaces or [default_namespace])
+    if settings.bearer_token is None:
+        raise ValueError("codec_server.bearer_token is not set: the codec server never runs unauthenticated")
     token = settings.bearer_token.get_secret_value().encode()
 
     def cors(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:

@@ -94,7 +94,7 @@ class CodecServerSettings(_Secretive):
 
     host: str = "127.0.0.1"
     port: int = 8888
-    bearer_token: SecretStr
+    bearer_token: SecretStr | None = None  # required by `drp codec serve`
     cors_origins: list[str] = ["http://localhost:8233"]
     namespaces: list[str] = []
 

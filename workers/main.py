@@ -6,6 +6,7 @@ polls the recovery task queue until SIGTERM.
 """
 
 import asyncio
+import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
@@ -53,6 +54,11 @@ def build_kubernetes(k: KubernetesPlatformSettings) -> KubernetesPlatform:
     if k.api_url:
         configuration = k8s.Configuration()
         configuration.host = k.api_url
+        api = k8s.ApiClient(configuration)
+    elif k.kubeconfig is None and k.context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        # In a pod (deploy/kubernetes): the service account's token and CA, as the RBAC there grants.
+        configuration = k8s.Configuration()
+        k8s_config.load_incluster_config(client_configuration=configuration)
         api = k8s.ApiClient(configuration)
     else:
         api = k8s_config.new_client_from_config(config_file=str(k.kubeconfig) if k.kubeconfig else None,
