@@ -57,3 +57,22 @@ def test_self_alerts_use_the_metrics_drp_exports():
 def test_alertmanager_config_is_valid():
     done = subprocess.run(["amtool", "check-config", str(ALERTMANAGER)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_compose_exposes_metrics_and_the_codec_server(monkeypatch):
+    from tests.test_compose import SERVICES, resolve
+    from workers.settings import TemporalSettings
+
+    worker = SERVICES["drp-worker"]
+    assert worker["environment"]["DRP_METRICS__WORKER_BIND_ADDRESS"].endswith(":9464")
+    assert "9464:9464" in worker["ports"]
+    codec = SERVICES["drp-codec"]
+    assert codec["command"] == ["drp", "codec", "serve"] and "8888:8888" in codec["ports"]
+    for key in [k for k in __import__("os").environ if k.startswith("DRP_")]:
+        monkeypatch.delenv(key)
+    for key, value in codec["environment"].items():
+        monkeypatch.setenv(key, resolve(value))
+    settings = TemporalSettings()
+    assert settings.codec_server.port == 8888 and settings.codec_server.bearer_token is not None
+    assert settings.codec_server.cors_origins == ["http://localhost:8080"]  # the compose Web UI's origin
+    assert all(s.get("env_file") for s in (SERVICES["drp-worker"], SERVICES["drp-alerts"], codec))
