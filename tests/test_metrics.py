@@ -51,6 +51,7 @@ async def test_worker_metrics_endpoint_has_sdk_and_runbook_outcome_metrics(dev_s
             f"http://127.0.0.1:{port}/metrics",
             r'^temporal_workflow_completed_total\{.*workflow_type="SecretEcho".*\} 1',
             r'^temporal_activity_execution_latency_count\{.*activity_type="echo"',
+            r'^temporal_worker_task_slots_available\{.*task_queue="' + task_queue + '"',  # DrpWorkerDown's rule
             r'^drp_workflow_outcomes_total\{(?=.*outcome="recovered")(?=.*rto_met="true")'
             r'(?=.*workflow_type="SecretEcho")(?=.*task_queue="' + task_queue + r'").*\} 1',
             r'^drp_workflow_outcomes_total\{(?=.*outcome="failed")(?=.*error_type="DeployTestRefusal").*\} 1',
