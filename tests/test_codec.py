@@ -3,7 +3,9 @@ input field, `drp codec serve` gives it back to a caller with the token (and to 
 rotation keeps old histories readable, an unknown key id fails with one clear error, and a workflow
 started before encryption was turned on finishes after it."""
 
+import base64
 import json
+import subprocess
 import uuid
 
 import httpx
@@ -198,3 +200,24 @@ async def test_turning_encryption_on_does_not_break_a_running_workflow(dev_serve
     raw = b"".join(e.SerializeToString() for e in await raw_history(dev_server, handle.id))
     assert before.encode() in raw  # the input was written before encryption was on ...
     assert after.encode() not in raw  # ... the signal after it
+
+
+async def test_drp_cli_encrypts_what_it_starts(dev_server, tmp_path):
+    """`drp incident open` (the CLI path, settings from the environment) stores its input and its summary
+    encrypted; the receiver and starters connect through the same connect()."""
+    title, incident = marker(), f"INC-ENC-{uuid.uuid4().hex[:6]}"
+    env = settings_env(tmp_path, DRP_TEMPORAL_ADDRESS=address(dev_server), DRP_TASK_QUEUE=queue(),
+                       DRP_ENCRYPTION__ENABLED="true", DRP_ENCRYPTION__KEY_ID="key-a",
+                       DRP_ENCRYPTION__KEYS=json.dumps({"key-a": KEYS["key-a"]}))
+    done = subprocess.run([str(VENV_BIN / "drp"), "incident", "open", incident, "--title", title, "--severity", "P3",
+                           "--procedure", "none"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and f"opened {incident}" in done.stdout, done
+    try:
+        events = await raw_history(dev_server, incident)
+        assert_no_plaintext(events, title)
+        started = events[0].workflow_execution_started_event_attributes
+        assert started.input.payloads[0].metadata[KEY_ID] == b"key-a"
+        assert title.encode() in EncryptionCodec({"key-a": base64.b64decode(KEYS["key-a"])},
+                                                 "key-a").decrypt(started.input.payloads[0]).data
+    finally:
+        await dev_server.get_workflow_handle(incident).terminate("test ended")
