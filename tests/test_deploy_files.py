@@ -76,3 +76,27 @@ def test_compose_exposes_metrics_and_the_codec_server(monkeypatch):
     assert settings.codec_server.port == 8888 and settings.codec_server.bearer_token is not None
     assert settings.codec_server.cors_origins == ["http://localhost:8080"]  # the compose Web UI's origin
     assert all(s.get("env_file") for s in (SERVICES["drp-worker"], SERVICES["drp-alerts"], codec))
+
+
+def test_compose_runs_the_server_image_with_schema_setup_namespace_and_health():
+    from tests.test_compose import COMPOSE, SERVICES
+
+    text = yaml.safe_dump(COMPOSE)
+    assert "auto-setup" not in text and "tctl" not in text  # deprecated image, retired CLI
+    assert SERVICES["temporal"]["image"].startswith("temporalio/server:")
+    schema = " ".join(SERVICES["temporal-schema"]["command"])
+    for db, name in (("temporal", "postgresql/v12/temporal"), ("temporal_visibility", "postgresql/v12/visibility")):
+        assert f"--db {db} setup-schema -v 0.0" in schema
+        assert f"--db {db} update-schema --schema-name {name}" in schema
+    assert SERVICES["temporal-schema"]["environment"]["SQL_PLUGIN"] == SERVICES["temporal"]["environment"]["DB"]
+    assert SERVICES["temporal"]["depends_on"]["temporal-schema"]["condition"] == "service_completed_successfully"
+    dynamic = SERVICES["temporal"]["environment"]["DYNAMIC_CONFIG_FILE_PATH"]
+    mount = next(v for v in SERVICES["temporal"]["volumes"] if "dynamicconfig" in v)
+    host_dir, container_dir = mount.split(":")[:2]
+    assert dynamic == f"config/dynamicconfig/{Path(dynamic).name}" and container_dir.endswith("config/dynamicconfig")
+    config = yaml.safe_load((ROOT / host_dir / Path(dynamic).name).read_text())
+    assert all(isinstance(v, list) and "value" in v[0] for v in config.values())
+    admin = " ".join(SERVICES["temporal-admin-tools"]["command"])
+    assert "temporal operator cluster health" in admin and "temporal operator namespace create" in admin
+    for service in ("drp-worker", "drp-alerts"):
+        assert SERVICES[service]["depends_on"]["temporal-admin-tools"]["condition"] == "service_completed_successfully"
