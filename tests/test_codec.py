@@ -3,6 +3,7 @@ input field, `drp codec serve` gives it back to a caller with the token (and to 
 rotation keeps old histories readable, an unknown key id fails with one clear error, and a workflow
 started before encryption was turned on finishes after it."""
 
+import asyncio
 import base64
 import json
 import subprocess
@@ -221,3 +222,27 @@ async def test_drp_cli_encrypts_what_it_starts(dev_server, tmp_path):
                                                  "key-a").decrypt(started.input.payloads[0]).data
     finally:
         await dev_server.get_workflow_handle(incident).terminate("test ended")
+
+
+async def test_a_worker_without_the_key_fails_the_workflow_task_naming_the_key_id(dev_server):
+    writer = await connect(settings=settings(dev_server, {"key-c": new_key()}, "key-c"))
+    reader_settings = settings(dev_server, KEYS, "key-b")
+    reader = await connect(settings=reader_settings)
+    task_queue = queue()
+    handle = await writer.start_workflow(SecretEcho.run, SecretInput(note=marker()), id=f"secret-{uuid.uuid4().hex[:8]}",
+                                         task_queue=task_queue)
+    async with worker(reader, task_queue):
+        failure = None
+        async with asyncio.timeout(120):
+            while failure is None:
+                for event in await raw_history(dev_server, handle.id):
+                    if event.HasField("workflow_task_failed_event_attributes"):
+                        failure = event.workflow_task_failed_event_attributes.failure
+                await asyncio.sleep(0.2)
+    await handle.terminate("test ended")
+    # The failure's message is itself encrypted (encode_failures): read it with the keys.
+    assert failure.message == "Encoded failure" and failure.HasField("encoded_attributes")
+    keys = EncryptionSettings(enabled=True, key_id="key-b", keys=KEYS).key_bytes()
+    text = EncryptionCodec(keys, "key-b").decrypt(failure.encoded_attributes).data.decode()
+    assert "payload encrypted with key id 'key-c', which this process does not have (it has: key-a, key-b)" in text, \
+        text
