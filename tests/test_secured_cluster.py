@@ -96,3 +96,12 @@ async def test_an_api_key_is_never_printed(dev_server, tmp_path):
                                                      temporal_tls={"enabled": False}))
     assert (await client.workflow_service.get_system_info(
         __import__("temporalio.api.workflowservice.v1", fromlist=["x"]).GetSystemInfoRequest())).server_version
+
+
+def test_an_unreadable_certificate_is_named(tmp_path):
+    cert, key = certificate(tmp_path, "worker")
+    env = settings_env(tmp_path, DRP_TEMPORAL_TLS__CLIENT_CERT=str(cert),
+                       DRP_TEMPORAL_TLS__CLIENT_KEY=str(tmp_path / "missing.key"))
+    done = run_drp(["approve", "INC-1", "--by", "alice", "--reason", "r"], env)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done
+    assert f"temporal_tls.client_key: cannot read {tmp_path / 'missing.key'}: No such file or directory" in done.stderr

@@ -12,6 +12,10 @@ Failures say whether a retry can help: a `ValidationError` (a workflow, update,
 signal or activity argument refused) becomes a non-retryable `ApplicationError` of
 type `ValidationError`, so `temporal workflow update` and the Web UI do not report a
 refused input as `retryable: true` — the same input can never pass.
+
+`connect()` is the one place every process (worker, CLI, starters, alert receiver) gets its client:
+namespace, TLS / API key (Temporal Cloud, secured clusters) and, when `encryption.enabled`, the AES-GCM
+payload codec of workers/codec.py, all from the DRP_* settings (workers/deploy_settings.py).
 """
 
 import dataclasses
@@ -100,10 +104,15 @@ def tls_config(settings: "_DrpSettings") -> TLSConfig | bool | None:
         return None
     if not t.enabled:
         return False
-    return TLSConfig(server_root_ca_cert=t.server_ca_cert.read_bytes() if t.server_ca_cert else None,
-                     domain=t.server_name,
-                     client_cert=t.client_cert.read_bytes() if t.client_cert else None,
-                     client_private_key=t.client_key.read_bytes() if t.client_key else None)
+    def read(name: str, path) -> bytes | None:
+        try:
+            return path.read_bytes() if path else None
+        except OSError as err:
+            raise ValueError(f"temporal_tls.{name}: cannot read {path}: {err.strerror}") from err
+
+    return TLSConfig(server_root_ca_cert=read("server_ca_cert", t.server_ca_cert), domain=t.server_name,
+                     client_cert=read("client_cert", t.client_cert),
+                     client_private_key=read("client_key", t.client_key))
 
 
 def connect_options(settings: "_DrpSettings") -> dict[str, Any]:
