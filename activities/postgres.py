@@ -4,6 +4,7 @@ Every check here reads, never writes, except `seal_primary`, which stops the
 old server only after the last WAL it wrote is safe in the archive.
 """
 
+import re
 import time
 from datetime import datetime, timezone
 
@@ -14,7 +15,8 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.pgserver import PgServer
-from activities.sealing import marker_path, read_seal, set_allow_connections, write_seal
+from activities.sealing import marker_path, read_seal, set_allow_connections, set_subscriptions, write_seal
+from activities.timelines import waldump_end
 from models.postgres import (
     Assessment,
     AssessRequest,
@@ -36,6 +38,11 @@ USER_TABLES = """
 """
 
 
+# A complete WAL segment or a timeline history file (not .partial or .backup): what archive_command archives
+# and a recovery needs.
+_WAL_OR_HISTORY = re.compile(r"[0-9A-F]{24}|[0-9A-F]{8}\.history")
+
+
 def _heartbeat(*details) -> None:
     if activity.in_activity():
         activity.heartbeat(*details)
@@ -54,14 +61,20 @@ class PostgresActivities:
         try:
             conn = self.server.connect("postgres")
         except psycopg.OperationalError as err:
-            return Assessment(database=req.database, server_reachable=False,
-                              findings=[f"server unreachable: {str(err).strip().splitlines()[-1]}"])
+            return Assessment(
+                database=req.database,
+                server_reachable=False,
+                findings=[f"server unreachable: {str(err).strip().splitlines()[-1]}"],
+            )
         with conn:
             exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (req.database,)).fetchone()
         if not exists:
-            raise ApplicationError(f"database {req.database!r} does not exist on {self.server.host}:"
-                                   f"{self.server.port}; nothing was changed", type="UnknownDatabase",
-                                   non_retryable=True)
+            raise ApplicationError(
+                f"database {req.database!r} does not exist on {self.server.host}:"
+                f"{self.server.port}; nothing was changed",
+                type="UnknownDatabase",
+                non_retryable=True,
+            )
         return self._inspect(self.server, req.database)
 
     def _inspect(self, server: PgServer, database: str) -> Assessment:
@@ -72,16 +85,23 @@ class PostgresActivities:
             tables = [r[0] for r in rows]
             unlogged = [r[0] for r in rows if r[1]]
             amcheck = bool(conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'amcheck'").fetchone())
-        schema = server.tool("pg_dump", *server.client_args(database), "--schema-only", "-f", "/dev/null",
-                             check=False, timeout=600)
+        schema = server.tool(
+            "pg_dump", *server.client_args(database), "--schema-only", "-f", "/dev/null", check=False, timeout=600
+        )
         if schema.returncode != 0:
             findings.append(f"pg_dump --schema-only failed: {_first_error(schema.stderr)}")
         if amcheck:
             _heartbeat("pg_amcheck")
             # The database as a positional connection string: pg_amcheck's -d takes a pattern, which
             # folds case and reads *, ? and . as wildcards and separators.
-            check = server.tool("pg_amcheck", *server.connection_args(), make_conninfo(dbname=database),
-                                "--heapallindexed", check=False, timeout=3600)
+            check = server.tool(
+                "pg_amcheck",
+                *server.connection_args(),
+                make_conninfo(dbname=database),
+                "--heapallindexed",
+                check=False,
+                timeout=3600,
+            )
             for header, detail in _amcheck_reports(check.stdout + check.stderr):
                 findings.append(f"{header} {detail}".strip())
                 table = _table_of(header, database, rows)
@@ -91,19 +111,27 @@ class PostgresActivities:
                 findings.append(f"pg_amcheck exited {check.returncode}: {_first_error(check.stderr)}")
         for table in tables:  # the playbook's per-table dump: reads every heap page
             _heartbeat(f"pg_dump -t {table}")
-            dump = server.tool("pg_dump", *server.client_args(database), "-t", table, "-f", "/dev/null",
-                               check=False, timeout=3600)
+            dump = server.tool(
+                "pg_dump", *server.client_args(database), "-t", table, "-f", "/dev/null", check=False, timeout=3600
+            )
             if dump.returncode != 0:
                 corrupted.add(table)
                 findings.append(f"pg_dump -t {table}: {_first_error(dump.stderr)}")
         with server.connect(database) as conn:
-            failures = conn.execute("SELECT coalesce(checksum_failures, 0) FROM pg_stat_database "
-                                    "WHERE datname = %s", (database,)).fetchone()[0]
+            failures = conn.execute(
+                "SELECT coalesce(checksum_failures, 0) FROM pg_stat_database WHERE datname = %s", (database,)
+            ).fetchone()[0]
         if failures:
             findings.append(f"pg_stat_database.checksum_failures = {failures}")
-        return Assessment(database=database, server_reachable=True, corrupted_tables=sorted(corrupted),
-                          findings=findings, checksum_failures=failures, amcheck_available=amcheck,
-                          unlogged_tables=unlogged)
+        return Assessment(
+            database=database,
+            server_reachable=True,
+            corrupted_tables=sorted(corrupted),
+            findings=findings,
+            checksum_failures=failures,
+            amcheck_available=amcheck,
+            unlogged_tables=unlogged,
+        )
 
     # --- seal -----------------------------------------------------------------
 
@@ -131,31 +159,74 @@ class PostgresActivities:
         if not self.server.is_running():
             if marker.get("result"):
                 return SealResult.model_validate(marker["result"]).model_copy(
-                    update={"sealed_by": marker.get("incident_id")})
+                    update={"sealed_by": marker.get("incident_id")}
+                )
             # An earlier attempt may have fenced it before it went down: keep what must be reopened.
             fenced = marker.get("fenced_databases", [])
-            result = SealResult(was_running=False, timeline=self.server.control_timeline(), fenced_databases=fenced)
-            write_seal(data_dir, {"incident_id": req.incident_id, "sealed_at": _now(), **marker, "state": "found stopped",
-                                  "fenced_databases": fenced, "result": result.model_dump()})
+            result = SealResult(
+                was_running=False,
+                timeline=self.server.control_timeline(),
+                fenced_databases=fenced,
+                disabled_subscriptions=marker.get("disabled_subscriptions", []),
+                **self._stopped_wal(),
+            )
+            write_seal(
+                data_dir,
+                {
+                    "incident_id": req.incident_id,
+                    "sealed_at": _now(),
+                    **marker,
+                    "state": "found stopped",
+                    "fenced_databases": fenced,
+                    "result": result.model_dump(),
+                },
+            )
             return result
         try:
             ctl = self.server.connect("template1")
         except psycopg.OperationalError:
             self.server.stop()  # running but not answering: nothing more can be saved from it
             fenced = marker.get("fenced_databases", [])
-            result = SealResult(was_running=True, timeline=self.server.control_timeline(), fenced_databases=fenced)
-            write_seal(data_dir, {"incident_id": req.incident_id, "sealed_at": _now(), **marker, "state": "stopped unanswering",
-                                  "fenced_databases": fenced, "result": result.model_dump()})
+            result = SealResult(
+                was_running=True,
+                timeline=self.server.control_timeline(),
+                fenced_databases=fenced,
+                disabled_subscriptions=marker.get("disabled_subscriptions", []),
+                **self._stopped_wal(),
+            )
+            write_seal(
+                data_dir,
+                {
+                    "incident_id": req.incident_id,
+                    "sealed_at": _now(),
+                    **marker,
+                    "state": "stopped unanswering",
+                    "fenced_databases": fenced,
+                    "result": result.model_dump(),
+                },
+            )
             return result
         with ctl:
             ctl.execute("SET synchronous_commit = local")  # the fence must not wait for a standby that is gone
             if "fenced_databases" not in marker:  # first attempt: remember what was open before closing it
-                fenced = [r[0] for r in ctl.execute(
-                    "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1")]
-                marker = {"incident_id": req.incident_id, "state": "fencing", "sealed_at": _now(),
-                          "fenced_databases": fenced}
+                fenced = [
+                    r[0]
+                    for r in ctl.execute(
+                        "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1"
+                    )
+                ]
+                marker = {
+                    "incident_id": req.incident_id,
+                    "state": "fencing",
+                    "sealed_at": _now(),
+                    "fenced_databases": fenced,
+                }
                 write_seal(data_dir, marker)
             fenced = marker["fenced_databases"]
+            if "disabled_subscriptions" not in marker:  # apply workers are not client sessions: stop them too
+                marker = {**marker, "disabled_subscriptions": _enabled_subscriptions(ctl)}
+                write_seal(data_dir, marker)
+            set_subscriptions(self.server, marker["disabled_subscriptions"], enable=False)
             _allow(ctl, fenced, False)
             _terminate_others(ctl, keep=[])
             # Only this run inside the database it counts: open it for one connection, close it again.
@@ -166,14 +237,20 @@ class PostgresActivities:
                 _terminate_others(ctl, keep=[conn.info.backend_pid])
                 counts, unlogged = _row_counts(conn, skip=set(req.skip_tables))
                 last_commit = conn.execute("SELECT timestamp FROM pg_last_committed_xact()").fetchone()
-                timeline = int(conn.execute(
-                    "SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()[0][:8], 16)
-                end_lsn, segment = conn.execute(
-                    "SELECT s::text, pg_walfile_name(s) FROM pg_switch_wal() s").fetchone()
+                timeline = int(conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()[0][:8], 16)
+                end_lsn, segment = conn.execute("SELECT s::text, pg_walfile_name(s) FROM pg_switch_wal() s").fetchone()
                 self._wait_archived(conn, segment)
-        result = SealResult(was_running=True, archived_through=segment, end_lsn=end_lsn, row_counts=counts,
-                            last_commit_at=last_commit[0] if last_commit else None, timeline=timeline,
-                            fenced_databases=fenced, unlogged_tables=unlogged)
+        result = SealResult(
+            was_running=True,
+            archived_through=segment,
+            end_lsn=end_lsn,
+            row_counts=counts,
+            last_commit_at=last_commit[0] if last_commit else None,
+            timeline=timeline,
+            fenced_databases=fenced,
+            unlogged_tables=unlogged,
+            disabled_subscriptions=marker["disabled_subscriptions"],
+        )
         write_seal(data_dir, {**marker, "state": "sealed", "result": result.model_dump()})
         self.server.stop()
         return result
@@ -187,15 +264,29 @@ class PostgresActivities:
         running = self.server.is_running()
         if not running:
             who = marker.get("incident_id") if marker else None
-            return ProductionState(running=False, detail=(
-                f"production is stopped and sealed by incident {who}; `drp unseal` starts it again as it was"
-                if marker else "production is stopped"))
+            return ProductionState(
+                running=False,
+                detail=(
+                    f"production is stopped and sealed by incident {who}; `drp unseal` starts it again as it was"
+                    if marker
+                    else "production is stopped"
+                ),
+            )
         if marker is None:
             return ProductionState(running=True, detail="production keeps running; it was not fenced")
         set_allow_connections(self.server, marker.get("fenced_databases", []), allow=True)
+        subscriptions = marker.get("disabled_subscriptions", [])
+        set_subscriptions(self.server, subscriptions, enable=True)
         marker_path(self.server.data_dir).unlink(missing_ok=True)
-        return ProductionState(running=True,
-                               detail="production keeps running; the databases the seal closed are open again")
+        return ProductionState(
+            running=True,
+            detail="production keeps running; the databases the seal closed are open again"
+            + (
+                f" and the subscriptions it disabled ({', '.join(subscriptions)}) enabled again"
+                if subscriptions
+                else ""
+            ),
+        )
 
     @activity.defn
     def archive_current_wal(self, req: AssessRequest) -> str:
@@ -206,6 +297,35 @@ class PostgresActivities:
             self._wait_archived(conn, segment)
         return segment
 
+    def _stopped_wal(self) -> dict:
+        """What a primary found stopped still holds in its own pg_wal: where its WAL ends (pg_waldump from
+        its last checkpoint's REDO point to the first invalid record, as crash recovery would read it),
+        the complete segments it never archived (`.ready`), and that pg_wal for the replay to read.
+        Read-only. When it cannot be read, `wal_end_unknown` says why."""
+        wal = self.server.data_dir / "pg_wal"
+        try:
+            ready = sorted(
+                p.name.removesuffix(".ready")
+                for p in (wal / "archive_status").glob("*.ready")
+                if _WAL_OR_HISTORY.fullmatch(p.name.removesuffix(".ready"))
+            )
+        except OSError as err:
+            return {"wal_end_unknown": f"{wal} cannot be read: {err}"}
+        control = self.server.control_data()
+        redo, timeline = control.get("Latest checkpoint's REDO location"), control.get("Latest checkpoint's TimeLineID")
+        if not redo or not timeline:
+            return {"unarchived_wal": ready, "wal_end_unknown": f"no readable control file in {self.server.data_dir}"}
+        dump = self.server.tool(
+            "pg_waldump", "--quiet", "-p", str(wal), "-t", timeline, "-s", redo, check=False, timeout=1800
+        )
+        end = waldump_end(dump.stderr, int(control.get("Bytes per WAL segment") or 16 * 1024 * 1024))
+        if end is None:
+            return {
+                "unarchived_wal": ready,
+                "wal_end_unknown": f"pg_waldump could not find the end of {wal}: {dump.stderr.strip()[-300:]}",
+            }
+        return {"end_lsn": end, "local_wal_dir": str(wal), "unarchived_wal": ready}
+
     def _wait_archived(self, conn: psycopg.Connection, segment: str) -> None:
         deadline = time.monotonic() + self.archive_wait_seconds
         while True:
@@ -213,9 +333,11 @@ class PostgresActivities:
             if last and last[:24] >= segment:  # same timeline: names sort by position
                 return
             if time.monotonic() > deadline:
-                raise ApplicationError(f"WAL segment {segment} not archived after {self.archive_wait_seconds:.0f}s "
-                                       f"(last archived {last}, last failed {failed}); check archive_command",
-                                       type="ArchiveLagging")
+                raise ApplicationError(
+                    f"WAL segment {segment} not archived after {self.archive_wait_seconds:.0f}s "
+                    f"(last archived {last}, last failed {failed}); check archive_command",
+                    type="ArchiveLagging",
+                )
             _heartbeat(f"waiting for {segment} to be archived")
             time.sleep(0.5)
 
@@ -239,19 +361,28 @@ class PostgresActivities:
             if got != want:
                 problems.append(f"{table}: {got} rows restored, {want} expected")
         if problems:
-            raise ApplicationError("restored database failed verification; production is untouched and the "
-                                   "restore is kept for inspection: " + "; ".join(problems),
-                                   type="VerificationFailed", non_retryable=True)
+            raise ApplicationError(
+                "restored database failed verification; production is untouched and the "
+                "restore is kept for inspection: " + "; ".join(problems),
+                type="VerificationFailed",
+                non_retryable=True,
+            )
         try:
             with server.connect(req.database, autocommit=False) as conn:
                 conn.execute("CREATE TABLE drp_write_probe (id int)")  # proves the server takes writes
                 conn.execute("INSERT INTO drp_write_probe VALUES (1)")
                 conn.rollback()  # and leaves nothing behind
         except psycopg.Error as err:
-            raise ApplicationError(f"restored server refuses writes: {err}", type="VerificationFailed",
-                                   non_retryable=True) from err
-        checks = ["not in recovery", "pg_dump --schema-only", "pg_dump of every table",
-                  "no checksum failures", "accepts writes"]
+            raise ApplicationError(
+                f"restored server refuses writes: {err}", type="VerificationFailed", non_retryable=True
+            ) from err
+        checks = [
+            "not in recovery",
+            "pg_dump --schema-only",
+            "pg_dump of every table",
+            "no checksum failures",
+            "accepts writes",
+        ]
         if assessment.amcheck_available:
             checks.insert(1, "pg_amcheck --heapallindexed")
         if req.baseline_row_counts or req.expected_row_counts:
@@ -278,10 +409,24 @@ def _row_counts(conn: psycopg.Connection, skip: set[str] = frozenset()) -> tuple
     return counts, unlogged
 
 
+def _enabled_subscriptions(conn: psycopg.Connection) -> list[str]:
+    """'database/subscription' of every enabled logical-replication subscription of the cluster."""
+    return [
+        f"{db}/{name}"
+        for db, name in conn.execute(
+            "SELECT d.datname, s.subname FROM pg_subscription s JOIN pg_database d ON d.oid = s.subdbid "
+            "WHERE s.subenabled ORDER BY 1, 2"
+        )
+    ]
+
+
 def _allow(conn: psycopg.Connection, databases: list[str], allow: bool) -> None:
     for name in databases:
-        conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}").format(
-            sql.Identifier(name), sql.SQL("true" if allow else "false")))
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}").format(
+                sql.Identifier(name), sql.SQL("true" if allow else "false")
+            )
+        )
 
 
 def _terminate_others(conn: psycopg.Connection, keep: list[int], timeout: float = 60) -> None:
@@ -290,12 +435,15 @@ def _terminate_others(conn: psycopg.Connection, keep: list[int], timeout: float 
     while True:
         left = conn.execute(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE backend_type = 'client backend' "
-            "AND pid <> pg_backend_pid() AND NOT pid = ANY(%s)", (keep,)).fetchone()[0]
+            "AND pid <> pg_backend_pid() AND NOT pid = ANY(%s)",
+            (keep,),
+        ).fetchone()[0]
         if left == 0:
             return
         if time.monotonic() > deadline:
-            raise ApplicationError(f"{left} sessions did not end after pg_terminate_backend within {timeout:.0f}s",
-                                   type="FenceIncomplete")
+            raise ApplicationError(
+                f"{left} sessions did not end after pg_terminate_backend within {timeout:.0f}s", type="FenceIncomplete"
+            )
         _heartbeat(f"fencing: waiting for {left} sessions to end")
         time.sleep(0.2)
 
@@ -335,4 +483,3 @@ def _first_error(stderr: str) -> str:
         if "error" in line.lower():
             return line.strip()
     return stderr.strip().splitlines()[0] if stderr.strip() else "(no output)"
-
