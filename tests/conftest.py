@@ -28,6 +28,10 @@ from workers.settings import Settings
 from workers.temporal_client import connect
 
 TABLES = ("public.companies", "public.filings", "public.metrics")
+# Upper bound (s) for waiting on a state a run reaches (recovered, a result, a gate). Only a hang
+# reaches it: a recovery on a loaded 2-core machine took 67 s for its replay alone, so a wait sized
+# to a quiet machine's minute failed a run that was still progressing.
+RUN_WAIT = 900
 
 
 @pytest.fixture(scope="session")
@@ -132,7 +136,7 @@ def query_timed_out(err: RPCError) -> bool:
     return err.status in (RPCStatusCode.CANCELLED, RPCStatusCode.DEADLINE_EXCEEDED) or "Timeout expired" in str(err)
 
 
-async def wait_for_approval_gate(handle, step: str | None = None, timeout: float = 180) -> None:
+async def wait_for_approval_gate(handle, step: str | None = None, timeout: float = RUN_WAIT) -> None:
     async with asyncio.timeout(timeout):
         while True:
             try:

@@ -17,7 +17,7 @@ from models.approval import ApprovalRequest
 from models.deletion import AccidentalDeletionInput
 from stack.stack import DATABASE
 from starters.accidental_deletion import api_key_fingerprint, start_accidental_deletion
-from tests.conftest import activity_attempts, approve_when_asked, running_worker, wait_for_approval_gate
+from tests.conftest import RUN_WAIT, activity_attempts, approve_when_asked, running_worker, wait_for_approval_gate
 from tests.test_crash_survival import spawn_worker, wait_for_activity, wait_for_poller
 
 ROLE = "analyst"
@@ -149,7 +149,7 @@ async def test_run_survives_a_worker_killed_during_the_side_replay(stack, client
         first.wait()
         second = spawn_worker(stack, queue, tmp_path / "w2.log")
         await approve_when_asked(handle, "re-insert", APPROVE.approver, APPROVE.reason)
-        result = await asyncio.wait_for(handle.result(), timeout=180)
+        result = await asyncio.wait_for(handle.result(), timeout=RUN_WAIT)
     finally:
         for proc in (first, second):
             if proc and proc.poll() is None:

@@ -156,7 +156,7 @@ async def test_a_storm_of_thousands_of_alerts_is_accepted_and_the_rest_counted(
         not_listed = 500 + 3000 - 100
         assert await until(lambda: _has(client, incident_id, f"{not_listed} more alerts of the group are not listed"))
         # The status update the incident sends says so too.
-        assert await until(lambda: _slack_says(notify_world, f"{not_listed} more not listed (truncated)"), timeout=60)
+        assert await until(lambda: _slack_says(notify_world, f"{not_listed} more not listed (truncated)"), timeout=300)
         handle = client.get_workflow_handle(incident_id)
         await handle.execute_update(Incident.resolve, ResolveRequest(by="alice", reason="storm over"))
         await handle.result()

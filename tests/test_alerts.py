@@ -99,7 +99,7 @@ async def incidents_on(client, queue: str) -> list:
     return [w async for w in client.list_workflows(f"WorkflowType = 'Incident' AND TaskQueue = '{queue}'")]
 
 
-async def until(check, timeout: float = 30, what: str = "condition"):
+async def until(check, timeout: float = 300, what: str = "condition"):
     async with asyncio.timeout(timeout):
         while not (result := await check()):
             await asyncio.sleep(0.2)

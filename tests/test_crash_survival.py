@@ -19,7 +19,7 @@ from models.db_corruption import DatabaseCorruptionInput
 from stack.corrupt import corrupt_table
 from stack.stack import DATABASE
 from starters.db_corruption import start_db_corruption
-from tests.conftest import activity_attempts, row_counts, wait_for_approval_gate
+from tests.conftest import RUN_WAIT, activity_attempts, row_counts, wait_for_approval_gate
 from workflows.db_corruption import DatabaseCorruptionRecovery
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +47,7 @@ async def wait_for_poller(client, queue: str, worker: subprocess.Popen, timeout:
             await asyncio.sleep(0.2)
 
 
-async def wait_for_activity(handle, activity_type: str, timeout: float = 180):
+async def wait_for_activity(handle, activity_type: str, timeout: float = RUN_WAIT):
     async with asyncio.timeout(timeout):
         while True:
             desc = await handle.describe()
@@ -80,7 +80,7 @@ async def test_worker_killed_during_restore_is_replaced_and_nothing_is_restored_
         first.wait()
 
         second = spawn_worker(stack, queue, tmp_path / "worker2.log")
-        result = await asyncio.wait_for(handle.result(), timeout=180)
+        result = await asyncio.wait_for(handle.result(), timeout=RUN_WAIT)
     finally:
         for proc in (first, second):
             if proc and proc.poll() is None:
@@ -115,6 +115,6 @@ async def test_run_waiting_for_approval_survives_a_temporal_server_restart(stack
         assert progress.awaiting_approval == "restore"
         await handle.execute_update(DatabaseCorruptionRecovery.approve,
                                     ApprovalRequest(approver="alice", reason="after a server restart"))
-        result = await asyncio.wait_for(handle.result(), timeout=120)
+        result = await asyncio.wait_for(handle.result(), timeout=RUN_WAIT)
     assert result.outcome == "recovered"
     assert {t: result.recovered_row_counts[t] for t in before} == before

@@ -15,7 +15,7 @@ from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 from models.approval import ApprovalRequest
 from models.deletion import DeletionRecoveryResult
 from stack.stack import DATABASE
-from tests.conftest import running_worker, wait_for_approval_gate
+from tests.conftest import RUN_WAIT, running_worker, wait_for_approval_gate
 from tests.test_accidental_deletion import ROLE, analyst, can_delete  # noqa: F401 (fixture)
 from tests.test_input_edges import TEMPORAL
 from tests.test_stack import drp
@@ -44,7 +44,7 @@ async def run_to_the_end(client, stack, queue: str, inc: str, *start_args: str, 
                                       "--database", DATABASE, *start_args)
     assert started.returncode == 0, started.stderr
     handle = client.get_workflow_handle(f"accidental-deletion-{inc}", result_type=DeletionRecoveryResult)
-    await wait_for_approval_gate(handle, "re-insert", timeout=240)
+    await wait_for_approval_gate(handle, "re-insert", timeout=RUN_WAIT)
     if refuse_first:  # someone off the roster, from the Temporal CLI (as the Web UI sends it): refused for good
         refused = await asyncio.to_thread(subprocess.run, [
             str(TEMPORAL), "workflow", "update", "execute", "--address", stack.temporal_address,
@@ -57,7 +57,7 @@ async def run_to_the_end(client, stack, queue: str, inc: str, *start_args: str, 
         assert (await handle.query("progress", result_type=Progress)).awaiting_approval == "re-insert"
     approved = await asyncio.to_thread(cli, stack, queue, "approve", inc, "--by", "bob", "--reason", "checked")
     assert approved.returncode == 0, approved.stderr
-    return handle, await asyncio.wait_for(handle.result(), timeout=240)
+    return handle, await asyncio.wait_for(handle.result(), timeout=RUN_WAIT)
 
 
 async def largest_payload(handle) -> int:
@@ -149,7 +149,7 @@ async def test_a_table_typed_without_quotes_is_found_and_a_wrong_one_changes_not
             "--window-start", (datetime.now(timezone.utc) - timedelta(minutes=5)).isoformat(), "--table", '"orders"')
         assert started.returncode == 0, started.stderr
         with pytest.raises(WorkflowFailureError) as failed:
-            await asyncio.wait_for(client.get_workflow_handle(f"accidental-deletion-{inc}").result(), timeout=60)
+            await asyncio.wait_for(client.get_workflow_handle(f"accidental-deletion-{inc}").result(), timeout=RUN_WAIT)
     assert failed.value.cause.cause.type == "UnknownTable"
     assert can_delete(stack)  # nothing was contained
 
@@ -174,7 +174,7 @@ async def test_a_deleted_from_table_dropped_since_fails_at_once_naming_it(stack,
         assert started.returncode == 0, started.stderr
         handle = client.get_workflow_handle(f"accidental-deletion-{inc}")
         with pytest.raises(WorkflowFailureError) as failed:
-            await asyncio.wait_for(handle.result(), timeout=60)
+            await asyncio.wait_for(handle.result(), timeout=RUN_WAIT)
     assert failed.value.cause.cause.type == "UnknownTable"
     assert 'public."Gone Table"' in failed.value.cause.cause.message
     assert can_delete(stack)

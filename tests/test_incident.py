@@ -21,7 +21,7 @@ from models.incident import (AckRequest, AlertNotice, AlertSummary, IncidentInpu
 from stack.corrupt import corrupt_table
 from stack.stack import DATABASE
 from starters.incident import open_incident
-from tests.conftest import query_timed_out, running_worker
+from tests.conftest import RUN_WAIT, query_timed_out, running_worker
 from tests.notify_world import incident_settings, short_playbook
 from tests.test_crash_survival import spawn_worker, wait_for_poller
 from tests.test_stack import drp
@@ -33,7 +33,7 @@ def incident_id() -> str:
     return f"INC-T{uuid.uuid4().hex[:8]}"
 
 
-async def status_when(handle, check, timeout: float = 60) -> IncidentStatus:
+async def status_when(handle, check, timeout: float = 300) -> IncidentStatus:
     """Poll the incident's status query until `check(status)` holds; on timeout, show where it stood."""
     status = None
     try:
@@ -99,7 +99,7 @@ async def test_alert_labels_open_a_p0_that_recovers_escalates_and_reports(stack,
         assert "already approved by bob" in await refused(
             runbook.execute_update, "approve", ApprovalRequest(approver="alice", reason="me too"))
 
-        await status_when(handle, lambda s: s.status == "recovered", timeout=120)
+        await status_when(handle, lambda s: s.status == "recovered", timeout=RUN_WAIT)
         assert "not on the P0 roster" in await refused(
             handle.execute_update, Incident.resolve, ResolveRequest(by="carol", reason="looks good"))
         await handle.execute_update(Incident.resolve, ResolveRequest(by="alice", reason="verified by the DBA"))
@@ -349,7 +349,7 @@ async def test_an_incident_continues_as_new_carrying_its_state_and_still_resolve
             incident_id=inc, title="checksum alert on a healthy database", severity="P1",
             procedure="db-corruption", runbook_input={"database": DATABASE}, continue_as_new_after=150), queue)
         # The runbook finds no corruption; the incident does not continue while its child runs.
-        await status_when(handle, lambda s: s.status == "recovered", timeout=120)
+        await status_when(handle, lambda s: s.status == "recovered", timeout=RUN_WAIT)
         # Two people raise it at once: the lock lets one re-classify, the other finds it done.
         raised = await asyncio.gather(*(
             handle.execute_update(Incident.set_severity, SeverityChange(severity="P0", by=by, reason="customers"))
@@ -365,7 +365,7 @@ async def test_an_incident_continues_as_new_carrying_its_state_and_still_resolve
         await handle.signal(Incident.alert, storm)
         await status_when(handle, lambda s: any("7 more alerts" in e.text for e in s.timeline))
 
-        status = await status_when(handle, lambda s: s.run >= 2, timeout=120)
+        status = await status_when(handle, lambda s: s.run >= 2, timeout=RUN_WAIT)
         assert (status.severity.value, status.status, status.level, status.acknowledged_level) == (
             "P0", "recovered", 1, 1)
         assert "already acknowledged" in await refused(handle.execute_update, Incident.acknowledge,

@@ -28,7 +28,9 @@ from starters.db_failback import start_db_failback
 from starters.region_failback import start_region_failback
 from starters.region_failover import start_region_failover
 from tests.conftest import (
-    CREDS, activity_attempts, approve_when_asked, own_stack, running_worker, wait_for_approval_gate,
+    CREDS,
+    RUN_WAIT,
+    activity_attempts, approve_when_asked, own_stack, running_worker, wait_for_approval_gate,
 )
 from tests.fakes import FakeStatuspage
 from tests.test_crash_survival import ROOT, spawn_worker, wait_for_activity
@@ -340,7 +342,7 @@ async def test_failover_survives_a_killed_backup_worker_and_a_server_restart(sta
                 first.wait()
                 stack.restart_temporal()
                 second = backup_worker("w2.log")
-                result = await asyncio.wait_for(handle.result(), timeout=120)
+                result = await asyncio.wait_for(handle.result(), timeout=RUN_WAIT)
     finally:
         for proc in (first, second):
             if proc and proc.poll() is None:
@@ -706,7 +708,7 @@ async def test_a_retried_dns_step_waits_on_the_change_it_submitted(stack, client
                     while (await wait_for_activity(handle, "switch_dns")).attempt < 2:
                         await asyncio.sleep(0.1)
                 proxy.pending.clear()  # Route53 reports the change INSYNC
-                result = await asyncio.wait_for(handle.result(), timeout=120)
+                result = await asyncio.wait_for(handle.result(), timeout=RUN_WAIT)
     finally:
         for proc in (first, second):
             if proc and proc.poll() is None:
