@@ -20,10 +20,11 @@ from email.utils import format_datetime
 
 import httpx
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
 
-from activities import statuspage
+from adapters import statuspage
+from adapters.errors import refused
 from models.config import NotifySettings
+from models.errors import ErrorKind
 from models.notify import Delivery, Notification
 from models.playbook import Channel, Playbook
 from models.templates import RenderedMessage, render
@@ -42,14 +43,14 @@ class NotifyActivities:
     @activity.defn
     def send_notification(self, n: Notification) -> Delivery:
         if self.redis is None:
-            raise _bad("NoRedis", "notifications need redis_url: the delivery ledger that prevents double posts "
+            raise refused(ErrorKind.NoRedis, "notifications need redis_url: the delivery ledger that prevents double posts "
                                   "lives there")
         recorded = self.redis.get(LEDGER_PREFIX + n.key)
         if recorded is not None:
             return Delivery.model_validate_json(recorded).model_copy(update={"already_sent": True})
         channel = self.playbook.communication.channels.get(n.channel)
         if channel is None:
-            raise _bad("UnknownChannel", f"channel {n.channel!r} is not in the playbook's communication.channels")
+            raise refused(ErrorKind.UnknownChannel, f"channel {n.channel!r} is not in the playbook's communication.channels")
         context = {"status_page_url": self.settings.status_page_public_url, "alerts": "-", **n.context}
         templates = self.playbook.communication.templates
         message = render(n.kind, templates.get(f"{n.kind}.{context.get('severity')}", templates[n.kind]), context)
@@ -84,16 +85,16 @@ class NotifyActivities:
                     smtp.login(s.smtp_username, s.smtp_password.get_secret_value())
                 smtp.send_message(mail)
         except smtplib.SMTPRecipientsRefused as err:
-            raise _bad("ChannelRejected", f"{n.channel}: the SMTP server refused {sorted(err.recipients)}") from err
+            raise refused(ErrorKind.ChannelRejected, f"{n.channel}: the SMTP server refused {sorted(err.recipients)}") from err
         except smtplib.SMTPAuthenticationError as err:
-            raise _bad("ChannelRejected", f"{n.channel}: SMTP login refused; check smtp_username/smtp_password") \
+            raise refused(ErrorKind.ChannelRejected, f"{n.channel}: SMTP login refused; check smtp_username/smtp_password") \
                 from err
         return mail["Message-ID"]
 
     def _sns(self, n: Notification, channel: Channel, message: RenderedMessage) -> str:
         topic = _required(self.settings.sns_topic_arn, "sns_topic_arn", n.channel)
         if self.sns is None:
-            raise _bad("ChannelNotConfigured", f"{n.channel}: no SNS client")
+            raise refused(ErrorKind.ChannelNotConfigured, f"{n.channel}: no SNS client")
         extra = {}
         if topic.endswith(".fifo"):
             extra = {"MessageGroupId": n.incident_id, "MessageDeduplicationId": _digest(n.key)[:64]}
@@ -116,7 +117,7 @@ class NotifyActivities:
 
 def _required(value, name: str, channel: str):
     if value is None:
-        raise _bad("ChannelNotConfigured", f"{channel}: set notify.{name} in the worker's settings")
+        raise refused(ErrorKind.ChannelNotConfigured, f"{channel}: set notify.{name} in the worker's settings")
     return value
 
 
@@ -125,13 +126,10 @@ def _raise_for(resp: httpx.Response, channel: str) -> None:
     if resp.is_success:
         return
     if 400 <= resp.status_code < 500 and resp.status_code != 429:
-        raise _bad("ChannelRejected", f"{channel}: HTTP {resp.status_code} {resp.text[:200]!r}")
+        raise refused(ErrorKind.ChannelRejected, f"{channel}: HTTP {resp.status_code} {resp.text[:200]!r}")
     resp.raise_for_status()
 
 
 def _digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
-
-def _bad(kind: str, message: str) -> ApplicationError:
-    return ApplicationError(message, type=kind, non_retryable=True)

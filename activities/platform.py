@@ -4,7 +4,8 @@ import httpx
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.platforms import AppPlatform
+from adapters.platforms import AppPlatform
+from models.errors import ErrorKind
 from models.failover import RepointRequest, WriteCheck
 from models.platform import AppHealth, AppStopped, StartAppRequest, StopAppRequest
 
@@ -33,10 +34,10 @@ class PlatformActivities:
             health = self.http.get(self.health_url)
             critical = self.http.get(self.critical_url)
         except httpx.HTTPError as err:
-            raise ApplicationError(f"application not answering: {err}", type="AppUnhealthy") from err
+            raise ApplicationError(f"application not answering: {err}", type=ErrorKind.AppUnhealthy) from err
         if health.status_code != 200 or critical.status_code != 200:
             raise ApplicationError(f"application unhealthy: {self.health_url} -> {health.status_code}, "
-                                   f"{self.critical_url} -> {critical.status_code}", type="AppUnhealthy")
+                                   f"{self.critical_url} -> {critical.status_code}", type=ErrorKind.AppUnhealthy)
         items = critical.json()
         return AppHealth(health_status=health.status_code, critical_status=critical.status_code,
                          critical_items=len(items) if isinstance(items, list) else 0)
@@ -49,12 +50,12 @@ class PlatformActivities:
     def check_write(self) -> WriteCheck:
         """One write through the application; retried until it succeeds."""
         if not self.write_check_url:
-            raise ApplicationError("no app.write_check_url configured", type="NoWriteCheck", non_retryable=True)
+            raise ApplicationError("no app.write_check_url configured", type=ErrorKind.NoWriteCheck, non_retryable=True)
         try:
             resp = self.http.post(self.write_check_url)
         except httpx.HTTPError as err:
-            raise ApplicationError(f"application not answering: {err}", type="AppUnhealthy") from err
+            raise ApplicationError(f"application not answering: {err}", type=ErrorKind.AppUnhealthy) from err
         if resp.status_code != 201:
             raise ApplicationError(f"write through the application failed: {resp.status_code} {resp.text[:200]}",
-                                   type="AppUnhealthy")
+                                   type=ErrorKind.AppUnhealthy)
         return WriteCheck(status=resp.status_code, served_by_port=resp.json()["server_port"])

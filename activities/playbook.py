@@ -7,6 +7,7 @@ start-up and answers from memory.
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from models.errors import ErrorKind
 from models.incident import IncidentPlan, PlanRequest
 from models.playbook import Objectives, Playbook, Severity
 
@@ -20,7 +21,7 @@ class PlaybookActivities:
         try:
             return self.playbook.objectives_for(procedure)
         except KeyError as err:
-            raise ApplicationError(str(err.args[0]), type="UnknownProcedure", non_retryable=True) from err
+            raise ApplicationError(str(err.args[0]), type=ErrorKind.UnknownProcedure, non_retryable=True) from err
 
     @activity.defn
     def approvers_for(self, procedure: str, severity: Severity) -> dict[str, list[str]]:
@@ -49,7 +50,7 @@ class PlaybookActivities:
         if procedure is not None and procedure not in pb.procedures:
             raise ApplicationError(f"procedure {procedure!r} is not in the playbook's procedures "
                                    f"({', '.join(sorted(pb.procedures))}, or none)",
-                                   type="UnknownProcedure", non_retryable=True)
+                                   type=ErrorKind.UnknownProcedure, non_retryable=True)
         policy = pb.severities[severity]
         objectives = pb.objectives_for(procedure) if procedure else None
         commanders = [n for n, p in pb.people.items() if "incident_commander" in p.roles]

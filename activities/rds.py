@@ -9,8 +9,9 @@ from botocore.exceptions import ClientError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.region import promote_read_replica, replica_lag_seconds
+from adapters.aws import promote_read_replica, replica_lag_seconds
 from models.config import RdsSettings
+from models.errors import ErrorKind
 from models.failover import LagCheck, Promoted, StandbyStatus
 
 
@@ -31,13 +32,13 @@ class RdsActivities:
         except ClientError as err:
             if err.response["Error"]["Code"] == "DBInstanceNotFound":
                 raise ApplicationError(f"RDS instance {self.config.replica_id!r} not found in {self.config.region}",
-                                       type="UnknownReplica", non_retryable=True) from err
+                                       type=ErrorKind.UnknownReplica, non_retryable=True) from err
             raise
         lag = replica_lag_seconds(self.cloudwatch, self.config.replica_id)
         if lag is not None and lag > req.max_lag_seconds and not req.override:
             raise ApplicationError(f"replica {self.config.replica_id} lags {lag:.0f}s (allowed "
                                    f"{req.max_lag_seconds:.0f}s); start again with override_lag=true if a person "
-                                   "accepts that loss", type="StandbyLagging", non_retryable=True)
+                                   "accepts that loss", type=ErrorKind.StandbyLagging, non_retryable=True)
         endpoint = instance.get("Endpoint") or {}
         return StandbyStatus(host=endpoint.get("Address", ""), port=endpoint.get("Port", 5432),
                              in_recovery=bool(instance.get("ReadReplicaSourceDBInstanceIdentifier")), streaming=True,

@@ -12,10 +12,19 @@ from botocore.exceptions import ClientError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities import statuspage
-from activities.pgserver import PgServer
-from activities.platforms import KubernetesPlatform
+from adapters import statuspage
+from adapters.aws import (
+    describe_instance,
+    in_zone,
+    promote_read_replica,
+    replica_lag_seconds,
+    same_record,
+)
+from adapters.errors import refused
+from adapters.pgserver import PgServer
+from adapters.platforms import KubernetesPlatform
 from models.config import FailoverSettings
+from models.errors import ErrorKind
 from models.region import (
     DnsSwitched,
     FailbackPlan,
@@ -52,7 +61,7 @@ class RegionActivities:
         A self-managed failover promoted the settings' streaming standby: there is no RDS instance to
         replicate home, so this runbook refuses at once and names the one that brings that database home."""
         if self.config is not None and self.config.database == "self-managed":
-            raise _bad("FailbackNotSupported",
+            raise refused(ErrorKind.FailbackNotSupported,
                        f"RegionFailback replicates an RDS instance home, but failover.database is self-managed: "
                        f"the failover promoted the streaming standby, and no RDS instance exists to replicate. "
                        f"Nothing was changed. The database comes home with DatabaseFailback (python -m "
@@ -65,15 +74,15 @@ class RegionActivities:
 
     def _plan(self, region_name: str, replica_must_exist: bool) -> RegionPlan:
         if self.config is None:
-            raise _bad("FailoverNotConfigured", "this worker has no `failover` settings (regions, hosted zone)")
+            raise refused(ErrorKind.FailoverNotConfigured, "this worker has no `failover` settings (regions, hosted zone)")
         region = self.config.regions.get(region_name)
         if region is None:
-            raise _bad("UnknownRegion", f"region {region_name!r} is not configured; known: "
+            raise refused(ErrorKind.UnknownRegion, f"region {region_name!r} is not configured; known: "
                                         f"{', '.join(sorted(self.config.regions)) or 'none'}")
         replica_id = region.rds_replica_id
         if self.config.database == "self-managed":
             if self.standby is None:
-                raise _bad("NoStandby", "failover.database is self-managed but this worker has no standby "
+                raise refused(ErrorKind.NoStandby, "failover.database is self-managed but this worker has no standby "
                                         "(settings: standby.port, standby.data_dir); nothing was changed")
             replica_id = f"the standby {self.standby.host}:{self.standby.port}"
         elif replica_must_exist:
@@ -82,10 +91,10 @@ class RegionActivities:
             zone = self.route53.get_hosted_zone(Id=self.config.hosted_zone_id)["HostedZone"]
         except ClientError as err:
             if err.response["Error"]["Code"] == "NoSuchHostedZone":
-                raise _bad("UnknownHostedZone", f"hosted zone {self.config.hosted_zone_id!r} not found") from err
+                raise refused(ErrorKind.UnknownHostedZone, f"hosted zone {self.config.hosted_zone_id!r} not found") from err
             raise
         if not in_zone(self.config.record_name, zone["Name"]):
-            raise _bad("RecordOutsideZone", f"record {self.config.record_name!r} is not in hosted zone "
+            raise refused(ErrorKind.RecordOutsideZone, f"record {self.config.record_name!r} is not in hosted zone "
                                             f"{zone['Name'].rstrip('.')!r} ({self.config.hosted_zone_id}): Route53 "
                                             "would reject the change; fix failover.record_name or hosted_zone_id. "
                                             "Nothing was changed.")
@@ -131,7 +140,7 @@ class RegionActivities:
             except httpx.HTTPError:
                 status = None
             if status is not None and status < 400:
-                raise _bad("PrimaryHealthy", f"primary appears healthy ({req.url} answered {status} on check {n} of "
+                raise refused(ErrorKind.PrimaryHealthy, f"primary appears healthy ({req.url} answered {status} on check {n} of "
                                              f"{req.checks}); aborting failover, nothing was changed")
             activity.heartbeat(f"check {n}/{req.checks}: {status or 'no answer'}")
             if n < req.checks:
@@ -143,7 +152,7 @@ class RegionActivities:
         """The replica's newest ReplicaLag datapoint (CloudWatch); refuse a lagging replica unless overridden."""
         lag = replica_lag_seconds(self.cloudwatch[req.region], req.replica_id)
         if lag is not None and lag > req.max_lag_seconds and not req.override:
-            raise _bad("ReplicaLagging", f"replica {req.replica_id} lags {lag:.0f}s (allowed {req.max_lag_seconds:.0f}s)"
+            raise refused(ErrorKind.ReplicaLagging, f"replica {req.replica_id} lags {lag:.0f}s (allowed {req.max_lag_seconds:.0f}s)"
                                          "; promoting it would lose those writes. Start again with override_lag=true "
                                          "if a person accepts that loss.")
         return lag
@@ -171,7 +180,7 @@ class RegionActivities:
         earlier = _submitted_change(activity.info().heartbeat_details, record)
         if earlier is not None:
             return self._wait_insync({"Id": earlier, "Status": "PENDING"}, record, resumed=True)
-        if _same_record(self._current_record(), record):
+        if same_record(self._current_record(), record):
             activity.logger.info("%s already points at the target; no change submitted", self.config.record_name)
             return DnsSwitched(change_id=None, status="CURRENT", record=record, already_current=True)
         try:
@@ -181,7 +190,7 @@ class RegionActivities:
                              "Changes": [{"Action": "UPSERT", "ResourceRecordSet": record}]})["ChangeInfo"]
         except ClientError as err:
             if err.response["Error"]["Code"] in ("InvalidChangeBatch", "InvalidInput", "NoSuchHostedZone"):
-                raise _bad("DnsChangeRejected", f"Route53 rejected the change of {self.config.record_name}: "
+                raise refused(ErrorKind.DnsChangeRejected, f"Route53 rejected the change of {self.config.record_name}: "
                                                 f"{err.response['Error']['Message']}") from err
             raise
         return self._wait_insync(change, record, resumed=False)
@@ -214,9 +223,9 @@ class RegionActivities:
         try:
             status = self.http.get(url, timeout=10).status_code
         except httpx.HTTPError as err:
-            raise ApplicationError(f"{url}: {err}", type="RegionUnhealthy") from err
+            raise ApplicationError(f"{url}: {err}", type=ErrorKind.RegionUnhealthy) from err
         if status != 200:
-            raise ApplicationError(f"{url} answered {status}", type="RegionUnhealthy")
+            raise ApplicationError(f"{url} answered {status}", type=ErrorKind.RegionUnhealthy)
         return status
 
     @activity.defn
@@ -237,40 +246,6 @@ class RegionActivities:
         return Notified(message_id=message_id, status_page_incident=status_page_id)
 
 
-def promote_read_replica(rds, replica_id: str) -> RdsPromoted:
-    """aws rds promote-read-replica, then wait until available; a second call finds it promoted."""
-    already = False
-    try:
-        rds.promote_read_replica(DBInstanceIdentifier=replica_id)
-    except ClientError as err:
-        if err.response["Error"]["Code"] == "DBInstanceNotFound":
-            raise _bad("UnknownReplica", f"RDS instance {replica_id!r} not found") from err
-        if err.response["Error"]["Code"] != "InvalidDBInstanceState":
-            raise
-        already = True  # "not a read replica": promoted by an earlier attempt
-    rds.get_waiter("db_instance_available").wait(DBInstanceIdentifier=replica_id,
-                                                  WaiterConfig={"Delay": 5, "MaxAttempts": 120})
-    instance = rds.describe_db_instances(DBInstanceIdentifier=replica_id)["DBInstances"][0]
-    return RdsPromoted(replica_id=replica_id, endpoint=(instance.get("Endpoint") or {}).get("Address"),
-                       port=(instance.get("Endpoint") or {}).get("Port", 5432), already_promoted=already)
-
-
-def describe_instance(rds, instance_id: str, region: str) -> dict:
-    """One RDS instance; one that does not exist is an operator's error, never retried."""
-    try:
-        return rds.describe_db_instances(DBInstanceIdentifier=instance_id)["DBInstances"][0]
-    except ClientError as err:
-        if err.response["Error"]["Code"] in ("DBInstanceNotFound", "DBInstanceNotFoundFault"):
-            raise _bad("UnknownReplica", f"RDS instance {instance_id!r} not found in {region}") from err
-        raise
-
-
-def in_zone(record_name: str, zone_name: str) -> bool:
-    """Whether a record name lies in a hosted zone (the apex or below it), as Route53 decides it."""
-    record, zone = record_name.rstrip(".").lower(), zone_name.rstrip(".").lower()
-    return record == zone or record.endswith("." + zone)
-
-
 def _submitted_change(details, record: dict) -> str | None:
     """The Id of the change an earlier attempt of this step submitted for this record (heartbeat details)."""
     last = details[-1] if details else None
@@ -278,27 +253,3 @@ def _submitted_change(details, record: dict) -> str | None:
         return last["change_id"]
     return None
 
-
-def _same_record(current: dict | None, wanted: dict) -> bool:
-    if current is None:
-        return False
-    if "AliasTarget" in wanted:
-        alias = current.get("AliasTarget") or {}
-        return (alias.get("DNSName", "").rstrip(".").lower() == wanted["AliasTarget"]["DNSName"].rstrip(".").lower()
-                and alias.get("HostedZoneId") == wanted["AliasTarget"]["HostedZoneId"])
-    return ("AliasTarget" not in current and sorted(r["Value"] for r in current.get("ResourceRecords", []))
-            == sorted(r["Value"] for r in wanted["ResourceRecords"]))
-
-
-def replica_lag_seconds(cloudwatch, replica_id: str) -> float | None:
-    """The newest CloudWatch ReplicaLag datapoint of the last ten minutes (None: no data)."""
-    stats = cloudwatch.get_metric_statistics(
-        Namespace="AWS/RDS", MetricName="ReplicaLag", Statistics=["Maximum"], Period=60,
-        Dimensions=[{"Name": "DBInstanceIdentifier", "Value": replica_id}],
-        StartTime=time.time() - 600, EndTime=time.time() + 60)
-    points = sorted(stats.get("Datapoints", []), key=lambda p: p["Timestamp"])
-    return points[-1]["Maximum"] if points else None
-
-
-def _bad(kind: str, message: str) -> ApplicationError:
-    return ApplicationError(message, type=kind, non_retryable=True)

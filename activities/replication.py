@@ -5,19 +5,27 @@ and left with a standby.signal (it comes back read-only if anyone starts it)
 before the standby is promoted.
 """
 
-import re
 import shutil
 import subprocess
-from pathlib import Path
 import time
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.pgserver import PgServer, run_as
-from activities.timelines import diverged, history_file_name, parse_history
+from adapters.pgserver import PgServer, run_as
+from adapters.replication import (
+    REPLICA_DB,
+    current_timeline,
+    set_application_name,
+    single_synchronous_name,
+    standby_application_name,
+    timeline_history,
+    wal_position,
+)
+from adapters.timelines import diverged
+from models.errors import ErrorKind
 from models.failover import (
     Fenced,
     FenceRequest,
@@ -29,11 +37,6 @@ from models.failover import (
     Role,
     StandbyStatus,
 )
-from models.postgres import TimelineBranch
-
-# Replicas are read through template1: a seal closes every other database (ALLOW_CONNECTIONS false),
-# a standby replays that, and CREATE DATABASE (which needs template1 unused) cannot run on a replica.
-REPLICA_DB = "template1"
 
 
 class ReplicationActivities:
@@ -45,7 +48,7 @@ class ReplicationActivities:
     def standby(self) -> PgServer:
         if self._standby is None:
             raise ApplicationError("no standby is configured (settings: standby.port, standby.data_dir)",
-                                   type="NoStandby", non_retryable=True)
+                                   type=ErrorKind.NoStandby, non_retryable=True)
         return self._standby
 
     def server(self, role: Role) -> PgServer:
@@ -67,12 +70,12 @@ class ReplicationActivities:
                 f"{status.primary_lsn or 'unknown'}): the standby diverged and can never follow it. Promoting "
                 "it would lose every commit made since the fork, so this is refused even with override_lag. "
                 "Rebuild it first (DatabaseFailback's rejoin, or a fresh pg_basebackup); nothing was changed.",
-                type="StandbyDiverged", non_retryable=True)
+                type=ErrorKind.StandbyDiverged, non_retryable=True)
         if status.in_recovery and self._too_far(status, req) and not req.override:
             raise ApplicationError(
                 f"standby lags {status.lag_bytes} bytes / {status.lag_seconds}s (allowed {req.max_lag_bytes} bytes / "
                 f"{req.max_lag_seconds}s); promoting it would lose those commits. Start again with "
-                "override_lag=true if a person accepts that loss.", type="StandbyLagging", non_retryable=True)
+                "override_lag=true if a person accepts that loss.", type=ErrorKind.StandbyLagging, non_retryable=True)
         return status
 
     @activity.defn
@@ -104,7 +107,7 @@ class ReplicationActivities:
                     "SELECT timeline_id FROM pg_control_checkpoint()").fetchone()[0]
         except psycopg.OperationalError as err:
             raise ApplicationError(f"replica {replica.host}:{replica.port} unreachable: "
-                                   f"{str(err).strip().splitlines()[-1]}", type="StandbyUnreachable") from err
+                                   f"{str(err).strip().splitlines()[-1]}", type=ErrorKind.StandbyUnreachable) from err
         primary_lsn, lag_bytes, lag_seconds, synchronous, reachable = None, None, None, False, False
         try:
             with source.connect(timeout=3) as conn:
@@ -157,11 +160,11 @@ class ReplicationActivities:
         """
         with self.server(req.server).connect(REPLICA_DB) as conn:
             if not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
-                return Promoted(already_primary=True, lost_bytes=None, **_position(conn))
+                return Promoted(already_primary=True, lost_bytes=None, **wal_position(conn))
             lost = self._wait_for_wal(conn, req.final_lsn, req.catch_up_seconds) if req.final_lsn else None
             if not conn.execute("SELECT pg_promote(wait => true, wait_seconds => 60)").fetchone()[0]:
-                raise ApplicationError("pg_promote did not finish within 60s", type="PromoteSlow")
-            return Promoted(lost_bytes=lost, **_position(conn))
+                raise ApplicationError("pg_promote did not finish within 60s", type=ErrorKind.PromoteSlow)
+            return Promoted(lost_bytes=lost, **wal_position(conn))
 
     def _wait_for_wal(self, conn: psycopg.Connection, final_lsn: str, seconds: float) -> int:
         deadline = time.monotonic() + seconds
@@ -198,10 +201,10 @@ class ReplicationActivities:
                                                   for f in ("standby.signal", "recovery.signal")):
             raise ApplicationError(f"{server.data_dir} is a stopped primary (no standby.signal): it may hold commits "
                                    "nobody else has; it was not touched. Compare it with the current primary first",
-                                   type="StandbyPromoted", non_retryable=True)
+                                   type=ErrorKind.StandbyPromoted, non_retryable=True)
         # The name synchronous_standby_names knows it by: a rebuilt standby must stream under the same one.
         name = (standby_application_name(server.data_dir) or standby_application_name(aside)
-                or _single_synchronous_name(source))
+                or single_synchronous_name(source))
         if req.method == "rewind":
             subprocess.run(run_as(server.os_user, ["rm", "-f", str(server.data_dir / "standby.signal")]), check=True)
             conninfo = make_conninfo(host=source.host, port=source.port, user=source.superuser, dbname="postgres")
@@ -209,7 +212,7 @@ class ReplicationActivities:
                                  "--write-recovery-conf", check=False, timeout=3600)
             if rewind.returncode == 0:
                 if name:
-                    _set_application_name(server, name)
+                    set_application_name(server, name)
                 server.start(wait=False)
                 if self._await_streaming(server, source):
                     return Rejoined(method="pg_rewind")
@@ -230,7 +233,7 @@ class ReplicationActivities:
         server.start(wait=False)
         if not self._await_streaming(server, source):
             raise ApplicationError(f"{server.data_dir} did not start streaming from {source.port}" +
-                                   server.log_tail(), type="RejoinFailed")
+                                   server.log_tail(), type=ErrorKind.RejoinFailed)
         return Rejoined(method="pg_basebackup", moved_aside=str(aside) if aside.exists() else None)
 
     def _await_streaming(self, server: PgServer, source: PgServer, timeout: float = 300) -> bool:
@@ -255,49 +258,6 @@ class ReplicationActivities:
         return bool(row[0]) and row[1] == source.port and row[2] == current_timeline(source)
 
 
-def _position(conn: psycopg.Connection) -> dict:
-    segment, lsn = conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn()), pg_current_wal_lsn()::text").fetchone()
-    return {"timeline": int(segment[:8], 16), "promoted_at_lsn": lsn}
-
-
-def current_timeline(server: PgServer) -> int | None:
-    """A server's current timeline: from its WAL position when it answers as a primary, else its control file."""
-    try:
-        with server.connect(timeout=3) as conn:
-            if not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
-                return int(conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()[0][:8], 16)
-    except psycopg.OperationalError:
-        pass
-    return server.control_timeline()
-
-
-def timeline_history(server: PgServer, timeline: int) -> list[TimelineBranch]:
-    """A timeline's history from the server's own pg_wal ([] for timeline 1 or when unreadable)."""
-    if timeline <= 1:
-        return []
-    try:
-        return parse_history((server.data_dir / "pg_wal" / history_file_name(timeline)).read_text())
-    except OSError:
-        return []
-
-
-def has_diverged(replica: PgServer, source: PgServer) -> bool:
-    """True when a replica that is not streaming holds WAL its source's history never had (see
-    activities.timelines.diverged); False when it streams, is not a replica, or cannot be read."""
-    try:
-        with replica.connect(REPLICA_DB, timeout=3) as conn:
-            in_recovery, replay, streaming, checkpoint_tli = conn.execute(
-                "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, EXISTS (SELECT 1 FROM "
-                "pg_stat_wal_receiver WHERE status = 'streaming'), (SELECT timeline_id FROM pg_control_checkpoint())"
-            ).fetchone()
-    except psycopg.OperationalError:
-        return False
-    source_tli = current_timeline(source)
-    if not in_recovery or streaming or not replay or not source_tli:
-        return False
-    return diverged(checkpoint_tli, replay, source_tli, timeline_history(source, source_tli))
-
-
 def _refuse_a_primary(server: PgServer) -> None:
     """A server meant to become a standby that answers as a primary was promoted by someone: it may hold
     acknowledged commits nobody else has. Never rewind or rebuild it (StandbyPromoted, non-retryable)."""
@@ -309,39 +269,7 @@ def _refuse_a_primary(server: PgServer) -> None:
     if primary:
         raise ApplicationError(f"{server.data_dir} on port {server.port} is a primary (it was promoted): it may hold "
                                "commits nobody else has, so it was not touched. Two primaries are running: decide "
-                               "which one serves before rebuilding the other", type="StandbyPromoted",
+                               "which one serves before rebuilding the other", type=ErrorKind.StandbyPromoted,
                                non_retryable=True)
 
 
-def standby_application_name(data_dir: Path) -> str | None:
-    """The application_name in a standby's last primary_conninfo (postgresql.auto.conf), or None."""
-    try:
-        lines = (data_dir / "postgresql.auto.conf").read_text().splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        match = re.match(r"\s*primary_conninfo\s*=\s*'((?:[^']|'')*)'", line)
-        if match:
-            return conninfo_to_dict(match.group(1).replace("''", "'")).get("application_name") or None
-    return None
-
-
-def _single_synchronous_name(source: PgServer) -> str | None:
-    """The standby name the source's synchronous_standby_names expects, when it names exactly one."""
-    try:
-        with source.connect(timeout=3) as conn:
-            names = conn.execute("SHOW synchronous_standby_names").fetchone()[0].strip()
-    except psycopg.OperationalError:
-        return None
-    return names.strip('"') if re.fullmatch(r'"?[A-Za-z0-9_.-]+"?', names) else None
-
-
-def _set_application_name(server: PgServer, name: str) -> None:
-    """Append primary_conninfo again with `name` as application_name (a later line wins)."""
-    auto = server.data_dir / "postgresql.auto.conf"
-    text = auto.read_text()
-    current = next((m.group(1).replace("''", "'") for line in reversed(text.splitlines())
-                    if (m := re.match(r"\s*primary_conninfo\s*=\s*'((?:[^']|'')*)'", line))), "")
-    conninfo = make_conninfo(current, application_name=name).replace("'", "''")
-    subprocess.run(run_as(server.os_user, ["sh", "-c", 'cat >> "$0"', str(auto)]),
-                   input=f"primary_conninfo = '{conninfo}'\n".encode(), check=True)

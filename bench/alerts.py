@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 from aiohttp import web
 
-from activities.processes import free_port
+from adapters.processes import free_port
 from models.alerts import AlertmanagerWebhook
 from models.config import AlertReceiverSettings
 from stack.stack import DATABASE, Stack

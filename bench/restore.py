@@ -22,8 +22,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from activities.pgserver import run_as
-from activities.processes import free_port
+from adapters.pgserver import run_as
+from adapters.processes import free_port
 from bench._stack import grown_stack
 from models.approval import ApprovalRequest
 from models.db_corruption import DatabaseCorruptionInput

@@ -11,7 +11,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from models.incident import AlertNotice, AlertSummary, IncidentInput
 from models.times import Timestamp
 
-
 # One signal lists at most this many alerts (about 1-2 KB each: far below Temporal's 2 MB payload limit, and a
 # timeline people can read); the rest are counted in AlertNotice.truncated.
 MAX_ALERTS_PER_NOTICE = 100

@@ -19,13 +19,13 @@ import boto3
 import httpx
 from pydantic import BaseModel, Field
 
-from activities.audit import install_audit_log
-from activities.barman import BarmanCloud
-from activities.pgserver import PgServer, embedded_bin_dir
-from activities.platforms import LocalAppSpec, LocalProcessPlatform
-from activities.processes import ProcessTable, free_port, port_open, wait_for_port
-from activities.replication import has_diverged
-from activities.sealing import describe_seal, read_seal
+from adapters.audit import install_audit_log
+from adapters.barman import BarmanCloud
+from adapters.pgserver import PgServer, embedded_bin_dir
+from adapters.platforms import LocalAppSpec, LocalProcessPlatform
+from adapters.processes import ProcessTable, free_port, port_open, wait_for_port
+from adapters.replication import has_diverged
+from adapters.sealing import describe_seal, read_seal
 
 DATABASE = "corporate_intel"
 AUDITED_TABLES = ("public.companies", "public.filings", "public.metrics")

@@ -31,7 +31,13 @@ from models.approval import ApprovalRequest
 from models.db_corruption import DatabaseCorruptionInput
 from models.deletion import AccidentalDeletionInput
 from models.failover import DatabaseFailbackInput, DatabaseFailoverInput
-from models.incident import AckRequest, IncidentInput, IncidentStatus, ResolveRequest, SeverityChange
+from models.incident import (
+    AckRequest,
+    IncidentInput,
+    IncidentStatus,
+    ResolveRequest,
+    SeverityChange,
+)
 from models.playbook import PlaybookError, load_playbook
 from workflows.accidental_deletion import workflow_id as deletion_id
 from workflows.db_corruption import workflow_id as db_corruption_id
@@ -109,8 +115,8 @@ def cmd_worker(args) -> None:
 
 
 async def cmd_unseal(args) -> None:
-    from activities.locks import LockActivities
-    from activities.sealing import read_seal, unseal
+    from adapters.locks import cluster_name, lock_holder
+    from adapters.sealing import read_seal, unseal
     from workers.temporal_client import connect
     from workflows.database_lock import lock_id
 
@@ -119,15 +125,14 @@ async def cmd_unseal(args) -> None:
     if read_seal(server.data_dir) is None:
         raise CliError(f"{server.data_dir} is not sealed: nothing to do")
     # Never under a running recovery: it would start the damaged primary beside the restore it is replaying.
-    locks = LockActivities(await connect(settings.temporal_address, settings.temporal_namespace), server,
-                           settings.backup.server_name)
-    lock = locks.client.get_workflow_handle(lock_id(locks.cluster()))
+    client = await connect(settings.temporal_address, settings.temporal_namespace)
+    lock = client.get_workflow_handle(lock_id(cluster_name(server, settings.backup.server_name)))
     try:
         running = (await lock.describe()).status == WorkflowExecutionStatus.RUNNING
     except RPCError:
         running = False  # no lock workflow: nobody holds it
     if running:
-        raise CliError(f"a recovery holds this database ({await locks.holder(lock.id)}): let it finish or cancel "
+        raise CliError(f"a recovery holds this database ({await lock_holder(client, lock.id)}): let it finish or cancel "
                        "it first; nothing was changed")
     try:
         print(unseal(server))
@@ -136,7 +141,10 @@ async def cmd_unseal(args) -> None:
 
 
 async def cmd_start(args) -> None:
-    from starters.accidental_deletion import api_key_fingerprint, start_accidental_deletion
+    from starters.accidental_deletion import (
+        api_key_fingerprint,
+        start_accidental_deletion,
+    )
     from starters.db_corruption import start_db_corruption
     from starters.db_failback import start_db_failback
     from starters.db_failover import start_db_failover
@@ -256,8 +264,8 @@ async def cmd_ack(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from activities.report import read_report
-    from workers.main import build_s3
+    from adapters.reports import read_report
+    from workers.clients import build_s3
 
     settings = _settings(args)
     markdown = read_report(build_s3(settings), settings.reports_destination, args.incident)
@@ -314,8 +322,8 @@ def cmd_audit(args) -> None:
     import psycopg
     from temporalio.exceptions import ApplicationError
 
-    from activities.audit import install_audit_log
-    from activities.deletion import resolve_table
+    from adapters.audit import install_audit_log
+    from adapters.rows import resolve_table
     from models.identifiers import TableRef, split_list
 
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from temporalio.service import RPCError
 
-from activities.report import read_report
+from adapters.reports import read_report
 from models.approval import ApprovalRequest
 from models.db_corruption import CorruptionRecoveryResult
 from models.incident import IncidentInput, IncidentStatus, ResolveRequest
@@ -24,7 +24,7 @@ from stack.corrupt import corrupt_table
 from stack.stack import DATABASE, Stack
 from starters._start import wait_for_approval
 from starters.incident import open_incident
-from workers.main import build_s3
+from workers.clients import build_s3
 from workers.settings import Settings
 from workers.temporal_client import connect
 from workflows.db_corruption import DatabaseCorruptionRecovery, workflow_id

@@ -17,7 +17,6 @@ import boto3
 import pytest
 import pytest_asyncio
 from moto.moto_server.threaded_moto_server import ThreadedMotoServer
-
 from temporalio.service import RPCError, RPCStatusCode
 
 from models.approval import ApprovalRecord, ApprovalRequest

@@ -11,7 +11,7 @@ import boto3
 import yaml
 from aiosmtpd.controller import Controller
 
-from activities.processes import free_port
+from adapters.processes import free_port
 from tests.conftest import CREDS, worker_settings
 from tests.fakes import FakeSlackWebhook, FakeStatuspage
 

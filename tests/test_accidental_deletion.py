@@ -17,7 +17,12 @@ from models.approval import ApprovalRequest
 from models.deletion import AccidentalDeletionInput
 from stack.stack import DATABASE
 from starters.accidental_deletion import api_key_fingerprint, start_accidental_deletion
-from tests.conftest import activity_attempts, approve_when_asked, running_worker, wait_for_approval_gate
+from tests.conftest import (
+    activity_attempts,
+    approve_when_asked,
+    running_worker,
+    wait_for_approval_gate,
+)
 from tests.test_crash_survival import spawn_worker, wait_for_activity, wait_for_poller
 
 ROLE = "analyst"

@@ -11,8 +11,8 @@ import yaml
 from aiohttp import web
 from temporalio.client import Client
 
-from activities.processes import free_port
-from activities.report import read_report
+from adapters.processes import free_port
+from adapters.reports import read_report
 from models.alerts import incident_id_for
 from models.config import AlertReceiverSettings
 from models.incident import IncidentStatus, ResolveRequest
@@ -20,7 +20,7 @@ from starters.alerts import PATH, build_app
 from tests.conftest import running_worker, terminate_runs
 from tests.notify_world import incident_settings, short_playbook
 from tests.test_alerts import TOKEN, incidents_on, receiver, until  # noqa: F401 (receiver: fixture)
-from workers.main import build_s3
+from workers.clients import build_s3
 from workers.temporal_client import data_converter
 from workflows.incident import Incident
 from workflows.search_attributes import STATUS

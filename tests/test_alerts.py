@@ -17,7 +17,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from activities.processes import free_port, wait_for_port
+from adapters.processes import free_port, wait_for_port
 from models.alerts import incident_id_for
 from models.config import AlertReceiverSettings
 from starters.alerts import PATH, build_app, sign

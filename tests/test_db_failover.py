@@ -28,7 +28,16 @@ from starters.db_failover import start_db_failover
 from starters.region_failover import start_region_failover
 from tests.conftest import approve_when_asked, own_stack, running_worker
 from tests.test_kubernetes_platform import fake_deployment_controller
-from tests.test_region_failover import BACKUP, NAME, NS, Health, deploy_backup, raw_settings, record, region_workers
+from tests.test_region_failover import (
+    BACKUP,
+    NAME,
+    NS,
+    Health,
+    deploy_backup,
+    raw_settings,
+    record,
+    region_workers,
+)
 from workers.settings import Settings
 from workflows.db_failover import DatabaseFailover
 

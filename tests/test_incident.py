@@ -14,9 +14,15 @@ from temporalio.api.enums.v1 import PendingActivityState
 from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 from temporalio.service import RPCError
 
-from activities.report import read_report
+from adapters.reports import read_report
 from models.approval import ApprovalRequest
-from models.incident import AckRequest, IncidentInput, IncidentStatus, ResolveRequest, SeverityChange
+from models.incident import (
+    AckRequest,
+    IncidentInput,
+    IncidentStatus,
+    ResolveRequest,
+    SeverityChange,
+)
 from stack.corrupt import corrupt_table
 from stack.stack import DATABASE
 from starters.incident import open_incident
@@ -24,7 +30,7 @@ from tests.conftest import query_timed_out, running_worker
 from tests.notify_world import incident_settings, short_playbook
 from tests.test_crash_survival import spawn_worker, wait_for_poller
 from tests.test_stack import drp
-from workers.main import build_s3
+from workers.clients import build_s3
 from workflows.incident import Incident
 
 
@@ -326,10 +332,9 @@ async def test_the_cli_opens_acknowledges_resolves_and_prints_the_report(stack, 
 
 
 def _human(iso: str) -> str:
-    from activities.report import _human as human
-    from activities.report import _measured
+    from adapters.reports import human, measured
 
-    return human(_measured(iso))
+    return human(measured(iso))
 
 
 async def test_an_incident_continues_as_new_carrying_its_state_and_still_resolves_and_reports(

@@ -12,7 +12,7 @@ import pytest
 from kubernetes import client as k8s
 from temporalio.exceptions import ApplicationError
 
-from activities.platforms import REPLICAS_ANNOTATION, KubernetesPlatform
+from adapters.platforms import REPLICAS_ANNOTATION, KubernetesPlatform
 
 NS, NAME = "prod", "corporate-intel-api"
 LABELS = {"app": "corporate-intel"}

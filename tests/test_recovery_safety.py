@@ -23,9 +23,9 @@ import pytest
 from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.client import WorkflowFailureError
 
-from activities.barman import ARCHIVE_UNREADABLE
-from activities.pgserver import run_as
-from activities.sealing import marker_path, read_seal
+from adapters.barman import ARCHIVE_UNREADABLE
+from adapters.pgserver import run_as
+from adapters.sealing import marker_path, read_seal
 from models.db_corruption import DatabaseCorruptionInput
 from models.failover import DatabaseFailoverInput
 from stack.corrupt import corrupt_table
@@ -33,7 +33,12 @@ from stack.stack import BUCKET, DATABASE, DUMMY_AWS
 from starters.db_corruption import start_db_corruption
 from starters.db_failover import start_db_failover
 from tests.conftest import (
-    approve_when_asked, own_stack, rebuild_standby, row_counts, running_worker, wait_for_approval_gate,
+    approve_when_asked,
+    own_stack,
+    rebuild_standby,
+    row_counts,
+    running_worker,
+    wait_for_approval_gate,
 )
 from workers.settings import Settings
 

@@ -14,16 +14,21 @@ from datetime import timedelta
 
 import pytest
 from temporalio.client import WorkflowFailureError
+from temporalio.exceptions import ApplicationError
 
-from activities.sealing import read_seal, unseal
 from activities.postgres import PostgresActivities
+from adapters.sealing import read_seal, unseal
 from models.db_corruption import DatabaseCorruptionInput
 from models.postgres import SealRequest
 from stack.corrupt import corrupt_table
 from stack.stack import DATABASE
 from starters.db_corruption import start_db_corruption
-from temporalio.exceptions import ApplicationError
-from tests.conftest import approve_when_asked, own_stack, rebuild_standby, running_worker
+from tests.conftest import (
+    approve_when_asked,
+    own_stack,
+    rebuild_standby,
+    running_worker,
+)
 from workers.settings import Settings
 from workflows._steps import Progress
 
@@ -77,7 +82,7 @@ def test_a_seal_retried_after_the_primary_went_down_keeps_the_list_of_databases_
             conn.execute("SELECT pg_reload_conf()")
             for (name,) in conn.execute("SELECT datname FROM pg_database WHERE NOT datistemplate").fetchall():
                 conn.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
-        from activities.sealing import marker_path
+        from adapters.sealing import marker_path
         marker_path(pg.data_dir).unlink(missing_ok=True)
 
 

@@ -21,14 +21,19 @@ import pytest
 from kubernetes import client as k8s
 from temporalio.client import WorkflowFailureError
 
-from activities import statuspage
+from adapters import statuspage
 from models.failover import DatabaseFailbackInput
 from models.region import FailoverHalted, RegionFailbackInput, RegionFailoverInput
 from starters.db_failback import start_db_failback
 from starters.region_failback import start_region_failback
 from starters.region_failover import start_region_failover
 from tests.conftest import (
-    CREDS, activity_attempts, approve_when_asked, own_stack, running_worker, wait_for_approval_gate,
+    CREDS,
+    activity_attempts,
+    approve_when_asked,
+    own_stack,
+    running_worker,
+    wait_for_approval_gate,
 )
 from tests.fakes import FakeStatuspage
 from tests.test_crash_survival import ROOT, spawn_worker, wait_for_activity

@@ -9,7 +9,11 @@ import sys
 
 import structlog
 from temporalio import activity
-from temporalio.worker import ActivityInboundInterceptor, ExecuteActivityInput, Interceptor
+from temporalio.worker import (
+    ActivityInboundInterceptor,
+    ExecuteActivityInput,
+    Interceptor,
+)
 
 
 def configure_logging(level: str = "INFO") -> None:

@@ -13,24 +13,26 @@ import httpx
 import structlog
 from temporalio.client import Client
 from temporalio.worker import Worker
-from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+from temporalio.worker.workflow_sandbox import (
+    SandboxedWorkflowRunner,
+    SandboxRestrictions,
+)
 
 from activities.backup import BackupActivities
 from activities.deletion import DeletionActivities
-from activities.notify import NotifyActivities
 from activities.locks import LockActivities
+from activities.notify import NotifyActivities
 from activities.platform import PlatformActivities
-from activities.platforms import AppPlatform, KubernetesPlatform, LocalProcessPlatform
 from activities.playbook import PlaybookActivities
 from activities.postgres import PostgresActivities
 from activities.rds import RdsActivities
 from activities.region import RegionActivities
 from activities.replication import ReplicationActivities
 from activities.report import ReportActivities
-from models.config import KubernetesPlatformSettings
 from models.playbook import load_playbook
+from workers.clients import build_kubernetes, build_platform, build_redis, build_s3
 from workers.logging import LoggingInterceptor, configure_logging
-from workers.settings import PlatformSettings, Settings
+from workers.settings import Settings
 from workers.temporal_client import connect
 from workflows.accidental_deletion import AccidentalDeletionRecovery
 from workflows.database_lock import DatabaseLock
@@ -43,20 +45,6 @@ from workflows.region_failover import RegionFailover
 
 WORKFLOWS = [Incident, DatabaseLock, DatabaseCorruptionRecovery, AccidentalDeletionRecovery, DatabaseFailover, DatabaseFailback,
              RegionFailover, RegionFailback]
-
-
-def build_kubernetes(k: KubernetesPlatformSettings) -> KubernetesPlatform:
-    from kubernetes import client as k8s
-    from kubernetes import config as k8s_config
-
-    if k.api_url:
-        configuration = k8s.Configuration()
-        configuration.host = k.api_url
-        api = k8s.ApiClient(configuration)
-    else:
-        api = k8s_config.new_client_from_config(config_file=str(k.kubeconfig) if k.kubeconfig else None,
-                                                context=k.context)
-    return KubernetesPlatform(api, k.namespace, k.deployment)
 
 
 def build_region_activities(settings: Settings, http: httpx.Client) -> RegionActivities:
@@ -86,31 +74,6 @@ def build_rds_activities(settings: Settings) -> RdsActivities:
     creds = settings.backup.boto3_kwargs(r.aws_endpoint_url)
     return RdsActivities(r, boto3.client("rds", region_name=r.region, **creds),
                          boto3.client("cloudwatch", region_name=r.region, **creds))
-
-
-def build_platform(settings: PlatformSettings) -> AppPlatform:
-    if settings.kind == "local":
-        if settings.local is None:
-            raise ValueError("platform.kind is 'local' but platform.local.app_spec is not set")
-        return LocalProcessPlatform(settings.local.app_spec)
-    if settings.kubernetes is None:
-        raise ValueError("platform.kind is 'kubernetes' but platform.kubernetes is not set")
-    return build_kubernetes(settings.kubernetes)
-
-
-def build_redis(settings: Settings):
-    import redis
-
-    if settings.redis_url is None:
-        return None
-    return redis.Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=5)
-
-
-def build_s3(settings: Settings):
-    import boto3
-
-    b = settings.backup
-    return boto3.client("s3", region_name=b.aws_region, **b.boto3_kwargs(b.endpoint_url))
 
 
 def build_notify_activities(settings: Settings, playbook, redis, http: httpx.Client) -> NotifyActivities:

@@ -15,8 +15,8 @@ from typing import Literal
 from pydantic import BaseModel, SecretStr
 from pydantic_settings import BaseSettings, JsonConfigSettingsSource, SettingsConfigDict
 
-from activities.barman import BarmanCloud
-from activities.pgserver import PgServer, embedded_bin_dir
+from adapters.barman import BarmanCloud
+from adapters.pgserver import PgServer, embedded_bin_dir
 from models.config import (
     AlertReceiverSettings,
     FailoverSettings,

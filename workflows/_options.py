@@ -9,21 +9,12 @@ from datetime import timedelta
 
 from temporalio.common import RetryPolicy
 
-# Errors that retrying cannot fix are raised as non-retryable ApplicationErrors
-# where they happen; these types are listed again so a mistake there cannot
+from models.errors import NON_RETRYABLE
+
+# Errors that retrying cannot fix are raised as non-retryable ApplicationErrors where they happen; the retry
+# policies refuse them again (every ErrorKind but the transient ones), so a mistake at a raise site cannot
 # turn an operator error into an endless retry loop.
-NON_RETRYABLE = [
-    "UnknownDatabase", "NoBackup", "VerificationFailed", "NothingToReplay", "ReplayFailed", "ReplayIncomplete", "SwapConflict",
-    "PrimaryRunning", "KubernetesNotFound", "KubernetesForbidden", "UnknownProcedure",
-    "NoAuditLog", "UnknownTable", "UnknownRole", "NoDeletionsFound", "NoCommitTimestamps", "NoBackupBeforeTarget",
-    "NoPrimaryKey", "ReinsertIncomplete", "NoRedis", "NoStandby", "StandbyLagging", "WrongServer", "NoWriteCheck",
-    "FailoverNotConfigured", "UnknownRegion", "UnknownReplica", "UnknownHostedZone", "PrimaryHealthy", "ReplicaLagging",
-    "DnsChangeRejected", "RecordOutsideZone", "FailbackNotSupported", "UnknownChannel", "ChannelNotConfigured",
-    "ChannelRejected", "BadDestination",
-    "DatabaseBusy", "NoBackupOnTimeline", "TimelineHistoryMissing", "StandbyDiverged", "TablespaceNotInBackup",
-    "StandbyPromoted",
-    "AmbiguousTable", "UndefinedTable", "UndefinedColumn", "PermissionDenied", "SqlRefused", "ValidationError",
-]
+__all__ = ["NON_RETRYABLE", "RETRY", "bounded", "long_running", "quick", "until_healthy"]
 
 # Long steps: an attempt ends by its heartbeat timeout (a dead worker) or start-to-close limit; ten attempts
 # with backoff (about 4 minutes of waiting in all) ride out worker restarts and short outages, and an error

@@ -26,7 +26,12 @@ from models.deletion import (
     ExtractRequest,
     ReinsertRequest,
 )
-from models.postgres import AssessRequest, ReplayRequest, RestoreRequest, TeardownRequest
+from models.postgres import (
+    AssessRequest,
+    ReplayRequest,
+    RestoreRequest,
+    TeardownRequest,
+)
 from workflows import _options as opt
 from workflows._runbook import Runbook
 

@@ -16,6 +16,7 @@ from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
 from models.approval import ApprovalRecord, ApprovalRequest
+from models.errors import ErrorKind
 
 
 class ApprovalGate:
@@ -32,16 +33,16 @@ class ApprovalGate:
             decision = self.decisions[step]
             verb = "approved" if decision.approved else "rejected"
             raise ApplicationError(f"step {step!r} was already {verb} by {decision.approver}",
-                                   type="AlreadyDecided", non_retryable=True)
+                                   type=ErrorKind.AlreadyDecided, non_retryable=True)
         if self.pending_step is None:
             raise ApplicationError("no approval is pending for this run yet: the same decision is refused until the "
-                                   "run asks (its progress query shows awaiting_approval)", type="NothingToApprove",
+                                   "run asks (its progress query shows awaiting_approval)", type=ErrorKind.NothingToApprove,
                                    non_retryable=True)
         allowed = self.roster.get(step, self.roster.get("*", []))
         if req.approver not in allowed:
             raise ApplicationError(f"{req.approver!r} is not on the roster for {step!r} at this severity; "
                                    f"ask one of: {', '.join(allowed) or 'nobody (check playbook.yaml approvers)'}",
-                                   type="NotOnRoster", non_retryable=True)
+                                   type=ErrorKind.NotOnRoster, non_retryable=True)
 
     def record(self, req: ApprovalRequest) -> ApprovalRecord:
         assert self.pending_step is not None
@@ -61,11 +62,11 @@ class ApprovalGate:
         except asyncio.TimeoutError:
             raise ApplicationError(
                 f"no approval for {step!r} within {timeout}; {unchanged}.",
-                type="ApprovalTimeout", non_retryable=True) from None
+                type=ErrorKind.ApprovalTimeout, non_retryable=True) from None
         finally:
             self.pending_step = None
         decision = self.decisions[step]
         if not decision.approved:
             raise ApplicationError(f"{step!r} rejected by {decision.approver}: {decision.reason}; {unchanged}",
-                                   type="ApprovalRejected", non_retryable=True)
+                                   type=ErrorKind.ApprovalRejected, non_retryable=True)
         return decision

@@ -15,6 +15,7 @@ from temporalio import workflow
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.workflow import ParentClosePolicy
 
+from models.errors import ErrorKind
 from models.locks import LockHolder
 from workflows import _options as opt
 
@@ -64,7 +65,7 @@ async def acquire(procedure: str, incident_id: str) -> workflow.ChildWorkflowHan
                                                          **opt.quick())
         raise ApplicationError(
             f"database cluster {cluster} is being changed by {held_by}; this run changed nothing. Wait for that "
-            f"run to end (or cancel it), then start this one again", type="DatabaseBusy",
+            f"run to end (or cancel it), then start this one again", type=ErrorKind.DatabaseBusy,
             non_retryable=True) from None
 
 

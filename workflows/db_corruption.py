@@ -18,7 +18,11 @@ from pydantic import ValidationError
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
-from models.db_corruption import PROCEDURE, CorruptionRecoveryResult, DatabaseCorruptionInput
+from models.db_corruption import (
+    PROCEDURE,
+    CorruptionRecoveryResult,
+    DatabaseCorruptionInput,
+)
 from models.failover import RejoinRequest
 from models.platform import StartAppRequest, StopAppRequest
 from models.postgres import (

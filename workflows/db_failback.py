@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
+from models.errors import ErrorKind
 from models.failover import (
     FAILBACK,
     DatabaseFailbackInput,
@@ -71,7 +72,7 @@ class DatabaseFailback(Runbook):
             PlatformActivities.check_write, **opt.until_healthy(inp.app_ready_timeout)))
         if write.served_by_port != status.port:
             raise ApplicationError(f"the application wrote to port {write.served_by_port}, not to the original "
-                                   f"primary on {status.port}", type="WrongServer", non_retryable=True)
+                                   f"primary on {status.port}", type=ErrorKind.WrongServer, non_retryable=True)
         standby = await self.steps.run("rejoin former standby", workflow.execute_activity_method(
             ReplicationActivities.rejoin_as_standby,
             RejoinRequest(incident_id=inp.incident_id, server="standby", source="primary"),

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
+from models.errors import ErrorKind
 from models.failover import (
     PROCEDURE,
     DatabaseFailoverInput,
@@ -103,7 +104,7 @@ class DatabaseFailover(Runbook):
             **opt.until_healthy(inp.app_ready_timeout)))
         if write.served_by_port != before.port:
             raise ApplicationError(f"the application wrote to the server on port {write.served_by_port}, not to the "
-                                   f"promoted standby on {before.port}", type="WrongServer", non_retryable=True)
+                                   f"promoted standby on {before.port}", type=ErrorKind.WrongServer, non_retryable=True)
         rto = workflow.now() - started
         self.steps.finish(f"Failed over to {before.host}:{before.port} (timeline {promoted.timeline}); "
                           f"lost {promoted.lost_bytes if promoted.lost_bytes is not None else 'unknown'} bytes.")

@@ -32,8 +32,14 @@ from datetime import datetime, timedelta
 from pydantic import ValidationError
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, ChildWorkflowError, WorkflowAlreadyStartedError
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    ChildWorkflowError,
+    WorkflowAlreadyStartedError,
+)
 
+from models.errors import ErrorKind
 from models.incident import (
     AckRecord,
     AckRequest,
@@ -120,7 +126,7 @@ class Incident:
         if workflow.info().workflow_id != inp.incident_id:
             raise ApplicationError(f"start the incident with workflow ID {inp.incident_id!r} (the incident ID): "
                                    "acknowledgements, reports and alerts find it by that ID",
-                                   type="WorkflowIdMismatch", non_retryable=True)
+                                   type=ErrorKind.WorkflowIdMismatch, non_retryable=True)
         if inp.carried is None:
             # The escalation clock starts when the incident is declared; an alert's own start is recorded.
             self.opened_at = workflow.info().start_time
@@ -266,11 +272,11 @@ class Incident:
         plan = self._ready()
         if req.by not in plan.responders:
             raise ApplicationError(f"{req.by!r} is not in the playbook's people ({', '.join(plan.responders)})",
-                                   type="NotOnRoster")
+                                   type=ErrorKind.NotOnRoster)
         if self.resolution is not None:
-            raise ApplicationError("the incident is already resolved", type="AlreadyResolved")
+            raise ApplicationError("the incident is already resolved", type=ErrorKind.AlreadyResolved)
         if self.level <= self.acked_level:
-            raise ApplicationError(f"level {self.level} is already acknowledged", type="AlreadyAcknowledged")
+            raise ApplicationError(f"level {self.level} is already acknowledged", type=ErrorKind.AlreadyAcknowledged)
 
     @workflow.update
     def resolve(self, req: ResolveRequest) -> str:
@@ -282,10 +288,10 @@ class Incident:
         plan = self._ready()
         self._check_resolver(req.by, plan)
         if self.resolution is not None:
-            raise ApplicationError(f"already resolved by {self.resolution[0].by}", type="AlreadyResolved")
+            raise ApplicationError(f"already resolved by {self.resolution[0].by}", type=ErrorKind.AlreadyResolved)
         if self.status in ("recovering", "awaiting approval"):
             raise ApplicationError(f"the {plan.procedure} runbook is still running (status {self.status!r}); "
-                                   "resolve when it has finished, or cancel it first", type="RunbookRunning")
+                                   "resolve when it has finished, or cancel it first", type=ErrorKind.RunbookRunning)
 
     @workflow.update
     async def set_severity(self, change: SeverityChange) -> IncidentPlan:
@@ -310,9 +316,9 @@ class Incident:
     def _check_severity_change(self, change: SeverityChange) -> None:
         plan = self.plan
         if change.severity == plan.severity:
-            raise ApplicationError(f"the incident is already {plan.severity.value}", type="NothingToChange")
+            raise ApplicationError(f"the incident is already {plan.severity.value}", type=ErrorKind.NothingToChange)
         if self.resolution is not None:
-            raise ApplicationError("the incident is already resolved", type="AlreadyResolved")
+            raise ApplicationError("the incident is already resolved", type=ErrorKind.AlreadyResolved)
 
     @workflow.query
     def status(self) -> IncidentStatus:
@@ -327,14 +333,14 @@ class Incident:
 
     def _ready(self) -> IncidentPlan:
         if self.plan is None:
-            raise ApplicationError("the incident is still opening; try again in a moment", type="NotReady")
+            raise ApplicationError("the incident is still opening; try again in a moment", type=ErrorKind.NotReady)
         return self.plan
 
     @staticmethod
     def _check_resolver(by: str, plan: IncidentPlan) -> None:
         if by not in plan.resolvers:
             raise ApplicationError(f"{by!r} is not on the {plan.severity.value} roster "
-                                   f"({', '.join(plan.resolvers)})", type="NotOnRoster")
+                                   f"({', '.join(plan.resolvers)})", type=ErrorKind.NotOnRoster)
 
     # --- cadence and escalation -----------------------------------------------------------
 

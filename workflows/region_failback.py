@@ -17,7 +17,12 @@ from pydantic import ValidationError
 from temporalio import workflow
 from temporalio.exceptions import ActivityError
 
-from models.region import FAILBACK, RegionFailbackInput, RegionFailbackResult, RegionRequest
+from models.region import (
+    FAILBACK,
+    RegionFailbackInput,
+    RegionFailbackResult,
+    RegionRequest,
+)
 from workflows import _options as opt
 from workflows._runbook import Runbook
 from workflows.region_failover import halted_error

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
+from models.errors import ErrorKind
 from models.failover import FenceRequest, LagCheck, PromoteRequest
 from models.region import (
     PROCEDURE,
@@ -206,7 +207,7 @@ def halted_error(procedure: str, incident_id: str, step: str, err: ActivityError
     message = (f"{kind} at step {step!r}: {cause}. DONE: {'; '.join(done) or 'nothing'}. NOT DONE: "
                f"{', '.join(not_done)}. PRODUCTION NOW: {production}. NEXT: {next_command}."
                + (f" WAY BACK: {way_back}." if way_back else ""))
-    return ApplicationError(message, halted.model_dump(mode="json"), type=kind or "FailoverHalted",
+    return ApplicationError(message, halted.model_dump(mode="json"), type=kind or ErrorKind.FailoverHalted,
                             non_retryable=True)
 
 

@@ -12,7 +12,6 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 # How often restore_command tries a WAL file the archive answers with an error, and the
 # line it leaves in the server log when it gives up (exit 126: recovery stops, not ends).
 RESTORE_TRIES = 5

@@ -18,7 +18,8 @@ from kubernetes.client import ApiClient, AppsV1Api, CoreV1Api
 from kubernetes.client.exceptions import ApiException
 from temporalio.exceptions import ApplicationError
 
-from activities.processes import ProcessTable, wait_for_port
+from adapters.processes import ProcessTable, wait_for_port
+from models.errors import ErrorKind
 
 REPLICAS_ANNOTATION = "drp.dev/replicas-before-incident"
 
@@ -109,11 +110,11 @@ class KubernetesPlatform:
             where = f"deployment {self.namespace}/{self.deployment}"
             if err.status == 404:
                 raise ApplicationError(f"{what}: {where} not found; check the namespace and deployment name "
-                                       "in the worker settings", type="KubernetesNotFound", non_retryable=True)
+                                       "in the worker settings", type=ErrorKind.KubernetesNotFound, non_retryable=True)
             if err.status in (401, 403):
                 raise ApplicationError(f"{what}: access to {where} denied ({err.status} {err.reason}); grant the "
                                        "worker's service account get/patch on deployments and list on pods",
-                                       type="KubernetesForbidden", non_retryable=True)
+                                       type=ErrorKind.KubernetesForbidden, non_retryable=True)
             raise  # 409, 5xx, timeouts: retry
 
     def _deployment(self):
@@ -152,6 +153,6 @@ class KubernetesPlatform:
         while not done():
             if time.monotonic() > deadline:
                 raise ApplicationError(f"timed out after {self.timeout_seconds:.0f}s waiting for {what} "
-                                       f"of {self.namespace}/{self.deployment}", type="KubernetesTimeout")
+                                       f"of {self.namespace}/{self.deployment}", type=ErrorKind.KubernetesTimeout)
             heartbeat(f"waiting for {what}")
             time.sleep(self.poll_seconds)

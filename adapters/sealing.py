@@ -18,7 +18,7 @@ from pathlib import Path
 
 from psycopg import sql
 
-from activities.pgserver import PgServer
+from adapters.pgserver import PgServer
 
 
 def marker_path(data_dir: Path) -> Path:
