@@ -10,6 +10,7 @@ from temporalio.exceptions import ApplicationError
 from models.errors import ErrorKind
 from models.incident import IncidentPlan, PlanRequest
 from models.playbook import Objectives, Playbook, Severity
+from models.runbooks import runbook
 
 
 class PlaybookActivities:
@@ -56,7 +57,7 @@ class PlaybookActivities:
         commanders = [n for n, p in pb.people.items() if "incident_commander" in p.roles]
         return IncidentPlan(
             severity=severity, severity_name=policy.name, impact=policy.impact, classified_by=how,
-            procedure=procedure, workflow=pb.procedures[procedure].workflow if procedure else None,
+            procedure=procedure, workflow=runbook(procedure).workflow_type if procedure else None,
             runbook_input=rule_input, notify=policy.notify, status_update_every=policy.status_update_every,
             status_page_update_every=policy.status_page_update_every,
             customer_notice_within=policy.customer_notification_within,

@@ -68,9 +68,13 @@ class SeverityPolicy(_Frozen):
         return value
 
 class ProcedurePolicy(_Frozen):
-    workflow: str
+    """Which objectives one registered runbook (models/runbooks.py) is measured against."""
+
     rto: str
     rpo: str
+    # Older playbooks named the workflow type here; the runbook registry names it now. Still accepted
+    # when it agrees with the registry.
+    workflow: str | None = None
 
 class Person(_Frozen):
     roles: list[str] = Field(min_length=1)
@@ -159,7 +163,16 @@ class Playbook(_Frozen):
         missing = [s.value for s in Severity if s not in self.severities]
         if missing:
             raise ValueError(f"severities: missing {', '.join(missing)}")
+        from models.runbooks import (
+            BY_PROCEDURE,  # here: the registry imports models that import this module
+        )
+
         for name, proc in self.procedures.items():
+            if name not in BY_PROCEDURE:
+                raise ValueError(f"procedures.{name}: not a runbook; one of {', '.join(BY_PROCEDURE)}")
+            if proc.workflow is not None and proc.workflow != BY_PROCEDURE[name].workflow_type:
+                raise ValueError(f"procedures.{name}.workflow: {proc.workflow!r}, but the {name} runbook's workflow "
+                                 f"type is {BY_PROCEDURE[name].workflow_type!r} (the key can be left out)")
             if proc.rto not in self.recovery_objectives.rto:
                 raise ValueError(f"procedures.{name}.rto: {proc.rto!r} is not a key of recovery_objectives.rto")
             if proc.rpo not in self.recovery_objectives.rpo:

@@ -6,28 +6,19 @@
 
 import argparse
 import asyncio
-import hashlib
 import os
 
 from pydantic import ValidationError
 from temporalio.client import Client, WorkflowHandle
 
-from models.deletion import PROCEDURE, AccidentalDeletionInput
+from models.deletion import PROCEDURE, AccidentalDeletionInput, api_key_fingerprint
 from starters._start import start_runbook
 from workers.temporal_client import connect
-from workflows.accidental_deletion import AccidentalDeletionRecovery, workflow_id
-
-
-def api_key_fingerprint(api_key: str) -> str:
-    """What the runbook and Redis see of a key: its SHA-256, never the key."""
-    return hashlib.sha256(api_key.strip().encode()).hexdigest()
+from workflows.accidental_deletion import AccidentalDeletionRecovery
 
 
 async def start_accidental_deletion(client: Client, inp: AccidentalDeletionInput, task_queue: str) -> WorkflowHandle:
-    return await start_runbook(
-        client, AccidentalDeletionRecovery.run, inp, workflow_id=workflow_id(inp.incident_id), procedure=PROCEDURE,
-        summary=f"{inp.severity.value} accidental deletion recovery in {inp.database} ({inp.incident_id})",
-        task_queue=task_queue)
+    return await start_runbook(client, PROCEDURE, inp, task_queue, run=AccidentalDeletionRecovery.run)
 
 
 async def _main() -> None:

@@ -132,13 +132,13 @@ async def deliver(client: Client, payload: AlertmanagerWebhook, task_queue: str,
         incident_id = payload.incident_id(n)
     inp = payload.incident_input(n, follows)
     await client.start_workflow(
-        Incident.run, inp, id=incident_id, task_queue=task_queue, start_signal="alert",
+        Incident.run, inp, id=incident_id, task_queue=task_queue, start_signal=Incident.alert.__name__,  # registered under its method name
         start_signal_args=[payload.notice()], search_attributes=incident_search_attributes(inp),
         static_summary=f"incident {incident_id}: {inp.title}")
     if previous:
         occurrences[payload.groupKey] = n
         try:  # the link in the other direction; an incident that has ended cannot take it
-            await client.get_workflow_handle(previous).signal("recurred", f"{incident_id}: {follows}")
+            await client.get_workflow_handle(previous).signal(Incident.recurred, f"{incident_id}: {follows}")
         except RPCError as err:
             log.warning("previous incident not told of its recurrence", previous=previous, error=str(err))
         return incident_id, f"the group fired again after {previous} was resolved: opened {incident_id}"

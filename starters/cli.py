@@ -3,7 +3,7 @@
     drp stack up|status|down      the embedded local environment
     drp demo                      a recovery drill on it, watched in the Web UI
     drp worker                    run a worker (settings from the environment)
-    drp start db-corruption ...   start a runbook (also: deletion, failover, failback)
+    drp start PROCEDURE ...       start a runbook (db-corruption, accidental-deletion, db-failover, ...)
     drp approve INCIDENT ...      approve (or --reject) the pending step of a run
     drp incident open ...         open an incident (classified, runbook started, people informed)
     drp incident status|resolve|severity INCIDENT ...
@@ -28,26 +28,17 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from models.approval import ApprovalRequest
-from models.db_corruption import DatabaseCorruptionInput
-from models.deletion import AccidentalDeletionInput
-from models.failover import DatabaseFailbackInput, DatabaseFailoverInput
+from models.deletion import api_key_fingerprint
 from models.incident import (
     AckRequest,
     IncidentInput,
-    IncidentStatus,
     ResolveRequest,
     SeverityChange,
 )
 from models.playbook import PlaybookError, load_playbook
-from workflows.accidental_deletion import workflow_id as deletion_id
-from workflows.db_corruption import workflow_id as db_corruption_id
-from workflows.db_failback import workflow_id as failback_id
-from workflows.db_failover import workflow_id as failover_id
-from workflows.region_failback import workflow_id as region_failback_id
-from workflows.region_failover import workflow_id as region_failover_id
+from models.runbooks import BY_NAME, RUNBOOKS, runbook
 
 DEFAULT_PLAYBOOK = Path(__file__).resolve().parent.parent / "playbook.yaml"
-RUNBOOK_IDS = [db_corruption_id, deletion_id, failover_id, failback_id, region_failover_id, region_failback_id]
 
 
 class CliError(Exception):
@@ -141,52 +132,45 @@ async def cmd_unseal(args) -> None:
 
 
 async def cmd_start(args) -> None:
-    from starters.accidental_deletion import (
-        api_key_fingerprint,
-        start_accidental_deletion,
-    )
-    from starters.db_corruption import start_db_corruption
-    from starters.db_failback import start_db_failback
-    from starters.db_failover import start_db_failover
+    from starters._start import start_runbook
     from workers.temporal_client import connect
 
+    spec = runbook(args.procedure)
     try:
         raw = json.loads(Path(args.json).read_text() if args.json != "-" else sys.stdin.read()) if args.json else {}
     except (OSError, ValueError) as err:
         raise CliError(f"--json {args.json}: {err}") from err
     if not isinstance(raw, dict):
         raise CliError(f"--json {args.json}: the input must be one JSON object")
-    flags = {"incident_id": args.incident, "severity": args.severity}
-    if args.procedure in ("db-corruption", "deletion"):
-        flags["database"] = args.database
-    if args.procedure == "failover" and args.override_lag:
-        flags["override_lag"] = True
-    if args.procedure == "deletion":
-        flags.update(window_start=args.window_start, window_end=args.window_end, table=args.table, role=args.role)
-        if args.api_key_file:
-            try:
-                flags["api_key_sha256"] = api_key_fingerprint(Path(args.api_key_file).read_text())
-            except OSError as err:
-                raise CliError(f"--api-key-file: {err}") from err
-    raw.update({k: v for k, v in flags.items() if v})
-    model, start = {"db-corruption": (DatabaseCorruptionInput, start_db_corruption),
-                    "deletion": (AccidentalDeletionInput, start_accidental_deletion),
-                    "failover": (DatabaseFailoverInput, start_db_failover),
-                    "failback": (DatabaseFailbackInput, start_db_failback)}[args.procedure]
+    # Each flag sets the input field of its name; a flag the runbook's input has no field for is refused.
+    flags = {"incident_id": args.incident, "severity": args.severity, "database": args.database,
+             "window_start": args.window_start, "window_end": args.window_end, "table": args.table,
+             "role": args.role, "override_lag": args.override_lag or None}
+    if args.api_key_file:
+        try:
+            flags["api_key_sha256"] = api_key_fingerprint(Path(args.api_key_file).read_text())
+        except OSError as err:
+            raise CliError(f"--api-key-file: {err}") from err
+    given = {k: v for k, v in flags.items() if v}
+    unknown = [k for k in given if k not in spec.input_model.model_fields]
+    if unknown:
+        raise CliError(f"{spec.procedure} has no {', '.join(unknown)} in its input ({spec.input_model.__name__})")
+    raw.update(given)
     try:
-        inp = model.model_validate(raw)
+        inp = spec.input_model.model_validate(raw)
     except ValidationError as err:
         raise CliError(f"invalid input: {_errors(err)}") from err
     address, queue = _temporal_target(args)
     try:
-        handle = await start(await connect(address), inp, queue)
+        handle = await start_runbook(await connect(address), spec.procedure, inp, queue)
     except WorkflowAlreadyStartedError as err:
-        raise CliError(f"a {args.procedure} run for incident {inp.incident_id} is already running") from err
+        raise CliError(f"a {spec.procedure} run for incident {inp.incident_id} is already running") from err
     print(f"started {handle.id}")
 
 
 async def cmd_approve(args) -> None:
     from workers.temporal_client import connect
+    from workflows._runbook import Runbook
 
     try:
         req = ApprovalRequest(approver=args.by, reason=args.reason, approved=not args.reject)
@@ -194,24 +178,34 @@ async def cmd_approve(args) -> None:
         raise CliError(f"approval refused: {_errors(err)}") from err
     address, _ = _temporal_target(args)
     client = await connect(address)
-    for make_id in RUNBOOK_IDS:
-        handle = client.get_workflow_handle(make_id(args.incident))
-        try:
-            await handle.describe()
-        except RPCError:
-            continue
-        try:
-            record = await handle.execute_update("approve", req)
-        except WorkflowUpdateFailedError as err:
-            raise CliError(f"approval refused by {handle.id}: {err.cause}") from err
-        print(f"{handle.id}: {'approved' if record['approved'] else 'rejected'} by {record['approver']}")
-        return
-    raise CliError(f"no recovery run found for incident {args.incident!r}")
+    # The incident's runbooks, by their business-key IDs: a running one first, else any that exists
+    # (its refusal says why, e.g. it already finished).
+    handles = [client.get_workflow_handle(spec.workflow_id(args.incident)) for spec in RUNBOOKS]
+    statuses = await asyncio.gather(*(_status(h) for h in handles))
+    found = [h for h, st in zip(handles, statuses) if st == WorkflowExecutionStatus.RUNNING] or \
+            [h for h, st in zip(handles, statuses) if st is not None]
+    if not found:
+        raise CliError(f"no recovery run found for incident {args.incident!r}")
+    handle = found[0]
+    try:
+        record = await handle.execute_update(Runbook.approve, req)
+    except WorkflowUpdateFailedError as err:
+        raise CliError(f"approval refused by {handle.id}: {err.cause}") from err
+    print(f"{handle.id}: {'approved' if record.approved else 'rejected'} by {record.approver}")
+
+
+async def _status(handle) -> WorkflowExecutionStatus | None:
+    """A run's status; None when no run has that ID."""
+    try:
+        return (await handle.describe()).status
+    except RPCError:
+        return None
 
 
 async def cmd_incident(args) -> None:
     from starters.incident import next_incident_id, open_incident
     from workers.temporal_client import connect
+    from workflows.incident import Incident
 
     address, queue = _temporal_target(args)
     client = await connect(address)
@@ -238,7 +232,7 @@ async def cmd_incident(args) -> None:
         raise CliError(f"incident {args.action} needs the incident ID")
     handle = client.get_workflow_handle(args.incident)
     if args.action == "status":
-        status = await _call(handle.query, "status", result_type=IncidentStatus)
+        status = await _call(handle.query, Incident.status)
         print(f"{status.incident_id} {status.severity.value if status.severity else '?'} {status.status} "
               f"level {status.level} (acked {status.acknowledged_level})  {status.title}")
         for e in status.timeline:
@@ -246,21 +240,22 @@ async def cmd_incident(args) -> None:
         return
     if args.action == "resolve":
         req = _validated(ResolveRequest, by=args.by, reason=args.reason)
-        print(f"{args.incident}: {await _call(handle.execute_update, 'resolve', req)} by {req.by}")
+        print(f"{args.incident}: {await _call(handle.execute_update, Incident.resolve, req)} by {req.by}")
         return
     change = _validated(SeverityChange, severity=args.severity, by=args.by, reason=args.reason)
-    await _call(handle.execute_update, "set_severity", change)
+    await _call(handle.execute_update, Incident.set_severity, change)
     print(f"{args.incident}: now {change.severity.value}")
 
 
 async def cmd_ack(args) -> None:
     from workers.temporal_client import connect
+    from workflows.incident import Incident
 
     req = _validated(AckRequest, by=args.by, note=args.note or "")
     address, _ = _temporal_target(args)
     handle = (await connect(address)).get_workflow_handle(args.incident)
-    record = await _call(handle.execute_update, "acknowledge", req)
-    print(f"{args.incident}: level {record['level']} acknowledged by {record['by']}")
+    record = await _call(handle.execute_update, Incident.acknowledge, req)
+    print(f"{args.incident}: level {record.level} acknowledged by {record.by}")
 
 
 def cmd_report(args) -> None:
@@ -371,7 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", help="run a recovery drill on the embedded stack").set_defaults(func=cmd_demo)
 
     p = sub.add_parser("start", help="start a runbook")
-    p.add_argument("procedure", choices=["db-corruption", "deletion", "failover", "failback"])
+    p.add_argument("procedure", choices=list(BY_NAME), metavar="PROCEDURE",
+                   help=f"one of {', '.join(spec.procedure for spec in RUNBOOKS)} (older names: "
+                        f"{', '.join(a for spec in RUNBOOKS for a in spec.aliases)})")
     p.add_argument("--incident")
     p.add_argument("--database")
     p.add_argument("--severity")
@@ -380,8 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", help="deletion: the table the rows were deleted from, if known")
     p.add_argument("--role", help="deletion: the database role to contain, if known")
     p.add_argument("--api-key-file", help="deletion: a file with the API key to block (only its SHA-256 is sent)")
-    p.add_argument("--override-lag", action="store_true", help="failover: promote even a lagging standby")
-    p.add_argument("--json", help="input as a JSON file, or - for stdin")
+    p.add_argument("--override-lag", action="store_true", help="failovers: promote even a lagging standby")
+    p.add_argument("--json", help="input as a JSON file, or - for stdin (any field of the runbook's input model)")
     p.add_argument("--temporal")
     p.add_argument("--task-queue")
     p.set_defaults(func=cmd_start)

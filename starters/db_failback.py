@@ -12,14 +12,11 @@ from temporalio.client import Client, WorkflowHandle
 from models.failover import FAILBACK, DatabaseFailbackInput
 from starters._start import start_runbook
 from workers.temporal_client import connect
-from workflows.db_failback import DatabaseFailback, workflow_id
+from workflows.db_failback import DatabaseFailback
 
 
 async def start_db_failback(client: Client, inp: DatabaseFailbackInput, task_queue: str) -> WorkflowHandle:
-    return await start_runbook(
-        client, DatabaseFailback.run, inp, workflow_id=workflow_id(inp.incident_id), procedure=FAILBACK,
-        summary=f"{inp.severity.value} database failback to the original primary ({inp.incident_id})",
-        task_queue=task_queue)
+    return await start_runbook(client, FAILBACK, inp, task_queue, run=DatabaseFailback.run)
 
 
 async def _main() -> None:

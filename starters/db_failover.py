@@ -12,13 +12,11 @@ from temporalio.client import Client, WorkflowHandle
 from models.failover import PROCEDURE, DatabaseFailoverInput
 from starters._start import start_runbook
 from workers.temporal_client import connect
-from workflows.db_failover import DatabaseFailover, workflow_id
+from workflows.db_failover import DatabaseFailover
 
 
 async def start_db_failover(client: Client, inp: DatabaseFailoverInput, task_queue: str) -> WorkflowHandle:
-    return await start_runbook(
-        client, DatabaseFailover.run, inp, workflow_id=workflow_id(inp.incident_id), procedure=PROCEDURE,
-        summary=f"{inp.severity.value} database failover to the standby ({inp.incident_id})", task_queue=task_queue)
+    return await start_runbook(client, PROCEDURE, inp, task_queue, run=DatabaseFailover.run)
 
 
 async def _main() -> None:

@@ -18,8 +18,9 @@ from temporalio.service import RPCError
 
 from adapters.reports import read_report
 from models.approval import ApprovalRequest
-from models.db_corruption import CorruptionRecoveryResult
+from models.db_corruption import PROCEDURE, CorruptionRecoveryResult
 from models.incident import IncidentInput, IncidentStatus, ResolveRequest
+from models.runbooks import BY_PROCEDURE
 from stack.corrupt import corrupt_table
 from stack.stack import DATABASE, Stack
 from starters._start import wait_for_approval
@@ -27,7 +28,7 @@ from starters.incident import open_incident
 from workers.clients import build_s3
 from workers.settings import Settings
 from workers.temporal_client import connect
-from workflows.db_corruption import DatabaseCorruptionRecovery, workflow_id
+from workflows.db_corruption import DatabaseCorruptionRecovery
 from workflows.incident import Incident
 
 CORRUPTED_TABLE = "companies"
@@ -53,7 +54,8 @@ async def run_demo(stack: Stack) -> CorruptionRecoveryResult:
         opened_by="drp demo"), stack.task_queue)
     print(f"\nwatch the incident: {await _link(stack, incident)}\n")
 
-    runbook = client.get_workflow_handle(workflow_id(incident_id))
+    # The playbook classifies the alert as a P0 db-corruption incident; its child has the registry's ID.
+    runbook = client.get_workflow_handle(BY_PROCEDURE[PROCEDURE].workflow_id(incident_id))
     step = await _when_started(lambda: wait_for_approval(runbook))
     if step:
         print(f"assessment done; approving {step!r} as bob, the DBA on the P0 roster")

@@ -12,14 +12,11 @@ from temporalio.client import Client, WorkflowHandle
 from models.region import PROCEDURE, RegionFailoverInput
 from starters._start import start_runbook
 from workers.temporal_client import connect
-from workflows.region_failover import RegionFailover, workflow_id
+from workflows.region_failover import RegionFailover
 
 
 async def start_region_failover(client: Client, inp: RegionFailoverInput, task_queue: str) -> WorkflowHandle:
-    return await start_runbook(
-        client, RegionFailover.run, inp, workflow_id=workflow_id(inp.incident_id), procedure=PROCEDURE,
-        summary=f"{inp.severity.value} region failover to {inp.backup_region} ({inp.incident_id})",
-        task_queue=task_queue)
+    return await start_runbook(client, PROCEDURE, inp, task_queue, run=RegionFailover.run)
 
 
 async def _main() -> None:

@@ -19,12 +19,13 @@ import pytest_asyncio
 from moto.moto_server.threaded_moto_server import ThreadedMotoServer
 from temporalio.service import RPCError, RPCStatusCode
 
-from models.approval import ApprovalRecord, ApprovalRequest
+from models.approval import ApprovalRequest
 from stack.stack import DATABASE, STANDBY_NAME, Stack
 from starters._start import wait_for_approval
 from workers.main import build_worker
 from workers.settings import Settings
 from workers.temporal_client import connect
+from workflows._runbook import Runbook
 
 TABLES = ("public.companies", "public.filings", "public.metrics")
 
@@ -145,8 +146,7 @@ async def wait_for_approval_gate(handle, step: str | None = None, timeout: float
 async def approve_when_asked(handle, step: str | None = None, approver: str = "alice",
                              reason: str = "approved in the test suite"):
     await wait_for_approval_gate(handle, step)
-    return await handle.execute_update("approve", ApprovalRequest(approver=approver, reason=reason),
-                                       result_type=ApprovalRecord)
+    return await handle.execute_update(Runbook.approve, ApprovalRequest(approver=approver, reason=reason))
 
 
 async def activity_attempts(handle, activity_type: str) -> list[int]:

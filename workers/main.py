@@ -30,21 +30,16 @@ from activities.region import RegionActivities
 from activities.replication import ReplicationActivities
 from activities.report import ReportActivities
 from models.playbook import load_playbook
+from models.runbooks import RUNBOOKS
 from workers.clients import build_kubernetes, build_platform, build_redis, build_s3
 from workers.logging import LoggingInterceptor, configure_logging
 from workers.settings import Settings
 from workers.temporal_client import connect
-from workflows.accidental_deletion import AccidentalDeletionRecovery
 from workflows.database_lock import DatabaseLock
-from workflows.db_corruption import DatabaseCorruptionRecovery
-from workflows.db_failback import DatabaseFailback
-from workflows.db_failover import DatabaseFailover
 from workflows.incident import Incident
-from workflows.region_failback import RegionFailback
-from workflows.region_failover import RegionFailover
 
-WORKFLOWS = [Incident, DatabaseLock, DatabaseCorruptionRecovery, AccidentalDeletionRecovery, DatabaseFailover, DatabaseFailback,
-             RegionFailover, RegionFailback]
+# The incident, the per-database lock, and every registered runbook (models/runbooks.py).
+WORKFLOWS = [Incident, DatabaseLock, *(spec.load() for spec in RUNBOOKS)]
 
 
 def build_region_activities(settings: Settings, http: httpx.Client) -> RegionActivities:

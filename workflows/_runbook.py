@@ -17,6 +17,8 @@ from workflows.search_attributes import INCIDENT_ID, PROCEDURE, SEVERITY
 with workflow.unsafe.imports_passed_through():
     from activities.playbook import PlaybookActivities
 
+from workflows.incident import Incident  # its progress signal, by reference
+
 
 class Runbook:
     STEPS: int
@@ -63,6 +65,6 @@ class Runbook:
 
 async def _signal_quietly(handle, progress: RunbookProgress) -> None:
     try:
-        await handle.signal("runbook_progress", progress)
+        await handle.signal(Incident.runbook_progress, progress)
     except Exception as err:  # the incident may have closed; the runbook goes on regardless
         workflow.logger.warning("could not tell the incident about progress: %s", err)

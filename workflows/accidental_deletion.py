@@ -42,9 +42,6 @@ with workflow.unsafe.imports_passed_through():
     from activities.postgres import PostgresActivities
 
 
-def workflow_id(incident_id: str) -> str:
-    return f"accidental-deletion-{incident_id}"
-
 
 @workflow.defn(name="AccidentalDeletionRecovery", failure_exception_types=[ValidationError])
 class AccidentalDeletionRecovery(Runbook):

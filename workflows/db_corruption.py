@@ -47,10 +47,6 @@ with workflow.unsafe.imports_passed_through():
     from activities.replication import ReplicationActivities
 
 
-def workflow_id(incident_id: str) -> str:
-    """Business-key ID: one incident never runs this runbook twice at once."""
-    return f"db-corruption-{incident_id}"
-
 
 @workflow.defn(name="DatabaseCorruptionRecovery", failure_exception_types=[ValidationError])
 class DatabaseCorruptionRecovery(Runbook):

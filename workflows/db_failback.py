@@ -34,9 +34,6 @@ with workflow.unsafe.imports_passed_through():
     from activities.replication import ReplicationActivities
 
 
-def workflow_id(incident_id: str) -> str:
-    return f"db-failback-{incident_id}"
-
 
 @workflow.defn(name="DatabaseFailback", failure_exception_types=[ValidationError])
 class DatabaseFailback(Runbook):

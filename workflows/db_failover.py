@@ -38,9 +38,6 @@ with workflow.unsafe.imports_passed_through():
     from activities.replication import ReplicationActivities
 
 
-def workflow_id(incident_id: str) -> str:
-    return f"db-failover-{incident_id}"
-
 
 # Each path's steps, in order: the Web UI's "Step n/N" counts the path the run takes.
 SELF_MANAGED_STEPS = ("check standby", "approve", "stop application", "fence old primary", "promote standby",

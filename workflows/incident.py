@@ -58,6 +58,7 @@ from models.incident import (
     TimelineEvent,
 )
 from models.notify import Notification
+from models.runbooks import runbook
 from models.steps import StepRecord
 from workflows import _options as opt
 from workflows.search_attributes import INCIDENT_ID, PROCEDURE, SEVERITY, STATUS
@@ -183,14 +184,15 @@ class Incident:
 
     async def _run_runbook(self) -> None:
         plan, inp = self.plan, self.inp
-        child_id = self.runbook_id = f"{plan.procedure}-{inp.incident_id}"
+        spec = runbook(plan.procedure)
+        child_id = self.runbook_id = spec.workflow_id(inp.incident_id)
         args = {**plan.runbook_input, **inp.runbook_input, "incident_id": inp.incident_id,
                 "severity": plan.severity.value}
         self._set_status("recovering")
         self._event("runbook", f"{plan.workflow} started as {child_id}")
         try:
             self.runbook_result = await workflow.execute_child_workflow(
-                plan.workflow, args, id=child_id, parent_close_policy=workflow.ParentClosePolicy.ABANDON,
+                spec.workflow_type, args, id=child_id, parent_close_policy=workflow.ParentClosePolicy.ABANDON,
                 static_summary=f"{plan.procedure} for incident {inp.incident_id}")
         except (ChildWorkflowError, WorkflowAlreadyStartedError) as err:
             self.runbook_error = _innermost(err)

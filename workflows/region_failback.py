@@ -31,9 +31,6 @@ with workflow.unsafe.imports_passed_through():
     from activities.region import RegionActivities
 
 
-def workflow_id(incident_id: str) -> str:
-    return f"region-failback-{incident_id}"
-
 
 @workflow.defn(name="RegionFailback", failure_exception_types=[ValidationError])
 class RegionFailback(Runbook):

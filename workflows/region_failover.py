@@ -48,9 +48,6 @@ with workflow.unsafe.imports_passed_through():
 FENCE_STEP = "region-failover-fence-step"
 
 
-def workflow_id(incident_id: str) -> str:
-    return f"region-failover-{incident_id}"
-
 
 @workflow.defn(name="RegionFailover", failure_exception_types=[ValidationError])
 class RegionFailover(Runbook):
