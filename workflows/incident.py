@@ -26,7 +26,6 @@ re-classifications never interleave.
 """
 
 import asyncio
-import re
 from datetime import datetime, timedelta
 
 from pydantic import ValidationError
@@ -61,6 +60,8 @@ from models.notify import Notification
 from models.runbooks import runbook
 from models.steps import StepRecord
 from workflows import _options as opt
+from workflows import cadence
+from workflows.cadence import human
 from workflows.search_attributes import INCIDENT_ID, PROCEDURE, SEVERITY, STATUS
 
 with workflow.unsafe.imports_passed_through():
@@ -353,18 +354,16 @@ class Incident:
             # One due item at a time, the schedule recomputed after each: an escalation changes what
             # (and whom) the next re-page is for. After an outage only the latest tick of a series is
             # due: people get the current status once, not a burst of stale ones.
-            while due := next(((key, action) for at, key, action in self._schedule(now)
-                               if at <= now and key not in self.fired), None):
-                self.fired.add(due[0])
-                due[1]()
+            while due := cadence.due(self._schedule(now), self.fired, now):
+                self.fired.add(due.key)
+                self._fire(due)
             if self._history_too_long() and workflow.patched(CONTINUE_AS_NEW_PATCH):
                 await self._continue_as_new()  # returns only if the incident was resolved meanwhile
                 continue
-            later = [at for at, key, _ in self._schedule(now) if at > now and key not in self.fired]
+            wake = cadence.next_wake(self._schedule(now), self.fired, now)
             self.changed = False
             try:
-                await workflow.wait_condition(lambda: self.changed or self.resolution is not None,
-                                              timeout=(min(later) - now) if later else None)
+                await workflow.wait_condition(lambda: self.changed or self.resolution is not None, timeout=wake)
             except asyncio.TimeoutError:
                 pass
 
@@ -397,10 +396,7 @@ class Incident:
         self._raise_delivery_bugs()
         if self.resolution is not None:
             return
-        # Of the repeating series only the ticks still on the schedule matter (older ones never come
-        # back); the one-off keys (opening, levels, approval escalations) are few and all kept.
-        on_schedule = {key for _, key, _ in self._schedule(workflow.now())}
-        fired = sorted(k for k in self.fired if k in on_schedule or not _SERIES_TICK.fullmatch(k))
+        fired = cadence.carried_keys(self.fired, self._schedule(workflow.now()))
         carry = IncidentCarry(
             plan=self.plan, opened_at=self.opened_at, status=self.status, timeline=self.timeline, level=self.level,
             level_since=self.level_since, acked_level=self.acked_level,
@@ -421,33 +417,23 @@ class Incident:
         self.runbook_result, self.runbook_error, self.labels = c.runbook_result, c.runbook_error, c.labels
         self.run_number = c.run
 
-    def _schedule(self, now: datetime):
-        """Each series' due or next occurrence as (when, key, action); keys make every tick fire once."""
-        plan, t0 = self.plan, self.opened_at
-        items = [(t0, "opening", self._opening)]
-        paging = self.status != "recovered"  # service is back: nobody more needs waking
-        for lv in plan.levels:
-            if paging and lv.level > self.level:
-                why = f"unresolved after {_human(lv.after)}" if lv.after else "incident opened"
-                items.append((t0 + lv.after, f"level-{lv.level}",
-                              lambda lv=lv, why=why: self._escalate(lv.level, why, f"level-{lv.level}")))
-        if paging and self.level > self.acked_level and self.level_since is not None:
-            items += _ticks(self.level_since, plan.repage_every, now, f"repage-L{self.level}",
-                            lambda tick: self._page(tick))
-        for kind, every in (("status_update", plan.status_update_every),
-                            ("status_page", plan.status_page_update_every)):
-            if every:
-                items += _ticks(t0, every, now, f"{kind}-{int(every.total_seconds())}s",
-                                lambda tick, kind=kind: self._notify(kind, plan.notify.get(kind, []), tick))
-        if self.pending_approval is not None:
-            step, since = self.pending_approval
-            tick = f"approval-{step}-escalated"
-            items.append((since + plan.approval_escalate_after, tick,
-                          lambda: self._escalate(min(self.level + 1, len(plan.levels)),
-                                                 f"nobody decided {step!r} within "
-                                                 f"{_human(plan.approval_escalate_after)}",
-                                                 tick, kind="approval_needed", approval_step=step)))
-        return items
+    def _schedule(self, now: datetime) -> list[cadence.Tick]:
+        """Each series' due or next occurrence (workflows/cadence.py); keys make every tick fire once."""
+        return cadence.schedule(self.plan, cadence.Paging(
+            opened_at=self.opened_at, level=self.level, level_since=self.level_since, acked_level=self.acked_level,
+            recovered=self.status == "recovered", pending_approval=self.pending_approval), now)
+
+    def _fire(self, tick: cadence.Tick) -> None:
+        if tick.action == "opening":
+            self._opening()
+        elif tick.action == "escalate":
+            self._escalate(tick.level, tick.why, tick.key)
+        elif tick.action == "repage":
+            self._page(tick.key)
+        elif tick.action == "notify":
+            self._notify(tick.kind, self.plan.notify.get(tick.kind, []), tick.key)
+        else:  # an approval nobody decided: the next level is paged for it
+            self._escalate(tick.level, tick.why, tick.key, kind="approval_needed", approval_step=tick.step)
 
     def _opening(self) -> None:
         """Declare the incident: the first status update, customer and executive notices where the playbook asks."""
@@ -511,7 +497,7 @@ class Incident:
             "next_update": (now + every).strftime("%H:%M:%S UTC") if every else "as needed",
             "procedure": plan.procedure or "none",
             "current_step": (self.progress.current_step if self.progress else None) or "-",
-            "level": str(level.level), "level_name": level.name, "duration": _human(now - self.opened_at),
+            "level": str(level.level), "level_name": level.name, "duration": human(now - self.opened_at),
             "services": ", ".join(self.inp.services) or self.inp.labels.get("service", "our services"),
             "report_uri": self.report_uri or "(written when resolved)", "alerts": self._alert_summary(), **extra,
         }
@@ -554,24 +540,7 @@ class Incident:
         workflow.set_current_details("\n".join(lines))
 
 
-_SERIES_TICK = re.compile(r"(repage-L\d+|status_update-\d+s|status_page-\d+s)-\d+")
-
-
-def _ticks(start: datetime, every: timedelta, now: datetime, series: str, send):
-    """A repeating series' latest tick at or before now and the one after it (tick 0 is the start itself,
-    which is not repeated): the caller fires the first if it is new and sleeps until the second."""
-    n = max(1, int((now - start) / every))
-    return [(start + k * every, f"{series}-{k}", lambda k=k: send(f"{series}-{k}")) for k in (n, n + 1)]
-
-
 def _innermost(err: BaseException) -> str:
     while err.__cause__ is not None:
         err = err.__cause__
     return str(err)
-
-
-def _human(delta: timedelta) -> str:
-    seconds = int(delta.total_seconds())
-    if seconds < 60:
-        return f"{seconds}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
