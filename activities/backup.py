@@ -14,7 +14,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from temporalio import activity
@@ -155,7 +155,8 @@ class BackupActivities:
             try:
                 found = self.barman.fetch_wal_file(name, Path(tmp) / name)
             except RuntimeError as err:
-                raise ApplicationError(f"cannot read {name} from the archive: {err}", type=ErrorKind.ArchiveUnreachable)
+                raise ApplicationError(f"cannot read {name} from the archive: {err}",
+                                       type=ErrorKind.ArchiveUnreachable) from err
             if not found:
                 raise ApplicationError(
                     f"production is on timeline {timeline}, but {name} is neither in its pg_wal nor in "
@@ -167,7 +168,7 @@ class BackupActivities:
         if previous["launches"]:  # a failed or killed copy: S3 still holds the backup
             self._remove_restored(job.restore_dir, previous.get("tablespaces", []))
         record = {**previous, "launches": previous["launches"] + 1,
-                  "started_at": datetime.now(timezone.utc).isoformat()}
+                  "started_at": datetime.now(UTC).isoformat()}
         for stale in (job.exit_file, job.pid_file):
             stale.unlink(missing_ok=True)
         job.job_file.write_text(json.dumps(record))

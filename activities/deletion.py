@@ -19,7 +19,7 @@ from temporalio.exceptions import ApplicationError
 
 from adapters.barman import BarmanCloud
 from adapters.errors import refused
-from adapters.pgserver import PgServer
+from adapters.pgserver import PgServer, one
 from adapters.rows import (
     BOOKKEEPING_SQL,
     audit_filter,
@@ -36,6 +36,7 @@ from adapters.rows import (
     recorded,
     recovery_set,
     resolve_table,
+    sample_rows,
     sql_errors,
 )
 from models.deletion import (
@@ -107,9 +108,9 @@ class DeletionActivities:
                                                    "table (name the tables to recover with --table); nothing was "
                                                    "changed")
             txids = sorted({t for r in rows for t in r[5]})
-            first = conn.execute(
+            first = one(conn.execute(
                 "SELECT t, pg_xact_commit_timestamp((t %% 4294967296)::text::xid) AS at FROM unnest(%s::bigint[]) t "
-                "ORDER BY at NULLS LAST LIMIT 1", (txids,)).fetchone()
+                "ORDER BY at NULLS LAST LIMIT 1", (txids,)))
         if first[1] is None:
             raise refused(ErrorKind.NoCommitTimestamps, "commit timestamps are unknown (track_commit_timestamp is off); "
                                                      "the recovery target cannot be placed safely")
@@ -187,7 +188,7 @@ class DeletionActivities:
                 with sql_errors(f"{display(table)} in the side instance"), \
                         tempfile.SpooledTemporaryFile(max_size=8 << 20) as csv_file:
                     copy_csv(side, table, keys, csv_file)
-                    sample[display(table)] = sample(side, table, keys)
+                    sample[display(table)] = sample_rows(side, table, keys)
                     csv_file.seek(0)
                     self.s3.put_object(Bucket=self._evidence_bucket(), Key=f"{prefix}/{object_name(table)}.csv",
                                        Body=csv_file)
@@ -270,7 +271,8 @@ class DeletionActivities:
             return self.server.connect(database, autocommit=autocommit)
         except psycopg.OperationalError as err:
             if "does not exist" in str(err):
-                raise refused(ErrorKind.UnknownDatabase, f"database {database!r} does not exist; nothing was changed")
+                raise refused(ErrorKind.UnknownDatabase,
+                              f"database {database!r} does not exist; nothing was changed") from err
             raise
 
     def _require_redis(self):

@@ -14,7 +14,7 @@ Statuspage API (one page incident per drp incident, found again by its ID).
 
 import hashlib
 import smtplib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime
 
@@ -57,7 +57,7 @@ class NotifyActivities:
         reference = {"slack": self._slack, "email": self._email, "sns": self._sns,
                      "statuspage": self._statuspage}[channel.kind](n, channel, message)
         delivery = Delivery(key=n.key, channel=n.channel, kind=n.kind, subject=message.subject,
-                            sent_at=datetime.now(timezone.utc), reference=reference)
+                            sent_at=datetime.now(UTC), reference=reference)
         self.redis.set(LEDGER_PREFIX + n.key, delivery.model_dump_json(), ex=self.settings.ledger_ttl_days * 86400)
         activity.logger.info("notification sent", extra={"key": n.key, "channel": n.channel})
         return delivery
@@ -73,7 +73,7 @@ class NotifyActivities:
         host = _required(s.smtp_host, "smtp_host", n.channel)
         mail = EmailMessage()
         mail["From"], mail["To"], mail["Subject"] = s.email_from, ", ".join(channel.to), message.subject
-        mail["Date"] = format_datetime(datetime.now(timezone.utc))
+        mail["Date"] = format_datetime(datetime.now(UTC))
         mail["Message-ID"] = f"<{_digest(n.key)[:40]}@drp>"  # same key, same ID
         mail["X-DRP-Incident"], mail["X-DRP-Key"] = n.incident_id, n.key
         mail.set_content(message.body)

@@ -5,13 +5,13 @@ old server only after the last WAL it wrote is safe in the archive.
 """
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import psycopg
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from adapters.pgserver import PgServer
+from adapters.pgserver import PgServer, one
 from adapters.pgsql import (
     USER_TABLES,
     allow_connections,
@@ -165,8 +165,8 @@ class PostgresActivities:
                 last_commit = conn.execute("SELECT timestamp FROM pg_last_committed_xact()").fetchone()
                 timeline = int(conn.execute(
                     "SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()[0][:8], 16)
-                end_lsn, segment = conn.execute(
-                    "SELECT s::text, pg_walfile_name(s) FROM pg_switch_wal() s").fetchone()
+                end_lsn, segment = one(conn.execute(
+                    "SELECT s::text, pg_walfile_name(s) FROM pg_switch_wal() s"))
                 self._wait_archived(conn, segment)
         result = SealResult(was_running=True, archived_through=segment, end_lsn=end_lsn, row_counts=counts,
                             last_commit_at=last_commit[0] if last_commit else None, timeline=timeline,
@@ -206,7 +206,7 @@ class PostgresActivities:
     def _wait_archived(self, conn: psycopg.Connection, segment: str) -> None:
         deadline = time.monotonic() + self.archive_wait_seconds
         while True:
-            last, failed = conn.execute("SELECT last_archived_wal, last_failed_wal FROM pg_stat_archiver").fetchone()
+            last, failed = one(conn.execute("SELECT last_archived_wal, last_failed_wal FROM pg_stat_archiver"))
             if last and last[:24] >= segment:  # same timeline: names sort by position
                 return
             if time.monotonic() > deadline:
@@ -257,6 +257,6 @@ class PostgresActivities:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat()
+    return datetime.now(UTC).isoformat()
 
 

@@ -6,6 +6,7 @@ worker and handed in. Steps 3-6 run on the backup region's task queue.
 """
 
 import time
+from typing import Any
 
 import httpx
 from botocore.exceptions import ClientError
@@ -49,6 +50,14 @@ class RegionActivities:
         self.clusters = clusters
         self.http = http
 
+    @property
+    def settings(self) -> FailoverSettings:
+        """The failover settings; a worker without them refuses every region step (non-retryable)."""
+        if self.config is None:
+            raise refused(ErrorKind.FailoverNotConfigured,
+                          "this worker has no `failover` settings (regions, hosted zone)")
+        return self.config
+
     @activity.defn
     def plan_region_failover(self, inp: RegionFailoverInput) -> RegionPlan:
         """Check that everything the failover will touch exists; change nothing."""
@@ -66,21 +75,21 @@ class RegionActivities:
                        f"the failover promoted the streaming standby, and no RDS instance exists to replicate. "
                        f"Nothing was changed. The database comes home with DatabaseFailback (python -m "
                        f"starters.db_failback --incident {inp.incident_id}: rewinds the old primary and switches "
-                       f"back); then point {self.config.record_name} home and scale the regions.")
+                       f"back); then point {self.settings.record_name} home and scale the regions.")
         serving = self._plan(inp.serving_region, replica_must_exist=True)
-        home = self._plan(self.config.primary_region, replica_must_exist=False)  # the failback creates it
+        home = self._plan(self.settings.primary_region, replica_must_exist=False)  # the failback creates it
         return FailbackPlan(home=home, serving_region=inp.serving_region, serving_instance=serving.replica_id,
                             serving_task_queue=serving.task_queue)
 
     def _plan(self, region_name: str, replica_must_exist: bool) -> RegionPlan:
         if self.config is None:
             raise refused(ErrorKind.FailoverNotConfigured, "this worker has no `failover` settings (regions, hosted zone)")
-        region = self.config.regions.get(region_name)
+        region = self.settings.regions.get(region_name)
         if region is None:
             raise refused(ErrorKind.UnknownRegion, f"region {region_name!r} is not configured; known: "
-                                        f"{', '.join(sorted(self.config.regions)) or 'none'}")
+                                        f"{', '.join(sorted(self.settings.regions)) or 'none'}")
         replica_id = region.rds_replica_id
-        if self.config.database == "self-managed":
+        if self.settings.database == "self-managed":
             if self.standby is None:
                 raise refused(ErrorKind.NoStandby, "failover.database is self-managed but this worker has no standby "
                                         "(settings: standby.port, standby.data_dir); nothing was changed")
@@ -88,21 +97,21 @@ class RegionActivities:
         elif replica_must_exist:
             describe_instance(self.rds[region_name], region.rds_replica_id, region_name)
         try:
-            zone = self.route53.get_hosted_zone(Id=self.config.hosted_zone_id)["HostedZone"]
+            zone = self.route53.get_hosted_zone(Id=self.settings.hosted_zone_id)["HostedZone"]
         except ClientError as err:
             if err.response["Error"]["Code"] == "NoSuchHostedZone":
-                raise refused(ErrorKind.UnknownHostedZone, f"hosted zone {self.config.hosted_zone_id!r} not found") from err
+                raise refused(ErrorKind.UnknownHostedZone, f"hosted zone {self.settings.hosted_zone_id!r} not found") from err
             raise
-        if not in_zone(self.config.record_name, zone["Name"]):
-            raise refused(ErrorKind.RecordOutsideZone, f"record {self.config.record_name!r} is not in hosted zone "
-                                            f"{zone['Name'].rstrip('.')!r} ({self.config.hosted_zone_id}): Route53 "
+        if not in_zone(self.settings.record_name, zone["Name"]):
+            raise refused(ErrorKind.RecordOutsideZone, f"record {self.settings.record_name!r} is not in hosted zone "
+                                            f"{zone['Name'].rstrip('.')!r} ({self.settings.hosted_zone_id}): Route53 "
                                             "would reject the change; fix failover.record_name or hosted_zone_id. "
                                             "Nothing was changed.")
-        return RegionPlan(backup_region=region_name, task_queue=region.task_queue, database=self.config.database,
-                          primary_health_url=self.config.primary_health_url,
-                          max_lag_seconds=self.config.max_replica_lag_seconds,
-                          replica_id=replica_id, hosted_zone_id=self.config.hosted_zone_id,
-                          record_name=self.config.record_name,
+        return RegionPlan(backup_region=region_name, task_queue=region.task_queue, database=self.settings.database,
+                          primary_health_url=self.settings.primary_health_url,
+                          max_lag_seconds=self.settings.max_replica_lag_seconds,
+                          replica_id=replica_id, hosted_zone_id=self.settings.hosted_zone_id,
+                          record_name=self.settings.record_name,
                           new_target=region.load_balancer_dns or ", ".join(region.load_balancer_ips),
                           deployment=f"{region.kubernetes.namespace}/{region.kubernetes.deployment}",
                           replicas=region.replicas, health_url=region.health_url)
@@ -160,7 +169,7 @@ class RegionActivities:
     @activity.defn
     def promote_rds_replica(self, req: RegionRequest) -> RdsPromoted:
         """aws rds promote-read-replica + wait db-instance-available (re-run safe)."""
-        return promote_read_replica(self.rds[req.region], self.config.regions[req.region].rds_replica_id)
+        return promote_read_replica(self.rds[req.region], self.settings.regions[req.region].rds_replica_id)
 
     @activity.defn
     def switch_dns(self, req: RegionRequest) -> DnsSwitched:
@@ -170,8 +179,8 @@ class RegionActivities:
         the heartbeat details, so a retry (worker killed, heartbeat timeout) waits on that change; a
         retry that finds no Id but the record already at the target submits nothing either. Every
         new batch would restart Route53's propagation wait."""
-        region = self.config.regions[req.region]
-        record = {"Name": self.config.record_name, "Type": "A"}
+        region = self.settings.regions[req.region]
+        record: dict[str, Any] = {"Name": self.settings.record_name, "Type": "A"}
         if region.load_balancer_ips:
             record.update(TTL=60, ResourceRecords=[{"Value": ip} for ip in region.load_balancer_ips])
         else:
@@ -181,16 +190,16 @@ class RegionActivities:
         if earlier is not None:
             return self._wait_insync({"Id": earlier, "Status": "PENDING"}, record, resumed=True)
         if same_record(self._current_record(), record):
-            activity.logger.info("%s already points at the target; no change submitted", self.config.record_name)
+            activity.logger.info("%s already points at the target; no change submitted", self.settings.record_name)
             return DnsSwitched(change_id=None, status="CURRENT", record=record, already_current=True)
         try:
             change = self.route53.change_resource_record_sets(
-                HostedZoneId=self.config.hosted_zone_id,
+                HostedZoneId=self.settings.hosted_zone_id,
                 ChangeBatch={"Comment": f"drp failover {req.incident_id}",
                              "Changes": [{"Action": "UPSERT", "ResourceRecordSet": record}]})["ChangeInfo"]
         except ClientError as err:
             if err.response["Error"]["Code"] in ("InvalidChangeBatch", "InvalidInput", "NoSuchHostedZone"):
-                raise refused(ErrorKind.DnsChangeRejected, f"Route53 rejected the change of {self.config.record_name}: "
+                raise refused(ErrorKind.DnsChangeRejected, f"Route53 rejected the change of {self.settings.record_name}: "
                                                 f"{err.response['Error']['Message']}") from err
             raise
         return self._wait_insync(change, record, resumed=False)
@@ -205,8 +214,8 @@ class RegionActivities:
             change = self.route53.get_change(Id=change["Id"])["ChangeInfo"]
 
     def _current_record(self) -> dict | None:
-        name = self.config.record_name.rstrip(".").lower()
-        sets = self.route53.list_resource_record_sets(HostedZoneId=self.config.hosted_zone_id, StartRecordName=name,
+        name = self.settings.record_name.rstrip(".").lower()
+        sets = self.route53.list_resource_record_sets(HostedZoneId=self.settings.hosted_zone_id, StartRecordName=name,
                                                       StartRecordType="A", MaxItems="1")["ResourceRecordSets"]
         if sets and sets[0]["Name"].rstrip(".").lower() == name and sets[0]["Type"] == "A":
             return sets[0]
@@ -214,12 +223,12 @@ class RegionActivities:
 
     @activity.defn
     def scale_region(self, req: RegionRequest) -> None:
-        self.clusters[req.region].start(self.config.regions[req.region].replicas, activity.heartbeat)
+        self.clusters[req.region].start(self.settings.regions[req.region].replicas, activity.heartbeat)
 
     @activity.defn
     def check_region_health(self, req: RegionRequest) -> int:
         """The backup region's health endpoint answers 200; retried until the step's deadline."""
-        url = self.config.regions[req.region].health_url
+        url = self.settings.regions[req.region].health_url
         try:
             status = self.http.get(url, timeout=10).status_code
         except httpx.HTTPError as err:
@@ -232,13 +241,13 @@ class RegionActivities:
     def notify_failover(self, req: RegionRequest) -> Notified | None:
         """SNS to the on-call topic, and the status page incident opened (or updated on a retry)."""
         message_id = status_page_id = None
-        if self.config.sns_topic_arn:
+        if self.settings.sns_topic_arn:
             message_id = self.sns.publish(
-                TopicArn=self.config.sns_topic_arn, Subject=f"FAILOVER COMPLETED: now serving from {req.region}",
+                TopicArn=self.settings.sns_topic_arn, Subject=f"FAILOVER COMPLETED: now serving from {req.region}",
                 Message=f"Incident {req.incident_id}: traffic now routed to {req.region}.")["MessageId"]
-        if self.config.status_page_url and self.config.status_page_token:
+        if self.settings.status_page_url and self.settings.status_page_token:
             status_page_id = statuspage.open_or_update(
-                self.http, self.config.status_page_url, self.config.status_page_token.get_secret_value(),
+                self.http, self.settings.status_page_url, self.settings.status_page_token.get_secret_value(),
                 req.incident_id, f"Service failover to {req.region}",
                 f"We have failed over to our infrastructure in {req.region}. Service is restored.")
         if message_id is None and status_page_id is None:

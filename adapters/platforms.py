@@ -10,9 +10,10 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Protocol
 
 from kubernetes.client import ApiClient, AppsV1Api, CoreV1Api
 from kubernetes.client.exceptions import ApiException
@@ -29,9 +30,11 @@ Heartbeat = Callable[..., None]
 class AppPlatform(Protocol):
     def stop(self, incident_id: str, heartbeat: Heartbeat) -> int:
         """Stop serving; return the replica count from before the incident."""
+        ...
 
     def start(self, replicas: int, heartbeat: Heartbeat) -> None:
         """Run `replicas` instances and wait until they are ready."""
+        ...
 
     def repoint(self, host: str, port: int) -> None:
         """Point the application at another database server (takes effect at the next start)."""
@@ -110,14 +113,15 @@ class KubernetesPlatform:
             where = f"deployment {self.namespace}/{self.deployment}"
             if err.status == 404:
                 raise ApplicationError(f"{what}: {where} not found; check the namespace and deployment name "
-                                       "in the worker settings", type=ErrorKind.KubernetesNotFound, non_retryable=True)
+                                       "in the worker settings", type=ErrorKind.KubernetesNotFound,
+                                       non_retryable=True) from err
             if err.status in (401, 403):
                 raise ApplicationError(f"{what}: access to {where} denied ({err.status} {err.reason}); grant the "
                                        "worker's service account get/patch on deployments and list on pods",
-                                       type=ErrorKind.KubernetesForbidden, non_retryable=True)
+                                       type=ErrorKind.KubernetesForbidden, non_retryable=True) from err
             raise  # 409, 5xx, timeouts: retry
 
-    def _deployment(self):
+    def _deployment(self) -> Any:  # V1Deployment; its generated model types every field Optional
         return self._call("read", self.apps.read_namespaced_deployment, self.deployment, self.namespace)
 
     def stop(self, incident_id: str, heartbeat: Heartbeat) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 import psycopg
 from temporalio.exceptions import ApplicationError
 
-from adapters.pgserver import PgServer, run_as
+from adapters.pgserver import PgServer, one, run_as
 from adapters.processes import pid_alive
 from adapters.timelines import (
     history_file_name,
@@ -82,11 +82,11 @@ def recovery_state(server: PgServer) -> dict | None:
         with server.connect("template1", timeout=2) as conn:  # the seal's fenced databases open at promotion
             in_recovery = conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
             if in_recovery:
-                lsn, paused = conn.execute("SELECT pg_last_wal_replay_lsn()::text, "
-                                           "pg_get_wal_replay_pause_state() = 'paused'").fetchone()
+                lsn, paused = one(conn.execute("SELECT pg_last_wal_replay_lsn()::text, "
+                                           "pg_get_wal_replay_pause_state() = 'paused'"))
                 return {"in_recovery": True, "lsn": lsn, "paused": paused}
-            segment, lsn = conn.execute(
-                "SELECT pg_walfile_name(pg_current_wal_lsn()), pg_current_wal_lsn()::text").fetchone()
+            segment, lsn = one(conn.execute(
+                "SELECT pg_walfile_name(pg_current_wal_lsn()), pg_current_wal_lsn()::text"))
             timeline = int(segment[:8], 16)
             last = conn.execute("SELECT timestamp FROM pg_last_committed_xact()").fetchone()
             return {"in_recovery": False, "timeline": timeline, "lsn": lsn, "segment": segment,

@@ -8,7 +8,7 @@ from pathlib import Path
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from adapters.pgserver import PgServer, run_as
+from adapters.pgserver import PgServer, one, run_as
 from adapters.timelines import diverged, history_file_name, parse_history
 from models.postgres import TimelineBranch
 
@@ -18,7 +18,7 @@ REPLICA_DB = "template1"
 
 
 def wal_position(conn: psycopg.Connection) -> dict:
-    segment, lsn = conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn()), pg_current_wal_lsn()::text").fetchone()
+    segment, lsn = one(conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn()), pg_current_wal_lsn()::text"))
     return {"timeline": int(segment[:8], 16), "promoted_at_lsn": lsn}
 
 
@@ -48,10 +48,10 @@ def has_diverged(replica: PgServer, source: PgServer) -> bool:
     adapters.timelines.diverged); False when it streams, is not a replica, or cannot be read."""
     try:
         with replica.connect(REPLICA_DB, timeout=3) as conn:
-            in_recovery, replay, streaming, checkpoint_tli = conn.execute(
+            in_recovery, replay, streaming, checkpoint_tli = one(conn.execute(
                 "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, EXISTS (SELECT 1 FROM "
                 "pg_stat_wal_receiver WHERE status = 'streaming'), (SELECT timeline_id FROM pg_control_checkpoint())"
-            ).fetchone()
+            ))
     except psycopg.OperationalError:
         return False
     source_tli = current_timeline(source)
@@ -69,7 +69,8 @@ def standby_application_name(data_dir: Path) -> str | None:
     for line in reversed(lines):
         match = re.match(r"\s*primary_conninfo\s*=\s*'((?:[^']|'')*)'", line)
         if match:
-            return conninfo_to_dict(match.group(1).replace("''", "'")).get("application_name") or None
+            name = conninfo_to_dict(match.group(1).replace("''", "'")).get("application_name")
+            return str(name) if name else None
     return None
 
 

@@ -306,7 +306,7 @@ def copy_csv(conn: psycopg.Connection, table: Rel, keys: list[dict], out) -> Non
             out.write(chunk)
 
 
-def sample(conn: psycopg.Connection, table: Rel, keys: list[dict]) -> list[str]:
+def sample_rows(conn: psycopg.Connection, table: Rel, keys: list[dict]) -> list[str]:
     """The column names and the first rows, each cut short: what the approver sees in the Web UI."""
     pk = primary_key(conn, table)
     rows = conn.execute(sql.SQL(

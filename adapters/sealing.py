@@ -13,7 +13,7 @@ when a person decides to abandon the recovery.
 """
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from psycopg import sql
@@ -39,7 +39,7 @@ def write_seal(data_dir: Path, marker: dict) -> None:
     """Write the marker atomically (temp file, then rename): a crash leaves the old one or the new one."""
     path = marker_path(data_dir)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"updated_at": datetime.now(timezone.utc).isoformat(), **marker}, default=str))
+    tmp.write_text(json.dumps({"updated_at": datetime.now(UTC).isoformat(), **marker}, default=str))
     tmp.replace(path)
 
 

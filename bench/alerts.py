@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -38,7 +38,7 @@ TOKEN = "bench-token"
 
 
 def webhook(alertname: str, group: str, **labels: str) -> dict:
-    now = datetime.now(timezone.utc).isoformat()
+    now = datetime.now(UTC).isoformat()
     all_labels = {"alertname": alertname, **labels}
     return {"version": "4", "groupKey": group, "status": "firing", "receiver": "drp", "groupLabels": all_labels,
             "commonLabels": all_labels, "commonAnnotations": {"summary": f"{alertname} (bench)"}, "externalURL": "",
@@ -59,7 +59,7 @@ async def first_activity_scheduled(client, workflow_id: str, timeout: float = 30
             try:
                 async for e in client.get_workflow_handle(workflow_id).fetch_history_events():
                     if e.HasField("activity_task_scheduled_event_attributes"):
-                        return e.event_time.ToDatetime(tzinfo=timezone.utc).timestamp()
+                        return e.event_time.ToDatetime(tzinfo=UTC).timestamp()
             except Exception:  # not started yet
                 pass
             await asyncio.sleep(0.02)

@@ -14,7 +14,7 @@ import argparse
 import asyncio
 import json
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 
@@ -32,7 +32,7 @@ async def run(stack: Stack, companies: int) -> dict:
     with stack.postgres().connect(DATABASE) as conn:
         conn.execute("CREATE ROLE bench_analyst LOGIN PASSWORD 'bench'")
         conn.execute("GRANT SELECT, DELETE ON companies, filings, metrics TO bench_analyst")
-    window_start = datetime.now(timezone.utc) - timedelta(seconds=1)
+    window_start = datetime.now(UTC) - timedelta(seconds=1)
     with psycopg.connect(host="127.0.0.1", port=stack.config.ports.postgres, user="bench_analyst", password="bench",
                          dbname=DATABASE, autocommit=True) as conn:
         deleted = conn.execute("DELETE FROM companies WHERE id <= %s", (companies,)).rowcount

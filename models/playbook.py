@@ -23,7 +23,7 @@ from models.durations import Duration
 from models.templates import MESSAGE_KINDS, TemplateError, parse_template
 
 
-class Severity(str, Enum):
+class Severity(str, Enum):  # noqa: UP042 - not StrEnum: str()/format() of members must not change
     P0 = "P0"
     P1 = "P1"
     P2 = "P2"
@@ -107,7 +107,7 @@ class Escalation(_Frozen):
     def _ordered(self) -> "Escalation":
         if self.levels[0].after != timedelta(0):
             raise ValueError("the first level is paged when the incident opens: its `after` must be 0s")
-        for before, after in zip(self.levels, self.levels[1:]):
+        for before, after in zip(self.levels, self.levels[1:], strict=False):
             if after.level != before.level + 1 or after.after <= before.after:
                 raise ValueError(f"level {after.level} must follow level {before.level} and come later")
         return self

@@ -61,7 +61,7 @@ class Handler(BaseHTTPRequestHandler):
                     rows = conn.execute(
                         "SELECT id, name, ticker, sector FROM companies ORDER BY id LIMIT %s", (limit,)
                     ).fetchall()
-                return self._send(200, [dict(zip(("id", "name", "ticker", "sector"), r)) for r in rows])
+                return self._send(200, [dict(zip(("id", "name", "ticker", "sector"), r, strict=True)) for r in rows])
             if url.path == "/metrics":
                 with _LOCK:
                     lines = [f'http_requests_total{{path="{p}",code="{c}"}} {n}' for (p, c), n in REQUESTS.items()]
@@ -101,6 +101,7 @@ _REDIS: redis.Redis | None = None
 def _redis() -> redis.Redis:
     global _REDIS
     if _REDIS is None:
+        assert REDIS_URL is not None, "callers check DRP_APP_REDIS_URL first"
         _REDIS = redis.Redis.from_url(REDIS_URL, socket_timeout=2)
     return _REDIS
 

@@ -14,14 +14,16 @@ import subprocess
 import sys
 from importlib import resources
 from pathlib import Path
+from typing import LiteralString, cast
 
 import boto3
 import httpx
+from psycopg import sql
 from pydantic import BaseModel, Field
 
 from adapters.audit import install_audit_log
 from adapters.barman import BarmanCloud
-from adapters.pgserver import PgServer, embedded_bin_dir
+from adapters.pgserver import PgServer, embedded_bin_dir, one
 from adapters.platforms import LocalAppSpec, LocalProcessPlatform
 from adapters.processes import ProcessTable, free_port, port_open, wait_for_port
 from adapters.replication import has_diverged
@@ -303,11 +305,12 @@ class Stack:
         seed = resources.files("stack").joinpath("seed.sql").read_text()
         with pg.connect() as conn:
             conn.execute(f"CREATE DATABASE {DATABASE}")
-            conn.execute(f"CREATE ROLE {APP_ROLE} LOGIN PASSWORD %s".replace("%s", _literal(self.config.app_password)))
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                sql.Identifier(APP_ROLE), sql.Literal(self.config.app_password)))
         with pg.connect(DATABASE) as conn:
             conn.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
-            conn.execute(seed.replace(":companies", str(int(self.config.companies))))
-            install_audit_log(conn, [tuple(t.split(".")) for t in AUDITED_TABLES])
+            conn.execute(cast(LiteralString, seed.replace(":companies", str(int(self.config.companies)))))  # our own file
+            install_audit_log(conn, [(schema, name) for schema, _, name in (t.partition(".") for t in AUDITED_TABLES)])
             conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {', '.join(AUDITED_TABLES)} TO {APP_ROLE}")
             conn.execute(f"GRANT SELECT, INSERT ON app_write_checks TO {APP_ROLE}")
             conn.execute(f"GRANT USAGE ON SEQUENCE app_write_checks_id_seq TO {APP_ROLE}")
@@ -378,8 +381,8 @@ class Stack:
             return describe_seal(seal) if seal else "down"
         try:
             with pg.connect(DATABASE) as conn:
-                archived, failed = conn.execute(
-                    "SELECT archived_count, failed_count FROM pg_stat_archiver").fetchone()
+                archived, failed = one(conn.execute(
+                    "SELECT archived_count, failed_count FROM pg_stat_archiver"))
             return f"up (wal archived {archived}, archive failures {failed})"
         except Exception as err:  # noqa: BLE001 (status reports any failure)
             return f"unhealthy: {str(err).splitlines()[0]}"
@@ -390,9 +393,9 @@ class Stack:
             return "down"
         try:
             with standby.connect("template1") as conn:
-                in_recovery, streaming = conn.execute(
+                in_recovery, streaming = one(conn.execute(
                     "SELECT pg_is_in_recovery(), EXISTS (SELECT 1 FROM pg_stat_wal_receiver "
-                    "WHERE status = 'streaming')").fetchone()
+                    "WHERE status = 'streaming')"))
         except Exception as err:  # noqa: BLE001 (status reports any failure)
             return f"unhealthy: {str(err).splitlines()[0]}"
         if not in_recovery:
@@ -416,9 +419,6 @@ class Stack:
         if self.processes.stop("moto"):
             log("stopped moto (S3 contents are in memory and are gone)")
 
-
-def _literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 def _http_health(url: str) -> str:

@@ -22,7 +22,7 @@ async def start_accidental_deletion(client: Client, inp: AccidentalDeletionInput
 
 
 async def _main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--incident", required=True)
     parser.add_argument("--database", required=True)
     parser.add_argument("--window-start", required=True, help="with a zone: 2026-11-28T14:00:00Z")

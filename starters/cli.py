@@ -78,7 +78,7 @@ def _settings(args, kind=None):
             raise CliError(f"no settings in {args.state_dir}: {stack_file} does not exist (`drp --state-dir "
                            f"{args.state_dir} stack up` writes it; or set DRP_SETTINGS_FILE)")
     try:
-        return (kind or Settings)()
+        return (kind or Settings)()  # pyright: ignore[reportCallIssue] - pydantic-settings reads the fields
     except ValidationError as err:
         raise CliError(f"worker settings incomplete: {_errors(err)} (set DRP_SETTINGS_FILE or DRP_* variables)") \
             from err
@@ -182,8 +182,8 @@ async def cmd_approve(args) -> None:
     # (its refusal says why, e.g. it already finished).
     handles = [client.get_workflow_handle(spec.workflow_id(args.incident)) for spec in RUNBOOKS]
     statuses = await asyncio.gather(*(_status(h) for h in handles))
-    found = [h for h, st in zip(handles, statuses) if st == WorkflowExecutionStatus.RUNNING] or \
-            [h for h, st in zip(handles, statuses) if st is not None]
+    found = [h for h, st in zip(handles, statuses, strict=True) if st == WorkflowExecutionStatus.RUNNING] or \
+            [h for h, st in zip(handles, statuses, strict=True) if st is not None]
     if not found:
         raise CliError(f"no recovery run found for incident {args.incident!r}")
     handle = found[0]
@@ -276,6 +276,7 @@ async def cmd_alerts(args) -> None:
     from workers.temporal_client import connect
 
     settings = _settings(args, ReceiverSettings)
+    assert isinstance(settings, ReceiverSettings)
     if settings.alerts is None:
         raise CliError("set alerts.bearer_token or alerts.hmac_secret (DRP_ALERTS__BEARER_TOKEN): "
                        "the receiver never runs unauthenticated")
@@ -350,7 +351,7 @@ def _errors(err: ValidationError) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="drp", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="drp", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--state-dir", type=Path, default=os.environ.get("DRP_STATE_DIR"),
                         help="the embedded stack's state folder")
     sub = parser.add_subparsers(dest="command", required=True)

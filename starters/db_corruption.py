@@ -22,7 +22,7 @@ async def start_db_corruption(client: Client, inp: DatabaseCorruptionInput, task
 
 
 async def _main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--incident", required=True)
     parser.add_argument("--database", required=True)
     parser.add_argument("--severity", default="P0")

@@ -11,7 +11,7 @@ went, the post-incident report and the Web UI links.
 
 import asyncio
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from temporalio.service import RPCError
@@ -41,7 +41,7 @@ async def run_demo(stack: Stack) -> CorruptionRecoveryResult:
         counts = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
                   for t in ("companies", "filings", "metrics")}
     print(f"\nrow counts before the incident: {counts}")
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     damaged = corrupt_table(pg, DATABASE, CORRUPTED_TABLE)
     print(f"corrupted {CORRUPTED_TABLE}: overwrote bytes of {damaged}")
 

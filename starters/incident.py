@@ -7,7 +7,7 @@ never joined by accident (alerts join by their group instead, see alerts.py).
 """
 
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import (
@@ -32,7 +32,7 @@ async def next_incident_id(client: Client, now: datetime | None = None) -> str:
 
     Incidents opened by alerts share the prefix with an 8-character group hash
     (INC-YYYYMMDD-1a2b3c4d, sometimes all digits): only 3 to 6 digit numbers count."""
-    day = f"INC-{(now or datetime.now(timezone.utc)):%Y%m%d}-"
+    day = f"INC-{(now or datetime.now(UTC)):%Y%m%d}-"
     taken = [int(w.id.removeprefix(day)) async for w in client.list_workflows(
         f"WorkflowType = 'Incident' AND WorkflowId STARTS_WITH '{day}'")
         if re.fullmatch(r"\d{3,6}", w.id.removeprefix(day))]

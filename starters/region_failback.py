@@ -20,7 +20,7 @@ async def start_region_failback(client: Client, inp: RegionFailbackInput, task_q
 
 
 async def _main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--incident", required=True)
     parser.add_argument("--serving-region", required=True)
     parser.add_argument("--temporal", default=os.environ.get("DRP_TEMPORAL_ADDRESS", "127.0.0.1:7233"))

@@ -20,7 +20,7 @@ async def start_region_failover(client: Client, inp: RegionFailoverInput, task_q
 
 
 async def _main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--incident", required=True)
     parser.add_argument("--backup-region", required=True)
     parser.add_argument("--override-lag", action="store_true")

@@ -6,7 +6,7 @@ import hashlib
 import subprocess
 import threading
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import psycopg
@@ -57,7 +57,7 @@ def can_delete(stack) -> bool:
 
 def delete_as_analyst(analyst, sector: str, max_id: int) -> datetime:
     """The accident: the analyst's script deletes companies (filings and metrics cascade)."""
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     with psycopg.connect(**analyst) as conn:
         conn.execute("DELETE FROM companies WHERE sector = %s AND id <= %s", (sector, max_id))
     return started
@@ -184,14 +184,14 @@ async def test_cancelled_run_leaves_no_side_instance_and_no_files(stack, client,
 
 @pytest.mark.parametrize("change, kind", [
     ({"table": "no_such_table"}, "UnknownTable"),
-    ({"window_start": datetime(2020, 1, 1, tzinfo=timezone.utc),
-      "window_end": datetime(2020, 1, 2, tzinfo=timezone.utc)}, "NoDeletionsFound"),
+    ({"window_start": datetime(2020, 1, 1, tzinfo=UTC),
+      "window_end": datetime(2020, 1, 2, tzinfo=UTC)}, "NoDeletionsFound"),
     ({"role": "no_such_role"}, "UnknownRole"),
 ])
 async def test_wrong_input_is_a_clear_error_and_contains_nothing(stack, client, analyst, change, kind):
     fingerprint = api_key_fingerprint("never-blocked")
     args = {"incident_id": incident(), "database": DATABASE, "role": ROLE, "api_key_sha256": fingerprint,
-            "window_start": datetime.now(timezone.utc) - timedelta(minutes=5), **change}
+            "window_start": datetime.now(UTC) - timedelta(minutes=5), **change}
     async with running_worker(client, stack) as queue:
         handle = await start_accidental_deletion(client, AccidentalDeletionInput(**args), queue)
         with pytest.raises(WorkflowFailureError) as failed:
@@ -223,5 +223,5 @@ async def test_a_deletion_older_than_every_backup_is_refused(stack, client, anal
 def test_api_keys_are_only_ever_sent_as_fingerprints():
     assert api_key_fingerprint(LEAKED_KEY) == hashlib.sha256(LEAKED_KEY.encode()).hexdigest()
     with pytest.raises(ValueError):
-        AccidentalDeletionInput(incident_id="X", database=DATABASE, window_start=datetime.now(timezone.utc),
+        AccidentalDeletionInput(incident_id="X", database=DATABASE, window_start=datetime.now(UTC),
                                 api_key_sha256=LEAKED_KEY)

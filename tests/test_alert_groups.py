@@ -4,7 +4,7 @@ storms of thousands of alerts in one body."""
 
 import json
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import yaml
@@ -56,12 +56,12 @@ async def timeline(client, incident_id: str) -> list[str]:
     return [f"{e.kind}: {e.text}" for e in status.timeline]
 
 
-async def test_a_group_whose_alerts_began_on_two_dates_is_one_incident(client, receiver):
+async def test_a_group_whose_alerts_began_on_two_dates_is_one_incident(client, receiver):  # noqa: F811 - the fixture imported above
     queue = f"test-{uuid.uuid4().hex[:10]}"  # no worker: what matters is which incident each notice reaches
     url = await receiver(queue)
     group = f'{{}}:{{alertname="GroupEdge{uuid.uuid4().hex[:6]}"}}'
-    before, after = datetime(2026, 11, 27, 23, 50, tzinfo=timezone.utc), datetime(2026, 11, 28, 0, 10,
-                                                                                 tzinfo=timezone.utc)
+    before, after = datetime(2026, 11, 27, 23, 50, tzinfo=UTC), datetime(2026, 11, 28, 0, 10,
+                                                                                 tzinfo=UTC)
     async with httpx.AsyncClient() as http:
         both = await http.post(url, json=webhook(group, [one("a", before), one("b", after)]), headers=AUTH)
         later_only = await http.post(url, json=webhook(group, [one("b", after)]), headers=AUTH)
@@ -76,7 +76,7 @@ async def test_a_group_whose_alerts_began_on_two_dates_is_one_incident(client, r
 
 
 async def test_a_resolved_group_that_fires_again_opens_a_new_linked_incident(
-        stack, client, notify_world, receiver, tmp_path):
+        stack, client, notify_world, receiver, tmp_path):  # noqa: F811 - the fixture imported above
     playbook = lasting_playbook(tmp_path)
     group = f'{{}}:{{alertname="GroupEdge{uuid.uuid4().hex[:6]}"}}'
     first, second, third = (incident_id_for(group, n) for n in (1, 2, 3))
@@ -95,9 +95,9 @@ async def test_a_resolved_group_that_fires_again_opens_a_new_linked_incident(
             await until(lambda: _ready(handle))
             await handle.execute_update(Incident.resolve, ResolveRequest(by="alice", reason="fixed by hand"))
             await until(lambda: _resolved_attribute(client, incident_id))
-            return datetime.now(timezone.utc)
+            return datetime.now(UTC)
 
-        began = datetime.now(timezone.utc) - timedelta(seconds=5)
+        began = datetime.now(UTC) - timedelta(seconds=5)
         assert (await post(webhook(group, [one("a", began)])))["incident_id"] == first
         resolved_at = await resolve(first)
 
@@ -138,10 +138,10 @@ async def _has(client, incident_id: str, text: str) -> bool:
 
 
 async def test_a_storm_of_thousands_of_alerts_is_accepted_and_the_rest_counted(
-        stack, client, notify_world, receiver, tmp_path):
+        stack, client, notify_world, receiver, tmp_path):  # noqa: F811 - the fixture imported above
     playbook = short_playbook(tmp_path)
     group = f'{{}}:{{alertname="Storm{uuid.uuid4().hex[:6]}"}}'
-    began = datetime.now(timezone.utc) - timedelta(seconds=5)
+    began = datetime.now(UTC) - timedelta(seconds=5)
     alerts = [{**one(f"host-{i:05d}", began, severity="high"),
                "annotations": {"description": "disk almost full on a host of the fleet " * 4}} for i in range(3000)]
     body = json.dumps(webhook(group, alerts, severity="high", truncatedAlerts=500)).encode()
@@ -180,7 +180,7 @@ async def test_the_receiver_answers_503_only_when_temporal_cannot_be_reached():
     try:
         async with httpx.AsyncClient(timeout=60) as http:
             url = f"http://127.0.0.1:{port}{PATH}"
-            body = webhook("{}:{alertname=\"Down\"}", [one("a", datetime.now(timezone.utc))])
+            body = webhook("{}:{alertname=\"Down\"}", [one("a", datetime.now(UTC))])
             unreachable = await http.post(url, json=body, headers=AUTH)
             malformed = await http.post(url, json={**body, "version": "3"}, headers=AUTH)
     finally:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -86,7 +86,7 @@ def alertmanager():
 
 
 def alert(name: str, instance: str, ends_at: datetime | None = None) -> dict:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     body = {"labels": {"alertname": name, "cluster": "c1", "instance": instance, "severity": "warning",
                        "service": "corporate-intel-api"},
             "annotations": {"summary": f"{name} on c1"}, "startsAt": (now - timedelta(seconds=5)).isoformat()}
@@ -133,7 +133,7 @@ async def test_alertmanager_webhooks_open_one_incident_per_group_and_resolve_it(
             assert status.severity.value == "P2" and status.procedure is None  # label severity=warning
             assert status.title == f"{name} on c1"
 
-            ended = datetime.now(timezone.utc)
+            ended = datetime.now(UTC)
             (await http.post("/api/v2/alerts", json=[alert(name, "db1", ended), alert(name, "db2", ended)])
              ).raise_for_status()
 

@@ -6,7 +6,7 @@ import asyncio
 import os
 import subprocess
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
@@ -128,7 +128,7 @@ async def test_deletion_in_a_long_transaction_of_a_table_with_quoted_names_comes
     assert any(len(s) > 0 for s in result.extracted.sample.values())
 
 
-async def test_a_table_typed_without_quotes_is_found_and_a_wrong_one_changes_nothing(stack, client, analyst):
+async def test_a_table_typed_without_quotes_is_found_and_a_wrong_one_changes_nothing(stack, client, analyst):  # noqa: F811 - the fixture imported above
     with pg(stack) as conn:
         conn.execute('CREATE TABLE IF NOT EXISTS public."Orders" (id int PRIMARY KEY)')
     typed = await asyncio.to_thread(drp, "--state-dir", str(stack.state_dir), "audit", "install",
@@ -146,7 +146,7 @@ async def test_a_table_typed_without_quotes_is_found_and_a_wrong_one_changes_not
         inc = incident()
         started = await asyncio.to_thread(
             cli, stack, queue, "start", "deletion", "--incident", inc, "--database", DATABASE, "--role", ROLE,
-            "--window-start", (datetime.now(timezone.utc) - timedelta(minutes=5)).isoformat(), "--table", '"orders"')
+            "--window-start", (datetime.now(UTC) - timedelta(minutes=5)).isoformat(), "--table", '"orders"')
         assert started.returncode == 0, started.stderr
         with pytest.raises(WorkflowFailureError) as failed:
             await asyncio.wait_for(client.get_workflow_handle(f"accidental-deletion-{inc}").result(), timeout=60)
@@ -154,7 +154,7 @@ async def test_a_table_typed_without_quotes_is_found_and_a_wrong_one_changes_not
     assert can_delete(stack)  # nothing was contained
 
 
-async def test_a_deleted_from_table_dropped_since_fails_at_once_naming_it(stack, client, analyst):
+async def test_a_deleted_from_table_dropped_since_fails_at_once_naming_it(stack, client, analyst):  # noqa: F811 - the fixture imported above
     with pg(stack) as conn:
         conn.execute('CREATE TABLE "Gone Table" (id int PRIMARY KEY)')
         conn.execute('INSERT INTO "Gone Table" VALUES (1), (2)')
@@ -162,7 +162,7 @@ async def test_a_deleted_from_table_dropped_since_fails_at_once_naming_it(stack,
     done = drp("--state-dir", str(stack.state_dir), "audit", "install", "--database", DATABASE,
                "--tables", 'public."Gone Table"')
     assert done.returncode == 0, done.stderr
-    window_start = datetime.now(timezone.utc)
+    window_start = datetime.now(UTC)
     with psycopg.connect(**analyst) as conn:
         conn.execute('DELETE FROM "Gone Table"')
     with pg(stack) as conn:
@@ -207,7 +207,7 @@ def readings(stack) -> dict:
 async def test_a_partitioned_table_is_recovered_by_its_parent_or_a_partition(
         stack, client, partitioned, named, deleted, expected):
     before = readings(stack)
-    window_start = datetime.now(timezone.utc)
+    window_start = datetime.now(UTC)
     with pg(stack) as conn:
         conn.execute(f"DELETE FROM readings WHERE {deleted}")
     assert len(readings(stack)) == len(before) - sum(expected.values())

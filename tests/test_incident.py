@@ -6,7 +6,7 @@ import asyncio
 import re
 import signal
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 import redis
@@ -177,7 +177,7 @@ async def test_cadence_and_escalation_survive_a_worker_sigkill_without_double_po
             services=["corporate-intel-api"]), queue)
         # Into the cadence: level 1 paged and re-paged, then the worker dies.
         await status_when(handle, lambda s: sum("paging level 1" in e.text for e in s.timeline) >= 2)
-        killed_at = (datetime.now(timezone.utc) - (await handle.describe()).start_time).total_seconds()
+        killed_at = (datetime.now(UTC) - (await handle.describe()).start_time).total_seconds()
         first.send_signal(signal.SIGKILL)
         assert first.wait(10) == -signal.SIGKILL
         # Deliveries the dead worker had started: one of them may have reached its provider without

@@ -11,7 +11,7 @@ import sys
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import boto3
@@ -70,7 +70,7 @@ class Health:
 
 def replica_lag(world, seconds: float) -> None:
     world["cloudwatch"].put_metric_data(Namespace="AWS/RDS", MetricData=[{
-        "MetricName": "ReplicaLag", "Value": seconds, "Timestamp": datetime.now(timezone.utc),
+        "MetricName": "ReplicaLag", "Value": seconds, "Timestamp": datetime.now(UTC),
         "Dimensions": [{"Name": "DBInstanceIdentifier", "Value": world["replica"]}]}])
 
 

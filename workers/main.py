@@ -149,7 +149,7 @@ async def run(settings: Settings) -> None:
 
 
 def main() -> None:
-    settings = Settings()
+    settings = Settings()  # pyright: ignore[reportCallIssue] - pydantic-settings reads the fields from the environment
     configure_logging(settings.log_level)
     asyncio.run(run(settings))
 

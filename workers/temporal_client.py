@@ -32,7 +32,7 @@ class StrictPydanticPayloadConverter(PydanticPayloadConverter):
             raise
         except Exception as err:  # noqa: BLE001 - every other decoding error is a bad input too
             raise as_validation_error(err, type_hints) from err
-        for value, hint in zip(values, type_hints or []):
+        for value, hint in zip(values, type_hints or [], strict=False):
             # Another encoding (binary/plain, protobuf) decodes without looking at the hint: hold it to the model.
             if isinstance(hint, type) and issubclass(hint, BaseModel) and not isinstance(value, hint):
                 hint.model_validate(value)

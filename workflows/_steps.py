@@ -1,8 +1,9 @@
 """Step bookkeeping shared by the runbooks: timings for the result, the current
 step for the Web UI (current details) and for the `progress` query."""
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Awaitable, Callable, TypeVar
+from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict
 from temporalio import workflow

@@ -26,6 +26,7 @@ from models.deletion import (
     ExtractRequest,
     ReinsertRequest,
 )
+from models.errors import ErrorKind
 from models.postgres import (
     AssessRequest,
     ReplayRequest,
@@ -109,7 +110,7 @@ class AccidentalDeletionRecovery(Runbook):
                     **opt.quick()))
                 lifted = True
             except ApplicationError as err:
-                if err.type not in ("ApprovalTimeout", "ApprovalRejected"):
+                if err.type not in (ErrorKind.ApprovalTimeout, ErrorKind.ApprovalRejected):
                     raise
                 workflow.logger.info("containment left in place: %s", err.message)
 

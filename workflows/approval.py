@@ -8,9 +8,8 @@ is not on the playbook's roster for this severity and gate. A run may pass
 several gates (re-insert, then lifting containment); each is decided once.
 """
 
-import asyncio
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Callable
 
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError
@@ -38,7 +37,7 @@ class ApprovalGate:
             raise ApplicationError("no approval is pending for this run yet: the same decision is refused until the "
                                    "run asks (its progress query shows awaiting_approval)", type=ErrorKind.NothingToApprove,
                                    non_retryable=True)
-        allowed = self.roster.get(step, self.roster.get("*", []))
+        allowed = self.roster.get(self.pending_step, self.roster.get("*", []))  # the step asked now
         if req.approver not in allowed:
             raise ApplicationError(f"{req.approver!r} is not on the roster for {step!r} at this severity; "
                                    f"ask one of: {', '.join(allowed) or 'nobody (check playbook.yaml approvers)'}",
@@ -59,7 +58,7 @@ class ApprovalGate:
         self.on_change()
         try:
             await workflow.wait_condition(lambda: step in self.decisions, timeout=timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ApplicationError(
                 f"no approval for {step!r} within {timeout}; {unchanged}.",
                 type=ErrorKind.ApprovalTimeout, non_retryable=True) from None

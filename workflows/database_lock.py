@@ -9,7 +9,8 @@ timed out) and signals `release` on its own way out. The Web UI shows the
 holder in the lock's current details.
 """
 
-from typing import Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError

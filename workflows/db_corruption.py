@@ -23,6 +23,7 @@ from models.db_corruption import (
     CorruptionRecoveryResult,
     DatabaseCorruptionInput,
 )
+from models.errors import ErrorKind
 from models.failover import RejoinRequest
 from models.platform import StartAppRequest, StopAppRequest
 from models.postgres import (
@@ -172,11 +173,11 @@ class DatabaseCorruptionRecovery(Runbook):
         except ActivityError as err:
             cause = err.cause
             kind = cause.type if isinstance(cause, ApplicationError) else None
-            if kind == "NoStandby":
+            if kind == ErrorKind.NoStandby:
                 return "none configured"
-            if kind == "StandbyPromoted":
-                return f"promoted by someone during the recovery, not touched: {cause.message}"
-            return f"diverged: needs rebuild ({cause.message if cause else err})"
+            if kind == ErrorKind.StandbyPromoted:
+                return f"promoted by someone during the recovery, not touched: {cause}"
+            return f"diverged: needs rebuild ({cause if cause else err})"
         moved = f", its old directory kept at {rejoined.moved_aside}" if rejoined.moved_aside else ""
         return f"streaming from the new primary ({rejoined.method}{moved})"
 

@@ -56,7 +56,7 @@ from models.incident import (
     SeverityChange,
     TimelineEvent,
 )
-from models.notify import Notification
+from models.notify import Notification, StatusPageStatus
 from models.runbooks import runbook
 from models.steps import StepRecord
 from workflows import _options as opt
@@ -70,7 +70,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.report import ReportActivities
 
 # What the status page says while the incident is in each state.
-STATUS_PAGE = {"investigating": "investigating", "recovering": "identified", "awaiting approval": "identified",
+STATUS_PAGE: dict[IncidentState, StatusPageStatus] = {"investigating": "investigating", "recovering": "identified", "awaiting approval": "identified",
                "recovered": "monitoring", "runbook failed": "identified", "resolved": "resolved",
                "closed": "resolved"}
 NEXT_STEPS = {
@@ -97,7 +97,7 @@ class Incident:
     def __init__(self, inp: IncidentInput) -> None:
         self.inp = inp
         self.plan: IncidentPlan | None = None
-        self.status: IncidentState = "investigating"
+        self.state: IncidentState = "investigating"
         self.timeline: list[TimelineEvent] = []
         self.level = 0
         self.level_since: datetime | None = None
@@ -123,6 +123,18 @@ class Incident:
         if inp.carried is not None:
             self._restore(inp.carried)
 
+    @property
+    def _plan(self) -> IncidentPlan:
+        """The playbook's plan, set by the opening activity (or carried): everything but the validators
+        runs after it; they use `_ready()`."""
+        assert self.plan is not None, "the incident is not classified yet"
+        return self.plan
+
+    @property
+    def _opened_at(self) -> datetime:
+        assert self.opened_at is not None, "the incident has not opened yet"
+        return self.opened_at
+
     @workflow.run
     async def run(self, inp: IncidentInput) -> IncidentResult:
         if workflow.info().workflow_id != inp.incident_id:
@@ -139,10 +151,10 @@ class Incident:
                 PlaybookActivities.plan_incident,
                 PlanRequest(labels=inp.labels, severity=inp.severity, procedure=inp.procedure),
                 summary="classify and read the severity's policy", **QUICK)
-            self._event("severity", f"{self.plan.severity.value} {self.plan.severity_name} "
-                                    f"({self.plan.classified_by})")
+            self._event("severity", f"{self._plan.severity.value} {self._plan.severity_name} "
+                                    f"({self._plan.classified_by})")
             self._show()
-            if self.plan.workflow:
+            if self._plan.workflow:
                 self.runbook_task = asyncio.create_task(self._run_runbook())
                 # Only a crash wakes the loop: a runbook's normal end changes no schedule (and waking
                 # then would add a timer that running incidents' histories do not have).
@@ -150,21 +162,22 @@ class Incident:
                     lambda t: self._wake() if not t.cancelled() and t.exception() is not None else None)
         else:
             self._show()  # a continued run: the state came in the input, the runbook has finished
-        opened_at = self.opened_at
+        opened_at = self._opened_at
 
         await self._communicate_until_resolved()
         await workflow.wait_condition(workflow.all_handlers_finished)  # a re-classification in flight lands first
 
+        assert self.resolution is not None  # the loop above ends only when it is set
         req, resolved_at = self.resolution
-        self.status = "closed" if self.runbook_error else "resolved"
-        self._event("resolved", f"{self.status} by {req.by}: {req.reason}")
+        self.state = "closed" if self.runbook_error else "resolved"
+        self._event("resolved", f"{self.state} by {req.by}: {req.reason}")
         self._show()
-        self._notify("resolution", self.plan.notify.get("resolution", []), "resolution",
+        self._notify("resolution", self._plan.notify.get("resolution", []), "resolution",
                      by=req.by, reason=req.reason)
         await self._deliveries_done()
         self.report_uri = await workflow.execute_activity_method(
             ReportActivities.write_report,
-            ReportRequest(incident_id=inp.incident_id, title=inp.title, plan=self.plan, status=self.status,
+            ReportRequest(incident_id=inp.incident_id, title=inp.title, plan=self._plan, status=self.state,
                           opened_at=opened_at, resolved_at=resolved_at, resolved_by=req.by, resolution=req.reason,
                           services=inp.services, timeline=self.timeline, runbook_result=self.runbook_result,
                           runbook_error=self.runbook_error),
@@ -173,18 +186,19 @@ class Incident:
         self._show()
 
         # Playbook 6.2: the blameless postmortem within 48 hours. A durable timer: nothing has to stay up.
-        await workflow.sleep(self.plan.postmortem_after, summary="blameless postmortem reminder")
-        self._notify("postmortem_reminder", self.plan.notify.get("postmortem_reminder", self.plan.levels[0].channels),
+        await workflow.sleep(self._plan.postmortem_after, summary="blameless postmortem reminder")
+        self._notify("postmortem_reminder", self._plan.notify.get("postmortem_reminder", self._plan.levels[0].channels),
                      "postmortem")
         await self._deliveries_done()
-        return IncidentResult(incident_id=inp.incident_id, severity=self.plan.severity, status=self.status,
+        return IncidentResult(incident_id=inp.incident_id, severity=self._plan.severity, status=self.state,
                               opened_at=opened_at, resolved_at=resolved_at, report_uri=self.report_uri,
                               timeline=self.timeline)
 
     # --- the recovery runbook -------------------------------------------------------------
 
     async def _run_runbook(self) -> None:
-        plan, inp = self.plan, self.inp
+        plan, inp = self._plan, self.inp
+        assert plan.procedure is not None  # a plan names a workflow only with its procedure
         spec = runbook(plan.procedure)
         child_id = self.runbook_id = spec.workflow_id(inp.incident_id)
         args = {**plan.runbook_input, **inp.runbook_input, "incident_id": inp.incident_id,
@@ -223,11 +237,11 @@ class Incident:
             self.pending_approval = (p.awaiting_approval, workflow.now())
             self._event("approval", f"approval requested for {p.awaiting_approval!r}")
             self._set_status("awaiting approval")
-            self._notify("approval_needed", self.plan.levels[max(self.level, 1) - 1].channels,
+            self._notify("approval_needed", self._plan.levels[max(self.level, 1) - 1].channels,
                          f"approval-{p.awaiting_approval}-asked", approval_step=p.awaiting_approval)
         elif not p.awaiting_approval and self.pending_approval is not None:
             self.pending_approval = None
-            if self.status == "awaiting approval":
+            if self.state == "awaiting approval":
                 self._set_status("recovering")
         self.progress = p
         self.changed = True
@@ -292,19 +306,19 @@ class Incident:
         self._check_resolver(req.by, plan)
         if self.resolution is not None:
             raise ApplicationError(f"already resolved by {self.resolution[0].by}", type=ErrorKind.AlreadyResolved)
-        if self.status in ("recovering", "awaiting approval"):
-            raise ApplicationError(f"the {plan.procedure} runbook is still running (status {self.status!r}); "
+        if self.state in ("recovering", "awaiting approval"):
+            raise ApplicationError(f"the {plan.procedure} runbook is still running (status {self.state!r}); "
                                    "resolve when it has finished, or cancel it first", type=ErrorKind.RunbookRunning)
 
     @workflow.update
     async def set_severity(self, change: SeverityChange) -> IncidentPlan:
         async with self.lock:  # the validator saw the state before any change queued ahead of this one
             self._check_severity_change(change)
-            old = self.plan.severity
+            old = self._plan.severity
             self.plan = await workflow.execute_activity_method(
                 PlaybookActivities.plan_incident,
                 PlanRequest(labels=self.inp.labels, severity=change.severity,
-                            procedure=self.plan.procedure or "none"),
+                            procedure=self._plan.procedure or "none"),
                 summary=f"re-classify as {change.severity.value}", **QUICK)
             self._event("severity", f"{old.value} -> {change.severity.value} by {change.by}: {change.reason}")
             self._show()
@@ -317,7 +331,7 @@ class Incident:
         self._check_severity_change(change)
 
     def _check_severity_change(self, change: SeverityChange) -> None:
-        plan = self.plan
+        plan = self._plan
         if change.severity == plan.severity:
             raise ApplicationError(f"the incident is already {plan.severity.value}", type=ErrorKind.NothingToChange)
         if self.resolution is not None:
@@ -327,7 +341,7 @@ class Incident:
     def status(self) -> IncidentStatus:
         return IncidentStatus(
             incident_id=self.inp.incident_id, title=self.inp.title,
-            severity=self.plan.severity if self.plan else self.inp.severity, status=self.status,
+            severity=self.plan.severity if self.plan else self.inp.severity, status=self.state,
             level=self.level, acknowledged_level=self.acked_level,
             procedure=self.plan.procedure if self.plan else self.inp.procedure,
             current_step=self.progress.current_step if self.progress else None,
@@ -364,7 +378,7 @@ class Incident:
             self.changed = False
             try:
                 await workflow.wait_condition(lambda: self.changed or self.resolution is not None, timeout=wake)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     def _wake(self) -> None:
@@ -374,8 +388,8 @@ class Incident:
         """The runbook task handles the child's failures itself; anything else it raised (a bug) fails
         the workflow task here, visibly and retried on the next worker, instead of vanishing with the task."""
         task = self.runbook_task
-        if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
-            raise task.exception()
+        if task is not None and task.done() and not task.cancelled() and (bug := task.exception()) is not None:
+            raise bug
 
     # --- continue-as-new --------------------------------------------------------------------
 
@@ -398,7 +412,7 @@ class Incident:
             return
         fired = cadence.carried_keys(self.fired, self._schedule(workflow.now()))
         carry = IncidentCarry(
-            plan=self.plan, opened_at=self.opened_at, status=self.status, timeline=self.timeline, level=self.level,
+            plan=self._plan, opened_at=self._opened_at, status=self.state, timeline=self.timeline, level=self.level,
             level_since=self.level_since, acked_level=self.acked_level,
             fired=fired, alerts=self.alerts, progress=self.progress,
             steps_recorded=self.steps_recorded, pending_approval=self.pending_approval, runbook_id=self.runbook_id,
@@ -410,7 +424,7 @@ class Incident:
                                  search_attributes=workflow.info().typed_search_attributes)
 
     def _restore(self, c: IncidentCarry) -> None:
-        self.plan, self.opened_at, self.status, self.timeline = c.plan, c.opened_at, c.status, list(c.timeline)
+        self.plan, self.opened_at, self.state, self.timeline = c.plan, c.opened_at, c.status, list(c.timeline)
         self.level, self.level_since, self.acked_level = c.level, c.level_since, c.acked_level
         self.fired, self.alerts, self.progress = set(c.fired), dict(c.alerts), c.progress
         self.steps_recorded, self.pending_approval, self.runbook_id = c.steps_recorded, c.pending_approval, c.runbook_id
@@ -419,9 +433,9 @@ class Incident:
 
     def _schedule(self, now: datetime) -> list[cadence.Tick]:
         """Each series' due or next occurrence (workflows/cadence.py); keys make every tick fire once."""
-        return cadence.schedule(self.plan, cadence.Paging(
-            opened_at=self.opened_at, level=self.level, level_since=self.level_since, acked_level=self.acked_level,
-            recovered=self.status == "recovered", pending_approval=self.pending_approval), now)
+        return cadence.schedule(self._plan, cadence.Paging(
+            opened_at=self._opened_at, level=self.level, level_since=self.level_since, acked_level=self.acked_level,
+            recovered=self.state == "recovered", pending_approval=self.pending_approval), now)
 
     def _fire(self, tick: cadence.Tick) -> None:
         if tick.action == "opening":
@@ -431,13 +445,13 @@ class Incident:
         elif tick.action == "repage":
             self._page(tick.key)
         elif tick.action == "notify":
-            self._notify(tick.kind, self.plan.notify.get(tick.kind, []), tick.key)
+            self._notify(tick.kind, self._plan.notify.get(tick.kind, []), tick.key)
         else:  # an approval nobody decided: the next level is paged for it
             self._escalate(tick.level, tick.why, tick.key, kind="approval_needed", approval_step=tick.step)
 
     def _opening(self) -> None:
         """Declare the incident: the first status update, customer and executive notices where the playbook asks."""
-        plan = self.plan
+        plan = self._plan
         self._notify("status_update", plan.notify.get("status_update", []), "status_update-0")
         if plan.customer_notice_within is not None:
             self._notify("customer_notice", plan.notify.get("customer_notice", []), "customer_notice")
@@ -447,11 +461,11 @@ class Incident:
     def _escalate(self, level: int, why: str, tick: str, kind: str = "page", **extra: str) -> None:
         if level > self.level:
             self.level, self.level_since = level, workflow.now()
-            self._event("escalation", f"level {level} {self.plan.levels[level - 1].name}: {why}")
+            self._event("escalation", f"level {level} {self._plan.levels[level - 1].name}: {why}")
         self._page(tick, kind=kind, **extra)
 
     def _page(self, tick: str, kind: str = "page", **extra: str) -> None:
-        lv = self.plan.levels[self.level - 1]
+        lv = self._plan.levels[self.level - 1]
         self._event("page", f"paging level {lv.level} ({lv.name}) via {', '.join(lv.channels)}")
         self._notify(kind, lv.channels, tick, **extra)
 
@@ -461,7 +475,7 @@ class Incident:
         context = self._context(**extra)
         for channel in channels:
             n = Notification(key=f"{self.inp.incident_id}/{tick}/{channel}", incident_id=self.inp.incident_id,
-                             kind=kind, channel=channel, context=context, status_page_status=STATUS_PAGE[self.status])
+                             kind=kind, channel=channel, context=context, status_page_status=STATUS_PAGE[self.state])
             self.deliveries.append(asyncio.create_task(self._deliver(n)))
 
     async def _deliver(self, n: Notification) -> None:
@@ -481,23 +495,23 @@ class Incident:
     def _raise_delivery_bugs(self) -> None:
         """A delivery handles a failed send itself; anything else it raised is a bug, not to be lost."""
         for task in self.deliveries:
-            if not task.cancelled() and task.exception() is not None:
-                raise task.exception()
+            if not task.cancelled() and (bug := task.exception()) is not None:
+                raise bug
         self.deliveries = []
 
     def _context(self, **extra: str) -> dict[str, str]:
-        plan, now = self.plan, workflow.now()
+        plan, now = self._plan, workflow.now()
         every = plan.status_update_every
-        level = self.plan.levels[max(self.level, 1) - 1]
+        level = self._plan.levels[max(self.level, 1) - 1]
         return {
             "incident_id": self.inp.incident_id, "title": self.inp.title, "severity": plan.severity.value,
-            "severity_name": plan.severity_name, "impact": plan.impact, "status": self.status,
-            "next_steps": NEXT_STEPS[self.status], "timestamp": now.strftime("%Y-%m-%d %H:%M:%S UTC"),
-            "started_at": self.opened_at.strftime("%Y-%m-%d %H:%M:%S UTC"),
+            "severity_name": plan.severity_name, "impact": plan.impact, "status": self.state,
+            "next_steps": NEXT_STEPS[self.state], "timestamp": now.strftime("%Y-%m-%d %H:%M:%S UTC"),
+            "started_at": self._opened_at.strftime("%Y-%m-%d %H:%M:%S UTC"),
             "next_update": (now + every).strftime("%H:%M:%S UTC") if every else "as needed",
             "procedure": plan.procedure or "none",
             "current_step": (self.progress.current_step if self.progress else None) or "-",
-            "level": str(level.level), "level_name": level.name, "duration": human(now - self.opened_at),
+            "level": str(level.level), "level_name": level.name, "duration": human(now - self._opened_at),
             "services": ", ".join(self.inp.services) or self.inp.labels.get("service", "our services"),
             "report_uri": self.report_uri or "(written when resolved)", "alerts": self._alert_summary(), **extra,
         }
@@ -515,20 +529,20 @@ class Incident:
             self._show()
 
     def _set_status(self, status: IncidentState) -> None:
-        self.status = status
+        self.state = status
         self._show()
 
     def _show(self) -> None:
         """Search attributes and current details: what the Web UI lists and shows."""
-        plan = self.plan
-        labels = (plan.severity.value, plan.procedure or "none", self.status)
+        plan = self._plan
+        labels = (plan.severity.value, plan.procedure or "none", self.state)
         if labels != self.labels:  # an upsert is a history event: only on change
             self.labels = labels
             workflow.upsert_search_attributes([
                 INCIDENT_ID.value_set(self.inp.incident_id), SEVERITY.value_set(labels[0]),
                 PROCEDURE.value_set(labels[1]), STATUS.value_set(labels[2])])
         step = self.progress.current_step if self.progress else None
-        lines = [f"**{plan.severity.value} {self.status}** - {self.inp.title}",
+        lines = [f"**{plan.severity.value} {self.state}** - {self.inp.title}",
                  f"Escalation level {self.level} (acknowledged up to {self.acked_level})",
                  f"Runbook: {plan.procedure or 'none'}" + (f", step: {step}" if step else "")]
         if self.pending_approval:
