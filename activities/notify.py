@@ -42,6 +42,12 @@ class NotifyActivities:
 
     @activity.defn
     def send_notification(self, n: Notification) -> Delivery:
+        """One message on one channel (Slack, email, SNS, Statuspage), rendered from the playbook's template.
+
+        Idempotent by `n.key` (incident/tick/channel): a key already in the Redis delivery ledger is not sent
+        again (`already_sent`). Non-retryable: NoRedis, UnknownChannel, ChannelNotConfigured, ChannelRejected;
+        network errors are retried.
+        """
         if self.redis is None:
             raise refused(ErrorKind.NoRedis, "notifications need redis_url: the delivery ledger that prevents double posts "
                                   "lives there")

@@ -21,10 +21,17 @@ class PlatformActivities:
 
     @activity.defn
     def stop_application(self, req: StopAppRequest) -> AppStopped:
+        """Stop serving (local process stopped, or Deployment scaled to 0 with its replica count kept in an
+        annotation) and wait until it is gone; returns the replica count from before the incident, also on a
+        retry. Heartbeats while waiting. Non-retryable: KubernetesNotFound, KubernetesForbidden.
+        """
         return AppStopped(replicas_before=self.platform.stop(req.incident_id, activity.heartbeat))
 
     @activity.defn
     def start_application(self, req: StartAppRequest) -> None:
+        """Run `req.replicas` instances and wait until they are ready (heartbeats while waiting); idempotent.
+        KubernetesTimeout (retryable) when they are not ready in time.
+        """
         self.platform.start(req.replicas, activity.heartbeat)
 
     @activity.defn
@@ -44,6 +51,7 @@ class PlatformActivities:
 
     @activity.defn
     def repoint_application(self, req: RepointRequest) -> None:
+        """Point the application at another PostgreSQL host and port; takes effect at its next start. Idempotent."""
         self.platform.repoint(req.host, req.port)
 
     @activity.defn

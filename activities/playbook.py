@@ -19,6 +19,9 @@ class PlaybookActivities:
 
     @activity.defn
     def objectives_for(self, procedure: str) -> Objectives:
+        """The RTO and RPO targets (durations) the procedure is measured against. UnknownProcedure
+        (non-retryable) when the playbook does not list it.
+        """
         try:
             return self.playbook.objectives_for(procedure)
         except KeyError as err:

@@ -30,6 +30,9 @@ class RdsActivities:
 
     @activity.defn
     def database_target(self) -> str:
+        """"rds" when this worker has RDS settings (the failover promotes an RDS read replica), else
+        "self-managed" (the settings' streaming standby).
+        """
         return "rds" if self.config else "self-managed"
 
     @activity.defn
@@ -55,6 +58,9 @@ class RdsActivities:
 
     @activity.defn
     def promote_rds(self) -> Promoted:
+        """Promote the RDS read replica and wait until it is available; a second call finds it promoted
+        (`already_primary`). UnknownReplica (non-retryable) when the instance does not exist.
+        """
         promoted = promote_read_replica(self.rds, self.settings.replica_id)
         return Promoted(timeline=0, promoted_at_lsn="n/a (RDS)", lost_bytes=None,
                         already_primary=promoted.already_promoted)

@@ -223,6 +223,9 @@ class RegionActivities:
 
     @activity.defn
     def scale_region(self, req: RegionRequest) -> None:
+        """Scale the region's Deployment to its configured replicas and wait until they are ready
+        (heartbeats); idempotent. Runs on that region's task queue.
+        """
         self.clusters[req.region].start(self.settings.regions[req.region].replicas, activity.heartbeat)
 
     @activity.defn

@@ -25,6 +25,9 @@ class ReportActivities:
 
     @activity.defn
     def write_report(self, req: ReportRequest) -> str:
+        """Render the post-incident report (Markdown) and put it in S3 under `<destination>/<incident>.md`;
+        a retry overwrites it with the same content. Returns its s3:// URI.
+        """
         markdown = render_report(self.playbook.communication.templates["report"], req)
         key = f"{self.prefix}/{req.incident_id}.md".lstrip("/")
         self.s3.put_object(Bucket=self.bucket, Key=key, Body=markdown.encode(),

@@ -142,3 +142,18 @@ def test_activities_hold_only_activity_classes():
         assert classes and all(c.__name__.endswith("Activities") for c in classes), path.name
         public_functions = [f.__name__ for f in own if inspect.isfunction(f) and not f.__name__.startswith("_")]
         assert not public_functions, f"{path.name}: move {public_functions} to adapters/"
+
+
+def test_every_activity_and_workflow_handler_says_what_it_does():
+    """Activities, workflow runs, signals, queries and updates carry a docstring (what, units, errors)."""
+    import ast
+
+    handlers = ("activity.defn", "workflow.run", "workflow.update", "workflow.signal", "workflow.query")
+    missing = []
+    for path in sorted([*(ROOT / "activities").glob("*.py"), *(ROOT / "workflows").glob("*.py")]):
+        for cls in [n for n in ast.parse(path.read_text()).body if isinstance(n, ast.ClassDef)]:
+            for fn in cls.body:
+                if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef) and any(
+                        ast.unparse(d).startswith(handlers) for d in fn.decorator_list) and not ast.get_docstring(fn):
+                    missing.append(f"{path.relative_to(ROOT)}: {cls.name}.{fn.name}")
+    assert not missing, "\n".join(missing)

@@ -40,6 +40,9 @@ class Runbook:
 
     @workflow.update
     def approve(self, req: ApprovalRequest) -> ApprovalRecord:
+        """Decide the pending gate: approve or reject, by a person on the gate's roster, with a reason.
+        Refused by the validator (nothing changes): NothingToApprove, AlreadyDecided, NotOnRoster.
+        """
         return self.gate.record(req)
 
     @approve.validator
@@ -48,6 +51,7 @@ class Runbook:
 
     @workflow.query
     def progress(self) -> Progress:
+        """The steps completed (with start and end times), the current step, and the gate awaiting approval."""
         return Progress(current_step=self.steps.current, completed=self.steps.completed,
                         awaiting_approval=self.gate.pending_step, total_steps=self.steps.total)
 

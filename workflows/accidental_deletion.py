@@ -50,6 +50,12 @@ class AccidentalDeletionRecovery(Runbook):
 
     @workflow.run
     async def run(self, inp: AccidentalDeletionInput) -> DeletionRecoveryResult:
+        """Recover deleted rows into production (see the module docstring for the steps).
+
+        Fails, having changed nothing past the last completed step, with ApprovalTimeout/ApprovalRejected at a
+        gate, NoDeletionsFound/NoAuditLog/UnknownTable and other input errors, or DatabaseBusy when another
+        runbook holds the database lock.
+        """
         await self.prepare(inp.incident_id, PROCEDURE, inp.severity)
         started = inp.incident_started_at or workflow.info().start_time
         hb = inp.heartbeat_timeout

@@ -38,12 +38,16 @@ class DatabaseLock:
 
     @workflow.run
     async def run(self, holder: LockHolder) -> None:
+        """Hold the lock for `holder` until it signals `release` or closes (the lock is its child with
+        parent-close TERMINATE).
+        """
         workflow.set_current_details(f"**Held by** {holder.procedure} `{holder.workflow_id}` "
                                      f"(incident {holder.incident_id}) while it changes {holder.cluster}")
         await workflow.wait_condition(lambda: self.released)
 
     @workflow.signal
     def release(self) -> None:
+        """The holder is done: the lock workflow completes and the next runbook may take it."""
         self.released = True
 
 

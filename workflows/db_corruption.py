@@ -55,6 +55,11 @@ class DatabaseCorruptionRecovery(Runbook):
 
     @workflow.run
     async def run(self, inp: DatabaseCorruptionInput) -> CorruptionRecoveryResult:
+        """Recover a corrupted database from a base backup and the WAL archive (module docstring: the
+        steps). Returns the measured RTO/RPO against the playbook's targets; `no_corruption_found` changes
+        nothing. A failure after a change says what state it left (`| State left: ...`); DatabaseBusy when
+        another runbook holds the database lock; ApprovalTimeout/ApprovalRejected change nothing.
+        """
         await self.prepare(inp.incident_id, PROCEDURE, inp.severity)
         objectives = await workflow.execute_activity_method(
             PlaybookActivities.objectives_for, PROCEDURE, **opt.quick())

@@ -41,6 +41,9 @@ class DatabaseFailback(Runbook):
 
     @workflow.run
     async def run(self, inp: DatabaseFailbackInput) -> DatabaseFailbackResult:
+        """Return to the original primary after DatabaseFailover (module docstring: the steps); holds the
+        database lock. ApprovalTimeout/ApprovalRejected before the fence change nothing.
+        """
         await self.prepare(inp.incident_id, FAILBACK, inp.severity)
         return await database_lock.holding(FAILBACK, inp.incident_id, lambda: self._failback(inp))
 

@@ -51,6 +51,10 @@ class DatabaseFailover(Runbook):
 
     @workflow.run
     async def run(self, inp: DatabaseFailoverInput) -> DatabaseFailoverResult:
+        """Promote the standby (self-managed) or the RDS read replica (module docstring: the steps); holds the
+        database lock. StandbyLagging/StandbyDiverged refuse before anything changes; the approval comes
+        before the old primary is fenced.
+        """
         await self.prepare(inp.incident_id, PROCEDURE, inp.severity)
         objectives = await workflow.execute_activity_method(
             PlaybookActivities.objectives_for, PROCEDURE, **opt.quick())

@@ -137,6 +137,10 @@ class Incident:
 
     @workflow.run
     async def run(self, inp: IncidentInput) -> IncidentResult:
+        """Run the incident until a person resolves it: classify, start the runbook child, keep people
+        informed on the severity's cadence, write the report, remind of the postmortem (durations from the
+        playbook). WorkflowIdMismatch when not started with the incident ID as workflow ID.
+        """
         if workflow.info().workflow_id != inp.incident_id:
             raise ApplicationError(f"start the incident with workflow ID {inp.incident_id!r} (the incident ID): "
                                    "acknowledgements, reports and alerts find it by that ID",
@@ -224,6 +228,7 @@ class Incident:
 
     @workflow.signal
     def runbook_progress(self, p: RunbookProgress) -> None:
+        """The runbook child's steps, decisions and pending approval; out-of-order signals are ignored by `seq`."""
         old = self.progress
         if old is not None and p.seq <= old.seq:
             return  # signals may arrive out of order after a retry; the newest wins
@@ -256,6 +261,7 @@ class Incident:
 
     @workflow.signal
     def alert(self, notice: AlertNotice) -> None:
+        """Alertmanager's notification for this incident's alert group: firing/resolved alerts into the timeline."""
         for a in notice.alerts:
             if self.alerts.get(a.fingerprint) == a.status:
                 continue  # a repeat notification of what we know
@@ -279,6 +285,9 @@ class Incident:
 
     @workflow.update
     def acknowledge(self, req: AckRequest) -> AckRecord:
+        """Acknowledge the current escalation level: its re-paging stops (escalation goes on). Refused:
+        NotOnRoster, AlreadyResolved, AlreadyAcknowledged, NotReady.
+        """
         self.acked_level = self.level
         self._event("ack", f"level {self.level} acknowledged by {req.by}" + (f": {req.note}" if req.note else ""))
         self.changed = True
@@ -297,6 +306,9 @@ class Incident:
 
     @workflow.update
     def resolve(self, req: ResolveRequest) -> str:
+        """Resolve (the runbook succeeded or none ran) or close (it failed) the incident; returns which.
+        Refused: NotOnRoster, AlreadyResolved, RunbookRunning, NotReady.
+        """
         self.resolution = (req, workflow.now())
         return "closed" if self.runbook_error else "resolved"
 
@@ -312,6 +324,9 @@ class Incident:
 
     @workflow.update
     async def set_severity(self, change: SeverityChange) -> IncidentPlan:
+        """Re-classify the incident (a new plan from the playbook: cadence, roster, escalation). Serialised
+        with a lock. Refused: NotOnRoster, NothingToChange, AlreadyResolved, NotReady.
+        """
         async with self.lock:  # the validator saw the state before any change queued ahead of this one
             self._check_severity_change(change)
             old = self._plan.severity
@@ -339,6 +354,7 @@ class Incident:
 
     @workflow.query
     def status(self) -> IncidentStatus:
+        """The incident as it stands: severity, status, escalation level, current step, timeline."""
         return IncidentStatus(
             incident_id=self.inp.incident_id, title=self.inp.title,
             severity=self.plan.severity if self.plan else self.inp.severity, status=self.state,

@@ -38,6 +38,9 @@ class RegionFailback(Runbook):
 
     @workflow.run
     async def run(self, inp: RegionFailbackInput) -> RegionFailbackResult:
+        """Bring traffic home after RegionFailover (module docstring: the steps). FailbackNotSupported after a
+        self-managed failover; a failure after a change says what was done (FailoverHalted).
+        """
         await self.prepare(inp.incident_id, FAILBACK, inp.severity)
         hb = inp.heartbeat_timeout
         plan = await self.steps.run("plan", workflow.execute_activity_method(

@@ -55,6 +55,9 @@ class RegionFailover(Runbook):
 
     @workflow.run
     async def run(self, inp: RegionFailoverInput) -> RegionFailoverResult:
+        """Fail over to the backup region (module docstring: the steps). PrimaryHealthy/ReplicaLagging refuse
+        before anything changes; a failure after a change says what was done (FailoverHalted).
+        """
         await self.prepare(inp.incident_id, PROCEDURE, inp.severity)
         started = inp.incident_started_at or workflow.info().start_time
         hb = inp.heartbeat_timeout
