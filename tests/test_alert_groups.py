@@ -56,7 +56,7 @@ async def timeline(client, incident_id: str) -> list[str]:
     return [f"{e.kind}: {e.text}" for e in status.timeline]
 
 
-async def test_a_group_whose_alerts_began_on_two_dates_is_one_incident(client, receiver):  # noqa: F811 - the fixture imported above
+async def test_a_group_whose_alerts_began_on_two_dates_is_one_incident(client, receiver):
     queue = f"test-{uuid.uuid4().hex[:10]}"  # no worker: what matters is which incident each notice reaches
     url = await receiver(queue)
     group = f'{{}}:{{alertname="GroupEdge{uuid.uuid4().hex[:6]}"}}'
@@ -76,7 +76,7 @@ async def test_a_group_whose_alerts_began_on_two_dates_is_one_incident(client, r
 
 
 async def test_a_resolved_group_that_fires_again_opens_a_new_linked_incident(
-        stack, client, notify_world, receiver, tmp_path):  # noqa: F811 - the fixture imported above
+        stack, client, notify_world, receiver, tmp_path):
     playbook = lasting_playbook(tmp_path)
     group = f'{{}}:{{alertname="GroupEdge{uuid.uuid4().hex[:6]}"}}'
     first, second, third = (incident_id_for(group, n) for n in (1, 2, 3))
@@ -138,7 +138,7 @@ async def _has(client, incident_id: str, text: str) -> bool:
 
 
 async def test_a_storm_of_thousands_of_alerts_is_accepted_and_the_rest_counted(
-        stack, client, notify_world, receiver, tmp_path):  # noqa: F811 - the fixture imported above
+        stack, client, notify_world, receiver, tmp_path):
     playbook = short_playbook(tmp_path)
     group = f'{{}}:{{alertname="Storm{uuid.uuid4().hex[:6]}"}}'
     began = datetime.now(UTC) - timedelta(seconds=5)

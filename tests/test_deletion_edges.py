@@ -128,7 +128,7 @@ async def test_deletion_in_a_long_transaction_of_a_table_with_quoted_names_comes
     assert any(len(s) > 0 for s in result.extracted.sample.values())
 
 
-async def test_a_table_typed_without_quotes_is_found_and_a_wrong_one_changes_nothing(stack, client, analyst):  # noqa: F811 - the fixture imported above
+async def test_a_table_typed_without_quotes_is_found_and_a_wrong_one_changes_nothing(stack, client, analyst):
     with pg(stack) as conn:
         conn.execute('CREATE TABLE IF NOT EXISTS public."Orders" (id int PRIMARY KEY)')
     typed = await asyncio.to_thread(drp, "--state-dir", str(stack.state_dir), "audit", "install",
@@ -154,7 +154,7 @@ async def test_a_table_typed_without_quotes_is_found_and_a_wrong_one_changes_not
     assert can_delete(stack)  # nothing was contained
 
 
-async def test_a_deleted_from_table_dropped_since_fails_at_once_naming_it(stack, client, analyst):  # noqa: F811 - the fixture imported above
+async def test_a_deleted_from_table_dropped_since_fails_at_once_naming_it(stack, client, analyst):
     with pg(stack) as conn:
         conn.execute('CREATE TABLE "Gone Table" (id int PRIMARY KEY)')
         conn.execute('INSERT INTO "Gone Table" VALUES (1), (2)')
