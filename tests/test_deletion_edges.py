@@ -19,7 +19,7 @@ from tests.conftest import running_worker, wait_for_approval_gate
 from tests.test_accidental_deletion import ROLE, analyst, can_delete  # noqa: F401 (fixture)
 from tests.test_input_edges import TEMPORAL
 from tests.test_stack import drp
-from workflows._steps import Progress
+from workflows._runbook import Runbook
 
 SCHEMA, TABLE = 'Sales "EU" Ü', "Orders Ü"
 PRINTED = '"Sales ""EU"" Ü"."Orders Ü"'  # as PostgreSQL prints it (format('%I.%I'))
@@ -52,9 +52,9 @@ async def run_to_the_end(client, stack, queue: str, inc: str, *start_args: str, 
             "-o", "json"], capture_output=True, text=True, timeout=30)
         assert refused.returncode != 0 and "not on the roster" in refused.stdout + refused.stderr
         with pytest.raises(WorkflowUpdateFailedError) as failed:
-            await handle.execute_update("approve", ApprovalRequest(approver="mallory", reason="x"))
+            await handle.execute_update(Runbook.approve, ApprovalRequest(approver="mallory", reason="x"))
         assert failed.value.cause.type == "NotOnRoster" and failed.value.cause.non_retryable
-        assert (await handle.query("progress", result_type=Progress)).awaiting_approval == "re-insert"
+        assert (await handle.query(Runbook.progress)).awaiting_approval == "re-insert"
     approved = await asyncio.to_thread(cli, stack, queue, "approve", inc, "--by", "bob", "--reason", "checked")
     assert approved.returncode == 0, approved.stderr
     return handle, await asyncio.wait_for(handle.result(), timeout=240)

@@ -31,6 +31,7 @@ from tests.notify_world import incident_settings, short_playbook
 from tests.test_crash_survival import spawn_worker, wait_for_poller
 from tests.test_stack import drp
 from workers.clients import build_s3
+from workflows._runbook import Runbook
 from workflows.incident import Incident
 
 
@@ -86,7 +87,7 @@ async def test_alert_labels_open_a_p0_that_recovers_escalates_and_reports(stack,
 
         # Refusals: not on the P0 roster, an empty reason, a responder not in the playbook.
         assert "not on the roster" in await refused(
-            runbook.execute_update, "approve", ApprovalRequest(approver="carol", reason="on call"))
+            runbook.execute_update, Runbook.approve, ApprovalRequest(approver="carol", reason="on call"))
         assert "reason must not be empty" in await refused(
             runbook.execute_update, "approve", {"approver": "alice", "reason": " "})
         assert "not in the playbook's people" in await refused(
@@ -98,9 +99,9 @@ async def test_alert_labels_open_a_p0_that_recovers_escalates_and_reports(stack,
         assert ack.level == 2
         assert "already acknowledged" in await refused(handle.execute_update, Incident.acknowledge,
                                                        AckRequest(by="bob"))
-        await runbook.execute_update("approve", ApprovalRequest(approver="bob", reason="restore from backup"))
+        await runbook.execute_update(Runbook.approve, ApprovalRequest(approver="bob", reason="restore from backup"))
         assert "already approved by bob" in await refused(
-            runbook.execute_update, "approve", ApprovalRequest(approver="alice", reason="me too"))
+            runbook.execute_update, Runbook.approve, ApprovalRequest(approver="alice", reason="me too"))
 
         await status_when(handle, lambda s: s.status == "recovered", timeout=120)
         assert "not on the P0 roster" in await refused(

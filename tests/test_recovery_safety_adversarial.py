@@ -30,7 +30,7 @@ from tests.conftest import (
     running_worker,
 )
 from workers.settings import Settings
-from workflows._steps import Progress
+from workflows._runbook import Runbook
 
 
 def incident() -> str:
@@ -211,7 +211,7 @@ async def test_the_standby_rebuild_never_rewinds_a_standby_that_took_writes(stac
                                                                            database=DATABASE), queue)
         await approve_when_asked(handle)
         async with asyncio.timeout(300):
-            while (await handle.query("progress", result_type=Progress)).current_step not in (
+            while (await handle.query(Runbook.progress)).current_step not in (
                     "restore base backup", "replay WAL", "verify restore"):
                 await asyncio.sleep(0.1)
         with standby.connect("template1") as conn:  # production is down: someone promotes the standby
@@ -278,7 +278,7 @@ async def test_drp_unseal_is_refused_while_a_recovery_holds_the_database(stack, 
         handle = await start_db_corruption(client, DatabaseCorruptionInput(incident_id=inc, database=DATABASE), queue)
         await approve_when_asked(handle)
         async with asyncio.timeout(300):
-            while (await handle.query("progress", result_type=Progress)).current_step not in (
+            while (await handle.query(Runbook.progress)).current_step not in (
                     "restore base backup", "replay WAL", "verify restore"):
                 await asyncio.sleep(0.1)
         refused = drp(stack, "unseal")
