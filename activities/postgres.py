@@ -8,6 +8,7 @@ import time
 from datetime import UTC, datetime
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -77,11 +78,13 @@ class PostgresActivities:
             findings.append(f"pg_dump --schema-only failed: {first_error(schema.stderr)}")
         if amcheck:
             _heartbeat("pg_amcheck")
-            check = server.tool("pg_amcheck", *server.client_args(database), "--heapallindexed",
-                                check=False, timeout=3600)
+            # The database as a positional connection string: pg_amcheck's -d takes a pattern, which
+            # folds case and reads *, ? and . as wildcards and separators.
+            check = server.tool("pg_amcheck", *server.connection_args(), make_conninfo(dbname=database),
+                                "--heapallindexed", check=False, timeout=3600)
             for header, detail in amcheck_reports(check.stdout + check.stderr):
                 findings.append(f"{header} {detail}".strip())
-                table = table_of(header.split('"')[1] if '"' in header else "", tables)
+                table = table_of(header, database, rows)
                 if table:
                     corrupted.add(table)
             if check.returncode not in (0, 2):

@@ -71,8 +71,13 @@ class PgServer:
             raise PgToolError(name, proc.returncode, proc.stderr or proc.stdout)
         return proc
 
+    def connection_args(self) -> list[str]:
+        """-h, -p and -U for a client binary (the password travels in its environment)."""
+        return ["-h", self.host, "-p", str(self.port), "-U", self.superuser]
+
     def client_args(self, dbname: str) -> list[str]:
-        return ["-h", self.host, "-p", str(self.port), "-U", self.superuser, "-d", dbname]
+        """connection_args() and `-d` as a connection string: any database name, taken literally."""
+        return [*self.connection_args(), "-d", make_conninfo(dbname=dbname)]
 
     # --- lifecycle -------------------------------------------------------
 

@@ -81,11 +81,15 @@ def qualified(table: str) -> str:
     return table if "." in table else f"public.{table}"
 
 
-def table_of(relation: str, tables: list[str]) -> str | None:
-    """Map a relation named by pg_amcheck (db.schema.rel) to one of the user tables."""
-    parts = relation.split(".")
-    candidate = ".".join(parts[-2:]) if len(parts) >= 2 else relation
-    return candidate if candidate in tables else None
+def table_of(header: str, database: str, rows: list[tuple]) -> str | None:
+    """The user table a pg_amcheck report header names, as `format('%I.%I')`, or None (an index).
+
+    pg_amcheck names a relation `"<database>.<schema>.<relation>"` with the names as stored, not
+    quoted (PostgreSQL's src/bin/amcheck/pg_amcheck.c), so the header is matched against each
+    table's stored names rather than split on dots: names may hold dots, quotes and spaces.
+    `rows` are USER_TABLES rows: (quoted name, unlogged, schema, relation)."""
+    named = [r for r in rows if f'"{database}.{r[2]}.{r[3]}"' in header]
+    return max(named, key=lambda r: len(r[2]) + len(r[3]))[0] if named else None
 
 
 def first_error(stderr: str) -> str:

@@ -184,6 +184,7 @@ class IncidentCarry(_Frozen):
     runbook_error: str | None = None
     labels: tuple[str, str, str] | None = None  # search attributes as last upserted
     run: int = 1  # this incident's run number, 1 for the first
+    truncated_alerts: int = 0  # alerts of the group the last notice did not list (Alertmanager's max_alerts)
 
 
 class IncidentResult(_Frozen):

@@ -68,6 +68,14 @@ class StackConfig(BaseModel):
 
 
 class Stack:
+    # The embedded Temporal server keeps its state in one SQLite file through one connection, so
+    # every persistence write waits for the one before it. SQLite's defaults (rollback journal,
+    # synchronous=FULL) fsync several times per write; write-ahead logging with synchronous=NORMAL
+    # fsyncs at checkpoints only, and a killed server process loses nothing committed (only an OS
+    # crash can lose the last writes: https://www.sqlite.org/pragma.html#pragma_synchronous).
+    # An alert storm on SQLite's defaults: see BENCHMARKS.md, "Alert receiver".
+    temporal_sqlite_pragmas: tuple[str, ...] = ("journal_mode=wal", "synchronous=normal")
+
     def __init__(self, state_dir: Path | None = None, companies: int = 500, task_queue: str = "drp-recovery",
                  synchronous_standby: bool = False):
         self.state_dir = Path(state_dir or default_state_dir()).resolve()
@@ -329,6 +337,8 @@ class Stack:
                 "--port", str(ports.temporal), "--ui-port", str(ports.temporal_ui),
                 "--db-filename", str(self.state_dir / "temporal.db"), "--ui-disable-news-fetch",
                 "--log-level", "warn"]
+        for pragma in self.temporal_sqlite_pragmas:
+            argv += ["--sqlite-pragma", pragma]
         for name in SEARCH_ATTRIBUTES:
             argv += ["--search-attribute", f"{name}=Keyword"]
         self.processes.spawn("temporal", argv, self.logs / "temporal.log")

@@ -7,11 +7,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+from psycopg import sql
 from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
+from temporalio.testing import ActivityEnvironment
 
+from activities.postgres import PostgresActivities
 from models.approval import ApprovalRequest
 from models.db_corruption import DatabaseCorruptionInput
+from models.postgres import AssessRequest
 from stack.corrupt import corrupt_table
 from stack.stack import DATABASE
 from starters.db_corruption import start_db_corruption
@@ -146,3 +150,35 @@ async def test_malformed_input_from_the_web_ui_fails_the_run_with_the_reason(sta
             await handle.result()
     assert failed.value.cause.type == "ValidationError"
     assert complaint in failed.value.cause.message
+
+
+def test_assessment_names_a_damaged_table_whose_names_need_quoting(stack):
+    """pg_amcheck's -d is a pattern and its reports name relations unquoted: a database, schema and table
+    with capitals, a space, a hyphen, a quote and non-ASCII must still be checked, and the damaged table
+    named as PostgreSQL quotes it, not skipped."""
+    server = stack.postgres()
+    database, schema, table = "Corp Intel-DB", 'Sales "Q1"', "Orders é.v2"
+    with server.connect("postgres") as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(database)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+    try:
+        with server.connect(database) as conn:
+            conn.execute("CREATE EXTENSION amcheck")
+            conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+            conn.execute(sql.SQL("CREATE TABLE {}.{} (id int PRIMARY KEY, body text)").format(
+                sql.Identifier(schema), sql.Identifier(table)))
+            conn.execute(sql.SQL("INSERT INTO {}.{} SELECT g, repeat('x', 200) FROM generate_series(1, 500) g")
+                         .format(sql.Identifier(schema), sql.Identifier(table)))
+            conn.execute("CREATE TABLE healthy (id int)")
+            quoted = conn.execute("SELECT format('%%I.%%I', %s::text, %s::text)", (schema, table)).fetchone()[0]
+        corrupt_table(server, database, quoted)
+
+        found = ActivityEnvironment().run(PostgresActivities(server).assess_database,
+                                          AssessRequest(database=database))
+
+        assert found.server_reachable and found.amcheck_available
+        assert found.corrupted_tables == [quoted]  # e.g. "Sales ""Q1"""."Orders é.v2"
+        assert any(f'"{database}.{schema}.{table}"' in f for f in found.findings), found.findings
+    finally:
+        with server.connect("postgres") as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))

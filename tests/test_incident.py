@@ -18,6 +18,8 @@ from adapters.reports import read_report
 from models.approval import ApprovalRequest
 from models.incident import (
     AckRequest,
+    AlertNotice,
+    AlertSummary,
     IncidentInput,
     IncidentStatus,
     ResolveRequest,
@@ -60,9 +62,11 @@ async def status_when(handle, check, timeout: float = 60) -> IncidentStatus:
                              f"level {status and status.level}:\n{timeline}") from None
 
 
-async def refused(call, *args) -> str:
+async def refused(call, *args, retryable: bool = False) -> str:
+    """The refusal's message; asserts the refusal says whether retrying it later could succeed."""
     with pytest.raises(WorkflowUpdateFailedError) as err:
         await call(*args)
+    assert err.value.cause.non_retryable is not retryable, f"{err.value.cause!r}: non_retryable should be {not retryable}"
     return str(err.value.cause)
 
 
@@ -92,8 +96,8 @@ async def test_alert_labels_open_a_p0_that_recovers_escalates_and_reports(stack,
             runbook.execute_update, "approve", {"approver": "alice", "reason": " "})
         assert "not in the playbook's people" in await refused(
             handle.execute_update, Incident.acknowledge, AckRequest(by="mallory"))
-        assert "still running" in await refused(
-            handle.execute_update, Incident.resolve, ResolveRequest(by="alice", reason="too early"))
+        assert "still running" in await refused(  # the runbook will finish: this one may be retried
+            handle.execute_update, Incident.resolve, ResolveRequest(by="alice", reason="too early"), retryable=True)
 
         ack = await handle.execute_update(Incident.acknowledge, AckRequest(by="carol", note="looking"))
         assert ack.level == 2
@@ -361,6 +365,12 @@ async def test_an_incident_continues_as_new_carrying_its_state_and_still_resolve
         [refusal] = [r for r in raised if isinstance(r, Exception)]
         assert isinstance(refusal, WorkflowUpdateFailedError) and "already P0" in str(refusal.cause)
         ack = await handle.execute_update(Incident.acknowledge, AckRequest(by="carol", note="watching"))
+        # A storm's notification listed one alert and left 7 out (Alertmanager's max_alerts).
+        storm = AlertNotice(group_key="{}:{alertname=\"Storm\"}", status="firing", receiver="drp", truncated=7,
+                            alerts=[AlertSummary(fingerprint="f1", status="firing", labels={"alertname": "Storm"},
+                                                 starts_at=datetime.now(UTC))])
+        await handle.signal(Incident.alert, storm)
+        await status_when(handle, lambda s: any("7 more alerts" in e.text for e in s.timeline))
 
         status = await status_when(handle, lambda s: s.run >= 2, timeout=120)
         assert (status.severity.value, status.status, status.level, status.acknowledged_level) == (
@@ -368,8 +378,11 @@ async def test_an_incident_continues_as_new_carrying_its_state_and_still_resolve
         assert "already acknowledged" in await refused(handle.execute_update, Incident.acknowledge,
                                                        AckRequest(by="bob"))
         continued = len(status.timeline)
-        # The new run keeps the cadence: more status updates go out.
+        sent_before = len(world.slack_texts())
+        await handle.signal(Incident.alert, storm)  # the same notification again, in the new run
+        # The new run keeps the cadence: more status updates go out, still counting the truncated alerts.
         await status_when(handle, lambda s: sum(e.kind == "message" for e in s.timeline[continued:]) >= 2)
+        assert any("7 more not listed" in t for t in world.slack_texts()[sent_before:])
         await handle.execute_update(Incident.resolve, ResolveRequest(by="alice", reason="false alarm"))
         result = await handle.result()  # follows the runs to the last one
         runs = [w async for w in client.list_workflows(f"WorkflowId = '{inc}'")]
@@ -380,6 +393,7 @@ async def test_an_incident_continues_as_new_carrying_its_state_and_still_resolve
     texts = [e.text for e in result.timeline]
     assert sum("P1 -> P0" in t for t in texts) == 1 and texts.count("level 1 acknowledged by carol: watching") == 1
     assert ack.level == 1 and sum(e.kind == "opened" for e in result.timeline) == 1
+    assert sum("7 more alerts of the group are not listed" in t for t in texts) == 1  # known across runs
     assert any("DatabaseCorruptionRecovery finished: no_corruption_found" in t for t in texts)
     # The ticks sent before a continue-as-new were not sent again after it (the ledger would have said so).
     assert not [t for t in texts if "not sent again" in t]

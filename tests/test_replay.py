@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 from temporalio.client import WorkflowHistory
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
 from workers.logging import LoggingInterceptor
 from workers.main import WORKFLOWS, workflow_runner
+from workers.temporal_client import data_converter
 
 HISTORIES = Path(__file__).resolve().parent / "histories"
 # Workflow IDs become file names as they are: an ID outside this alphabet is not recorded.
@@ -50,7 +50,7 @@ def load(path: Path) -> WorkflowHistory:
 
 def replayer() -> Replayer:
     """The worker's own workflows, sandbox, data converter and interceptors."""
-    return Replayer(workflows=WORKFLOWS, workflow_runner=workflow_runner(), data_converter=pydantic_data_converter,
+    return Replayer(workflows=WORKFLOWS, workflow_runner=workflow_runner(), data_converter=data_converter,
                     interceptors=[LoggingInterceptor()])
 
 

@@ -7,18 +7,26 @@ pydantic `ValidationError`. Every workflow lists `ValidationError` in
 `failure_exception_types`, so a bad input from the Web UI or `temporal workflow
 start` fails the run at once with the reason, instead of failing its workflow
 task over and over while the run shows Running with no step taken.
+
+Failures say whether a retry can help: a `ValidationError` (a workflow, update,
+signal or activity argument refused) becomes a non-retryable `ApplicationError` of
+type `ValidationError`, so `temporal workflow update` and the Web UI do not report a
+refused input as `retryable: true` — the same input can never pass.
 """
 
 from collections.abc import Sequence
 from typing import Any
 
 import temporalio.api.common.v1
+import temporalio.api.failure.v1
 from pydantic import BaseModel, ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 from temporalio.client import Client
 from temporalio.contrib.pydantic import PydanticPayloadConverter
-from temporalio.converter import DataConverter
-from temporalio.exceptions import FailureError
+from temporalio.converter import DataConverter, DefaultFailureConverter, PayloadConverter
+from temporalio.exceptions import ApplicationError, FailureError
+
+from models.errors import ErrorKind
 
 
 class StrictPydanticPayloadConverter(PydanticPayloadConverter):
@@ -47,7 +55,20 @@ def as_validation_error(err: BaseException, type_hints: list[type] | None = None
         loc=(), input="<payload>")])
 
 
-data_converter = DataConverter(payload_converter_class=StrictPydanticPayloadConverter)
+class FailureConverter(DefaultFailureConverter):
+    """Temporal's failure converter, with a pydantic `ValidationError` marked non-retryable."""
+
+    def to_failure(self, exception: BaseException, payload_converter: PayloadConverter,
+                   failure: temporalio.api.failure.v1.Failure) -> None:
+        if isinstance(exception, ValidationError):
+            refused = ApplicationError(str(exception), type=ErrorKind.ValidationError, non_retryable=True)
+            refused.__traceback__ = exception.__traceback__
+            exception = refused
+        super().to_failure(exception, payload_converter, failure)
+
+
+data_converter = DataConverter(payload_converter_class=StrictPydanticPayloadConverter,
+                               failure_converter_class=FailureConverter)
 
 
 async def connect(address: str, namespace: str = "default") -> Client:

@@ -298,11 +298,13 @@ class Incident:
         plan = self._ready()
         if req.by not in plan.responders:
             raise ApplicationError(f"{req.by!r} is not in the playbook's people ({', '.join(plan.responders)})",
-                                   type=ErrorKind.NotOnRoster)
+                                   type=ErrorKind.NotOnRoster, non_retryable=True)
         if self.resolution is not None:
-            raise ApplicationError("the incident is already resolved", type=ErrorKind.AlreadyResolved)
+            raise ApplicationError("the incident is already resolved", type=ErrorKind.AlreadyResolved,
+                                   non_retryable=True)
         if self.level <= self.acked_level:
-            raise ApplicationError(f"level {self.level} is already acknowledged", type=ErrorKind.AlreadyAcknowledged)
+            raise ApplicationError(f"level {self.level} is already acknowledged", type=ErrorKind.AlreadyAcknowledged,
+                                   non_retryable=True)
 
     @workflow.update
     def resolve(self, req: ResolveRequest) -> str:
@@ -317,7 +319,8 @@ class Incident:
         plan = self._ready()
         self._check_resolver(req.by, plan)
         if self.resolution is not None:
-            raise ApplicationError(f"already resolved by {self.resolution[0].by}", type=ErrorKind.AlreadyResolved)
+            raise ApplicationError(f"already resolved by {self.resolution[0].by}", type=ErrorKind.AlreadyResolved,
+                                   non_retryable=True)
         if self.state in ("recovering", "awaiting approval"):
             raise ApplicationError(f"the {plan.procedure} runbook is still running (status {self.state!r}); "
                                    "resolve when it has finished, or cancel it first", type=ErrorKind.RunbookRunning)
@@ -348,9 +351,11 @@ class Incident:
     def _check_severity_change(self, change: SeverityChange) -> None:
         plan = self._plan
         if change.severity == plan.severity:
-            raise ApplicationError(f"the incident is already {plan.severity.value}", type=ErrorKind.NothingToChange)
+            raise ApplicationError(f"the incident is already {plan.severity.value}", type=ErrorKind.NothingToChange,
+                                   non_retryable=True)
         if self.resolution is not None:
-            raise ApplicationError("the incident is already resolved", type=ErrorKind.AlreadyResolved)
+            raise ApplicationError("the incident is already resolved", type=ErrorKind.AlreadyResolved,
+                                   non_retryable=True)
 
     @workflow.query
     def status(self) -> IncidentStatus:
@@ -373,7 +378,8 @@ class Incident:
     def _check_resolver(by: str, plan: IncidentPlan) -> None:
         if by not in plan.resolvers:
             raise ApplicationError(f"{by!r} is not on the {plan.severity.value} roster "
-                                   f"({', '.join(plan.resolvers)})", type=ErrorKind.NotOnRoster)
+                                   f"({', '.join(plan.resolvers)})", type=ErrorKind.NotOnRoster,
+                                   non_retryable=True)
 
     # --- cadence and escalation -----------------------------------------------------------
 
@@ -433,7 +439,7 @@ class Incident:
             fired=fired, alerts=self.alerts, progress=self.progress,
             steps_recorded=self.steps_recorded, pending_approval=self.pending_approval, runbook_id=self.runbook_id,
             runbook_result=self.runbook_result, runbook_error=self.runbook_error, labels=self.labels,
-            run=self.run_number + 1)
+            run=self.run_number + 1, truncated_alerts=self.truncated_alerts)
         workflow.logger.info("continuing as new (run %d) after %d history events", carry.run,
                              workflow.info().get_current_history_length())
         workflow.continue_as_new(self.inp.model_copy(update={"carried": carry}),
@@ -445,7 +451,7 @@ class Incident:
         self.fired, self.alerts, self.progress = set(c.fired), dict(c.alerts), c.progress
         self.steps_recorded, self.pending_approval, self.runbook_id = c.steps_recorded, c.pending_approval, c.runbook_id
         self.runbook_result, self.runbook_error, self.labels = c.runbook_result, c.runbook_error, c.labels
-        self.run_number = c.run
+        self.run_number, self.truncated_alerts = c.run, c.truncated_alerts
 
     def _schedule(self, now: datetime) -> list[cadence.Tick]:
         """Each series' due or next occurrence (workflows/cadence.py); keys make every tick fire once."""
