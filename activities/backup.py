@@ -9,6 +9,7 @@ result) instead of starting the work again.
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -35,7 +36,7 @@ from adapters.recovery import (
     swap_tablespace,
     write_as,
 )
-from adapters.sealing import marker_path, set_allow_connections
+from adapters.sealing import marker_path, set_allow_connections, set_subscriptions
 from adapters.timelines import (
     backup_on_history,
     history_file_name,
@@ -55,6 +56,10 @@ from models.postgres import (
     TeardownRequest,
     TimelineBranch,
 )
+
+# A complete WAL segment or a timeline history file (not .partial or .backup): what archive_command archives
+# and a recovery needs.
+_WAL_OR_HISTORY = re.compile(r"[0-9A-F]{24}|[0-9A-F]{8}\.history")
 
 
 def _heartbeat(*details) -> None:
@@ -255,7 +260,9 @@ class BackupActivities:
             if not (restore_dir / "PG_VERSION").exists():
                 raise ApplicationError(f"{restore_dir} holds no restored cluster; restore it first",
                                        type=ErrorKind.NothingToReplay, non_retryable=True)
-            self._write_recovery_config(restore_dir, req.target_xid, timeline)
+            if req.local_wal_dir:
+                self._archive_unarchived(Path(req.local_wal_dir))
+            self._write_recovery_config(restore_dir, req.target_xid, timeline, req.local_wal_dir)
             server.start(wait=False)
         while True:
             if not server.is_running():
@@ -283,13 +290,35 @@ class BackupActivities:
             _heartbeat({"phase": "replaying", "port": server.port, **(state or {"lsn": "starting"})})
             time.sleep(self.poll_seconds)
 
-    def _write_recovery_config(self, restore_dir: Path, target_xid: int | None, timeline: int | None) -> None:
+    def _archive_unarchived(self, wal: Path) -> None:
+        """The complete segments a stopped primary never archived (`.ready` in its pg_wal), uploaded the way
+        its archive_command would have, oldest first: the archive is whole again for any later recovery.
+        Its pg_wal is only read (the `.ready` files stay: they are evidence of what the archiver missed)."""
+        try:
+            ready = sorted(p.name.removesuffix(".ready") for p in (wal / "archive_status").glob("*.ready")
+                           if _WAL_OR_HISTORY.fullmatch(p.name.removesuffix(".ready")))
+        except OSError:
+            return  # unreadable: restore_command still falls back to it file by file
+        for i, segment in enumerate(ready):
+            _heartbeat({"phase": "archiving the stopped primary's unarchived WAL", "segment": segment,
+                        "done": i, "of": len(ready)})
+            try:
+                self.barman.archive_wal_file(wal / segment)
+            except RuntimeError as err:
+                raise ApplicationError(f"could not archive {segment} from the stopped primary's pg_wal: {err}",
+                                       type=ErrorKind.ArchiveUnreachable) from err
+
+    def _write_recovery_config(self, restore_dir: Path, target_xid: int | None, timeline: int | None,
+                               local_wal_dir: str | None = None) -> None:
         auto = restore_dir / "postgresql.auto.conf"
         current = auto.read_text() if auto.exists() else ""
         if RECOVERY_BEGIN not in current:
-            restore_command = self.barman.restore_command().replace("'", "''")
+            restore_command = self.barman.restore_command(fallback_dir=local_wal_dir).replace("'", "''")
             if target_xid is None:  # to the end of the archive, then a new primary that archives nothing yet
-                target = "recovery_target_action = 'promote'\narchive_mode = on\narchive_command = ''\n"
+                # and applies no subscription (it would consume production's slots on the publishers) until
+                # the swap makes it production: no logical-replication launcher at all.
+                target = ("recovery_target_action = 'promote'\narchive_mode = on\narchive_command = ''\n"
+                          "max_logical_replication_workers = 0\n")
             else:  # a side instance: just before the bad transaction, paused, read-only, archiving nothing
                 target = (f"recovery_target_xid = '{target_xid % 2**32}'\nrecovery_target_inclusive = off\n"
                           "recovery_target_action = 'pause'\narchive_mode = off\n")
@@ -334,7 +363,9 @@ class BackupActivities:
         self.server.start()
         self.server.wait_ready()
         self._wait_archive_drained(data_dir)
-        return SwapResult(data_dir=str(data_dir), damaged_dir=str(damaged))
+        # The seal disabled them (WAL-logged, so disabled in the restore too): production applies again.
+        set_subscriptions(self.server, req.enable_subscriptions, enable=True)
+        return SwapResult(data_dir=str(data_dir), damaged_dir=str(damaged), enabled_subscriptions=req.enable_subscriptions)
 
     def _wait_archive_drained(self, data_dir: Path, timeout: float = 300) -> None:
         """Wait until pg_wal/archive_status holds no .ready file: everything held back is archived."""

@@ -4,6 +4,7 @@ Every check here reads, never writes, except `seal_primary`, which stops the
 old server only after the last WAL it wrote is safe in the archive.
 """
 
+import re
 import time
 from datetime import UTC, datetime
 
@@ -23,7 +24,8 @@ from adapters.pgsql import (
     table_of,
     terminate_others,
 )
-from adapters.sealing import marker_path, read_seal, set_allow_connections, write_seal
+from adapters.sealing import marker_path, read_seal, set_allow_connections, set_subscriptions, write_seal
+from adapters.timelines import waldump_end
 from models.errors import ErrorKind
 from models.postgres import (
     Assessment,
@@ -34,6 +36,10 @@ from models.postgres import (
     VerifyRequest,
     VerifyResult,
 )
+
+# A complete WAL segment or a timeline history file (not .partial or .backup): what archive_command archives
+# and a recovery needs.
+_WAL_OR_HISTORY = re.compile(r"[0-9A-F]{24}|[0-9A-F]{8}\.history")
 
 
 def _heartbeat(*details) -> None:
@@ -54,8 +60,11 @@ class PostgresActivities:
         try:
             conn = self.server.connect("postgres")
         except psycopg.OperationalError as err:
-            return Assessment(database=req.database, server_reachable=False,
-                              findings=[f"server unreachable: {str(err).strip().splitlines()[-1]}"])
+            return Assessment(
+                database=req.database,
+                server_reachable=False,
+                findings=[f"server unreachable: {str(err).strip().splitlines()[-1]}"],
+            )
         with conn:
             exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (req.database,)).fetchone()
         if not exists:
@@ -72,8 +81,9 @@ class PostgresActivities:
             tables = [r[0] for r in rows]
             unlogged = [r[0] for r in rows if r[1]]
             amcheck = bool(conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'amcheck'").fetchone())
-        schema = server.tool("pg_dump", *server.client_args(database), "--schema-only", "-f", "/dev/null",
-                             check=False, timeout=600)
+        schema = server.tool(
+            "pg_dump", *server.client_args(database), "--schema-only", "-f", "/dev/null", check=False, timeout=600
+        )
         if schema.returncode != 0:
             findings.append(f"pg_dump --schema-only failed: {first_error(schema.stderr)}")
         if amcheck:
@@ -91,19 +101,27 @@ class PostgresActivities:
                 findings.append(f"pg_amcheck exited {check.returncode}: {first_error(check.stderr)}")
         for table in tables:  # the playbook's per-table dump: reads every heap page
             _heartbeat(f"pg_dump -t {table}")
-            dump = server.tool("pg_dump", *server.client_args(database), "-t", table, "-f", "/dev/null",
-                               check=False, timeout=3600)
+            dump = server.tool(
+                "pg_dump", *server.client_args(database), "-t", table, "-f", "/dev/null", check=False, timeout=3600
+            )
             if dump.returncode != 0:
                 corrupted.add(table)
                 findings.append(f"pg_dump -t {table}: {first_error(dump.stderr)}")
         with server.connect(database) as conn:
-            failures = conn.execute("SELECT coalesce(checksum_failures, 0) FROM pg_stat_database "
-                                    "WHERE datname = %s", (database,)).fetchone()[0]
+            failures = conn.execute(
+                "SELECT coalesce(checksum_failures, 0) FROM pg_stat_database WHERE datname = %s", (database,)
+            ).fetchone()[0]
         if failures:
             findings.append(f"pg_stat_database.checksum_failures = {failures}")
-        return Assessment(database=database, server_reachable=True, corrupted_tables=sorted(corrupted),
-                          findings=findings, checksum_failures=failures, amcheck_available=amcheck,
-                          unlogged_tables=unlogged)
+        return Assessment(
+            database=database,
+            server_reachable=True,
+            corrupted_tables=sorted(corrupted),
+            findings=findings,
+            checksum_failures=failures,
+            amcheck_available=amcheck,
+            unlogged_tables=unlogged,
+        )
 
     # --- seal -----------------------------------------------------------------
 
@@ -131,31 +149,74 @@ class PostgresActivities:
         if not self.server.is_running():
             if marker.get("result"):
                 return SealResult.model_validate(marker["result"]).model_copy(
-                    update={"sealed_by": marker.get("incident_id")})
+                    update={"sealed_by": marker.get("incident_id")}
+                )
             # An earlier attempt may have fenced it before it went down: keep what must be reopened.
             fenced = marker.get("fenced_databases", [])
-            result = SealResult(was_running=False, timeline=self.server.control_timeline(), fenced_databases=fenced)
-            write_seal(data_dir, {"incident_id": req.incident_id, "sealed_at": _now(), **marker, "state": "found stopped",
-                                  "fenced_databases": fenced, "result": result.model_dump()})
+            result = SealResult(
+                was_running=False,
+                timeline=self.server.control_timeline(),
+                fenced_databases=fenced,
+                disabled_subscriptions=marker.get("disabled_subscriptions", []),
+                **self._stopped_wal(),
+            )
+            write_seal(
+                data_dir,
+                {
+                    "incident_id": req.incident_id,
+                    "sealed_at": _now(),
+                    **marker,
+                    "state": "found stopped",
+                    "fenced_databases": fenced,
+                    "result": result.model_dump(),
+                },
+            )
             return result
         try:
             ctl = self.server.connect("template1")
         except psycopg.OperationalError:
             self.server.stop()  # running but not answering: nothing more can be saved from it
             fenced = marker.get("fenced_databases", [])
-            result = SealResult(was_running=True, timeline=self.server.control_timeline(), fenced_databases=fenced)
-            write_seal(data_dir, {"incident_id": req.incident_id, "sealed_at": _now(), **marker, "state": "stopped unanswering",
-                                  "fenced_databases": fenced, "result": result.model_dump()})
+            result = SealResult(
+                was_running=True,
+                timeline=self.server.control_timeline(),
+                fenced_databases=fenced,
+                disabled_subscriptions=marker.get("disabled_subscriptions", []),
+                **self._stopped_wal(),
+            )
+            write_seal(
+                data_dir,
+                {
+                    "incident_id": req.incident_id,
+                    "sealed_at": _now(),
+                    **marker,
+                    "state": "stopped unanswering",
+                    "fenced_databases": fenced,
+                    "result": result.model_dump(),
+                },
+            )
             return result
         with ctl:
             ctl.execute("SET synchronous_commit = local")  # the fence must not wait for a standby that is gone
             if "fenced_databases" not in marker:  # first attempt: remember what was open before closing it
-                fenced = [r[0] for r in ctl.execute(
-                    "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1")]
-                marker = {"incident_id": req.incident_id, "state": "fencing", "sealed_at": _now(),
-                          "fenced_databases": fenced}
+                fenced = [
+                    r[0]
+                    for r in ctl.execute(
+                        "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1"
+                    )
+                ]
+                marker = {
+                    "incident_id": req.incident_id,
+                    "state": "fencing",
+                    "sealed_at": _now(),
+                    "fenced_databases": fenced,
+                }
                 write_seal(data_dir, marker)
             fenced = marker["fenced_databases"]
+            if "disabled_subscriptions" not in marker:  # apply workers are not client sessions: stop them too
+                marker = {**marker, "disabled_subscriptions": _enabled_subscriptions(ctl)}
+                write_seal(data_dir, marker)
+            set_subscriptions(self.server, marker["disabled_subscriptions"], enable=False)
             allow_connections(ctl, fenced, False)
             terminate_others(ctl, keep=[], progress=_heartbeat)
             # Only this run inside the database it counts: open it for one connection, close it again.
@@ -171,9 +232,17 @@ class PostgresActivities:
                 end_lsn, segment = one(conn.execute(
                     "SELECT s::text, pg_walfile_name(s) FROM pg_switch_wal() s"))
                 self._wait_archived(conn, segment)
-        result = SealResult(was_running=True, archived_through=segment, end_lsn=end_lsn, row_counts=counts,
-                            last_commit_at=last_commit[0] if last_commit else None, timeline=timeline,
-                            fenced_databases=fenced, unlogged_tables=unlogged)
+        result = SealResult(
+            was_running=True,
+            archived_through=segment,
+            end_lsn=end_lsn,
+            row_counts=counts,
+            last_commit_at=last_commit[0] if last_commit else None,
+            timeline=timeline,
+            fenced_databases=fenced,
+            unlogged_tables=unlogged,
+            disabled_subscriptions=marker["disabled_subscriptions"],
+        )
         write_seal(data_dir, {**marker, "state": "sealed", "result": result.model_dump()})
         self.server.stop()
         return result
@@ -187,15 +256,29 @@ class PostgresActivities:
         running = self.server.is_running()
         if not running:
             who = marker.get("incident_id") if marker else None
-            return ProductionState(running=False, detail=(
-                f"production is stopped and sealed by incident {who}; `drp unseal` starts it again as it was"
-                if marker else "production is stopped"))
+            return ProductionState(
+                running=False,
+                detail=(
+                    f"production is stopped and sealed by incident {who}; `drp unseal` starts it again as it was"
+                    if marker
+                    else "production is stopped"
+                ),
+            )
         if marker is None:
             return ProductionState(running=True, detail="production keeps running; it was not fenced")
         set_allow_connections(self.server, marker.get("fenced_databases", []), allow=True)
+        subscriptions = marker.get("disabled_subscriptions", [])
+        set_subscriptions(self.server, subscriptions, enable=True)
         marker_path(self.server.data_dir).unlink(missing_ok=True)
-        return ProductionState(running=True,
-                               detail="production keeps running; the databases the seal closed are open again")
+        return ProductionState(
+            running=True,
+            detail="production keeps running; the databases the seal closed are open again"
+            + (
+                f" and the subscriptions it disabled ({', '.join(subscriptions)}) enabled again"
+                if subscriptions
+                else ""
+            ),
+        )
 
     @activity.defn
     def archive_current_wal(self, req: AssessRequest) -> str:
@@ -205,6 +288,35 @@ class PostgresActivities:
             segment = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
             self._wait_archived(conn, segment)
         return segment
+
+    def _stopped_wal(self) -> dict:
+        """What a primary found stopped still holds in its own pg_wal: where its WAL ends (pg_waldump from
+        its last checkpoint's REDO point to the first invalid record, as crash recovery would read it),
+        the complete segments it never archived (`.ready`), and that pg_wal for the replay to read.
+        Read-only. When it cannot be read, `wal_end_unknown` says why."""
+        wal = self.server.data_dir / "pg_wal"
+        try:
+            ready = sorted(
+                p.name.removesuffix(".ready")
+                for p in (wal / "archive_status").glob("*.ready")
+                if _WAL_OR_HISTORY.fullmatch(p.name.removesuffix(".ready"))
+            )
+        except OSError as err:
+            return {"wal_end_unknown": f"{wal} cannot be read: {err}"}
+        control = self.server.control_data()
+        redo, timeline = control.get("Latest checkpoint's REDO location"), control.get("Latest checkpoint's TimeLineID")
+        if not redo or not timeline:
+            return {"unarchived_wal": ready, "wal_end_unknown": f"no readable control file in {self.server.data_dir}"}
+        dump = self.server.tool(
+            "pg_waldump", "--quiet", "-p", str(wal), "-t", timeline, "-s", redo, check=False, timeout=1800
+        )
+        end = waldump_end(dump.stderr, int(control.get("Bytes per WAL segment") or 16 * 1024 * 1024))
+        if end is None:
+            return {
+                "unarchived_wal": ready,
+                "wal_end_unknown": f"pg_waldump could not find the end of {wal}: {dump.stderr.strip()[-300:]}",
+            }
+        return {"end_lsn": end, "local_wal_dir": str(wal), "unarchived_wal": ready}
 
     def _wait_archived(self, conn: psycopg.Connection, segment: str) -> None:
         deadline = time.monotonic() + self.archive_wait_seconds
@@ -257,6 +369,17 @@ class PostgresActivities:
         if req.baseline_row_counts or req.expected_row_counts:
             checks.append("row counts match")
         return VerifyResult(row_counts=counts, checks=checks, unlogged_tables=unlogged)
+
+
+def _enabled_subscriptions(conn: psycopg.Connection) -> list[str]:
+    """'database/subscription' of every enabled logical-replication subscription of the cluster."""
+    return [
+        f"{db}/{name}"
+        for db, name in conn.execute(
+            "SELECT d.datname, s.subname FROM pg_subscription s JOIN pg_database d ON d.oid = s.subdbid "
+            "WHERE s.subenabled ORDER BY 1, 2"
+        )
+    ]
 
 
 def _now() -> str:

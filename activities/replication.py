@@ -10,6 +10,7 @@ import subprocess
 import time
 
 import psycopg
+from psycopg import sql
 from psycopg.conninfo import make_conninfo
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -160,11 +161,13 @@ class ReplicationActivities:
         """
         with self.server(req.server).connect(REPLICA_DB) as conn:
             if not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
-                return Promoted(already_primary=True, lost_bytes=None, **wal_position(conn))
+                return Promoted(already_primary=True, lost_bytes=None, **wal_position(conn),
+                                synchronous_paused=req.synchronous_standby_names or None)
             lost = self._wait_for_wal(conn, req.final_lsn, req.catch_up_seconds) if req.final_lsn else None
+            paused = _pause_synchronous(conn, req.synchronous_standby_names)
             if not conn.execute("SELECT pg_promote(wait => true, wait_seconds => 60)").fetchone()[0]:
                 raise ApplicationError("pg_promote did not finish within 60s", type=ErrorKind.PromoteSlow)
-            return Promoted(lost_bytes=lost, **wal_position(conn))
+            return Promoted(lost_bytes=lost, synchronous_paused=paused, **wal_position(conn))
 
     def _wait_for_wal(self, conn: psycopg.Connection, final_lsn: str, seconds: float) -> int:
         deadline = time.monotonic() + seconds
@@ -192,9 +195,11 @@ class ReplicationActivities:
         """
         server, source = self.server(req.server), self.server(req.source)
         aside = server.data_dir.with_name(f"{server.data_dir.name}.before-rejoin-{req.incident_id}")
+        own = _own_synchronous_names(server, req.incident_id)
         if server.is_running():
             if self._follows(server, source):
-                return Rejoined(method="already following")
+                return Rejoined(method="already following", synchronous_standby_names=own,
+                                synchronous=_restore_synchronous(source, req.restore_synchronous_standby_names))
             _refuse_a_primary(server)
             server.stop(mode="fast")
         elif server.data_dir.exists() and not any((server.data_dir / f).exists()
@@ -215,7 +220,8 @@ class ReplicationActivities:
                     set_application_name(server, name)
                 server.start(wait=False)
                 if self._await_streaming(server, source):
-                    return Rejoined(method="pg_rewind")
+                    return Rejoined(method="pg_rewind", synchronous_standby_names=own,
+                                    synchronous=_restore_synchronous(source, req.restore_synchronous_standby_names))
                 server.stop(mode="immediate")
                 activity.logger.warning("the rewound server did not stream, rebuilding from a base backup:%s",
                                         server.log_tail(5))
@@ -234,7 +240,9 @@ class ReplicationActivities:
         if not self._await_streaming(server, source):
             raise ApplicationError(f"{server.data_dir} did not start streaming from {source.port}" +
                                    server.log_tail(), type=ErrorKind.RejoinFailed)
-        return Rejoined(method="pg_basebackup", moved_aside=str(aside) if aside.exists() else None)
+        return Rejoined(method="pg_basebackup", moved_aside=str(aside) if aside.exists() else None,
+                        synchronous_standby_names=own,
+                        synchronous=_restore_synchronous(source, req.restore_synchronous_standby_names))
 
     def _await_streaming(self, server: PgServer, source: PgServer, timeout: float = 300) -> bool:
         """Wait until `server` streams from `source`; False when it stopped (it failed to start) or the time ran out."""
@@ -273,3 +281,60 @@ def _refuse_a_primary(server: PgServer) -> None:
                                non_retryable=True)
 
 
+def _pause_synchronous(conn: psycopg.Connection, wanted: str | None) -> str | None:
+    """Before a standby is promoted: it has no standby of its own yet, so a synchronous_standby_names it
+    carries (its own, or one pg_rewind copied from the primary it followed) would hold every commit,
+    the runbook's write check included, until a standby confirms. Like Patroni on promotion (non-strict
+    synchronous mode), turn it off (ALTER SYSTEM, reload) and return the value to restore once a standby
+    streams: `wanted` (the server's own setting from before a rejoin replaced it), else the current one."""
+    current = conn.execute("SHOW synchronous_standby_names").fetchone()[0].strip()
+    if current:
+        conn.execute("ALTER SYSTEM SET synchronous_standby_names = ''")
+        conn.execute("SELECT pg_reload_conf()")
+    return (wanted or "").strip() or current or None
+
+
+def _restore_synchronous(source: PgServer, value: str | None, timeout: float = 60) -> str | None:
+    """Set synchronous_standby_names on `source` to `value` now that a standby streams, and keep it only if
+    a standby confirms synchronously within `timeout` (else every commit would wait): the outcome in words."""
+    if not value:
+        return None
+    with source.connect() as conn:
+        conn.execute(sql.SQL("ALTER SYSTEM SET synchronous_standby_names = {}").format(sql.Literal(value)))
+        conn.execute("SELECT pg_reload_conf()")
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = conn.execute("SELECT application_name, sync_state FROM pg_stat_replication").fetchall()
+            synchronous = [name for name, state in rows if state in ("sync", "quorum")]
+            if synchronous:
+                return (f"synchronous_standby_names = '{value}' restored on the primary: "
+                        f"{', '.join(synchronous)} confirms commits synchronously")
+            if time.monotonic() > deadline:
+                conn.execute("ALTER SYSTEM SET synchronous_standby_names = ''")
+                conn.execute("SELECT pg_reload_conf()")
+                streaming = ", ".join(f"{n} ({s})" for n, s in rows) or "none"
+                return (f"synchronous_standby_names = '{value}' NOT restored: no standby matched it within "
+                        f"{timeout:.0f}s (streaming: {streaming}); the primary commits asynchronously until a person "
+                        "sets it")
+            if activity.in_activity():
+                activity.heartbeat("waiting for a synchronous standby")
+            time.sleep(0.2)
+
+
+def _own_synchronous_names(server: PgServer, incident_id: str) -> str | None:
+    """`server`'s own synchronous_standby_names as its configuration files say (postgres -C, running or not),
+    recorded beside it before a rejoin replaces them (pg_rewind and pg_basebackup copy the source's), so a
+    retried rejoin still knows it. None when there is no data directory to read."""
+    record = server.data_dir.with_name(f"{server.data_dir.name}.synchronous-{incident_id}")
+    try:
+        return record.read_text().strip() or None
+    except OSError:
+        pass
+    if not (server.data_dir / "PG_VERSION").exists():
+        return None
+    shown = server.tool("postgres", "-C", "synchronous_standby_names", "-D", str(server.data_dir), check=False)
+    if shown.returncode != 0:
+        return None
+    value = shown.stdout.strip()
+    record.write_text(value)
+    return value or None

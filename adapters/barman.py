@@ -39,7 +39,7 @@ class BarmanCloud:
         """archive_command for postgresql.conf (runs as the server's OS user)."""
         return shlex.join(self._common("barman-cloud-wal-archive") + [self.destination, self.server_name]) + " %p"
 
-    def restore_command(self, tries: int = RESTORE_TRIES) -> str:
+    def restore_command(self, tries: int = RESTORE_TRIES, fallback_dir: str | None = None) -> str:
         """restore_command for recovery (runs as the server's OS user).
 
         PostgreSQL reads any exit status below 126 as "this WAL file does not
@@ -50,15 +50,32 @@ class BarmanCloud:
         resumes when it is started again, instead of promoting early and
         dropping the WAL it could not read. The marker on stderr lands in the
         server log, where the replay activity looks for it.
+
+        `fallback_dir` (a stopped primary's own pg_wal): a file the archive truly
+        lacks (exit 1) is copied from there when it exists, the way PostgreSQL's
+        docs say to recover with the unarchived WAL of a crashed primary; the
+        directory is only read.
         """
         # --no-partial: a standby promoted elsewhere archives its last segment as .partial, which barman
         # would otherwise serve as the complete segment (barman-cloud-wal-restore --help); PANIC at its zeros.
         fetch = shlex.join(self._common("barman-cloud-wal-restore") + ["--no-partial", self.destination,
                                                                        self.server_name])
-        script = (f'n=0; while :; do {fetch} "$1" "$2"; rc=$?; [ $rc -le 1 ] && exit $rc; n=$((n+1)); '
-                  f'[ $n -ge {int(tries)} ] && {{ echo "{ARCHIVE_UNREADABLE}: barman-cloud-wal-restore exited $rc '
-                  f'for $1 {int(tries)} times" >&2; exit 126; }}; sleep $n; done')
+        absent = "exit 1"
+        if fallback_dir:
+            local = shlex.quote(fallback_dir.rstrip("/"))
+            absent = f'[ -f {local}/"$1" ] && cp {local}/"$1" "$2" && exit 0; exit 1'
+        script = (f'n=0; while :; do {fetch} "$1" "$2"; rc=$?; [ $rc -eq 0 ] && exit 0; [ $rc -eq 1 ] && break; '
+                  f'n=$((n+1)); [ $n -ge {int(tries)} ] && {{ echo "{ARCHIVE_UNREADABLE}: barman-cloud-wal-restore '
+                  f'exited $rc for $1 {int(tries)} times" >&2; exit 126; }}; sleep $n; done; {absent}')
         return shlex.join(["sh", "-c", script, "drp-wal-restore"]) + " %f %p"
+
+    def archive_wal_file(self, path: Path) -> None:
+        """Upload one WAL segment the way archive_command does (barman-cloud-wal-archive). Raises RuntimeError."""
+        argv = self._common("barman-cloud-wal-archive") + [self.destination, self.server_name, str(path)]
+        proc = subprocess.run(argv, env=self.env(), capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"barman-cloud-wal-archive {path.name} exited {proc.returncode}: "
+                               f"{proc.stderr.strip()[-2000:]}")
 
     def fetch_wal_file(self, name: str, dest: Path) -> bool:
         """Download one archived WAL or history file; False when the archive does not have it.

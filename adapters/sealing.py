@@ -13,6 +13,7 @@ when a person decides to abandon the recovery.
 """
 
 import json
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -60,6 +61,48 @@ def set_allow_connections(server: PgServer, databases: list[str], allow: bool) -
                 sql.Identifier(name), sql.SQL("true" if allow else "false")))
 
 
+def set_subscriptions(server: PgServer, subscriptions: list[str], enable: bool, timeout: float = 120) -> None:
+    """ALTER SUBSCRIPTION ... ENABLE/DISABLE for each 'database/name' (idempotent; one that no longer exists is
+    skipped). A fenced database is opened for this one connection and closed again. Disabling waits until
+    the apply workers are gone: an apply worker is no client session, so the fence alone never stops it."""
+    by_database: dict[str, list[str]] = {}
+    for item in subscriptions:
+        database, _, name = item.partition("/")
+        by_database.setdefault(database, []).append(name)
+    if not by_database:
+        return
+    with server.connect("template1") as ctl:
+        ctl.execute("SET synchronous_commit = local")
+        for database, names in by_database.items():
+            row = ctl.execute("SELECT datallowconn FROM pg_database WHERE datname = %s", (database,)).fetchone()
+            if row is None:
+                continue
+            if not row[0]:
+                set_allow_connections(server, [database], allow=True)
+            try:
+                with server.connect(database) as conn:
+                    conn.execute("SET synchronous_commit = local")
+                    for name in names:
+                        if conn.execute("SELECT 1 FROM pg_subscription s JOIN pg_database d ON d.oid = s.subdbid "
+                                        "WHERE d.datname = current_database() AND s.subname = %s",
+                                        (name,)).fetchone():
+                            conn.execute(sql.SQL("ALTER SUBSCRIPTION {} {}").format(
+                                sql.Identifier(name), sql.SQL("ENABLE" if enable else "DISABLE")))
+            finally:
+                if not row[0]:
+                    set_allow_connections(server, [database], allow=False)
+        deadline = time.monotonic() + timeout
+        while not enable:
+            running = ctl.execute("SELECT count(*) FROM pg_stat_subscription WHERE pid IS NOT NULL AND subname = "
+                                  "ANY(%s)", ([n for names in by_database.values() for n in names],)).fetchone()[0]
+            if not running:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{running} logical-replication workers still apply after ALTER SUBSCRIPTION "
+                                   f"... DISABLE ({timeout:.0f}s)")
+            time.sleep(0.1)
+
+
 def unseal(server: PgServer) -> str:
     """Start a sealed primary again as it was, reopen the databases its seal fenced, remove the marker.
 
@@ -73,6 +116,9 @@ def unseal(server: PgServer) -> str:
     server.wait_ready(dbname="template1")  # the databases the seal closed open only below
     fenced = list(marker.get("fenced_databases", []))
     set_allow_connections(server, fenced, allow=True)
+    subscriptions = list(marker.get("disabled_subscriptions", []))
+    set_subscriptions(server, subscriptions, enable=True)
     marker_path(server.data_dir).unlink()
     return (f"started {server.data_dir} on port {server.port}; reopened {', '.join(fenced) or 'no databases'}; "
-            f"seal of incident {marker.get('incident_id')} removed")
+            + (f"enabled subscriptions {', '.join(subscriptions)} again; " if subscriptions else "")
+            + f"seal of incident {marker.get('incident_id')} removed")

@@ -9,7 +9,12 @@ recovery to timeline N only if T is N or one of its ancestors and the backup
 ended before T's branch point.
 """
 
+import re
+
 from models.postgres import TimelineBranch
+
+_LSN = re.compile(r"\b([0-9A-F]{1,8}/[0-9A-F]{1,8})\b")
+_MISSING_SEGMENT = re.compile(r'could not find file "([0-9A-F]{24})"')
 
 
 def lsn_to_int(lsn: str) -> int:
@@ -64,3 +69,26 @@ def diverged(standby_timeline: int, standby_lsn: str, primary_timeline: int,
         return False
     ends = {b.parent: lsn_to_int(b.switchpoint) for b in primary_history}
     return standby_timeline not in ends or lsn_to_int(standby_lsn) > ends[standby_timeline]
+
+
+def int_to_lsn(value: int) -> str:
+    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+def waldump_end(stderr: str, segment_size: int) -> str | None:
+    """Where the valid WAL ends, from the error pg_waldump stops with when it reads a pg_wal to its end.
+
+    "could not find file "<segment>"": the WAL ran to the end of the segment before it (a SWITCH
+    record, or a full segment), so it ends where that segment begins; "invalid record length at X",
+    "unexpected pageaddr ... LSN X", "incorrect prev-link ... at X": it ends at X (the last LSN the
+    message names), exactly where crash or archive recovery stops too. None when neither is there.
+    """
+    errors = [line for line in stderr.splitlines() if "error" in line]
+    if not errors:
+        return None
+    missing = _MISSING_SEGMENT.search(errors[-1])
+    if missing:
+        name = missing.group(1)
+        return int_to_lsn(int(name[8:16], 16) << 32 | int(name[16:24], 16) * segment_size)
+    found = _LSN.findall(errors[-1])
+    return found[-1] if found else None

@@ -43,7 +43,9 @@ class CorruptionRecoveryResult(BaseModel):
 
     incident_id: str
     database: str
-    outcome: Literal["recovered", "no_corruption_found"]
+    # "recovered_with_possible_loss": the primary was found stopped and the end of its WAL could not be
+    # read (see `data_loss`), so commits after the newest recovered one may be gone.
+    outcome: Literal["recovered", "no_corruption_found", "recovered_with_possible_loss"]
     corrupted_tables: list[str] = []
     findings: list[str] = []
     steps: list[StepRecord] = []
@@ -63,6 +65,12 @@ class CorruptionRecoveryResult(BaseModel):
     standby: str | None = None
     timeline: int | None = None  # the new primary's timeline
     followed_timeline: int | None = None  # production's timeline the replay followed (None: the newest)
+    # What the damaged primary held that only its own pg_wal had, and what became of it: never-archived
+    # segments archived and replayed, or why the end of its WAL is unknown (then `data_loss` says so).
+    unarchived_wal: list[str] = []
+    data_loss: str | None = None
+    # Logical-replication subscriptions the seal disabled (their apply workers write too) and enabled again.
+    subscriptions: list[str] = []
 
     @property
     def rto_met(self) -> bool | None:

@@ -73,6 +73,9 @@ class PromoteRequest(_Frozen):
     server: Role = "standby"
     final_lsn: str | None = None  # the fenced primary's last position, if it could be stopped
     catch_up_seconds: float = 30
+    # The synchronous_standby_names this server had as a primary before a rejoin replaced its configuration
+    # (DatabaseFailback): what to restore once its standby streams again.
+    synchronous_standby_names: str | None = None
 
 
 class Promoted(_Frozen):
@@ -80,6 +83,9 @@ class Promoted(_Frozen):
     promoted_at_lsn: str
     lost_bytes: int | None  # WAL the old primary had that the standby never got; None when unknown
     already_primary: bool = False
+    # Synchronous replication paused at the promotion (Patroni's way: no standby exists yet, so a
+    # synchronous_standby_names left set would hold every commit): the value to restore once a standby streams.
+    synchronous_paused: str | None = None
 
 
 class RejoinRequest(_Frozen):
@@ -89,11 +95,17 @@ class RejoinRequest(_Frozen):
     # rewind: pg_rewind, a base backup if that fails; basebackup: a fresh base backup (after a restore,
     # the new primary lacks the WAL before its fork that a rewind needs).
     method: Literal["rewind", "basebackup"] = "rewind"
+    # Set synchronous_standby_names on `source` to this once `server` streams, if a standby then confirms
+    # synchronously (else it is left off and the result says so).
+    restore_synchronous_standby_names: str | None = None
 
 
 class Rejoined(_Frozen):
     method: Literal["already following", "pg_rewind", "pg_basebackup"]
     moved_aside: str | None = None  # a data directory kept instead of rewound (pg_rewind failed)
+    # `server`'s own synchronous_standby_names before the rejoin replaced its configuration with the source's.
+    synchronous_standby_names: str | None = None
+    synchronous: str | None = None  # what became of a requested synchronous_standby_names, in words
 
 
 class RepointRequest(_Frozen):

@@ -46,6 +46,13 @@ class SealResult(_Msg):
     archive. `fenced_databases`: databases whose connections the seal closed
     (`ALLOW_CONNECTIONS false`, replayed into the restore, reopened there).
     `sealed_by`: the incident whose run sealed it, when that was an earlier run.
+    A primary found stopped (crashed): `end_lsn` is the end of the WAL in its
+    own pg_wal (read with pg_waldump), `local_wal_dir` that pg_wal, which the
+    replay reads after the archive, and `unarchived_wal` the complete segments
+    it never archived (`.ready`); `wal_end_unknown` says why the end could not
+    be read (then commits after the archive's end may be lost).
+    `disabled_subscriptions`: logical-replication subscriptions the seal
+    disabled (`database/name`), enabled again where production runs on.
     """
 
     was_running: bool
@@ -57,6 +64,10 @@ class SealResult(_Msg):
     fenced_databases: list[str] = []
     unlogged_tables: list[str] = []
     sealed_by: str | None = None
+    local_wal_dir: str | None = None
+    unarchived_wal: list[str] = []
+    wal_end_unknown: str | None = None
+    disabled_subscriptions: list[str] = []
 
 
 class ProductionState(_Msg):
@@ -109,6 +120,9 @@ class ReplayRequest(_Msg):
     target_xid: int | None = None
     timeline: int | None = None  # recovery_target_timeline; None: production's, from its control file
     reopen_databases: list[str] = []  # fenced by the seal: ALLOW_CONNECTIONS true again once promoted
+    # A stopped primary's own pg_wal: its never-archived segments are archived first, and restore_command
+    # falls back to it for what the archive lacks (its last, partly written segment). Read, never changed.
+    local_wal_dir: str | None = None
 
 
 class ReplayResult(_Msg):
@@ -138,11 +152,13 @@ class SwapRequest(_Msg):
     incident_id: IncidentId
     restore_dir: str
     tablespaces: list[Tablespace] = []  # swapped together with the data directory
+    enable_subscriptions: list[str] = []  # `database/name` the seal disabled: enabled once it is production
 
 
 class SwapResult(_Msg):
     data_dir: str
     damaged_dir: str
+    enabled_subscriptions: list[str] = []
 
 
 class TeardownRequest(_Msg):

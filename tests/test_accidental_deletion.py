@@ -225,3 +225,38 @@ def test_api_keys_are_only_ever_sent_as_fingerprints():
     with pytest.raises(ValueError):
         AccidentalDeletionInput(incident_id="X", database=DATABASE, window_start=datetime.now(UTC),
                                 api_key_sha256=LEAKED_KEY)
+
+
+async def test_a_deletion_recovery_holds_the_database_lock_until_its_side_instance_is_gone(stack, client, analyst):
+    """While a deletion recovery contains, restores its side instance and re-inserts, a corruption recovery
+    or a second deletion recovery of the same database is refused (DatabaseBusy, naming the run, nothing
+    changed). The lock is given back before the lift-containment approval, which may wait for days: a
+    corruption recovery started then runs. All started and approved through `drp`."""
+    from tests.test_archive_gaps import drp_approve, drp_start
+
+    window_start = delete_as_analyst(analyst, "Industrials", 150) - timedelta(seconds=1)
+    inc, other, second = incident(), incident(), incident()
+    async with running_worker(client, stack) as queue:
+        holder = await drp_start(client, stack, queue, "deletion", inc, "--window-start", window_start.isoformat(),
+                           "--role", ROLE)
+        await wait_for_approval_gate(holder, "re-insert")
+        pids = stack.postgres().postmaster_pid(), stack.processes.pid("app")
+        for refused in (await drp_start(client, stack, queue, "db-corruption", other),
+                        await drp_start(client, stack, queue, "deletion", second, "--window-start",
+                                  window_start.isoformat(), "--role", ROLE)):
+            with pytest.raises(WorkflowFailureError) as busy:
+                await refused.result()
+            assert busy.value.cause.type == "DatabaseBusy"
+            assert f"accidental-deletion-{inc}" in busy.value.cause.message
+        assert (stack.postgres().postmaster_pid(), stack.processes.pid("app")) == pids  # nothing changed
+        assert not can_delete(stack)  # the holder's containment is untouched
+
+        await drp_approve(stack, queue, inc)  # re-insert
+        await wait_for_approval_gate(holder, "lift containment")
+        # Released before the lift gate: a corruption recovery of the same database may run now.
+        after = await drp_start(client, stack, queue, "db-corruption", incident())
+        assert (await after.result()).outcome == "no_corruption_found"
+        await drp_approve(stack, queue, inc)  # lift containment (alice: incident commander)
+        result = await holder.result()
+    assert result.containment_lifted and result.reinserted.missing_after_insert == 0
+    assert can_delete(stack)

@@ -26,7 +26,8 @@ from starters.db_corruption import start_db_corruption
 from starters.db_failback import start_db_failback
 from starters.db_failover import start_db_failover
 from starters.region_failover import start_region_failover
-from tests.conftest import approve_when_asked, own_stack, running_worker
+from tests.conftest import approve_when_asked, own_stack, running_worker, wait_for_approval_gate
+from tests.test_archive_gaps import drp_start
 from tests.test_kubernetes_platform import fake_deployment_controller
 from tests.test_region_failover import (
     BACKUP,
@@ -162,6 +163,14 @@ async def test_region_failover_can_promote_the_self_managed_standby(pair, client
         async with region_workers(client, Settings(**raw)) as queue:
             handle = await start_region_failover(client, RegionFailoverInput(
                 incident_id=incident(), backup_region=BACKUP, health_checks=1), queue)
+            await wait_for_approval_gate(handle)
+            # It holds the database lock: a DatabaseFailover of the same pair, from `drp`, is refused.
+            other = await drp_start(client, pair, queue, "failover", incident(),
+                              temporal=client.service_client.config.target_host)
+            with pytest.raises(WorkflowFailureError) as busy:
+                await other.result()
+            assert busy.value.cause.type == "DatabaseBusy" and handle.id in busy.value.cause.message
+            assert primary.is_running()  # nothing changed
             await approve_when_asked(handle, approver="alice", reason="region down")
             result = await handle.result()
     finally:

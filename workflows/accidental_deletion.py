@@ -34,6 +34,7 @@ from models.postgres import (
     TeardownRequest,
 )
 from workflows import _options as opt
+from workflows import database_lock
 from workflows._runbook import Runbook
 
 with workflow.unsafe.imports_passed_through():
@@ -42,6 +43,9 @@ with workflow.unsafe.imports_passed_through():
     from activities.playbook import PlaybookActivities
     from activities.postgres import PostgresActivities
 
+
+# Runs started before the deletion runbook took the database lock replay without it.
+DELETION_LOCK = "deletion-database-lock"
 
 
 @workflow.defn(name="AccidentalDeletionRecovery", failure_exception_types=[ValidationError])
@@ -58,13 +62,52 @@ class AccidentalDeletionRecovery(Runbook):
         """
         await self.prepare(inp.incident_id, PROCEDURE, inp.severity)
         started = inp.incident_started_at or workflow.info().start_time
-        hb = inp.heartbeat_timeout
         query = DeletionQuery(database=inp.database, window_start=inp.window_start,
                               window_end=inp.window_end or workflow.info().start_time, table=inp.table,
                               role=inp.role)
         objectives = await workflow.execute_activity_method(
             PlaybookActivities.objectives_for, PROCEDURE, **opt.quick())
+        # The database lock from the first step to the side instance's teardown: a corruption recovery or a
+        # failover of the same cluster would seal, restore or promote under the containment, the side restore
+        # and the re-insert (and a second deletion run would contain and re-insert the same rows). It is given
+        # back before the lift-containment approval, which may wait for days: the lift only gives back the
+        # grants and unblocks the key, idempotently, and must not keep a corruption recovery waiting.
+        lock = await database_lock.acquire(PROCEDURE, inp.incident_id) if workflow.patched(DELETION_LOCK) else None
+        try:
+            findings, containment, contain, extracted, reinserted, approval, recovered_at = await self._recover(
+                inp, query)
+        finally:
+            await database_lock.release(lock)
 
+        lifted = False
+        if containment.role or containment.api_key_sha256:
+            try:
+                await self.steps.run("approve lifting containment", self.gate.wait(
+                    "lift containment", inp.lift_approval_timeout, unchanged="containment stays in place"),
+                    detail="Rows are back. Approve to restore the role's privileges and unblock the API key.")
+                await self.steps.run("lift containment", workflow.execute_activity_method(
+                    DeletionActivities.lift_containment, contain, summary="give back what was revoked",
+                    **opt.quick()))
+                lifted = True
+            except ApplicationError as err:
+                if err.type not in (ErrorKind.ApprovalTimeout, ErrorKind.ApprovalRejected):
+                    raise
+                workflow.logger.info("containment left in place: %s", err.message)
+
+        complete = reinserted.missing_after_insert == 0 and extracted.not_in_side_instance == 0
+        self.steps.finish(f"{sum(reinserted.inserted_by_table.values())} rows re-inserted, "
+                          f"{sum(len(c) for c in reinserted.conflicts_by_table.values())} conflicts; containment "
+                          f"{'lifted' if lifted else 'in place'}.")
+        return DeletionRecoveryResult(
+            incident_id=inp.incident_id, database=inp.database, findings=findings, containment=containment,
+            containment_lifted=lifted, extracted=extracted, reinserted=reinserted,
+            approvals=[approval, *[d for s, d in self.gate.decisions.items() if s != "re-insert"]],
+            steps=self.steps.completed, rto_target=objectives.rto, rpo_target=objectives.rpo,
+            rto_actual=recovered_at - started, rpo_actual=timedelta(0) if complete else None)
+
+    async def _recover(self, inp: AccidentalDeletionInput, query: DeletionQuery):
+        """identify ... tear down the side instance: the part that holds the database lock."""
+        hb = inp.heartbeat_timeout
         # Read-only and validating: wrong input stops here having changed nothing.
         findings = await self.steps.run("identify", workflow.execute_activity_method(
             DeletionActivities.identify_deletions, query, summary="read the audit log", **opt.quick()))
@@ -104,32 +147,7 @@ class AccidentalDeletionRecovery(Runbook):
             await self.steps.run("tear down side instance", workflow.execute_activity_method(
                 BackupActivities.remove_side_instance, TeardownRequest(incident_id=inp.incident_id),
                 summary="stop and delete the side instance", **opt.long_running(hb, timedelta(minutes=30))))
-
-        lifted = False
-        if containment.role or containment.api_key_sha256:
-            try:
-                await self.steps.run("approve lifting containment", self.gate.wait(
-                    "lift containment", inp.lift_approval_timeout, unchanged="containment stays in place"),
-                    detail="Rows are back. Approve to restore the role's privileges and unblock the API key.")
-                await self.steps.run("lift containment", workflow.execute_activity_method(
-                    DeletionActivities.lift_containment, contain, summary="give back what was revoked",
-                    **opt.quick()))
-                lifted = True
-            except ApplicationError as err:
-                if err.type not in (ErrorKind.ApprovalTimeout, ErrorKind.ApprovalRejected):
-                    raise
-                workflow.logger.info("containment left in place: %s", err.message)
-
-        complete = reinserted.missing_after_insert == 0 and extracted.not_in_side_instance == 0
-        self.steps.finish(f"{sum(reinserted.inserted_by_table.values())} rows re-inserted, "
-                          f"{sum(len(c) for c in reinserted.conflicts_by_table.values())} conflicts; containment "
-                          f"{'lifted' if lifted else 'in place'}.")
-        return DeletionRecoveryResult(
-            incident_id=inp.incident_id, database=inp.database, findings=findings, containment=containment,
-            containment_lifted=lifted, extracted=extracted, reinserted=reinserted,
-            approvals=[approval, *[d for s, d in self.gate.decisions.items() if s != "re-insert"]],
-            steps=self.steps.completed, rto_target=objectives.rto, rpo_target=objectives.rpo,
-            rto_actual=recovered_at - started, rpo_actual=timedelta(0) if complete else None)
+        return findings, containment, contain, extracted, reinserted, approval, recovered_at
 
 
 def _summary(extracted) -> str:

@@ -121,7 +121,8 @@ class DatabaseCorruptionRecovery(Runbook):
             BackupActivities.replay_wal,
             ReplayRequest(incident_id=inp.incident_id, restore_dir=restored.restore_dir,
                           must_reach_segment=sealed.archived_through, must_reach_lsn=sealed.end_lsn,
-                          timeline=restored.timeline, reopen_databases=sealed.fenced_databases),
+                          timeline=restored.timeline, reopen_databases=sealed.fenced_databases,
+                          local_wal_dir=sealed.local_wal_dir),
             summary=f"replay WAL along timeline {restored.timeline or 'latest'} to the end of the archive "
                     f"(at least {sealed.archived_through or 'what exists'}); archive nothing",
             **opt.long_running(hb)))
@@ -134,7 +135,7 @@ class DatabaseCorruptionRecovery(Runbook):
         swapped = await self.steps.run("swap in restored data", workflow.execute_activity_method(
             BackupActivities.swap_in_restored,
             SwapRequest(incident_id=inp.incident_id, restore_dir=restored.restore_dir,
-                        tablespaces=restored.tablespaces),
+                        tablespaces=restored.tablespaces, enable_subscriptions=sealed.disabled_subscriptions),
             summary="move the damaged directory aside, swap the restore in, archive its WAL",
             **opt.long_running(hb, timedelta(minutes=30))))
         state.swapped = True
@@ -156,11 +157,18 @@ class DatabaseCorruptionRecovery(Runbook):
 
         rto = service_restored_at - incident_started
         rpo = _data_loss_window(sealed, incident_started, replayed.last_commit_at)
-        self.steps.finish(f"Recovered. RTO {_short(rto)} (target {_short(objectives.rto)}), "
+        loss = _possible_loss(sealed, replayed.last_commit_at)
+        kept = (f" {len(sealed.unarchived_wal)} WAL segment(s) the stopped primary never archived were archived and "
+                "replayed from its pg_wal." if sealed.unarchived_wal else "")
+        subs = (f" Subscriptions disabled at the seal and enabled again: {', '.join(sealed.disabled_subscriptions)}."
+                if sealed.disabled_subscriptions else "")
+        self.steps.finish(("Recovered" if loss is None else f"Recovered WITH POSSIBLE DATA LOSS: {loss}")
+                          + f". RTO {_short(rto)} (target {_short(objectives.rto)}), "
                           f"RPO {_short(rpo)} (target {_short(objectives.rpo)}). New base backup {backup.backup_id}."
-                          + (f" Standby: {standby}." if standby else ""))
+                          + kept + subs + (f" Standby: {standby}." if standby else ""))
         return CorruptionRecoveryResult(
-            outcome="recovered", steps=self.steps.completed, approval=approval, backup_id=restored.backup_id,
+            outcome="recovered" if loss is None else "recovered_with_possible_loss", steps=self.steps.completed,
+            unarchived_wal=sealed.unarchived_wal, data_loss=loss, subscriptions=sealed.disabled_subscriptions, approval=approval, backup_id=restored.backup_id,
             recovered_row_counts=verified.row_counts, newest_recovered_commit_at=replayed.last_commit_at,
             damaged_data_dir=swapped.damaged_dir, rto_actual=rto, rpo_actual=rpo, standby=standby,
             timeline=replayed.timeline, followed_timeline=replayed.followed_timeline, **common)
@@ -243,11 +251,21 @@ def _data_loss_window(sealed: SealResult, incident_started: datetime,
     Otherwise the loss is bounded by the incident start and the newest commit
     the restore holds (unknown when no commit timestamp survived).
     """
-    if sealed.archived_through:
+    if sealed.archived_through or sealed.end_lsn:  # end_lsn: the replay was refused unless it reached it
         return timedelta(0)
     if newest_recovered is None:
         return None
     return max(incident_started - newest_recovered, timedelta(0))
+
+
+def _possible_loss(sealed: SealResult, newest_recovered: datetime | None) -> str | None:
+    """Why commits may be missing, or None when the replay was required to reach the primary's last WAL."""
+    if sealed.archived_through or sealed.end_lsn:
+        return None
+    why = sealed.wal_end_unknown or "the primary's own pg_wal could not be read"
+    return (f"the damaged primary was found stopped and the end of its WAL is unknown ({why}); commits after "
+            f"{newest_recovered.isoformat() if newest_recovered else 'the end of the archive'} may be lost. Its "
+            "moved-aside data directory is kept")
 
 
 def _short(delta: timedelta | None) -> str:

@@ -65,7 +65,9 @@ class DatabaseFailback(Runbook):
             ReplicationActivities.fence_primary, FenceRequest(incident_id=inp.incident_id, server="standby"),
             **opt.long_running(hb, timedelta(minutes=10))))
         promoted = await self.steps.run("promote old primary", workflow.execute_activity_method(
-            ReplicationActivities.promote_standby, PromoteRequest(server="primary", final_lsn=fenced.final_lsn),
+            ReplicationActivities.promote_standby,
+            PromoteRequest(server="primary", final_lsn=fenced.final_lsn,
+                           synchronous_standby_names=rejoined.synchronous_standby_names),
             **opt.long_running(hb, timedelta(minutes=10))))
         await self.steps.run("repoint and start application", self._repoint_and_start(inp, status, stopped))
         write = await self.steps.run("verify a write", workflow.execute_activity_method(
@@ -75,9 +77,11 @@ class DatabaseFailback(Runbook):
                                    f"primary on {status.port}", type=ErrorKind.WrongServer, non_retryable=True)
         standby = await self.steps.run("rejoin former standby", workflow.execute_activity_method(
             ReplicationActivities.rejoin_as_standby,
-            RejoinRequest(incident_id=inp.incident_id, server="standby", source="primary"),
+            RejoinRequest(incident_id=inp.incident_id, server="standby", source="primary",
+                          restore_synchronous_standby_names=promoted.synchronous_paused),
             **opt.long_running(hb)))
-        self.steps.finish("Original topology restored: primary serves, standby streams from it.")
+        self.steps.finish("Original topology restored: primary serves, standby streams from it."
+                          + (f" {standby.synchronous}." if standby.synchronous else ""))
         return DatabaseFailbackResult(
             incident_id=inp.incident_id, rejoined_old_primary=rejoined, fenced=fenced, promoted=promoted,
             write_check=write, rejoined_standby=standby, approval=approval, steps=self.steps.completed)

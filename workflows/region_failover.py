@@ -35,6 +35,7 @@ from models.region import (
     RegionRequest,
 )
 from workflows import _options as opt
+from workflows import database_lock
 from workflows._runbook import Runbook
 
 with workflow.unsafe.imports_passed_through():
@@ -46,6 +47,8 @@ with workflow.unsafe.imports_passed_through():
 # The self-managed path's fence became a recorded step ("fence old primary"): runs started before it
 # replay without the step's progress signal.
 FENCE_STEP = "region-failover-fence-step"
+# The self-managed path took the database lock: runs started before replay without it.
+REGION_LOCK = "region-failover-database-lock"
 
 
 
@@ -60,11 +63,23 @@ class RegionFailover(Runbook):
         """
         await self.prepare(inp.incident_id, PROCEDURE, inp.severity)
         started = inp.incident_started_at or workflow.info().start_time
-        hb = inp.heartbeat_timeout
         objectives = await workflow.execute_activity_method(
             PlaybookActivities.objectives_for, PROCEDURE, **opt.quick())
         plan = await self.steps.run("plan", workflow.execute_activity_method(
             RegionActivities.plan_region_failover, inp, summary="everything to change exists", **opt.quick()))
+        # The self-managed path fences and promotes this cluster's own servers: it holds the database lock
+        # (refused with DatabaseBusy, nothing changed, while a corruption recovery, a deletion recovery or a
+        # DatabaseFailover/Failback of the cluster runs). The RDS path changes RDS instances, not this cluster.
+        lock = None
+        if plan.database != "rds" and workflow.patched(REGION_LOCK):
+            lock = await database_lock.acquire(PROCEDURE, inp.incident_id)
+        try:
+            return await self._fail_over(inp, plan, started, objectives)
+        finally:
+            await database_lock.release(lock)
+
+    async def _fail_over(self, inp: RegionFailoverInput, plan, started, objectives) -> RegionFailoverResult:
+        hb = inp.heartbeat_timeout
         checks = PrimaryCheck(url=plan.primary_health_url, checks=inp.health_checks,
                               spacing_seconds=inp.health_check_spacing.total_seconds())
         await self.steps.run("verify primary is down", workflow.execute_activity_method(
