@@ -93,10 +93,14 @@ class BackupActivities:
             record = job.load()
             if record and job.exit_code() == 0:
                 self._prepare_data_dir(job.restore_dir)
-                return RestoreResult(restore_dir=str(restore_dir), backup_id=record["backup_id"],
-                                     launches=record["launches"], timeline=record.get("timeline"),
-                                     timeline_history=record.get("timeline_history", []),
-                                     tablespaces=record.get("tablespaces", []))
+                return RestoreResult(
+                    restore_dir=str(restore_dir),
+                    backup_id=record["backup_id"],
+                    launches=record["launches"],
+                    timeline=record.get("timeline"),
+                    timeline_history=record.get("timeline_history", []),
+                    tablespaces=record.get("tablespaces", []),
+                )
             if record and job.running_pid():
                 self._wait_for(job, record)
                 continue
@@ -108,29 +112,48 @@ class BackupActivities:
         history = self._history(timeline) if timeline else []
         backups = self.barman.list_backups()
         if not backups:
-            raise ApplicationError(f"no completed base backup in {self.barman.destination} for server "
-                                   f"{self.barman.server_name!r}; nothing was changed", type=ErrorKind.NoBackup,
-                                   non_retryable=True)
+            raise ApplicationError(
+                f"no completed base backup in {self.barman.destination} for server "
+                f"{self.barman.server_name!r}; nothing was changed",
+                type=ErrorKind.NoBackup,
+                non_retryable=True,
+            )
         candidates = [b for b in backups if b["backup_id"] == req.backup_id] if req.backup_id else backups
         if not candidates:
-            raise ApplicationError(f"backup {req.backup_id} is not in {self.barman.destination}", type=ErrorKind.NoBackup,
-                                   non_retryable=True)
+            raise ApplicationError(
+                f"backup {req.backup_id} is not in {self.barman.destination}",
+                type=ErrorKind.NoBackup,
+                non_retryable=True,
+            )
         chosen = backup_on_history(candidates, timeline, history) if timeline else candidates[-1]
         if chosen is None:
             path = ", ".join(f"timeline {b.parent} until {b.switchpoint}" for b in history) or "no ancestors"
-            found = ", ".join(f"{b['backup_id']} (timeline {b.get('timeline')}, ended {b.get('end_xlog')})"
-                              for b in candidates)
+            found = ", ".join(
+                f"{b['backup_id']} (timeline {b.get('timeline')}, ended {b.get('end_xlog')})" for b in candidates
+            )
             raise ApplicationError(
                 f"no completed base backup lies on production's timeline {timeline} ({path}); the archive has "
                 f"{found}. Take a base backup of production, or name one with backup_id; nothing was changed",
-                type=ErrorKind.NoBackupOnTimeline, non_retryable=True)
-        tablespaces = [Tablespace(name=name, oid=int(oid), location=location,
-                                  restored_to=f"{location.rstrip('/')}{restore_dir.name.removeprefix(self.server.data_dir.name)}")
-                       for name, oid, location in chosen.get("tablespaces") or []]
+                type=ErrorKind.NoBackupOnTimeline,
+                non_retryable=True,
+            )
+        tablespaces = [
+            Tablespace(
+                name=name,
+                oid=int(oid),
+                location=location,
+                restored_to=f"{location.rstrip('/')}{restore_dir.name.removeprefix(self.server.data_dir.name)}",
+            )
+            for name, oid, location in chosen.get("tablespaces") or []
+        ]
         self._check_tablespaces(chosen, tablespaces)
-        return {"backup_id": chosen["backup_id"], "launches": 0, "timeline": timeline,
-                "timeline_history": [b.model_dump() for b in history],
-                "tablespaces": [t.model_dump() for t in tablespaces]}
+        return {
+            "backup_id": chosen["backup_id"],
+            "launches": 0,
+            "timeline": timeline,
+            "timeline_history": [b.model_dump() for b in history],
+            "tablespaces": [t.model_dump() for t in tablespaces],
+        }
 
     def _check_tablespaces(self, backup: dict, tablespaces: list[Tablespace]) -> None:
         """Refuse a backup that lacks one of production's tablespaces: WAL replay would create it at
@@ -145,7 +168,9 @@ class BackupActivities:
                 f"backup {backup['backup_id']} was taken before tablespace(s) with OID {sorted(missing)} existed: "
                 "replaying their creation would write into production's tablespace directories. Take a new base "
                 "backup (barman-cloud-backup) and run again; nothing was changed",
-                type=ErrorKind.TablespaceNotInBackup, non_retryable=True)
+                type=ErrorKind.TablespaceNotInBackup,
+                non_retryable=True,
+            )
 
     def _history(self, timeline: int) -> list[TimelineBranch]:
         """Production's timeline history: from its own pg_wal, else from the archive; [] for timeline 1."""
@@ -160,20 +185,22 @@ class BackupActivities:
             try:
                 found = self.barman.fetch_wal_file(name, Path(tmp) / name)
             except RuntimeError as err:
-                raise ApplicationError(f"cannot read {name} from the archive: {err}",
-                                       type=ErrorKind.ArchiveUnreachable) from err
+                raise ApplicationError(
+                    f"cannot read {name} from the archive: {err}", type=ErrorKind.ArchiveUnreachable
+                ) from err
             if not found:
                 raise ApplicationError(
                     f"production is on timeline {timeline}, but {name} is neither in its pg_wal nor in "
                     f"{self.barman.destination}: the recovery cannot follow its history; nothing was changed",
-                    type=ErrorKind.TimelineHistoryMissing, non_retryable=True)
+                    type=ErrorKind.TimelineHistoryMissing,
+                    non_retryable=True,
+                )
             return parse_history((Path(tmp) / name).read_text())
 
     def _launch(self, job: RestoreJob, previous: dict) -> None:
         if previous["launches"]:  # a failed or killed copy: S3 still holds the backup
             self._remove_restored(job.restore_dir, previous.get("tablespaces", []))
-        record = {**previous, "launches": previous["launches"] + 1,
-                  "started_at": datetime.now(UTC).isoformat()}
+        record = {**previous, "launches": previous["launches"] + 1, "started_at": datetime.now(UTC).isoformat()}
         for stale in (job.exit_file, job.pid_file):
             stale.unlink(missing_ok=True)
         job.job_file.write_text(json.dumps(record))
@@ -182,14 +209,29 @@ class BackupActivities:
             self._make_server_dir(Path(tablespace.restored_to))
         # The shell records its PID and the exit code itself: both survive this worker's death.
         script = 'pidf=$1 exitf=$2; shift 2; echo $$ > "$pidf"; rc=0; "$@" || rc=$?; echo $rc > "$exitf"'
-        argv = run_as(self.server.os_user, [
-            "sh", "-c", script, "restore", str(job.pid_file), str(job.exit_file),
-            *self.barman.restore_argv(record["backup_id"], job.restore_dir,
-                                      {t.name: t.restored_to for t in tablespaces}),
-        ])
+        argv = run_as(
+            self.server.os_user,
+            [
+                "sh",
+                "-c",
+                script,
+                "restore",
+                str(job.pid_file),
+                str(job.exit_file),
+                *self.barman.restore_argv(
+                    record["backup_id"], job.restore_dir, {t.name: t.restored_to for t in tablespaces}
+                ),
+            ],
+        )
         with open(job.log_file, "ab") as log:
-            proc = subprocess.Popen(argv, env=self.barman.env(), stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                argv,
+                env=self.barman.env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         while True:
             try:
                 proc.wait(timeout=self.poll_seconds)
@@ -211,8 +253,9 @@ class BackupActivities:
         if code == 0:
             return
         tail = job.log_file.read_text(errors="replace")[-1500:] if job.log_file.exists() else ""
-        raise ApplicationError(f"barman-cloud-restore of {record['backup_id']} exited {code}: {tail}",
-                               type=ErrorKind.RestoreFailed)
+        raise ApplicationError(
+            f"barman-cloud-restore of {record['backup_id']} exited {code}: {tail}", type=ErrorKind.RestoreFailed
+        )
 
     def _prepare_data_dir(self, restore_dir: Path) -> None:
         """What barman-cloud-restore leaves to us: an empty pg_wal and mode 700 (idempotent)."""
@@ -258,8 +301,11 @@ class BackupActivities:
         timeline = req.timeline if req.timeline is not None else self.server.control_timeline()
         if not server.is_running():
             if not (restore_dir / "PG_VERSION").exists():
-                raise ApplicationError(f"{restore_dir} holds no restored cluster; restore it first",
-                                       type=ErrorKind.NothingToReplay, non_retryable=True)
+                raise ApplicationError(
+                    f"{restore_dir} holds no restored cluster; restore it first",
+                    type=ErrorKind.NothingToReplay,
+                    non_retryable=True,
+                )
             if req.local_wal_dir:
                 self._archive_unarchived(Path(req.local_wal_dir))
             self._write_recovery_config(restore_dir, req.target_xid, timeline, req.local_wal_dir)
@@ -268,11 +314,16 @@ class BackupActivities:
             if not server.is_running():
                 log = server.log_tail(40)
                 if ARCHIVE_UNREADABLE in log:
-                    raise ApplicationError("the WAL archive could not be read, so recovery stopped instead of "
-                                           "ending early; it resumes on the next attempt:" + log[-1500:],
-                                           type=ErrorKind.ArchiveUnreachable)
-                raise ApplicationError("recovery stopped before it was done; see the server log:" + log[-1500:],
-                                       type=ErrorKind.ReplayFailed, non_retryable=True)
+                    raise ApplicationError(
+                        "the WAL archive could not be read, so recovery stopped instead of "
+                        "ending early; it resumes on the next attempt:" + log[-1500:],
+                        type=ErrorKind.ArchiveUnreachable,
+                    )
+                raise ApplicationError(
+                    "recovery stopped before it was done; see the server log:" + log[-1500:],
+                    type=ErrorKind.ReplayFailed,
+                    non_retryable=True,
+                )
             state = recovery_state(server)
             if state and req.target_xid is not None and state.get("paused"):
                 return ReplayResult(port=server.port, timeline=0, end_lsn=state["lsn"], followed_timeline=timeline)
@@ -284,9 +335,14 @@ class BackupActivities:
                     server.stop()  # promoted but incomplete: nobody may write to it
                     raise
                 set_allow_connections(server, req.reopen_databases, allow=True)
-                return ReplayResult(port=server.port, timeline=state["timeline"], end_lsn=state["lsn"],
-                                    last_commit_at=state["last_commit_at"], followed_timeline=timeline,
-                                    recovery_end_lsn=recovery_end)
+                return ReplayResult(
+                    port=server.port,
+                    timeline=state["timeline"],
+                    end_lsn=state["lsn"],
+                    last_commit_at=state["last_commit_at"],
+                    followed_timeline=timeline,
+                    recovery_end_lsn=recovery_end,
+                )
             _heartbeat({"phase": "replaying", "port": server.port, **(state or {"lsn": "starting"})})
             time.sleep(self.poll_seconds)
 
@@ -295,21 +351,33 @@ class BackupActivities:
         its archive_command would have, oldest first: the archive is whole again for any later recovery.
         Its pg_wal is only read (the `.ready` files stay: they are evidence of what the archiver missed)."""
         try:
-            ready = sorted(p.name.removesuffix(".ready") for p in (wal / "archive_status").glob("*.ready")
-                           if _WAL_OR_HISTORY.fullmatch(p.name.removesuffix(".ready")))
+            ready = sorted(
+                p.name.removesuffix(".ready")
+                for p in (wal / "archive_status").glob("*.ready")
+                if _WAL_OR_HISTORY.fullmatch(p.name.removesuffix(".ready"))
+            )
         except OSError:
             return  # unreadable: restore_command still falls back to it file by file
         for i, segment in enumerate(ready):
-            _heartbeat({"phase": "archiving the stopped primary's unarchived WAL", "segment": segment,
-                        "done": i, "of": len(ready)})
+            _heartbeat(
+                {
+                    "phase": "archiving the stopped primary's unarchived WAL",
+                    "segment": segment,
+                    "done": i,
+                    "of": len(ready),
+                }
+            )
             try:
                 self.barman.archive_wal_file(wal / segment)
             except RuntimeError as err:
-                raise ApplicationError(f"could not archive {segment} from the stopped primary's pg_wal: {err}",
-                                       type=ErrorKind.ArchiveUnreachable) from err
+                raise ApplicationError(
+                    f"could not archive {segment} from the stopped primary's pg_wal: {err}",
+                    type=ErrorKind.ArchiveUnreachable,
+                ) from err
 
-    def _write_recovery_config(self, restore_dir: Path, target_xid: int | None, timeline: int | None,
-                               local_wal_dir: str | None = None) -> None:
+    def _write_recovery_config(
+        self, restore_dir: Path, target_xid: int | None, timeline: int | None, local_wal_dir: str | None = None
+    ) -> None:
         auto = restore_dir / "postgresql.auto.conf"
         current = auto.read_text() if auto.exists() else ""
         if RECOVERY_BEGIN not in current:
@@ -317,14 +385,20 @@ class BackupActivities:
             if target_xid is None:  # to the end of the archive, then a new primary that archives nothing yet
                 # and applies no subscription (it would consume production's slots on the publishers) until
                 # the swap makes it production: no logical-replication launcher at all.
-                target = ("recovery_target_action = 'promote'\narchive_mode = on\narchive_command = ''\n"
-                          "max_logical_replication_workers = 0\n")
+                target = (
+                    "recovery_target_action = 'promote'\narchive_mode = on\narchive_command = ''\n"
+                    "max_logical_replication_workers = 0\n"
+                )
             else:  # a side instance: just before the bad transaction, paused, read-only, archiving nothing
-                target = (f"recovery_target_xid = '{target_xid % 2**32}'\nrecovery_target_inclusive = off\n"
-                          "recovery_target_action = 'pause'\narchive_mode = off\n")
+                target = (
+                    f"recovery_target_xid = '{target_xid % 2**32}'\nrecovery_target_inclusive = off\n"
+                    "recovery_target_action = 'pause'\narchive_mode = off\n"
+                )
             follow = str(timeline) if timeline else "latest"
-            block = (f"\n{RECOVERY_BEGIN}\nrestore_command = '{restore_command}'\n"
-                     f"recovery_target_timeline = '{follow}'\n{target}{RECOVERY_END}\n")
+            block = (
+                f"\n{RECOVERY_BEGIN}\nrestore_command = '{restore_command}'\n"
+                f"recovery_target_timeline = '{follow}'\n{target}{RECOVERY_END}\n"
+            )
             write_as(self.server.os_user, auto, current + block)
         write_as(self.server.os_user, restore_dir / "recovery.signal", "")
 
@@ -349,12 +423,18 @@ class BackupActivities:
             self._strip_recovery_config(restore_dir)
             if data_dir.exists() and not damaged.exists():
                 if self.server.is_running():
-                    raise ApplicationError(f"a server still runs on {data_dir}; seal the primary first",
-                                           type=ErrorKind.PrimaryRunning, non_retryable=True)
+                    raise ApplicationError(
+                        f"a server still runs on {data_dir}; seal the primary first",
+                        type=ErrorKind.PrimaryRunning,
+                        non_retryable=True,
+                    )
                 data_dir.rename(damaged)
             if data_dir.exists():
-                raise ApplicationError(f"both {data_dir} and {damaged} exist; refusing to overwrite either",
-                                       type=ErrorKind.SwapConflict, non_retryable=True)
+                raise ApplicationError(
+                    f"both {data_dir} and {damaged} exist; refusing to overwrite either",
+                    type=ErrorKind.SwapConflict,
+                    non_retryable=True,
+                )
             if marker_path(data_dir).exists():  # the seal stays with the evidence it describes
                 marker_path(data_dir).rename(marker_path(damaged))
             for tablespace in req.tablespaces:
@@ -365,7 +445,9 @@ class BackupActivities:
         self._wait_archive_drained(data_dir)
         # The seal disabled them (WAL-logged, so disabled in the restore too): production applies again.
         set_subscriptions(self.server, req.enable_subscriptions, enable=True)
-        return SwapResult(data_dir=str(data_dir), damaged_dir=str(damaged), enabled_subscriptions=req.enable_subscriptions)
+        return SwapResult(
+            data_dir=str(data_dir), damaged_dir=str(damaged), enabled_subscriptions=req.enable_subscriptions
+        )
 
     def _wait_archive_drained(self, data_dir: Path, timeout: float = 300) -> None:
         """Wait until pg_wal/archive_status holds no .ready file: everything held back is archived."""
@@ -373,8 +455,11 @@ class BackupActivities:
         deadline = time.monotonic() + timeout
         while pending := sorted(p.name for p in status.glob("*.ready")):
             if time.monotonic() > deadline:
-                raise ApplicationError(f"{len(pending)} WAL files still wait to be archived after {timeout:.0f}s "
-                                       f"(first {pending[0]}); check archive_command", type=ErrorKind.ArchiveLagging)
+                raise ApplicationError(
+                    f"{len(pending)} WAL files still wait to be archived after {timeout:.0f}s "
+                    f"(first {pending[0]}); check archive_command",
+                    type=ErrorKind.ArchiveLagging,
+                )
             _heartbeat({"phase": "archiving held-back WAL", "pending": len(pending)})
             time.sleep(self.poll_seconds)
 
@@ -388,8 +473,10 @@ class BackupActivities:
             return "no restore was made"
         running = restore.is_running()
         restore.stop()
-        return (f"the restore in {restore.data_dir} was {'stopped' if running else 'not running'} and is kept for "
-                "inspection; it archived nothing")
+        return (
+            f"the restore in {restore.data_dir} was {'stopped' if running else 'not running'} and is kept for "
+            "inspection; it archived nothing"
+        )
 
     def _strip_recovery_config(self, restore_dir: Path) -> None:
         auto = restore_dir / "postgresql.auto.conf"
@@ -433,8 +520,13 @@ class BackupActivities:
             return BackupResult(backup_id=marker.read_text().strip())
         before = {b["backup_id"] for b in self.barman.list_backups()}
         argv = self.barman.backup_argv(self.server.host, self.server.port, self.server.superuser)
-        proc = subprocess.Popen(argv, env={**self.barman.env(), "PGPASSWORD": self.server.password or ""},
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            argv,
+            env={**self.barman.env(), "PGPASSWORD": self.server.password or ""},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         while True:
             try:
                 proc.wait(timeout=self.poll_seconds)
@@ -443,11 +535,10 @@ class BackupActivities:
                 _heartbeat({"phase": "backing up"})
         output = proc.stdout.read() if proc.stdout else ""
         if proc.returncode != 0:
-            raise ApplicationError(f"barman-cloud-backup exited {proc.returncode}: {output[-1500:]}",
-                                   type=ErrorKind.BackupFailed)
+            raise ApplicationError(
+                f"barman-cloud-backup exited {proc.returncode}: {output[-1500:]}", type=ErrorKind.BackupFailed
+            )
         new = [b["backup_id"] for b in self.barman.list_backups() if b["backup_id"] not in before]
         backup_id = new[-1] if new else "unknown"
         marker.write_text(backup_id)
         return BackupResult(backup_id=backup_id)
-
-

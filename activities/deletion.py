@@ -82,49 +82,80 @@ class DeletionActivities:
         """
         with self._connect(q.database) as conn, sql_errors(q.database):
             if conn.execute("SELECT to_regclass('public.audit_log')").fetchone()[0] is None:
-                raise refused(ErrorKind.NoAuditLog, f"{q.database} has no public.audit_log; install it with "
-                                                 "`drp audit install` (deletions before that cannot be traced)")
+                raise refused(
+                    ErrorKind.NoAuditLog,
+                    f"{q.database} has no public.audit_log; install it with "
+                    "`drp audit install` (deletions before that cannot be traced)",
+                )
             if conn.execute("SELECT current_setting('track_commit_timestamp')").fetchone()[0] != "on":
-                raise refused(ErrorKind.NoCommitTimestamps, "commit timestamps are unknown (track_commit_timestamp is "
-                                                         "off): neither the window nor the recovery target can be "
-                                                         "placed safely; nothing was changed")
+                raise refused(
+                    ErrorKind.NoCommitTimestamps,
+                    "commit timestamps are unknown (track_commit_timestamp is "
+                    "off): neither the window nor the recovery target can be "
+                    "placed safely; nothing was changed",
+                )
             if q.table:
                 resolve_table(conn, q.table, q.database)  # UnknownTable / AmbiguousTable
             if q.role and not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (q.role,)).fetchone():
                 raise refused(ErrorKind.UnknownRole, f"role {q.role!r} does not exist")
             audit = audit_filter(conn, q)
-            rows = conn.execute(sql.SQL(
-                "SELECT {schema}, {rel}, count(*), min(\"timestamp\"), array_agg(DISTINCT role_name), "
-                "array_agg(DISTINCT txid) FROM public.audit_log WHERE {where} GROUP BY 1, 2").format(
-                schema=audit.schema, rel=audit.rel, where=audit.where), audit.params).fetchall()
+            rows = conn.execute(
+                sql.SQL(
+                    'SELECT {schema}, {rel}, count(*), min("timestamp"), array_agg(DISTINCT role_name), '
+                    "array_agg(DISTINCT txid) FROM public.audit_log WHERE {where} GROUP BY 1, 2"
+                ).format(schema=audit.schema, rel=audit.rel, where=audit.where),
+                audit.params,
+            ).fetchall()
             if not rows:
-                raise refused(ErrorKind.NoDeletionsFound, f"no DELETE committed between {q.window_start} and "
-                                                       f"{q.window_end}{_filters(q)}; nothing was changed")
-            gone = [(r[0], r[1]) for r in rows if conn.execute(
-                "SELECT to_regclass(%s)", (display((r[0], r[1])),)).fetchone()[0] is None]
+                raise refused(
+                    ErrorKind.NoDeletionsFound,
+                    f"no DELETE committed between {q.window_start} and "
+                    f"{q.window_end}{_filters(q)}; nothing was changed",
+                )
+            gone = [
+                (r[0], r[1])
+                for r in rows
+                if conn.execute("SELECT to_regclass(%s)", (display((r[0], r[1])),)).fetchone()[0] is None
+            ]
             if gone:
-                raise refused(ErrorKind.UnknownTable, f"the audit log names {', '.join(map(display, gone))}, which no "
-                                                   f"longer exists in {q.database}: rows cannot go back to a dropped "
-                                                   "table (name the tables to recover with --table); nothing was "
-                                                   "changed")
+                raise refused(
+                    ErrorKind.UnknownTable,
+                    f"the audit log names {', '.join(map(display, gone))}, which no "
+                    f"longer exists in {q.database}: rows cannot go back to a dropped "
+                    "table (name the tables to recover with --table); nothing was "
+                    "changed",
+                )
             txids = sorted({t for r in rows for t in r[5]})
-            first = one(conn.execute(
-                "SELECT t, pg_xact_commit_timestamp((t %% 4294967296)::text::xid) AS at FROM unnest(%s::bigint[]) t "
-                "ORDER BY at NULLS LAST LIMIT 1", (txids,)))
+            first = one(
+                conn.execute(
+                    "SELECT t, pg_xact_commit_timestamp((t %% 4294967296)::text::xid) AS at "
+                    "FROM unnest(%s::bigint[]) t ORDER BY at NULLS LAST LIMIT 1",
+                    (txids,),
+                )
+            )
         if first[1] is None:
-            raise refused(ErrorKind.NoCommitTimestamps, "commit timestamps are unknown (track_commit_timestamp is off); "
-                                                     "the recovery target cannot be placed safely")
+            raise refused(
+                ErrorKind.NoCommitTimestamps,
+                "commit timestamps are unknown (track_commit_timestamp is off); "
+                "the recovery target cannot be placed safely",
+            )
         target_xid, target_at = first
         backups = [b for b in self.barman.list_backups() if datetime.fromisoformat(b["end_time_iso"]) < target_at]
         if not backups:
-            raise refused(ErrorKind.NoBackupBeforeTarget, f"the first deletion committed at {target_at}, before the oldest "
-                                                       f"base backup in {self.barman.destination} ended; point-in-time "
-                                                       "recovery cannot reach it. Nothing was changed.")
+            raise refused(
+                ErrorKind.NoBackupBeforeTarget,
+                f"the first deletion committed at {target_at}, before the oldest "
+                f"base backup in {self.barman.destination} ended; point-in-time "
+                "recovery cannot reach it. Nothing was changed.",
+            )
         return DeletionFindings(
             rows_by_table={display((r[0], r[1])): r[2] for r in rows},
             roles=sorted({role for r in rows for role in r[4]}),
-            first_deleted_at=min(r[3] for r in rows), target_xid=target_xid, target_commit_at=target_at,
-            backup_id=backups[-1]["backup_id"])
+            first_deleted_at=min(r[3] for r in rows),
+            target_xid=target_xid,
+            target_commit_at=target_at,
+            backup_id=backups[-1]["backup_id"],
+        )
 
     # --- containment ---------------------------------------------------------------
 
@@ -138,16 +169,27 @@ class DeletionActivities:
                 grants = conn.execute(
                     "SELECT table_schema, table_name, privilege_type FROM information_schema.role_table_grants"
                     " WHERE grantee = %s AND privilege_type = ANY(%s) AND table_schema NOT IN ('drp', 'pg_catalog')",
-                    (req.role, list(WRITE_PRIVILEGES))).fetchall()
+                    (req.role, list(WRITE_PRIVILEGES)),
+                ).fetchall()
                 for schema, table, privilege in grants:
-                    conn.execute("INSERT INTO drp.containment (incident_id, role_name, table_name, privilege) "
-                                 "VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                                 (req.incident_id, req.role, display((schema, table)), privilege))
-                    conn.execute(sql.SQL("REVOKE {} ON {} FROM {}").format(
-                        sql.SQL(privilege), ident((schema, table)), sql.Identifier(req.role)))
-                revoked = [tuple(r) for r in conn.execute(
-                    "SELECT table_name, privilege FROM drp.containment WHERE incident_id = %s AND role_name = %s "
-                    "ORDER BY 1, 2", (req.incident_id, req.role))]
+                    conn.execute(
+                        "INSERT INTO drp.containment (incident_id, role_name, table_name, privilege) "
+                        "VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                        (req.incident_id, req.role, display((schema, table)), privilege),
+                    )
+                    conn.execute(
+                        sql.SQL("REVOKE {} ON {} FROM {}").format(
+                            sql.SQL(privilege), ident((schema, table)), sql.Identifier(req.role)
+                        )
+                    )
+                revoked = [
+                    tuple(r)
+                    for r in conn.execute(
+                        "SELECT table_name, privilege FROM drp.containment WHERE incident_id = %s AND role_name = %s "
+                        "ORDER BY 1, 2",
+                        (req.incident_id, req.role),
+                    )
+                ]
                 conn.commit()
         if req.api_key_sha256:
             self._require_redis().sadd(BLOCKED_KEYS, req.api_key_sha256)
@@ -160,12 +202,20 @@ class DeletionActivities:
             with self._connect(req.database, autocommit=False) as conn, sql_errors(req.database):
                 conn.execute(BOOKKEEPING_SQL)
                 for table, privilege in conn.execute(
-                        "SELECT table_name, privilege FROM drp.containment WHERE incident_id = %s AND role_name = %s "
-                        "AND restored_at IS NULL", (req.incident_id, req.role)).fetchall():
-                    conn.execute(sql.SQL("GRANT {} ON {} TO {}").format(
-                        sql.SQL(privilege), ident(recorded(table)), sql.Identifier(req.role)))
-                conn.execute("UPDATE drp.containment SET restored_at = now() WHERE incident_id = %s AND "
-                             "role_name = %s AND restored_at IS NULL", (req.incident_id, req.role))
+                    "SELECT table_name, privilege FROM drp.containment WHERE incident_id = %s AND role_name = %s "
+                    "AND restored_at IS NULL",
+                    (req.incident_id, req.role),
+                ).fetchall():
+                    conn.execute(
+                        sql.SQL("GRANT {} ON {} TO {}").format(
+                            sql.SQL(privilege), ident(recorded(table)), sql.Identifier(req.role)
+                        )
+                    )
+                conn.execute(
+                    "UPDATE drp.containment SET restored_at = now() WHERE incident_id = %s AND "
+                    "role_name = %s AND restored_at IS NULL",
+                    (req.incident_id, req.role),
+                )
                 conn.commit()
         if req.api_key_sha256:
             self._require_redis().srem(BLOCKED_KEYS, req.api_key_sha256)
@@ -179,25 +229,33 @@ class DeletionActivities:
         The rows go to S3 only; what returns through Temporal is counts, a short sample and the evidence's
         address, whatever the size of the rows."""
         prefix = f"{self._evidence_prefix()}/{req.incident_id}"
-        with self._connect(req.query.database) as prod, self._side(req.query.database, req.side_port) as side, \
-                sql_errors(req.query.database):
+        with (
+            self._connect(req.query.database) as prod,
+            self._side(req.query.database, req.side_port) as side,
+            sql_errors(req.query.database),
+        ):
             recovery = recovery_set(prod, side, req.query)
             counts, sample = {}, {}
             for table, keys in recovery.keys.items():
                 _heartbeat(f"exporting {display(table)}")
-                with sql_errors(f"{display(table)} in the side instance"), \
-                        tempfile.SpooledTemporaryFile(max_size=8 << 20) as csv_file:
+                with (
+                    sql_errors(f"{display(table)} in the side instance"),
+                    tempfile.SpooledTemporaryFile(max_size=8 << 20) as csv_file,
+                ):
                     copy_csv(side, table, keys, csv_file)
                     sample[display(table)] = sample_rows(side, table, keys)
                     csv_file.seek(0)
-                    self.s3.put_object(Bucket=self._evidence_bucket(), Key=f"{prefix}/{object_name(table)}.csv",
-                                       Body=csv_file)
+                    self.s3.put_object(
+                        Bucket=self._evidence_bucket(), Key=f"{prefix}/{object_name(table)}.csv", Body=csv_file
+                    )
                 counts[table] = len(keys)
         return Extracted(
             rows_by_table={display(t): n for t, n in counts.items() if t in recovery.audit_tables},
             dependent_rows_by_table={display(t): n for t, n in counts.items() if t not in recovery.audit_tables},
-            not_in_side_instance=recovery.not_in_side, sample=sample,
-            evidence_uri=f"s3://{self._evidence_bucket()}/{prefix}/")
+            not_in_side_instance=recovery.not_in_side,
+            sample=sample,
+            evidence_uri=f"s3://{self._evidence_bucket()}/{prefix}/",
+        )
 
     # --- re-insert ----------------------------------------------------------------
 
@@ -208,11 +266,15 @@ class DeletionActivities:
         Only the columns that can be inserted are (generated columns are computed again; identity
         columns keep their values with OVERRIDING SYSTEM VALUE); rows are copied in batches, side
         instance to production, through this worker only."""
-        with self._connect(req.query.database, autocommit=False) as prod, \
-                self._side(req.query.database, req.side_port) as side, sql_errors(req.query.database):
+        with (
+            self._connect(req.query.database, autocommit=False) as prod,
+            self._side(req.query.database, req.side_port) as side,
+            sql_errors(req.query.database),
+        ):
             prod.execute(BOOKKEEPING_SQL)
-            done = prod.execute("SELECT result FROM drp.reinsertions WHERE incident_id = %s",
-                                (req.incident_id,)).fetchone()
+            done = prod.execute(
+                "SELECT result FROM drp.reinsertions WHERE incident_id = %s", (req.incident_id,)
+            ).fetchone()
             if done:  # committed by an earlier attempt
                 prod.rollback()
                 return Reinserted.model_validate(done[0])
@@ -226,16 +288,22 @@ class DeletionActivities:
                     cols = column_list(columns(prod, table, insertable=True))
                     inserted[name], lost = 0, []
                     for start in range(0, len(recovery.keys[table]), KEYS_PER_BATCH):
-                        batch = recovery.keys[table][start:start + KEYS_PER_BATCH]
+                        batch = recovery.keys[table][start : start + KEYS_PER_BATCH]
                         # As JSON text from server to server: values are never re-typed in Python.
-                        rows_json = side.execute(sql.SQL(
-                            "SELECT coalesce(jsonb_agg(to_jsonb(t)), '[]')::text FROM {} t WHERE ({}) IN "
-                            "(SELECT {} FROM jsonb_populate_recordset(NULL::{}, %s))").format(
-                            ident(table), column_list(pk), column_list(pk), ident(table)), (json.dumps(batch),)).fetchone()[0]
-                        back = prod.execute(sql.SQL(
-                            "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM "
-                            "jsonb_populate_recordset(NULL::{}, %s::jsonb) ON CONFLICT DO NOTHING RETURNING {}").format(
-                            ident(table), cols, cols, ident(table), column_list(pk)), (rows_json,)).fetchall()
+                        rows_json = side.execute(
+                            sql.SQL(
+                                "SELECT coalesce(jsonb_agg(to_jsonb(t)), '[]')::text FROM {} t WHERE ({}) IN "
+                                "(SELECT {} FROM jsonb_populate_recordset(NULL::{}, %s))"
+                            ).format(ident(table), column_list(pk), column_list(pk), ident(table)),
+                            (json.dumps(batch),),
+                        ).fetchone()[0]
+                        back = prod.execute(
+                            sql.SQL(
+                                "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM "
+                                "jsonb_populate_recordset(NULL::{}, %s::jsonb) ON CONFLICT DO NOTHING RETURNING {}"
+                            ).format(ident(table), cols, cols, ident(table), column_list(pk)),
+                            (rows_json,),
+                        ).fetchall()
                         rows = [{c: r[c] for c in pk} for r in json.loads(rows_json)]
                         inserted[name] += len(back)
                         got = {tuple(str(v) for v in r) for r in back}
@@ -245,23 +313,35 @@ class DeletionActivities:
                         conflicts[name] = lost[:MAX_CONFLICTS_LISTED]
                         conflict_counts[name] = len(lost)
             missing = count_missing(prod, recovery)
-            result = Reinserted(inserted_by_table=inserted, conflicts_by_table=conflicts,
-                                conflict_count_by_table=conflict_counts, missing_after_insert=missing)
-            prod.execute("INSERT INTO drp.reinsertions (incident_id, result) VALUES (%s, %s)",
-                         (req.incident_id, result.model_dump_json()))
+            result = Reinserted(
+                inserted_by_table=inserted,
+                conflicts_by_table=conflicts,
+                conflict_count_by_table=conflict_counts,
+                missing_after_insert=missing,
+            )
+            prod.execute(
+                "INSERT INTO drp.reinsertions (incident_id, result) VALUES (%s, %s)",
+                (req.incident_id, result.model_dump_json()),
+            )
             prod.commit()
         return result
 
     @activity.defn
     def verify_reinserted(self, req: ReinsertRequest) -> int:
         """Every key of the recovery set is in production again; returns how many are present."""
-        with self._connect(req.query.database) as prod, self._side(req.query.database, req.side_port) as side, \
-                sql_errors(req.query.database):
+        with (
+            self._connect(req.query.database) as prod,
+            self._side(req.query.database, req.side_port) as side,
+            sql_errors(req.query.database),
+        ):
             recovery = recovery_set(prod, side, req.query)
             missing = count_missing(prod, recovery)
         if missing:
-            raise ApplicationError(f"{missing} recovered rows are not in production after the re-insert",
-                                   type=ErrorKind.ReinsertIncomplete, non_retryable=True)
+            raise ApplicationError(
+                f"{missing} recovered rows are not in production after the re-insert",
+                type=ErrorKind.ReinsertIncomplete,
+                non_retryable=True,
+            )
         return sum(len(keys) for keys in recovery.keys.values())
 
     # --- helpers --------------------------------------------------------------------
@@ -271,8 +351,9 @@ class DeletionActivities:
             return self.server.connect(database, autocommit=autocommit)
         except psycopg.OperationalError as err:
             if "does not exist" in str(err):
-                raise refused(ErrorKind.UnknownDatabase,
-                              f"database {database!r} does not exist; nothing was changed") from err
+                raise refused(
+                    ErrorKind.UnknownDatabase, f"database {database!r} does not exist; nothing was changed"
+                ) from err
             raise
 
     def _require_redis(self):
@@ -290,9 +371,7 @@ class DeletionActivities:
         return urlparse(self.evidence_destination).path.strip("/")
 
 
-
 def _filters(q: DeletionQuery) -> str:
-    return "".join(f" {k} {v}" for k, v in (("on table", q.table and str(q.table)),
-                                             ("by role", q.role and repr(q.role))) if v)
-
-
+    return "".join(
+        f" {k} {v}" for k, v in (("on table", q.table and str(q.table)), ("by role", q.role and repr(q.role))) if v
+    )

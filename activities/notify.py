@@ -49,21 +49,32 @@ class NotifyActivities:
         network errors are retried.
         """
         if self.redis is None:
-            raise refused(ErrorKind.NoRedis, "notifications need redis_url: the delivery ledger that prevents double posts "
-                                  "lives there")
+            raise refused(
+                ErrorKind.NoRedis,
+                "notifications need redis_url: the delivery ledger that prevents double posts lives there",
+            )
         recorded = self.redis.get(LEDGER_PREFIX + n.key)
         if recorded is not None:
             return Delivery.model_validate_json(recorded).model_copy(update={"already_sent": True})
         channel = self.playbook.communication.channels.get(n.channel)
         if channel is None:
-            raise refused(ErrorKind.UnknownChannel, f"channel {n.channel!r} is not in the playbook's communication.channels")
+            raise refused(
+                ErrorKind.UnknownChannel, f"channel {n.channel!r} is not in the playbook's communication.channels"
+            )
         context = {"status_page_url": self.settings.status_page_public_url, "alerts": "-", **n.context}
         templates = self.playbook.communication.templates
         message = render(n.kind, templates.get(f"{n.kind}.{context.get('severity')}", templates[n.kind]), context)
-        reference = {"slack": self._slack, "email": self._email, "sns": self._sns,
-                     "statuspage": self._statuspage}[channel.kind](n, channel, message)
-        delivery = Delivery(key=n.key, channel=n.channel, kind=n.kind, subject=message.subject,
-                            sent_at=datetime.now(UTC), reference=reference)
+        reference = {"slack": self._slack, "email": self._email, "sns": self._sns, "statuspage": self._statuspage}[
+            channel.kind
+        ](n, channel, message)
+        delivery = Delivery(
+            key=n.key,
+            channel=n.channel,
+            kind=n.kind,
+            subject=message.subject,
+            sent_at=datetime.now(UTC),
+            reference=reference,
+        )
         self.redis.set(LEDGER_PREFIX + n.key, delivery.model_dump_json(), ex=self.settings.ledger_ttl_days * 86400)
         activity.logger.info("notification sent", extra={"key": n.key, "channel": n.channel})
         return delivery
@@ -91,10 +102,13 @@ class NotifyActivities:
                     smtp.login(s.smtp_username, s.smtp_password.get_secret_value())
                 smtp.send_message(mail)
         except smtplib.SMTPRecipientsRefused as err:
-            raise refused(ErrorKind.ChannelRejected, f"{n.channel}: the SMTP server refused {sorted(err.recipients)}") from err
+            raise refused(
+                ErrorKind.ChannelRejected, f"{n.channel}: the SMTP server refused {sorted(err.recipients)}"
+            ) from err
         except smtplib.SMTPAuthenticationError as err:
-            raise refused(ErrorKind.ChannelRejected, f"{n.channel}: SMTP login refused; check smtp_username/smtp_password") \
-                from err
+            raise refused(
+                ErrorKind.ChannelRejected, f"{n.channel}: SMTP login refused; check smtp_username/smtp_password"
+            ) from err
         return mail["Message-ID"]
 
     def _sns(self, n: Notification, channel: Channel, message: RenderedMessage) -> str:
@@ -105,17 +119,30 @@ class NotifyActivities:
         if topic.endswith(".fifo"):
             extra = {"MessageGroupId": n.incident_id, "MessageDeduplicationId": _digest(n.key)[:64]}
         subject = " ".join(message.subject.split())[:100]  # SNS: one line, at most 100 characters
-        return self.sns.publish(TopicArn=topic, Subject=subject, Message=message.body, MessageAttributes={
-            "incident_id": {"DataType": "String", "StringValue": n.incident_id},
-            "idempotency_key": {"DataType": "String", "StringValue": n.key}}, **extra)["MessageId"]
+        return self.sns.publish(
+            TopicArn=topic,
+            Subject=subject,
+            Message=message.body,
+            MessageAttributes={
+                "incident_id": {"DataType": "String", "StringValue": n.incident_id},
+                "idempotency_key": {"DataType": "String", "StringValue": n.key},
+            },
+            **extra,
+        )["MessageId"]
 
     def _statuspage(self, n: Notification, channel: Channel, message: RenderedMessage) -> str:
         api = _required(self.settings.status_page_api, "status_page_api", n.channel)
         token = _required(self.settings.status_page_token, "status_page_token", n.channel)
         try:
-            return statuspage.open_or_update(self.http, api, token.get_secret_value(), n.incident_id,
-                                             n.context.get("title", n.incident_id), message.body,
-                                             status=n.status_page_status)
+            return statuspage.open_or_update(
+                self.http,
+                api,
+                token.get_secret_value(),
+                n.incident_id,
+                n.context.get("title", n.incident_id),
+                message.body,
+                status=n.status_page_status,
+            )
         except httpx.HTTPStatusError as err:
             _raise_for(err.response, n.channel)
             raise
@@ -138,4 +165,3 @@ def _raise_for(resp: httpx.Response, channel: str) -> None:
 
 def _digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
-

@@ -11,8 +11,14 @@ from models.platform import AppHealth, AppStopped, StartAppRequest, StopAppReque
 
 
 class PlatformActivities:
-    def __init__(self, platform: AppPlatform, http: httpx.Client, health_url: str, critical_url: str,
-                 write_check_url: str | None = None):
+    def __init__(
+        self,
+        platform: AppPlatform,
+        http: httpx.Client,
+        health_url: str,
+        critical_url: str,
+        write_check_url: str | None = None,
+    ):
         self.platform = platform
         self.http = http
         self.health_url = health_url
@@ -43,11 +49,17 @@ class PlatformActivities:
         except httpx.HTTPError as err:
             raise ApplicationError(f"application not answering: {err}", type=ErrorKind.AppUnhealthy) from err
         if health.status_code != 200 or critical.status_code != 200:
-            raise ApplicationError(f"application unhealthy: {self.health_url} -> {health.status_code}, "
-                                   f"{self.critical_url} -> {critical.status_code}", type=ErrorKind.AppUnhealthy)
+            raise ApplicationError(
+                f"application unhealthy: {self.health_url} -> {health.status_code}, "
+                f"{self.critical_url} -> {critical.status_code}",
+                type=ErrorKind.AppUnhealthy,
+            )
         items = critical.json()
-        return AppHealth(health_status=health.status_code, critical_status=critical.status_code,
-                         critical_items=len(items) if isinstance(items, list) else 0)
+        return AppHealth(
+            health_status=health.status_code,
+            critical_status=critical.status_code,
+            critical_items=len(items) if isinstance(items, list) else 0,
+        )
 
     @activity.defn
     def repoint_application(self, req: RepointRequest) -> None:
@@ -64,6 +76,8 @@ class PlatformActivities:
         except httpx.HTTPError as err:
             raise ApplicationError(f"application not answering: {err}", type=ErrorKind.AppUnhealthy) from err
         if resp.status_code != 201:
-            raise ApplicationError(f"write through the application failed: {resp.status_code} {resp.text[:200]}",
-                                   type=ErrorKind.AppUnhealthy)
+            raise ApplicationError(
+                f"write through the application failed: {resp.status_code} {resp.text[:200]}",
+                type=ErrorKind.AppUnhealthy,
+            )
         return WriteCheck(status=resp.status_code, served_by_port=resp.json()["server_port"])

@@ -68,9 +68,12 @@ class PostgresActivities:
         with conn:
             exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (req.database,)).fetchone()
         if not exists:
-            raise ApplicationError(f"database {req.database!r} does not exist on {self.server.host}:"
-                                   f"{self.server.port}; nothing was changed", type=ErrorKind.UnknownDatabase,
-                                   non_retryable=True)
+            raise ApplicationError(
+                f"database {req.database!r} does not exist on {self.server.host}:"
+                f"{self.server.port}; nothing was changed",
+                type=ErrorKind.UnknownDatabase,
+                non_retryable=True,
+            )
         return self._inspect(self.server, req.database)
 
     def _inspect(self, server: PgServer, database: str) -> Assessment:
@@ -90,8 +93,14 @@ class PostgresActivities:
             _heartbeat("pg_amcheck")
             # The database as a positional connection string: pg_amcheck's -d takes a pattern, which
             # folds case and reads *, ? and . as wildcards and separators.
-            check = server.tool("pg_amcheck", *server.connection_args(), make_conninfo(dbname=database),
-                                "--heapallindexed", check=False, timeout=3600)
+            check = server.tool(
+                "pg_amcheck",
+                *server.connection_args(),
+                make_conninfo(dbname=database),
+                "--heapallindexed",
+                check=False,
+                timeout=3600,
+            )
             for header, detail in amcheck_reports(check.stdout + check.stderr):
                 findings.append(f"{header} {detail}".strip())
                 table = table_of(header, database, rows)
@@ -227,10 +236,8 @@ class PostgresActivities:
                 terminate_others(ctl, keep=[conn.info.backend_pid], progress=_heartbeat)
                 counts, unlogged = row_counts(conn, skip=set(req.skip_tables))
                 last_commit = conn.execute("SELECT timestamp FROM pg_last_committed_xact()").fetchone()
-                timeline = int(conn.execute(
-                    "SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()[0][:8], 16)
-                end_lsn, segment = one(conn.execute(
-                    "SELECT s::text, pg_walfile_name(s) FROM pg_switch_wal() s"))
+                timeline = int(conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()[0][:8], 16)
+                end_lsn, segment = one(conn.execute("SELECT s::text, pg_walfile_name(s) FROM pg_switch_wal() s"))
                 self._wait_archived(conn, segment)
         result = SealResult(
             was_running=True,
@@ -325,9 +332,11 @@ class PostgresActivities:
             if last and last[:24] >= segment:  # same timeline: names sort by position
                 return
             if time.monotonic() > deadline:
-                raise ApplicationError(f"WAL segment {segment} not archived after {self.archive_wait_seconds:.0f}s "
-                                       f"(last archived {last}, last failed {failed}); check archive_command",
-                                       type=ErrorKind.ArchiveLagging)
+                raise ApplicationError(
+                    f"WAL segment {segment} not archived after {self.archive_wait_seconds:.0f}s "
+                    f"(last archived {last}, last failed {failed}); check archive_command",
+                    type=ErrorKind.ArchiveLagging,
+                )
             _heartbeat(f"waiting for {segment} to be archived")
             time.sleep(0.5)
 
@@ -351,19 +360,28 @@ class PostgresActivities:
             if got != want:
                 problems.append(f"{table}: {got} rows restored, {want} expected")
         if problems:
-            raise ApplicationError("restored database failed verification; production is untouched and the "
-                                   "restore is kept for inspection: " + "; ".join(problems),
-                                   type=ErrorKind.VerificationFailed, non_retryable=True)
+            raise ApplicationError(
+                "restored database failed verification; production is untouched and the "
+                "restore is kept for inspection: " + "; ".join(problems),
+                type=ErrorKind.VerificationFailed,
+                non_retryable=True,
+            )
         try:
             with server.connect(req.database, autocommit=False) as conn:
                 conn.execute("CREATE TABLE drp_write_probe (id int)")  # proves the server takes writes
                 conn.execute("INSERT INTO drp_write_probe VALUES (1)")
                 conn.rollback()  # and leaves nothing behind
         except psycopg.Error as err:
-            raise ApplicationError(f"restored server refuses writes: {err}", type=ErrorKind.VerificationFailed,
-                                   non_retryable=True) from err
-        checks = ["not in recovery", "pg_dump --schema-only", "pg_dump of every table",
-                  "no checksum failures", "accepts writes"]
+            raise ApplicationError(
+                f"restored server refuses writes: {err}", type=ErrorKind.VerificationFailed, non_retryable=True
+            ) from err
+        checks = [
+            "not in recovery",
+            "pg_dump --schema-only",
+            "pg_dump of every table",
+            "no checksum failures",
+            "accepts writes",
+        ]
         if assessment.amcheck_available:
             checks.insert(1, "pg_amcheck --heapallindexed")
         if req.baseline_row_counts or req.expected_row_counts:
@@ -384,5 +402,3 @@ def _enabled_subscriptions(conn: psycopg.Connection) -> list[str]:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat()
-
-

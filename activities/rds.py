@@ -30,7 +30,7 @@ class RdsActivities:
 
     @activity.defn
     def database_target(self) -> str:
-        """"rds" when this worker has RDS settings (the failover promotes an RDS read replica), else
+        """ "rds" when this worker has RDS settings (the failover promotes an RDS read replica), else
         "self-managed" (the settings' streaming standby).
         """
         return "rds" if self.config else "self-managed"
@@ -42,19 +42,33 @@ class RdsActivities:
             instance = self.rds.describe_db_instances(DBInstanceIdentifier=self.settings.replica_id)["DBInstances"][0]
         except ClientError as err:
             if err.response["Error"]["Code"] == "DBInstanceNotFound":
-                raise ApplicationError(f"RDS instance {self.settings.replica_id!r} not found in {self.settings.region}",
-                                       type=ErrorKind.UnknownReplica, non_retryable=True) from err
+                raise ApplicationError(
+                    f"RDS instance {self.settings.replica_id!r} not found in {self.settings.region}",
+                    type=ErrorKind.UnknownReplica,
+                    non_retryable=True,
+                ) from err
             raise
         lag = replica_lag_seconds(self.cloudwatch, self.settings.replica_id)
         if lag is not None and lag > req.max_lag_seconds and not req.override:
-            raise ApplicationError(f"replica {self.settings.replica_id} lags {lag:.0f}s (allowed "
-                                   f"{req.max_lag_seconds:.0f}s); start again with override_lag=true if a person "
-                                   "accepts that loss", type=ErrorKind.StandbyLagging, non_retryable=True)
+            raise ApplicationError(
+                f"replica {self.settings.replica_id} lags {lag:.0f}s (allowed "
+                f"{req.max_lag_seconds:.0f}s); start again with override_lag=true if a person "
+                "accepts that loss",
+                type=ErrorKind.StandbyLagging,
+                non_retryable=True,
+            )
         endpoint = instance.get("Endpoint") or {}
-        return StandbyStatus(host=endpoint.get("Address", ""), port=endpoint.get("Port", 5432),
-                             in_recovery=bool(instance.get("ReadReplicaSourceDBInstanceIdentifier")), streaming=True,
-                             timeline=0, receive_lsn=None, replay_lsn=None, primary_reachable=False,
-                             lag_seconds=lag)
+        return StandbyStatus(
+            host=endpoint.get("Address", ""),
+            port=endpoint.get("Port", 5432),
+            in_recovery=bool(instance.get("ReadReplicaSourceDBInstanceIdentifier")),
+            streaming=True,
+            timeline=0,
+            receive_lsn=None,
+            replay_lsn=None,
+            primary_reachable=False,
+            lag_seconds=lag,
+        )
 
     @activity.defn
     def promote_rds(self) -> Promoted:
@@ -62,5 +76,6 @@ class RdsActivities:
         (`already_primary`). UnknownReplica (non-retryable) when the instance does not exist.
         """
         promoted = promote_read_replica(self.rds, self.settings.replica_id)
-        return Promoted(timeline=0, promoted_at_lsn="n/a (RDS)", lost_bytes=None,
-                        already_primary=promoted.already_promoted)
+        return Promoted(
+            timeline=0, promoted_at_lsn="n/a (RDS)", lost_bytes=None, already_primary=promoted.already_promoted
+        )

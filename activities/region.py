@@ -42,8 +42,17 @@ from models.region import (
 
 
 class RegionActivities:
-    def __init__(self, config: FailoverSettings | None, rds: dict, cloudwatch: dict, route53, sns,
-                 clusters: dict[str, KubernetesPlatform], http: httpx.Client, standby: PgServer | None = None):
+    def __init__(
+        self,
+        config: FailoverSettings | None,
+        rds: dict,
+        cloudwatch: dict,
+        route53,
+        sns,
+        clusters: dict[str, KubernetesPlatform],
+        http: httpx.Client,
+        standby: PgServer | None = None,
+    ):
         self.config = config
         self.standby = standby  # the self-managed path's streaming standby (settings `standby`), if any
         self.rds, self.cloudwatch, self.route53, self.sns = rds, cloudwatch, route53, sns
@@ -54,8 +63,9 @@ class RegionActivities:
     def settings(self) -> FailoverSettings:
         """The failover settings; a worker without them refuses every region step (non-retryable)."""
         if self.config is None:
-            raise refused(ErrorKind.FailoverNotConfigured,
-                          "this worker has no `failover` settings (regions, hosted zone)")
+            raise refused(
+                ErrorKind.FailoverNotConfigured, "this worker has no `failover` settings (regions, hosted zone)"
+            )
         return self.config
 
     @activity.defn
@@ -70,29 +80,43 @@ class RegionActivities:
         A self-managed failover promoted the settings' streaming standby: there is no RDS instance to
         replicate home, so this runbook refuses at once and names the one that brings that database home."""
         if self.config is not None and self.config.database == "self-managed":
-            raise refused(ErrorKind.FailbackNotSupported,
-                       f"RegionFailback replicates an RDS instance home, but failover.database is self-managed: "
-                       f"the failover promoted the streaming standby, and no RDS instance exists to replicate. "
-                       f"Nothing was changed. The database comes home with DatabaseFailback (python -m "
-                       f"starters.db_failback --incident {inp.incident_id}: rewinds the old primary and switches "
-                       f"back); then point {self.settings.record_name} home and scale the regions.")
+            raise refused(
+                ErrorKind.FailbackNotSupported,
+                f"RegionFailback replicates an RDS instance home, but failover.database is self-managed: "
+                f"the failover promoted the streaming standby, and no RDS instance exists to replicate. "
+                f"Nothing was changed. The database comes home with DatabaseFailback (python -m "
+                f"starters.db_failback --incident {inp.incident_id}: rewinds the old primary and switches "
+                f"back); then point {self.settings.record_name} home and scale the regions.",
+            )
         serving = self._plan(inp.serving_region, replica_must_exist=True)
         home = self._plan(self.settings.primary_region, replica_must_exist=False)  # the failback creates it
-        return FailbackPlan(home=home, serving_region=inp.serving_region, serving_instance=serving.replica_id,
-                            serving_task_queue=serving.task_queue)
+        return FailbackPlan(
+            home=home,
+            serving_region=inp.serving_region,
+            serving_instance=serving.replica_id,
+            serving_task_queue=serving.task_queue,
+        )
 
     def _plan(self, region_name: str, replica_must_exist: bool) -> RegionPlan:
         if self.config is None:
-            raise refused(ErrorKind.FailoverNotConfigured, "this worker has no `failover` settings (regions, hosted zone)")
+            raise refused(
+                ErrorKind.FailoverNotConfigured, "this worker has no `failover` settings (regions, hosted zone)"
+            )
         region = self.settings.regions.get(region_name)
         if region is None:
-            raise refused(ErrorKind.UnknownRegion, f"region {region_name!r} is not configured; known: "
-                                        f"{', '.join(sorted(self.settings.regions)) or 'none'}")
+            raise refused(
+                ErrorKind.UnknownRegion,
+                f"region {region_name!r} is not configured; known: "
+                f"{', '.join(sorted(self.settings.regions)) or 'none'}",
+            )
         replica_id = region.rds_replica_id
         if self.settings.database == "self-managed":
             if self.standby is None:
-                raise refused(ErrorKind.NoStandby, "failover.database is self-managed but this worker has no standby "
-                                        "(settings: standby.port, standby.data_dir); nothing was changed")
+                raise refused(
+                    ErrorKind.NoStandby,
+                    "failover.database is self-managed but this worker has no standby "
+                    "(settings: standby.port, standby.data_dir); nothing was changed",
+                )
             replica_id = f"the standby {self.standby.host}:{self.standby.port}"
         elif replica_must_exist:
             describe_instance(self.rds[region_name], region.rds_replica_id, region_name)
@@ -100,21 +124,32 @@ class RegionActivities:
             zone = self.route53.get_hosted_zone(Id=self.settings.hosted_zone_id)["HostedZone"]
         except ClientError as err:
             if err.response["Error"]["Code"] == "NoSuchHostedZone":
-                raise refused(ErrorKind.UnknownHostedZone, f"hosted zone {self.settings.hosted_zone_id!r} not found") from err
+                raise refused(
+                    ErrorKind.UnknownHostedZone, f"hosted zone {self.settings.hosted_zone_id!r} not found"
+                ) from err
             raise
         if not in_zone(self.settings.record_name, zone["Name"]):
-            raise refused(ErrorKind.RecordOutsideZone, f"record {self.settings.record_name!r} is not in hosted zone "
-                                            f"{zone['Name'].rstrip('.')!r} ({self.settings.hosted_zone_id}): Route53 "
-                                            "would reject the change; fix failover.record_name or hosted_zone_id. "
-                                            "Nothing was changed.")
-        return RegionPlan(backup_region=region_name, task_queue=region.task_queue, database=self.settings.database,
-                          primary_health_url=self.settings.primary_health_url,
-                          max_lag_seconds=self.settings.max_replica_lag_seconds,
-                          replica_id=replica_id, hosted_zone_id=self.settings.hosted_zone_id,
-                          record_name=self.settings.record_name,
-                          new_target=region.load_balancer_dns or ", ".join(region.load_balancer_ips),
-                          deployment=f"{region.kubernetes.namespace}/{region.kubernetes.deployment}",
-                          replicas=region.replicas, health_url=region.health_url)
+            raise refused(
+                ErrorKind.RecordOutsideZone,
+                f"record {self.settings.record_name!r} is not in hosted zone "
+                f"{zone['Name'].rstrip('.')!r} ({self.settings.hosted_zone_id}): Route53 "
+                "would reject the change; fix failover.record_name or hosted_zone_id. "
+                "Nothing was changed.",
+            )
+        return RegionPlan(
+            backup_region=region_name,
+            task_queue=region.task_queue,
+            database=self.settings.database,
+            primary_health_url=self.settings.primary_health_url,
+            max_lag_seconds=self.settings.max_replica_lag_seconds,
+            replica_id=replica_id,
+            hosted_zone_id=self.settings.hosted_zone_id,
+            record_name=self.settings.record_name,
+            new_target=region.load_balancer_dns or ", ".join(region.load_balancer_ips),
+            deployment=f"{region.kubernetes.namespace}/{region.kubernetes.deployment}",
+            replicas=region.replicas,
+            health_url=region.health_url,
+        )
 
     @activity.defn
     def create_home_replica(self, plan: FailbackPlan) -> HomeReplica:
@@ -126,13 +161,16 @@ class RegionActivities:
         except ClientError as err:
             if err.response["Error"]["Code"] != "DBInstanceNotFound":
                 raise
-            source = describe_instance(self.rds[plan.serving_region], plan.serving_instance,
-                                       plan.serving_region)["DBInstanceArn"]
-            home.create_db_instance_read_replica(DBInstanceIdentifier=plan.home.replica_id,
-                                                 SourceDBInstanceIdentifier=source)
+            source = describe_instance(self.rds[plan.serving_region], plan.serving_instance, plan.serving_region)[
+                "DBInstanceArn"
+            ]
+            home.create_db_instance_read_replica(
+                DBInstanceIdentifier=plan.home.replica_id, SourceDBInstanceIdentifier=source
+            )
             created = True
-        home.get_waiter("db_instance_available").wait(DBInstanceIdentifier=plan.home.replica_id,
-                                                       WaiterConfig={"Delay": 5, "MaxAttempts": 360})
+        home.get_waiter("db_instance_available").wait(
+            DBInstanceIdentifier=plan.home.replica_id, WaiterConfig={"Delay": 5, "MaxAttempts": 360}
+        )
         return HomeReplica(replica_id=plan.home.replica_id, created=created)
 
     @activity.defn
@@ -149,8 +187,11 @@ class RegionActivities:
             except httpx.HTTPError:
                 status = None
             if status is not None and status < 400:
-                raise refused(ErrorKind.PrimaryHealthy, f"primary appears healthy ({req.url} answered {status} on check {n} of "
-                                             f"{req.checks}); aborting failover, nothing was changed")
+                raise refused(
+                    ErrorKind.PrimaryHealthy,
+                    f"primary appears healthy ({req.url} answered {status} on check {n} of "
+                    f"{req.checks}); aborting failover, nothing was changed",
+                )
             activity.heartbeat(f"check {n}/{req.checks}: {status or 'no answer'}")
             if n < req.checks:
                 time.sleep(req.spacing_seconds)
@@ -161,9 +202,12 @@ class RegionActivities:
         """The replica's newest ReplicaLag datapoint (CloudWatch); refuse a lagging replica unless overridden."""
         lag = replica_lag_seconds(self.cloudwatch[req.region], req.replica_id)
         if lag is not None and lag > req.max_lag_seconds and not req.override:
-            raise refused(ErrorKind.ReplicaLagging, f"replica {req.replica_id} lags {lag:.0f}s (allowed {req.max_lag_seconds:.0f}s)"
-                                         "; promoting it would lose those writes. Start again with override_lag=true "
-                                         "if a person accepts that loss.")
+            raise refused(
+                ErrorKind.ReplicaLagging,
+                f"replica {req.replica_id} lags {lag:.0f}s (allowed {req.max_lag_seconds:.0f}s)"
+                "; promoting it would lose those writes. Start again with override_lag=true "
+                "if a person accepts that loss.",
+            )
         return lag
 
     @activity.defn
@@ -184,8 +228,11 @@ class RegionActivities:
         if region.load_balancer_ips:
             record.update(TTL=60, ResourceRecords=[{"Value": ip} for ip in region.load_balancer_ips])
         else:
-            record["AliasTarget"] = {"HostedZoneId": region.load_balancer_zone_id,
-                                     "DNSName": region.load_balancer_dns, "EvaluateTargetHealth": True}
+            record["AliasTarget"] = {
+                "HostedZoneId": region.load_balancer_zone_id,
+                "DNSName": region.load_balancer_dns,
+                "EvaluateTargetHealth": True,
+            }
         earlier = _submitted_change(activity.info().heartbeat_details, record)
         if earlier is not None:
             return self._wait_insync({"Id": earlier, "Status": "PENDING"}, record, resumed=True)
@@ -195,12 +242,17 @@ class RegionActivities:
         try:
             change = self.route53.change_resource_record_sets(
                 HostedZoneId=self.settings.hosted_zone_id,
-                ChangeBatch={"Comment": f"drp failover {req.incident_id}",
-                             "Changes": [{"Action": "UPSERT", "ResourceRecordSet": record}]})["ChangeInfo"]
+                ChangeBatch={
+                    "Comment": f"drp failover {req.incident_id}",
+                    "Changes": [{"Action": "UPSERT", "ResourceRecordSet": record}],
+                },
+            )["ChangeInfo"]
         except ClientError as err:
             if err.response["Error"]["Code"] in ("InvalidChangeBatch", "InvalidInput", "NoSuchHostedZone"):
-                raise refused(ErrorKind.DnsChangeRejected, f"Route53 rejected the change of {self.settings.record_name}: "
-                                                f"{err.response['Error']['Message']}") from err
+                raise refused(
+                    ErrorKind.DnsChangeRejected,
+                    f"Route53 rejected the change of {self.settings.record_name}: {err.response['Error']['Message']}",
+                ) from err
             raise
         return self._wait_insync(change, record, resumed=False)
 
@@ -215,8 +267,9 @@ class RegionActivities:
 
     def _current_record(self) -> dict | None:
         name = self.settings.record_name.rstrip(".").lower()
-        sets = self.route53.list_resource_record_sets(HostedZoneId=self.settings.hosted_zone_id, StartRecordName=name,
-                                                      StartRecordType="A", MaxItems="1")["ResourceRecordSets"]
+        sets = self.route53.list_resource_record_sets(
+            HostedZoneId=self.settings.hosted_zone_id, StartRecordName=name, StartRecordType="A", MaxItems="1"
+        )["ResourceRecordSets"]
         if sets and sets[0]["Name"].rstrip(".").lower() == name and sets[0]["Type"] == "A":
             return sets[0]
         return None
@@ -246,13 +299,19 @@ class RegionActivities:
         message_id = status_page_id = None
         if self.settings.sns_topic_arn:
             message_id = self.sns.publish(
-                TopicArn=self.settings.sns_topic_arn, Subject=f"FAILOVER COMPLETED: now serving from {req.region}",
-                Message=f"Incident {req.incident_id}: traffic now routed to {req.region}.")["MessageId"]
+                TopicArn=self.settings.sns_topic_arn,
+                Subject=f"FAILOVER COMPLETED: now serving from {req.region}",
+                Message=f"Incident {req.incident_id}: traffic now routed to {req.region}.",
+            )["MessageId"]
         if self.settings.status_page_url and self.settings.status_page_token:
             status_page_id = statuspage.open_or_update(
-                self.http, self.settings.status_page_url, self.settings.status_page_token.get_secret_value(),
-                req.incident_id, f"Service failover to {req.region}",
-                f"We have failed over to our infrastructure in {req.region}. Service is restored.")
+                self.http,
+                self.settings.status_page_url,
+                self.settings.status_page_token.get_secret_value(),
+                req.incident_id,
+                f"Service failover to {req.region}",
+                f"We have failed over to our infrastructure in {req.region}. Service is restored.",
+            )
         if message_id is None and status_page_id is None:
             return None
         return Notified(message_id=message_id, status_page_incident=status_page_id)
@@ -264,4 +323,3 @@ def _submitted_change(details, record: dict) -> str | None:
     if isinstance(last, dict) and last.get("change_id") and last.get("record") == record:
         return last["change_id"]
     return None
-

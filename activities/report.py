@@ -6,7 +6,6 @@ are left for the people at the blameless postmortem. The Markdown goes to S3
 (overwritten by a retry with the same content) and `drp report` prints it.
 """
 
-
 from temporalio import activity
 
 from adapters.reports import (
@@ -30,8 +29,7 @@ class ReportActivities:
         """
         markdown = render_report(self.playbook.communication.templates["report"], req)
         key = f"{self.prefix}/{req.incident_id}.md".lstrip("/")
-        self.s3.put_object(Bucket=self.bucket, Key=key, Body=markdown.encode(),
-                           ContentType="text/markdown; charset=utf-8")
+        self.s3.put_object(
+            Bucket=self.bucket, Key=key, Body=markdown.encode(), ContentType="text/markdown; charset=utf-8"
+        )
         return f"s3://{self.bucket}/{key}"
-
-

@@ -24,11 +24,16 @@ def promote_read_replica(rds, replica_id: str) -> RdsPromoted:
         if err.response["Error"]["Code"] != "InvalidDBInstanceState":
             raise
         already = True  # "not a read replica": promoted by an earlier attempt
-    rds.get_waiter("db_instance_available").wait(DBInstanceIdentifier=replica_id,
-                                                  WaiterConfig={"Delay": 5, "MaxAttempts": 120})
+    rds.get_waiter("db_instance_available").wait(
+        DBInstanceIdentifier=replica_id, WaiterConfig={"Delay": 5, "MaxAttempts": 120}
+    )
     instance = rds.describe_db_instances(DBInstanceIdentifier=replica_id)["DBInstances"][0]
-    return RdsPromoted(replica_id=replica_id, endpoint=(instance.get("Endpoint") or {}).get("Address"),
-                       port=(instance.get("Endpoint") or {}).get("Port", 5432), already_promoted=already)
+    return RdsPromoted(
+        replica_id=replica_id,
+        endpoint=(instance.get("Endpoint") or {}).get("Address"),
+        port=(instance.get("Endpoint") or {}).get("Port", 5432),
+        already_promoted=already,
+    )
 
 
 def describe_instance(rds, instance_id: str, region: str) -> dict:
@@ -52,17 +57,25 @@ def same_record(current: dict | None, wanted: dict) -> bool:
         return False
     if "AliasTarget" in wanted:
         alias = current.get("AliasTarget") or {}
-        return (alias.get("DNSName", "").rstrip(".").lower() == wanted["AliasTarget"]["DNSName"].rstrip(".").lower()
-                and alias.get("HostedZoneId") == wanted["AliasTarget"]["HostedZoneId"])
-    return ("AliasTarget" not in current and sorted(r["Value"] for r in current.get("ResourceRecords", []))
-            == sorted(r["Value"] for r in wanted["ResourceRecords"]))
+        return (
+            alias.get("DNSName", "").rstrip(".").lower() == wanted["AliasTarget"]["DNSName"].rstrip(".").lower()
+            and alias.get("HostedZoneId") == wanted["AliasTarget"]["HostedZoneId"]
+        )
+    return "AliasTarget" not in current and sorted(r["Value"] for r in current.get("ResourceRecords", [])) == sorted(
+        r["Value"] for r in wanted["ResourceRecords"]
+    )
 
 
 def replica_lag_seconds(cloudwatch, replica_id: str) -> float | None:
     """The newest CloudWatch ReplicaLag datapoint of the last ten minutes (None: no data)."""
     stats = cloudwatch.get_metric_statistics(
-        Namespace="AWS/RDS", MetricName="ReplicaLag", Statistics=["Maximum"], Period=60,
+        Namespace="AWS/RDS",
+        MetricName="ReplicaLag",
+        Statistics=["Maximum"],
+        Period=60,
         Dimensions=[{"Name": "DBInstanceIdentifier", "Value": replica_id}],
-        StartTime=time.time() - 600, EndTime=time.time() + 60)
+        StartTime=time.time() - 600,
+        EndTime=time.time() + 60,
+    )
     points = sorted(stats.get("Datapoints", []), key=lambda p: p["Timestamp"])
     return points[-1]["Maximum"] if points else None

@@ -21,7 +21,14 @@ def cluster_name(server: PgServer, server_name: str) -> str:
 async def lock_holder(client: Client, lock_id: str) -> str:
     """'<procedure> run <workflow id> (incident <id>)' for the run holding the lock workflow `lock_id`."""
     desc = await client.get_workflow_handle(lock_id).describe()
-    holder = LockHolder.model_validate(await desc.memo_value("holder", {}) or {
-        "cluster": "?", "workflow_id": desc.parent_id or "unknown", "run_id": desc.parent_run_id or "",
-        "procedure": "a runbook", "incident_id": "unknown"})
+    holder = LockHolder.model_validate(
+        await desc.memo_value("holder", {})
+        or {
+            "cluster": "?",
+            "workflow_id": desc.parent_id or "unknown",
+            "run_id": desc.parent_run_id or "",
+            "procedure": "a runbook",
+            "incident_id": "unknown",
+        }
+    )
     return f"{holder.procedure} run {holder.workflow_id} (incident {holder.incident_id})"

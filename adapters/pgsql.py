@@ -44,24 +44,32 @@ def row_counts(conn: psycopg.Connection, skip: AbstractSet[str] = frozenset()) -
 
 def allow_connections(conn: psycopg.Connection, databases: list[str], allow: bool) -> None:
     for name in databases:
-        conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}").format(
-            sql.Identifier(name), sql.SQL("true" if allow else "false")))
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}").format(
+                sql.Identifier(name), sql.SQL("true" if allow else "false")
+            )
+        )
 
 
-def terminate_others(conn: psycopg.Connection, keep: list[int], timeout: float = 60,
-                     progress: Callable[[str], None] = lambda _: None) -> None:
+def terminate_others(
+    conn: psycopg.Connection, keep: list[int], timeout: float = 60, progress: Callable[[str], None] = lambda _: None
+) -> None:
     """Terminate every client backend but this one and `keep`, and wait until they are gone (`timeout` in
     seconds; FenceIncomplete, retryable, past it). `progress` hears how many are left while it waits."""
     deadline = time.monotonic() + timeout
     while True:
         left = conn.execute(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE backend_type = 'client backend' "
-            "AND pid <> pg_backend_pid() AND NOT pid = ANY(%s)", (keep,)).fetchone()[0]
+            "AND pid <> pg_backend_pid() AND NOT pid = ANY(%s)",
+            (keep,),
+        ).fetchone()[0]
         if left == 0:
             return
         if time.monotonic() > deadline:
-            raise ApplicationError(f"{left} sessions did not end after pg_terminate_backend within {timeout:.0f}s",
-                                   type=ErrorKind.FenceIncomplete)
+            raise ApplicationError(
+                f"{left} sessions did not end after pg_terminate_backend within {timeout:.0f}s",
+                type=ErrorKind.FenceIncomplete,
+            )
         progress(f"fencing: waiting for {left} sessions to end")
         time.sleep(0.2)
 

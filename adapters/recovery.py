@@ -82,15 +82,20 @@ def recovery_state(server: PgServer) -> dict | None:
         with server.connect("template1", timeout=2) as conn:  # the seal's fenced databases open at promotion
             in_recovery = conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
             if in_recovery:
-                lsn, paused = one(conn.execute("SELECT pg_last_wal_replay_lsn()::text, "
-                                           "pg_get_wal_replay_pause_state() = 'paused'"))
+                lsn, paused = one(
+                    conn.execute("SELECT pg_last_wal_replay_lsn()::text, pg_get_wal_replay_pause_state() = 'paused'")
+                )
                 return {"in_recovery": True, "lsn": lsn, "paused": paused}
-            segment, lsn = one(conn.execute(
-                "SELECT pg_walfile_name(pg_current_wal_lsn()), pg_current_wal_lsn()::text"))
+            segment, lsn = one(conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn()), pg_current_wal_lsn()::text"))
             timeline = int(segment[:8], 16)
             last = conn.execute("SELECT timestamp FROM pg_last_committed_xact()").fetchone()
-            return {"in_recovery": False, "timeline": timeline, "lsn": lsn, "segment": segment,
-                    "last_commit_at": last[0] if last else None}
+            return {
+                "in_recovery": False,
+                "timeline": timeline,
+                "lsn": lsn,
+                "segment": segment,
+                "last_commit_at": last[0] if last else None,
+            }
     except psycopg.OperationalError:
         return None  # still starting up, or not yet consistent
 
@@ -107,8 +112,11 @@ def swap_tablespace(restore_dir: Path, tablespace: Tablespace, incident_id: str)
         if location.exists() and not damaged.exists():
             location.rename(damaged)
         if location.exists():
-            raise ApplicationError(f"both {location} and {damaged} exist; refusing to overwrite either",
-                                   type=ErrorKind.SwapConflict, non_retryable=True)
+            raise ApplicationError(
+                f"both {location} and {damaged} exist; refusing to overwrite either",
+                type=ErrorKind.SwapConflict,
+                non_retryable=True,
+            )
         fresh.rename(location)
     if os.readlink(link) != str(location):
         tmp = link.with_name(link.name + ".tmp")
@@ -126,8 +134,9 @@ def recovery_end_of(restore_dir: Path, timeline: int) -> str | None:
     return branches[-1].switchpoint if branches else None
 
 
-def check_reached(current_segment: str, recovery_end: str | None, required_segment: str | None,
-                   required_lsn: str | None) -> None:
+def check_reached(
+    current_segment: str, recovery_end: str | None, required_segment: str | None, required_lsn: str | None
+) -> None:
     """Refuse a recovery that ended before the last WAL the sealed primary archived.
 
     PostgreSQL ends recovery at the first WAL file restore_command reports as
@@ -140,12 +149,18 @@ def check_reached(current_segment: str, recovery_end: str | None, required_segme
         raise ApplicationError(
             f"recovery ended at {recovery_end} but the old primary archived WAL up to {required_lsn} "
             f"(segment {required_segment}): a WAL segment is missing from the archive. The restore is kept, "
-            "stopped, and archived nothing; production is untouched.", type=ErrorKind.ReplayIncomplete, non_retryable=True)
+            "stopped, and archived nothing; production is untouched.",
+            type=ErrorKind.ReplayIncomplete,
+            non_retryable=True,
+        )
     if required_segment and current_segment[8:] < required_segment[8:]:
         raise ApplicationError(
             f"recovery ended in segment {current_segment[8:]} but the old primary archived up to {required_segment}; "
             "WAL is missing or was unreachable. The restore is kept, stopped, and archived nothing; "
-            "production is untouched.", type=ErrorKind.ReplayIncomplete, non_retryable=True)
+            "production is untouched.",
+            type=ErrorKind.ReplayIncomplete,
+            non_retryable=True,
+        )
 
 
 def write_as(os_user: str | None, path: Path, text: str) -> None:

@@ -1,5 +1,4 @@
-"""A PostgreSQL pair's replication state: timelines, divergence, and the standby's primary_conninfo.
-"""
+"""A PostgreSQL pair's replication state: timelines, divergence, and the standby's primary_conninfo."""
 
 import re
 import subprocess
@@ -48,10 +47,13 @@ def has_diverged(replica: PgServer, source: PgServer) -> bool:
     adapters.timelines.diverged); False when it streams, is not a replica, or cannot be read."""
     try:
         with replica.connect(REPLICA_DB, timeout=3) as conn:
-            in_recovery, replay, streaming, checkpoint_tli = one(conn.execute(
-                "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, EXISTS (SELECT 1 FROM "
-                "pg_stat_wal_receiver WHERE status = 'streaming'), (SELECT timeline_id FROM pg_control_checkpoint())"
-            ))
+            in_recovery, replay, streaming, checkpoint_tli = one(
+                conn.execute(
+                    "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, EXISTS (SELECT 1 FROM "
+                    "pg_stat_wal_receiver WHERE status = 'streaming'), "
+                    "(SELECT timeline_id FROM pg_control_checkpoint())"
+                )
+            )
     except psycopg.OperationalError:
         return False
     source_tli = current_timeline(source)
@@ -88,8 +90,17 @@ def set_application_name(server: PgServer, name: str) -> None:
     """Append primary_conninfo again with `name` as application_name (a later line wins)."""
     auto = server.data_dir / "postgresql.auto.conf"
     text = auto.read_text()
-    current = next((m.group(1).replace("''", "'") for line in reversed(text.splitlines())
-                    if (m := re.match(r"\s*primary_conninfo\s*=\s*'((?:[^']|'')*)'", line))), "")
+    current = next(
+        (
+            m.group(1).replace("''", "'")
+            for line in reversed(text.splitlines())
+            if (m := re.match(r"\s*primary_conninfo\s*=\s*'((?:[^']|'')*)'", line))
+        ),
+        "",
+    )
     conninfo = make_conninfo(current, application_name=name).replace("'", "''")
-    subprocess.run(run_as(server.os_user, ["sh", "-c", 'cat >> "$0"', str(auto)]),
-                   input=f"primary_conninfo = '{conninfo}'\n".encode(), check=True)
+    subprocess.run(
+        run_as(server.os_user, ["sh", "-c", 'cat >> "$0"', str(auto)]),
+        input=f"primary_conninfo = '{conninfo}'\n".encode(),
+        check=True,
+    )

@@ -1,5 +1,4 @@
-"""The post-incident report's Markdown: rendered from the incident's record, kept in S3 (`s3://bucket/prefix`).
-"""
+"""The post-incident report's Markdown: rendered from the incident's record, kept in S3 (`s3://bucket/prefix`)."""
 
 from datetime import timedelta
 
@@ -18,9 +17,13 @@ def render_report(template: str, req: ReportRequest) -> str:
     plan = req.plan
     rto = measured(result.get("rto_actual")) or (req.resolved_at - req.opened_at)
     rpo = measured(result.get("rpo_actual"))
-    rpo_text = (human(rpo) if rpo is not None else
-                f"{result['lost_bytes']} bytes of WAL lost" if result.get("lost_bytes") is not None else
-                "not measured by this run")
+    rpo_text = (
+        human(rpo)
+        if rpo is not None
+        else f"{result['lost_bytes']} bytes of WAL lost"
+        if result.get("lost_bytes") is not None
+        else "not measured by this run"
+    )
     if req.runbook_error:
         outcome = f"The {plan.procedure} runbook failed: {req.runbook_error}"
     elif plan.procedure:
@@ -28,14 +31,22 @@ def render_report(template: str, req: ReportRequest) -> str:
     else:
         outcome = "No runbook ran: people worked this incident."
     context = {
-        "incident_id": req.incident_id, "title": req.title, "severity": plan.severity.value,
-        "severity_name": plan.severity_name, "impact": plan.impact, "status": req.status,
-        "started_at": _utc(req.opened_at), "ended_at": _utc(req.resolved_at),
-        "duration": human(req.resolved_at - req.opened_at), "procedure": plan.procedure or "none",
+        "incident_id": req.incident_id,
+        "title": req.title,
+        "severity": plan.severity.value,
+        "severity_name": plan.severity_name,
+        "impact": plan.impact,
+        "status": req.status,
+        "started_at": _utc(req.opened_at),
+        "ended_at": _utc(req.resolved_at),
+        "duration": human(req.resolved_at - req.opened_at),
+        "procedure": plan.procedure or "none",
         "services": ", ".join(req.services) or "_to be filled in_",
         "incident_commander": plan.incident_commander or "_to be filled in_",
-        "rto_target": human(plan.rto_target) if plan.rto_target else "n/a", "rto_actual": human(rto),
-        "rpo_target": human(plan.rpo_target) if plan.rpo_target else "n/a", "rpo_actual": rpo_text,
+        "rto_target": human(plan.rto_target) if plan.rto_target else "n/a",
+        "rto_actual": human(rto),
+        "rpo_target": human(plan.rpo_target) if plan.rpo_target else "n/a",
+        "rpo_actual": rpo_text,
         "timeline_table": _table(req.timeline),
         "approvals_table": _table([e for e in req.timeline if e.kind == "approval"]),
         "escalations_table": _table([e for e in req.timeline if e.kind in ("escalation", "page", "ack")]),
@@ -63,8 +74,10 @@ def split_s3(uri: str) -> tuple[str, str]:
 def _table(events: list[TimelineEvent]) -> str:
     if not events:
         return "_None._"
-    rows = [f"| {_utc(e.at)} | {e.kind} | {' '.join(e.text.split()).replace('|', '/')} |"
-            for e in sorted(events, key=lambda e: e.at)]
+    rows = [
+        f"| {_utc(e.at)} | {e.kind} | {' '.join(e.text.split()).replace('|', '/')} |"
+        for e in sorted(events, key=lambda e: e.at)
+    ]
     return "\n".join(["| Time (UTC) | Kind | Event |", "|---|---|---|", *rows])
 
 

@@ -45,10 +45,14 @@ Rel = tuple[str, str]  # (schema, name): how a table travels; it reaches SQL onl
 
 # SQL errors that no retry can fix: the same statement on the same catalog fails the same way.
 _DETERMINISTIC = {
-    psycopg.errors.UndefinedTable: ErrorKind.UndefinedTable, psycopg.errors.UndefinedColumn: ErrorKind.UndefinedColumn,
-    psycopg.errors.InsufficientPrivilege: ErrorKind.PermissionDenied, psycopg.errors.GeneratedAlways: ErrorKind.SqlRefused,
-    psycopg.errors.WrongObjectType: ErrorKind.SqlRefused, psycopg.errors.FeatureNotSupported: ErrorKind.SqlRefused,
-    psycopg.errors.DataException: ErrorKind.SqlRefused, psycopg.errors.IntegrityConstraintViolation: ErrorKind.SqlRefused,
+    psycopg.errors.UndefinedTable: ErrorKind.UndefinedTable,
+    psycopg.errors.UndefinedColumn: ErrorKind.UndefinedColumn,
+    psycopg.errors.InsufficientPrivilege: ErrorKind.PermissionDenied,
+    psycopg.errors.GeneratedAlways: ErrorKind.SqlRefused,
+    psycopg.errors.WrongObjectType: ErrorKind.SqlRefused,
+    psycopg.errors.FeatureNotSupported: ErrorKind.SqlRefused,
+    psycopg.errors.DataException: ErrorKind.SqlRefused,
+    psycopg.errors.IntegrityConstraintViolation: ErrorKind.SqlRefused,
     psycopg.errors.SyntaxErrorOrAccessRuleViolation: ErrorKind.SqlRefused,
 }
 
@@ -63,10 +67,10 @@ def sql_errors(what: str) -> Iterator[None]:
         if kind is None:
             raise  # connection lost, serialization failure, lock timeout ...: a retry may succeed
         diag = err.diag
-        table = f" (table {display((diag.schema_name, diag.table_name))})" if diag.table_name and diag.schema_name \
-            else ""
-        raise ApplicationError(f"{what}: {diag.message_primary or err}{table}", type=kind,
-                               non_retryable=True) from err
+        table = (
+            f" (table {display((diag.schema_name, diag.table_name))})" if diag.table_name and diag.schema_name else ""
+        )
+        raise ApplicationError(f"{what}: {diag.message_primary or err}{table}", type=kind, non_retryable=True) from err
 
 
 def display(table: Rel) -> str:
@@ -98,13 +102,17 @@ def resolve_table(conn: psycopg.Connection, ref: TableRef, database: str) -> tup
     """The one table `ref` names, and its OID. Quoted parts match exactly; unquoted ones as typed, else as
     PostgreSQL folds them. Without a schema, the schema holding such a table (public first)."""
     names = [ref.name] if ref.as_typed else sorted({ref.name, _fold(ref.name)})
-    schemas = None if ref.schema_name is None else (
-        [ref.schema_name] if ref.as_typed else sorted({ref.schema_name, _fold(ref.schema_name)}))
+    schemas = (
+        None
+        if ref.schema_name is None
+        else ([ref.schema_name] if ref.as_typed else sorted({ref.schema_name, _fold(ref.schema_name)}))
+    )
     rows = conn.execute(
         "SELECT n.nspname, c.relname, c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE c.relkind IN ('r', 'p') AND c.relname = ANY(%s) AND (%s::text[] IS NULL OR n.nspname = ANY(%s)) "
         "AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'drp') AND n.nspname NOT LIKE 'pg\\_%%'",
-        (names, schemas, schemas)).fetchall()
+        (names, schemas, schemas),
+    ).fetchall()
     if not rows:
         raise refused(ErrorKind.UnknownTable, f"table {str(ref)!r} does not exist in {database}; nothing was changed")
 
@@ -114,9 +122,12 @@ def resolve_table(conn: psycopg.Connection, ref: TableRef, database: str) -> tup
     best = max(rank(r) for r in rows)
     found = [r for r in rows if rank(r) == best]
     if len(found) > 1:
-        raise refused(ErrorKind.AmbiguousTable, f"table {str(ref)!r} could be any of "
-                                           f"{', '.join(display((r[0], r[1])) for r in found)} in {database}: "
-                                           "name the schema, or quote the name as PostgreSQL prints it")
+        raise refused(
+            ErrorKind.AmbiguousTable,
+            f"table {str(ref)!r} could be any of "
+            f"{', '.join(display((r[0], r[1])) for r in found)} in {database}: "
+            "name the schema, or quote the name as PostgreSQL prints it",
+        )
     return (found[0][0], found[0][1]), found[0][2]
 
 
@@ -139,8 +150,12 @@ def audit_filter(conn: psycopg.Connection, q: DeletionQuery) -> AuditFilter:
     for everyone. The statement time ("timestamp") is never later than the commit, so it only narrows
     the scan from above. Older audit logs have no schema_name/relation_name columns: their table_name
     is schema.name unquoted."""
-    have = {r[0] for r in conn.execute(
-        "SELECT attname FROM pg_attribute WHERE attrelid = 'public.audit_log'::regclass AND NOT attisdropped")}
+    have = {
+        r[0]
+        for r in conn.execute(
+            "SELECT attname FROM pg_attribute WHERE attrelid = 'public.audit_log'::regclass AND NOT attisdropped"
+        )
+    }
     if {"schema_name", "relation_name"} <= have:
         schema = sql.SQL("coalesce(schema_name, split_part(table_name, '.', 1))")
         rel = sql.SQL("coalesce(relation_name, substr(table_name, strpos(table_name, '.') + 1))")
@@ -154,10 +169,11 @@ def audit_filter(conn: psycopg.Connection, q: DeletionQuery) -> AuditFilter:
         _, oid = resolve_table(conn, q.table, q.database)
         # A partitioned table's deletions are recorded under its partitions: name either and find them.
         # (pg_partition_tree returns nothing for a table that is not partitioned: the table itself is added.)
-        where = sql.SQL("{} AND ({}, {}) IN (SELECT n.nspname::text, c.relname::text FROM "
-                        "(SELECT relid FROM pg_partition_tree(%s::oid::regclass) UNION SELECT %s::oid::regclass) t "
-                        "JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace)").format(
-            where, schema, rel)
+        where = sql.SQL(
+            "{} AND ({}, {}) IN (SELECT n.nspname::text, c.relname::text FROM "
+            "(SELECT relid FROM pg_partition_tree(%s::oid::regclass) UNION SELECT %s::oid::regclass) t "
+            "JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace)"
+        ).format(where, schema, rel)
         params += [oid, oid]
     if q.role:
         where = sql.SQL("{} AND role_name = %s").format(where)
@@ -166,21 +182,32 @@ def audit_filter(conn: psycopg.Connection, q: DeletionQuery) -> AuditFilter:
 
 
 def primary_key(conn: psycopg.Connection, table: Rel) -> list[str]:
-    cols = [r[0] for r in conn.execute(
-        "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
-        "WHERE i.indrelid = %s::regclass AND i.indisprimary ORDER BY array_position(i.indkey, a.attnum)",
-        (display(table),))]
+    cols = [
+        r[0]
+        for r in conn.execute(
+            "SELECT a.attname FROM pg_index i "
+            "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
+            "WHERE i.indrelid = %s::regclass AND i.indisprimary ORDER BY array_position(i.indkey, a.attnum)",
+            (display(table),),
+        )
+    ]
     if not cols:
-        raise refused(ErrorKind.NoPrimaryKey, f"{display(table)} has no primary key: deleted rows cannot be matched "
-                                         "exactly")
+        raise refused(
+            ErrorKind.NoPrimaryKey, f"{display(table)} has no primary key: deleted rows cannot be matched exactly"
+        )
     return cols
 
 
 def columns(conn: psycopg.Connection, table: Rel, insertable: bool = False) -> list[str]:
     """The table's columns; `insertable`: all but generated ones (PostgreSQL computes those again)."""
-    return [r[0] for r in conn.execute(
-        "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped "
-        "AND (NOT %s OR attgenerated = '') ORDER BY attnum", (display(table), insertable))]
+    return [
+        r[0]
+        for r in conn.execute(
+            "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped "
+            "AND (NOT %s OR attgenerated = '') ORDER BY attnum",
+            (display(table), insertable),
+        )
+    ]
 
 
 @dataclass
@@ -196,9 +223,10 @@ def recovery_set(prod: psycopg.Connection, side: psycopg.Connection, q: Deletion
     f = audit_filter(prod, q)
     audit: dict[Rel, list[dict]] = {}
     pks: dict[Rel, list[str]] = {}
-    for schema, rel, row in prod.execute(sql.SQL(
-            "SELECT {}, {}, row_data FROM public.audit_log WHERE {} ORDER BY id").format(f.schema, f.rel, f.where),
-            f.params):
+    for schema, rel, row in prod.execute(
+        sql.SQL("SELECT {}, {}, row_data FROM public.audit_log WHERE {} ORDER BY id").format(f.schema, f.rel, f.where),
+        f.params,
+    ):
         table = (schema, rel)
         if table not in pks:
             with sql_errors(f"{display(table)} (named by the audit log) in {q.database}"):
@@ -220,12 +248,19 @@ def recovery_set(prod: psycopg.Connection, side: psycopg.Connection, q: Deletion
                 refs = [{pc: k[pc] for pc in parent_cols} for k in keys if all(pc in k for pc in parent_cols)]
                 if not refs:
                     continue
-                rows = side.execute(sql.SQL(
-                    "SELECT coalesce(jsonb_agg(jsonb_build_object({})), '[]') FROM {} c WHERE ({}) IN "
-                    "(SELECT {} FROM jsonb_populate_recordset(NULL::{}, %s))").format(
-                    sql.SQL(", ").join(sql.SQL("{}, c.{}").format(sql.Literal(c), sql.Identifier(c)) for c in pk),
-                    ident(child), column_list(child_cols), column_list(parent_cols), ident(parent)),
-                    (json.dumps(refs),)).fetchone()[0]
+                rows = side.execute(
+                    sql.SQL(
+                        "SELECT coalesce(jsonb_agg(jsonb_build_object({})), '[]') FROM {} c WHERE ({}) IN "
+                        "(SELECT {} FROM jsonb_populate_recordset(NULL::{}, %s))"
+                    ).format(
+                        sql.SQL(", ").join(sql.SQL("{}, c.{}").format(sql.Literal(c), sql.Identifier(c)) for c in pk),
+                        ident(child),
+                        column_list(child_cols),
+                        column_list(parent_cols),
+                        ident(parent),
+                    ),
+                    (json.dumps(refs),),
+                ).fetchone()[0]
                 absent = absent_in(prod, child, pk, rows)
                 known = {token(k) for k in recovery.get(child, [])}
                 new = [k for k in absent if token(k) not in known]
@@ -243,13 +278,15 @@ def _foreign_keys_to(conn: psycopg.Connection, parent: Rel) -> list[tuple[Rel, l
     """(child table, child columns, parent columns) of every foreign key that references parent."""
     out = []
     for schema, child, child_cols, parent_cols in conn.execute(
-            "SELECT n.nspname, c.relname, "
-            "       array(SELECT attname FROM unnest(k.conkey) WITH ORDINALITY u(n, o) JOIN pg_attribute "
-            "             ON attrelid = k.conrelid AND attnum = u.n ORDER BY o), "
-            "       array(SELECT attname FROM unnest(k.confkey) WITH ORDINALITY u(n, o) JOIN pg_attribute "
-            "             ON attrelid = k.confrelid AND attnum = u.n ORDER BY o) "
-            "FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE k.contype = 'f' AND k.confrelid = %s::regclass", (display(parent),)):
+        "SELECT n.nspname, c.relname, "
+        "       array(SELECT attname FROM unnest(k.conkey) WITH ORDINALITY u(n, o) JOIN pg_attribute "
+        "             ON attrelid = k.conrelid AND attnum = u.n ORDER BY o), "
+        "       array(SELECT attname FROM unnest(k.confkey) WITH ORDINALITY u(n, o) JOIN pg_attribute "
+        "             ON attrelid = k.confrelid AND attnum = u.n ORDER BY o) "
+        "FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE k.contype = 'f' AND k.confrelid = %s::regclass",
+        (display(parent),),
+    ):
         out.append(((schema, child), list(child_cols), list(parent_cols)))
     return out
 
@@ -258,11 +295,19 @@ def present_in(conn: psycopg.Connection, table: Rel, pk: list[str], keys: list[d
     """The keys (as given) that have a row in table on this server."""
     if not keys:
         return []
-    present = conn.execute(sql.SQL(
-        "SELECT coalesce(jsonb_agg(jsonb_build_object({})), '[]') FROM {} t WHERE ({}) IN "
-        "(SELECT {} FROM jsonb_populate_recordset(NULL::{}, %s))").format(
-        sql.SQL(", ").join(sql.SQL("{}, t.{}").format(sql.Literal(c), sql.Identifier(c)) for c in pk),
-        ident(table), column_list(pk), column_list(pk), ident(table)), (json.dumps(keys),)).fetchone()[0]
+    present = conn.execute(
+        sql.SQL(
+            "SELECT coalesce(jsonb_agg(jsonb_build_object({})), '[]') FROM {} t WHERE ({}) IN "
+            "(SELECT {} FROM jsonb_populate_recordset(NULL::{}, %s))"
+        ).format(
+            sql.SQL(", ").join(sql.SQL("{}, t.{}").format(sql.Literal(c), sql.Identifier(c)) for c in pk),
+            ident(table),
+            column_list(pk),
+            column_list(pk),
+            ident(table),
+        ),
+        (json.dumps(keys),),
+    ).fetchone()[0]
     have = {token({c: k[c] for c in pk}) for k in present}
     return [k for k in keys if token({c: k[c] for c in pk}) in have]
 
@@ -279,8 +324,7 @@ def count_missing(prod: psycopg.Connection, recovery: RecoverySet) -> int:
 def parents_first(conn: psycopg.Connection, tables: list[Rel]) -> list[Rel]:
     remaining, ordered = set(tables), []
     while remaining:
-        ready = sorted(t for t in remaining if not any(
-            p in remaining and p != t for p in _parents_of(conn, t)))
+        ready = sorted(t for t in remaining if not any(p in remaining and p != t for p in _parents_of(conn, t)))
         if not ready:  # a cycle: keep a stable order and let the transaction decide
             ready = sorted(remaining)
         ordered += ready
@@ -289,18 +333,25 @@ def parents_first(conn: psycopg.Connection, tables: list[Rel]) -> list[Rel]:
 
 
 def _parents_of(conn: psycopg.Connection, table: Rel) -> list[Rel]:
-    return [(r[0], r[1]) for r in conn.execute(
-        "SELECT n.nspname, c.relname FROM pg_constraint k JOIN pg_class c ON c.oid = k.confrelid "
-        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE k.contype = 'f' AND k.conrelid = %s::regclass",
-        (display(table),))]
+    return [
+        (r[0], r[1])
+        for r in conn.execute(
+            "SELECT n.nspname, c.relname FROM pg_constraint k JOIN pg_class c ON c.oid = k.confrelid "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE k.contype = 'f' AND k.conrelid = %s::regclass",
+            (display(table),),
+        )
+    ]
 
 
 def copy_csv(conn: psycopg.Connection, table: Rel, keys: list[dict], out) -> None:
     """The rows as CSV (with a header) into a file: streamed, never held whole in memory."""
     pk = primary_key(conn, table)
-    query = sql.SQL("COPY (SELECT * FROM {} WHERE ({}) IN (SELECT {} FROM jsonb_populate_recordset(NULL::{}, {})) "
-                    "ORDER BY {}) TO STDOUT WITH (FORMAT csv, HEADER)").format(
-        ident(table), column_list(pk), column_list(pk), ident(table), sql.Literal(json.dumps(keys)), column_list(pk))
+    query = sql.SQL(
+        "COPY (SELECT * FROM {} WHERE ({}) IN (SELECT {} FROM jsonb_populate_recordset(NULL::{}, {})) "
+        "ORDER BY {}) TO STDOUT WITH (FORMAT csv, HEADER)"
+    ).format(
+        ident(table), column_list(pk), column_list(pk), ident(table), sql.Literal(json.dumps(keys)), column_list(pk)
+    )
     with conn.cursor().copy(query) as copy:
         for chunk in copy:
             out.write(chunk)
@@ -309,11 +360,14 @@ def copy_csv(conn: psycopg.Connection, table: Rel, keys: list[dict], out) -> Non
 def sample_rows(conn: psycopg.Connection, table: Rel, keys: list[dict]) -> list[str]:
     """The column names and the first rows, each cut short: what the approver sees in the Web UI."""
     pk = primary_key(conn, table)
-    rows = conn.execute(sql.SQL(
-        "SELECT CASE WHEN length(t::text) > %s THEN left(t::text, %s) || '… (' || length(t::text) || ' chars)' "
-        "ELSE t::text END FROM {} t WHERE ({}) IN (SELECT {} FROM jsonb_populate_recordset(NULL::{}, %s)) "
-        "ORDER BY {} LIMIT %s").format(ident(table), column_list(pk), column_list(pk), ident(table), column_list(pk)),
-        (SAMPLE_ROW_CHARS, SAMPLE_ROW_CHARS, json.dumps(keys[:SAMPLE_ROWS * 10]), SAMPLE_ROWS)).fetchall()
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT CASE WHEN length(t::text) > %s THEN left(t::text, %s) || '… (' || length(t::text) || ' chars)' "
+            "ELSE t::text END FROM {} t WHERE ({}) IN (SELECT {} FROM jsonb_populate_recordset(NULL::{}, %s)) "
+            "ORDER BY {} LIMIT %s"
+        ).format(ident(table), column_list(pk), column_list(pk), ident(table), column_list(pk)),
+        (SAMPLE_ROW_CHARS, SAMPLE_ROW_CHARS, json.dumps(keys[: SAMPLE_ROWS * 10]), SAMPLE_ROWS),
+    ).fetchall()
     return [",".join(columns(conn, table))] + [r[0] for r in rows]
 
 

@@ -33,7 +33,7 @@ class DatabaseCorruptionInput(RunbookInput):
     backup_id: str | None = Field(
         default=None,
         description="Restore this base backup (barman backup ID) instead of the newest on production's timeline: "
-                    "when the newest already holds the corruption. It must lie on production's timeline history.",
+        "when the newest already holds the corruption. It must lie on production's timeline history.",
     )
     app_ready_timeout: Duration = timedelta(minutes=5)
 

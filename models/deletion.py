@@ -20,7 +20,8 @@ WINDOW_DOC = (
     "when its transaction COMMITTED in it (pg_xact_commit_timestamp), not when the DELETE statement ran: a DELETE "
     "inside a long transaction takes effect, for everyone else, only at its COMMIT. The audit log's statement "
     "time is never later than the commit, so a window that starts after the DELETE but before the COMMIT "
-    "still finds it.")
+    "still finds it."
+)
 
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
@@ -41,11 +42,16 @@ class AccidentalDeletionInput(RunbookInput):
 
     database: DatabaseName
     window_start: Timestamp = Field(description=WINDOW_DOC)
-    window_end: Timestamp | None = Field(default=None, description="End of the window (exclusive); defaults to "
-                                                                  "the run's start. See window_start.")
-    table: Table | None = Field(default=None, description=(
-        "The table the rows were deleted from, as typed (Orders, public.Orders) or as PostgreSQL prints it "
-        "(\"Orders\", public.\"Orders\"); a partitioned table's parent or one of its partitions."))
+    window_end: Timestamp | None = Field(
+        default=None, description="End of the window (exclusive); defaults to the run's start. See window_start."
+    )
+    table: Table | None = Field(
+        default=None,
+        description=(
+            "The table the rows were deleted from, as typed (Orders, public.Orders) or as PostgreSQL prints it "
+            '("Orders", public."Orders"); a partitioned table\'s parent or one of its partitions.'
+        ),
+    )
     role: PgName | None = None
     api_key_sha256: Sha256Hex | None = None
     severity: Severity = Severity.P1

@@ -93,9 +93,22 @@ class ErrorKind(StrEnum):
     StandbyUnreachable = "StandbyUnreachable"  # the standby did not answer
 
 
-RETRYABLE: frozenset[ErrorKind] = frozenset({
-    ErrorKind.AppUnhealthy, ErrorKind.ArchiveLagging, ErrorKind.ArchiveUnreachable, ErrorKind.BackupFailed, ErrorKind.FenceIncomplete, ErrorKind.KubernetesTimeout, ErrorKind.NotReady, ErrorKind.PromoteSlow, ErrorKind.RegionUnhealthy, ErrorKind.RejoinFailed, ErrorKind.RestoreFailed, ErrorKind.StandbyUnreachable,
-})
+RETRYABLE: frozenset[ErrorKind] = frozenset(
+    {
+        ErrorKind.AppUnhealthy,
+        ErrorKind.ArchiveLagging,
+        ErrorKind.ArchiveUnreachable,
+        ErrorKind.BackupFailed,
+        ErrorKind.FenceIncomplete,
+        ErrorKind.KubernetesTimeout,
+        ErrorKind.NotReady,
+        ErrorKind.PromoteSlow,
+        ErrorKind.RegionUnhealthy,
+        ErrorKind.RejoinFailed,
+        ErrorKind.RestoreFailed,
+        ErrorKind.StandbyUnreachable,
+    }
+)
 
 # What every retry policy refuses to retry: all kinds but the transient ones.
 NON_RETRYABLE: list[str] = [kind.value for kind in ErrorKind if kind not in RETRYABLE]

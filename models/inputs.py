@@ -20,9 +20,11 @@ class RunbookInput(BaseModel):
 
     incident_id: IncidentId = Field(description="The incident this run belongs to; part of its workflow ID.")
     severity: Severity = Severity.P0
-    approval_timeout: Duration = Field(default=timedelta(hours=1),
-                                       description="No decision within this fails the run, having changed nothing "
-                                                   "past the gate.")
-    heartbeat_timeout: Duration = Field(default=timedelta(seconds=30),
-                                        description="A long step that stops heartbeating for this long is retried "
-                                                    "on another worker.")
+    approval_timeout: Duration = Field(
+        default=timedelta(hours=1),
+        description="No decision within this fails the run, having changed nothing past the gate.",
+    )
+    heartbeat_timeout: Duration = Field(
+        default=timedelta(seconds=30),
+        description="A long step that stops heartbeating for this long is retried on another worker.",
+    )

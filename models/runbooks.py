@@ -43,21 +43,51 @@ class RunbookSpec:
 
 
 RUNBOOKS: tuple[RunbookSpec, ...] = (
-    RunbookSpec(db_corruption.PROCEDURE, "DatabaseCorruptionRecovery",
-                "workflows.db_corruption:DatabaseCorruptionRecovery", db_corruption.DatabaseCorruptionInput,
-                lambda i: f"database corruption recovery of {i.database}"),
-    RunbookSpec(deletion.PROCEDURE, "AccidentalDeletionRecovery",
-                "workflows.accidental_deletion:AccidentalDeletionRecovery", deletion.AccidentalDeletionInput,
-                lambda i: f"accidental deletion recovery in {i.database}", aliases=("deletion",)),
-    RunbookSpec(failover.PROCEDURE, "DatabaseFailover", "workflows.db_failover:DatabaseFailover",
-                failover.DatabaseFailoverInput, lambda i: "database failover to the standby", aliases=("failover",)),
-    RunbookSpec(failover.FAILBACK, "DatabaseFailback", "workflows.db_failback:DatabaseFailback",
-                failover.DatabaseFailbackInput, lambda i: "database failback to the original primary",
-                aliases=("failback",)),
-    RunbookSpec(region.PROCEDURE, "RegionFailover", "workflows.region_failover:RegionFailover",
-                region.RegionFailoverInput, lambda i: f"region failover to {i.backup_region}"),
-    RunbookSpec(region.FAILBACK, "RegionFailback", "workflows.region_failback:RegionFailback",
-                region.RegionFailbackInput, lambda i: f"region failback from {i.serving_region}"),
+    RunbookSpec(
+        db_corruption.PROCEDURE,
+        "DatabaseCorruptionRecovery",
+        "workflows.db_corruption:DatabaseCorruptionRecovery",
+        db_corruption.DatabaseCorruptionInput,
+        lambda i: f"database corruption recovery of {i.database}",
+    ),
+    RunbookSpec(
+        deletion.PROCEDURE,
+        "AccidentalDeletionRecovery",
+        "workflows.accidental_deletion:AccidentalDeletionRecovery",
+        deletion.AccidentalDeletionInput,
+        lambda i: f"accidental deletion recovery in {i.database}",
+        aliases=("deletion",),
+    ),
+    RunbookSpec(
+        failover.PROCEDURE,
+        "DatabaseFailover",
+        "workflows.db_failover:DatabaseFailover",
+        failover.DatabaseFailoverInput,
+        lambda i: "database failover to the standby",
+        aliases=("failover",),
+    ),
+    RunbookSpec(
+        failover.FAILBACK,
+        "DatabaseFailback",
+        "workflows.db_failback:DatabaseFailback",
+        failover.DatabaseFailbackInput,
+        lambda i: "database failback to the original primary",
+        aliases=("failback",),
+    ),
+    RunbookSpec(
+        region.PROCEDURE,
+        "RegionFailover",
+        "workflows.region_failover:RegionFailover",
+        region.RegionFailoverInput,
+        lambda i: f"region failover to {i.backup_region}",
+    ),
+    RunbookSpec(
+        region.FAILBACK,
+        "RegionFailback",
+        "workflows.region_failback:RegionFailback",
+        region.RegionFailbackInput,
+        lambda i: f"region failback from {i.serving_region}",
+    ),
 )
 
 BY_PROCEDURE: dict[str, RunbookSpec] = {r.procedure: r for r in RUNBOOKS}

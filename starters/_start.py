@@ -19,18 +19,26 @@ from workflows._runbook import Runbook
 from workflows.search_attributes import INCIDENT_ID, PROCEDURE, SEVERITY
 
 
-async def start_runbook(client: Client, procedure: str, inp: RunbookInput, task_queue: str, *,
-                        run: Any = None) -> WorkflowHandle:
+async def start_runbook(
+    client: Client, procedure: str, inp: RunbookInput, task_queue: str, *, run: Any = None
+) -> WorkflowHandle:
     """Start the runbook `procedure` names (a procedure name or an older alias) with a validated input;
     `run`, the workflow's run method, types the handle's result (else the registered type name is used)."""
     spec = runbook(procedure)
     return await client.start_workflow(
-        run or spec.workflow_type, inp, id=spec.workflow_id(inp.incident_id), task_queue=task_queue,
+        run or spec.workflow_type,
+        inp,
+        id=spec.workflow_id(inp.incident_id),
+        task_queue=task_queue,
         id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
         id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
-        search_attributes=TypedSearchAttributes([
-            SearchAttributePair(INCIDENT_ID, inp.incident_id), SearchAttributePair(PROCEDURE, spec.procedure),
-            SearchAttributePair(SEVERITY, inp.severity.value)]),
+        search_attributes=TypedSearchAttributes(
+            [
+                SearchAttributePair(INCIDENT_ID, inp.incident_id),
+                SearchAttributePair(PROCEDURE, spec.procedure),
+                SearchAttributePair(SEVERITY, inp.severity.value),
+            ]
+        ),
         static_summary=spec.summary(inp),
     )
 

@@ -35,13 +35,25 @@ async def _main() -> None:
     args = parser.parse_args()
     fingerprint = api_key_fingerprint(open(args.api_key_file).read()) if args.api_key_file else None
     try:
-        inp = AccidentalDeletionInput.model_validate({k: v for k, v in {
-            "incident_id": args.incident, "database": args.database, "window_start": args.window_start,
-            "window_end": args.window_end, "table": args.table, "role": args.role,
-            "api_key_sha256": fingerprint}.items() if v is not None})
+        inp = AccidentalDeletionInput.model_validate(
+            {
+                k: v
+                for k, v in {
+                    "incident_id": args.incident,
+                    "database": args.database,
+                    "window_start": args.window_start,
+                    "window_end": args.window_end,
+                    "table": args.table,
+                    "role": args.role,
+                    "api_key_sha256": fingerprint,
+                }.items()
+                if v is not None
+            }
+        )
     except ValidationError as err:
-        parser.exit(2, "invalid input: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                                                     for e in err.errors()) + "\n")
+        parser.exit(
+            2, "invalid input: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()) + "\n"
+        )
     handle = await start_accidental_deletion(await connect(args.temporal), inp, args.task_queue)
     print(f"started {handle.id}")
 

@@ -1,17 +1,17 @@
 """`drp`: the operator's command line.
 
-    drp stack up|status|down      the embedded local environment
-    drp demo                      a recovery drill on it, watched in the Web UI
-    drp worker                    run a worker (settings from the environment)
-    drp start PROCEDURE ...       start a runbook (db-corruption, accidental-deletion, db-failover, ...)
-    drp approve INCIDENT ...      approve (or --reject) the pending step of a run
-    drp incident open ...         open an incident (classified, runbook started, people informed)
-    drp incident status|resolve|severity INCIDENT ...
-    drp ack INCIDENT --by NAME    acknowledge the page: stops re-paging the current level
-    drp report INCIDENT           print the post-incident report
-    drp alerts serve              receive Alertmanager webhooks
-    drp playbook check [FILE]     validate a playbook file
-    drp audit install             install the audit log the deletion runbook reads
+drp stack up|status|down      the embedded local environment
+drp demo                      a recovery drill on it, watched in the Web UI
+drp worker                    run a worker (settings from the environment)
+drp start PROCEDURE ...       start a runbook (db-corruption, accidental-deletion, db-failover, ...)
+drp approve INCIDENT ...      approve (or --reject) the pending step of a run
+drp incident open ...         open an incident (classified, runbook started, people informed)
+drp incident status|resolve|severity INCIDENT ...
+drp ack INCIDENT --by NAME    acknowledge the page: stops re-paging the current level
+drp report INCIDENT           print the post-incident report
+drp alerts serve              receive Alertmanager webhooks
+drp playbook check [FILE]     validate a playbook file
+drp audit install             install the audit log the deletion runbook reads
 """
 
 import argparse
@@ -60,8 +60,10 @@ def _temporal_target(args) -> tuple[str, str]:
     if settings.exists():
         saved = json.loads(settings.read_text())
         address, queue = address or saved["temporal_address"], queue or saved["task_queue"]
-    return (getattr(args, "temporal", None) or address or "127.0.0.1:7233",
-            getattr(args, "task_queue", None) or queue or "drp-recovery")
+    return (
+        getattr(args, "temporal", None) or address or "127.0.0.1:7233",
+        getattr(args, "task_queue", None) or queue or "drp-recovery",
+    )
 
 
 def _settings(args, kind=None):
@@ -75,13 +77,16 @@ def _settings(args, kind=None):
         if stack_file.exists():
             os.environ["DRP_SETTINGS_FILE"] = str(stack_file)
         elif args.state_dir:
-            raise CliError(f"no settings in {args.state_dir}: {stack_file} does not exist (`drp --state-dir "
-                           f"{args.state_dir} stack up` writes it; or set DRP_SETTINGS_FILE)")
+            raise CliError(
+                f"no settings in {args.state_dir}: {stack_file} does not exist (`drp --state-dir "
+                f"{args.state_dir} stack up` writes it; or set DRP_SETTINGS_FILE)"
+            )
     try:
         return (kind or Settings)()  # pyright: ignore[reportCallIssue] - pydantic-settings reads the fields
     except ValidationError as err:
-        raise CliError(f"worker settings incomplete: {_errors(err)} (set DRP_SETTINGS_FILE or DRP_* variables)") \
-            from err
+        raise CliError(
+            f"worker settings incomplete: {_errors(err)} (set DRP_SETTINGS_FILE or DRP_* variables)"
+        ) from err
 
 
 def cmd_stack(args) -> None:
@@ -123,8 +128,10 @@ async def cmd_unseal(args) -> None:
     except RPCError:
         running = False  # no lock workflow: nobody holds it
     if running:
-        raise CliError(f"a recovery holds this database ({await lock_holder(client, lock.id)}): let it finish or cancel "
-                       "it first; nothing was changed")
+        raise CliError(
+            f"a recovery holds this database ({await lock_holder(client, lock.id)}): let it finish or cancel "
+            "it first; nothing was changed"
+        )
     try:
         print(unseal(server))
     except Exception as err:  # noqa: BLE001 (one line for the operator, whatever failed)
@@ -143,9 +150,16 @@ async def cmd_start(args) -> None:
     if not isinstance(raw, dict):
         raise CliError(f"--json {args.json}: the input must be one JSON object")
     # Each flag sets the input field of its name; a flag the runbook's input has no field for is refused.
-    flags = {"incident_id": args.incident, "severity": args.severity, "database": args.database,
-             "window_start": args.window_start, "window_end": args.window_end, "table": args.table,
-             "role": args.role, "override_lag": args.override_lag or None}
+    flags = {
+        "incident_id": args.incident,
+        "severity": args.severity,
+        "database": args.database,
+        "window_start": args.window_start,
+        "window_end": args.window_end,
+        "table": args.table,
+        "role": args.role,
+        "override_lag": args.override_lag or None,
+    }
     if args.api_key_file:
         try:
             flags["api_key_sha256"] = api_key_fingerprint(Path(args.api_key_file).read_text())
@@ -182,8 +196,9 @@ async def cmd_approve(args) -> None:
     # (its refusal says why, e.g. it already finished).
     handles = [client.get_workflow_handle(spec.workflow_id(args.incident)) for spec in RUNBOOKS]
     statuses = await asyncio.gather(*(_status(h) for h in handles))
-    found = [h for h, st in zip(handles, statuses, strict=True) if st == WorkflowExecutionStatus.RUNNING] or \
-            [h for h, st in zip(handles, statuses, strict=True) if st is not None]
+    found = [h for h, st in zip(handles, statuses, strict=True) if st == WorkflowExecutionStatus.RUNNING] or [
+        h for h, st in zip(handles, statuses, strict=True) if st is not None
+    ]
     if not found:
         raise CliError(f"no recovery run found for incident {args.incident!r}")
     handle = found[0]
@@ -210,10 +225,15 @@ async def cmd_incident(args) -> None:
     address, queue = _temporal_target(args)
     client = await connect(address)
     if args.action == "open":
-        raw = {"title": args.title, "severity": args.severity, "procedure": args.procedure,
-               "runbook_input": json.loads(args.input) if args.input else {},
-               "labels": dict(kv.split("=", 1) for kv in args.label), "services": args.service,
-               "opened_by": args.by}
+        raw = {
+            "title": args.title,
+            "severity": args.severity,
+            "procedure": args.procedure,
+            "runbook_input": json.loads(args.input) if args.input else {},
+            "labels": dict(kv.split("=", 1) for kv in args.label),
+            "services": args.service,
+            "opened_by": args.by,
+        }
         playbook = load_playbook(os.environ.get("DRP_PLAYBOOK_PATH", DEFAULT_PLAYBOOK))
         if args.procedure and args.procedure != "none" and args.procedure not in playbook.procedures:
             raise CliError(f"unknown procedure {args.procedure!r}: one of {', '.join(playbook.procedures)}, or none")
@@ -233,8 +253,10 @@ async def cmd_incident(args) -> None:
     handle = client.get_workflow_handle(args.incident)
     if args.action == "status":
         status = await _call(handle.query, Incident.status)
-        print(f"{status.incident_id} {status.severity.value if status.severity else '?'} {status.status} "
-              f"level {status.level} (acked {status.acknowledged_level})  {status.title}")
+        print(
+            f"{status.incident_id} {status.severity.value if status.severity else '?'} {status.status} "
+            f"level {status.level} (acked {status.acknowledged_level})  {status.title}"
+        )
         for e in status.timeline:
             print(f"  {e.at:%Y-%m-%d %H:%M:%S}  {e.kind:<10} {e.text}")
         return
@@ -265,8 +287,10 @@ def cmd_report(args) -> None:
     settings = _settings(args)
     markdown = read_report(build_s3(settings), settings.reports_destination, args.incident)
     if markdown is None:
-        raise CliError(f"no report for {args.incident} in {settings.reports_destination}: it is written when the "
-                       "incident is resolved (`drp incident status` shows where it stands)")
+        raise CliError(
+            f"no report for {args.incident} in {settings.reports_destination}: it is written when the "
+            "incident is resolved (`drp incident status` shows where it stands)"
+        )
     print(markdown, end="")
 
 
@@ -278,10 +302,13 @@ async def cmd_alerts(args) -> None:
     settings = _settings(args, ReceiverSettings)
     assert isinstance(settings, ReceiverSettings)
     if settings.alerts is None:
-        raise CliError("set alerts.bearer_token or alerts.hmac_secret (DRP_ALERTS__BEARER_TOKEN): "
-                       "the receiver never runs unauthenticated")
-    runner = await serve(await connect(settings.temporal_address, settings.temporal_namespace), settings.alerts,
-                         settings.task_queue)
+        raise CliError(
+            "set alerts.bearer_token or alerts.hmac_secret (DRP_ALERTS__BEARER_TOKEN): "
+            "the receiver never runs unauthenticated"
+        )
+    runner = await serve(
+        await connect(settings.temporal_address, settings.temporal_namespace), settings.alerts, settings.task_queue
+    )
     print(f"receiving Alertmanager webhooks on http://{settings.alerts.host}:{settings.alerts.port}/alerts")
     try:
         await asyncio.Event().wait()
@@ -346,14 +373,16 @@ def cmd_demo(args) -> None:
 
 
 def _errors(err: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'input'}: {e['msg'].removeprefix('Value error, ')}"
-                     for e in err.errors())
+    return "; ".join(
+        f"{'.'.join(map(str, e['loc'])) or 'input'}: {e['msg'].removeprefix('Value error, ')}" for e in err.errors()
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="drp", description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--state-dir", type=Path, default=os.environ.get("DRP_STATE_DIR"),
-                        help="the embedded stack's state folder")
+    parser.add_argument(
+        "--state-dir", type=Path, default=os.environ.get("DRP_STATE_DIR"), help="the embedded stack's state folder"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("stack", help="the embedded local environment")
@@ -362,14 +391,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stack)
 
     sub.add_parser("worker", help="run a worker").set_defaults(func=cmd_worker)
-    sub.add_parser("unseal", help="abandon a recovery: start the sealed primary again as it was, reopen its "
-                                  "databases, remove the seal").set_defaults(func=cmd_unseal)
+    sub.add_parser(
+        "unseal",
+        help="abandon a recovery: start the sealed primary again as it was, reopen its databases, remove the seal",
+    ).set_defaults(func=cmd_unseal)
     sub.add_parser("demo", help="run a recovery drill on the embedded stack").set_defaults(func=cmd_demo)
 
     p = sub.add_parser("start", help="start a runbook")
-    p.add_argument("procedure", choices=list(BY_NAME), metavar="PROCEDURE",
-                   help=f"one of {', '.join(spec.procedure for spec in RUNBOOKS)} (older names: "
-                        f"{', '.join(a for spec in RUNBOOKS for a in spec.aliases)})")
+    p.add_argument(
+        "procedure",
+        choices=list(BY_NAME),
+        metavar="PROCEDURE",
+        help=f"one of {', '.join(spec.procedure for spec in RUNBOOKS)} (older names: "
+        f"{', '.join(a for spec in RUNBOOKS for a in spec.aliases)})",
+    )
     p.add_argument("--incident")
     p.add_argument("--database")
     p.add_argument("--severity")
@@ -398,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", help="open: what is happening")
     p.add_argument("--severity", help="open: P0-P3 instead of the playbook's rules; severity: the new one")
     p.add_argument("--procedure", help="open: the runbook (a playbook procedure), or none")
-    p.add_argument("--input", help="open: the runbook's input as JSON, e.g. '{\"database\": \"corporate_intel\"}'")
+    p.add_argument("--input", help='open: the runbook\'s input as JSON, e.g. \'{"database": "corporate_intel"}\'')
     p.add_argument("--label", action="append", default=[], help="open: an alert label key=value (repeatable)")
     p.add_argument("--service", action="append", default=[], help="open: an affected service (repeatable)")
     p.add_argument("--by", default=os.environ.get("USER", "operator"))
@@ -425,8 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="the audit log")
     p.add_argument("action", choices=["install"])
     p.add_argument("--database", required=True)
-    p.add_argument("--tables", required=True,
-                   help='comma-separated tables, as typed (Orders, sales.Orders) or quoted ("Orders", sales."Orders")')
+    p.add_argument(
+        "--tables",
+        required=True,
+        help='comma-separated tables, as typed (Orders, sales.Orders) or quoted ("Orders", sales."Orders")',
+    )
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("playbook", help="validate a playbook file")

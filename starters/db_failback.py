@@ -1,6 +1,6 @@
 """Start DatabaseFailback: home again after DatabaseFailover.
 
-    python -m starters.db_failback --incident INC-3
+python -m starters.db_failback --incident INC-3
 """
 
 import argparse
@@ -25,8 +25,9 @@ async def _main() -> None:
     parser.add_argument("--temporal", default=os.environ.get("DRP_TEMPORAL_ADDRESS", "127.0.0.1:7233"))
     parser.add_argument("--task-queue", default=os.environ.get("DRP_TASK_QUEUE", "drp-recovery"))
     args = parser.parse_args()
-    handle = await start_db_failback(await connect(args.temporal), DatabaseFailbackInput(incident_id=args.incident),
-                                     args.task_queue)
+    handle = await start_db_failback(
+        await connect(args.temporal), DatabaseFailbackInput(incident_id=args.incident), args.task_queue
+    )
     print(f"started {handle.id}")
 
 

@@ -1,6 +1,6 @@
 """Start DatabaseFailover (playbook 4.2) with validated input and the business-key workflow ID.
 
-    python -m starters.db_failover --incident INC-3 [--override-lag]
+python -m starters.db_failover --incident INC-3 [--override-lag]
 """
 
 import argparse

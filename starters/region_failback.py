@@ -1,6 +1,6 @@
 """Start RegionFailback: home again after RegionFailover.
 
-    python -m starters.region_failback --incident INC-4 --serving-region us-west-2
+python -m starters.region_failback --incident INC-4 --serving-region us-west-2
 """
 
 import argparse

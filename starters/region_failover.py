@@ -1,6 +1,6 @@
 """Start RegionFailover (playbook 4.1) with validated input and the business-key workflow ID.
 
-    python -m starters.region_failover --incident INC-4 --backup-region us-west-2
+python -m starters.region_failover --incident INC-4 --backup-region us-west-2
 """
 
 import argparse
@@ -27,8 +27,9 @@ async def _main() -> None:
     parser.add_argument("--temporal", default=os.environ.get("DRP_TEMPORAL_ADDRESS", "127.0.0.1:7233"))
     parser.add_argument("--task-queue", default=os.environ.get("DRP_TASK_QUEUE", "drp-recovery"))
     args = parser.parse_args()
-    inp = RegionFailoverInput(incident_id=args.incident, backup_region=args.backup_region,
-                              override_lag=args.override_lag)
+    inp = RegionFailoverInput(
+        incident_id=args.incident, backup_region=args.backup_region, override_lag=args.override_lag
+    )
     handle = await start_region_failover(await connect(args.temporal), inp, args.task_queue)
     print(f"started {handle.id}")
 

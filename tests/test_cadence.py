@@ -22,16 +22,24 @@ T0 = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 @pytest.fixture(scope="module")
 def plan():
     playbook = load_playbook(ROOT / "playbook.yaml")
-    return PlaybookActivities(playbook).plan_incident(PlanRequest(labels={}, severity=Severity.P0,
-                                                                  procedure="db-corruption"))
+    return PlaybookActivities(playbook).plan_incident(
+        PlanRequest(labels={}, severity=Severity.P0, procedure="db-corruption")
+    )
 
 
 def minutes(n: float) -> timedelta:
     return timedelta(minutes=n)
 
 
-def run(plan, until: timedelta, *, acked_at: timedelta | None = None, recovered_at: timedelta | None = None,
-        approval_asked_at: timedelta | None = None, step: timedelta = timedelta(seconds=1)) -> list[Tick]:
+def run(
+    plan,
+    until: timedelta,
+    *,
+    acked_at: timedelta | None = None,
+    recovered_at: timedelta | None = None,
+    approval_asked_at: timedelta | None = None,
+    step: timedelta = timedelta(seconds=1),
+) -> list[Tick]:
     """What a workflow following the schedule fires, second by second (the Incident's loop, without Temporal)."""
     fired: set[str] = set()
     out: list[Tick] = []
@@ -42,15 +50,27 @@ def run(plan, until: timedelta, *, acked_at: timedelta | None = None, recovered_
         if acked_at is not None and elapsed >= acked_at and acked < level:
             acked, acked_at = level, None  # one acknowledgement, of the level reached then
         pending = ("restore", T0 + approval_asked_at) if approval_asked_at is not None else None
-        state = Paging(opened_at=T0, level=level, level_since=since, acked_level=acked,
-                       recovered=recovered_at is not None and elapsed >= recovered_at, pending_approval=pending)
+        state = Paging(
+            opened_at=T0,
+            level=level,
+            level_since=since,
+            acked_level=acked,
+            recovered=recovered_at is not None and elapsed >= recovered_at,
+            pending_approval=pending,
+        )
         while due := cadence.due(cadence.schedule(plan, state, now), fired, now):
             fired.add(due.key)
             out.append(due)
             if due.action in ("escalate", "approval") and due.level > level:
                 level, since = due.level, now
-            state = Paging(opened_at=T0, level=level, level_since=since, acked_level=acked,
-                           recovered=state.recovered, pending_approval=pending)
+            state = Paging(
+                opened_at=T0,
+                level=level,
+                level_since=since,
+                acked_level=acked,
+                recovered=state.recovered,
+                pending_approval=pending,
+            )
         now += step
     return out
 
@@ -69,7 +89,11 @@ def test_the_first_hour_pages_level_one_at_once_then_re_pages_escalates_and_upda
     assert [k for k in keys(fired) if k.startswith("repage-L1")] == [f"repage-L1-{n}" for n in range(1, 6)]
     assert "repage-L2-1" in keys(fired)
     assert [k for k in keys(fired) if k.startswith("status_update")] == [
-        "status_update-900s-1", "status_update-900s-2", "status_update-900s-3", "status_update-900s-4"]
+        "status_update-900s-1",
+        "status_update-900s-2",
+        "status_update-900s-3",
+        "status_update-900s-4",
+    ]
 
 
 def test_an_acknowledgement_stops_the_re_paging_of_that_level_but_not_escalation(plan):
@@ -96,7 +120,9 @@ def test_an_undecided_approval_pages_the_next_level_once(plan):
 def test_after_an_outage_only_the_latest_tick_of_a_series_is_due():
     start, every = T0, minutes(5)
     assert cadence.ticks(start, every, T0 + minutes(23), "repage-L1") == [
-        (T0 + minutes(20), "repage-L1-4"), (T0 + minutes(25), "repage-L1-5")]
+        (T0 + minutes(20), "repage-L1-4"),
+        (T0 + minutes(25), "repage-L1-5"),
+    ]
     assert cadence.ticks(start, every, T0 + minutes(1), "s")[0] == (T0 + minutes(5), "s-1")  # tick 0 is the start
 
 
@@ -111,13 +137,29 @@ def test_next_wake_is_the_earliest_occurrence_not_yet_fired(plan):
 def test_a_continued_run_carries_one_off_keys_and_only_the_series_ticks_still_on_the_schedule(plan):
     state = Paging(opened_at=T0, level=2, level_since=T0 + minutes(30), acked_level=0, recovered=False)
     now = T0 + minutes(47)
-    fired = {"opening", "level-1", "level-2", "approval-restore-escalated", "repage-L1-3", "repage-L2-2",
-             "repage-L2-3", "status_update-900s-1", "status_update-900s-3"}
+    fired = {
+        "opening",
+        "level-1",
+        "level-2",
+        "approval-restore-escalated",
+        "repage-L1-3",
+        "repage-L2-2",
+        "repage-L2-3",
+        "status_update-900s-1",
+        "status_update-900s-3",
+    }
     assert cadence.carried_keys(fired, cadence.schedule(plan, state, now)) == [
-        "approval-restore-escalated", "level-1", "level-2", "opening", "repage-L2-3", "status_update-900s-3"]
+        "approval-restore-escalated",
+        "level-1",
+        "level-2",
+        "opening",
+        "repage-L2-3",
+        "status_update-900s-3",
+    ]
 
 
-@pytest.mark.parametrize("delta, text", [(timedelta(seconds=45), "45s"), (minutes(5), "5m00s"),
-                                         (minutes(125), "2h05m")])
+@pytest.mark.parametrize(
+    "delta, text", [(timedelta(seconds=45), "45s"), (minutes(5), "5m00s"), (minutes(125), "2h05m")]
+)
 def test_durations_read_as_people_write_them(delta, text):
     assert cadence.human(delta) == text

@@ -111,8 +111,13 @@ def test_no_error_type_is_spelled_as_a_string_literal():
 
 
 def _imported_by(module: str) -> set[str]:
-    out = subprocess.run([sys.executable, "-c", f"import sys, {module}; print(' '.join(sys.modules))"],
-                         capture_output=True, text=True, cwd=ROOT, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", f"import sys, {module}; print(' '.join(sys.modules))"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    ).stdout.split()
     return {m.split(".")[0] for m in out if m.startswith(("activities", "workflows", "adapters"))}
 
 
@@ -123,8 +128,13 @@ def test_settings_the_stack_and_the_cli_do_not_import_activities(module):
 
 def test_adapters_import_neither_activities_nor_workflows():
     modules = " ".join(f"adapters.{p.stem}" for p in sorted((ROOT / "adapters").glob("*.py")) if p.stem != "__init__")
-    out = subprocess.run([sys.executable, "-c", f"import sys; import {', '.join(modules.split())}; "
-                          "print(' '.join(sys.modules))"], capture_output=True, text=True, cwd=ROOT, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", f"import sys; import {', '.join(modules.split())}; print(' '.join(sys.modules))"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
     assert not {m for m in out.stdout.split() if m.startswith(("activities", "workflows"))}
 
 
@@ -153,7 +163,10 @@ def test_every_activity_and_workflow_handler_says_what_it_does():
     for path in sorted([*(ROOT / "activities").glob("*.py"), *(ROOT / "workflows").glob("*.py")]):
         for cls in [n for n in ast.parse(path.read_text()).body if isinstance(n, ast.ClassDef)]:
             for fn in cls.body:
-                if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef) and any(
-                        ast.unparse(d).startswith(handlers) for d in fn.decorator_list) and not ast.get_docstring(fn):
+                if (
+                    isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef)
+                    and any(ast.unparse(d).startswith(handlers) for d in fn.decorator_list)
+                    and not ast.get_docstring(fn)
+                ):
                     missing.append(f"{path.relative_to(ROOT)}: {cls.name}.{fn.name}")
     assert not missing, "\n".join(missing)

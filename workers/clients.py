@@ -15,8 +15,9 @@ def build_kubernetes(k: KubernetesPlatformSettings) -> KubernetesPlatform:
         configuration.host = k.api_url
         api = k8s.ApiClient(configuration)
     else:
-        api = k8s_config.new_client_from_config(config_file=str(k.kubeconfig) if k.kubeconfig else None,
-                                                context=k.context)
+        api = k8s_config.new_client_from_config(
+            config_file=str(k.kubeconfig) if k.kubeconfig else None, context=k.context
+        )
     return KubernetesPlatform(api, k.namespace, k.deployment)
 
 

@@ -52,12 +52,15 @@ def build_region_activities(settings: Settings, http: httpx.Client) -> RegionAct
     b = settings.backup
     creds = b.boto3_kwargs(f.aws_endpoint_url)
     return RegionActivities(
-        f, rds={r: boto3.client("rds", region_name=r, **creds) for r in f.regions},
+        f,
+        rds={r: boto3.client("rds", region_name=r, **creds) for r in f.regions},
         cloudwatch={r: boto3.client("cloudwatch", region_name=r, **creds) for r in f.regions},
         route53=boto3.client("route53", region_name=b.aws_region, **creds),
         sns=boto3.client("sns", region_name=b.aws_region, **creds),
-        clusters={r: build_kubernetes(cfg.kubernetes) for r, cfg in f.regions.items()}, http=http,
-        standby=settings.postgres.server(standby=settings.standby) if settings.standby else None)
+        clusters={r: build_kubernetes(cfg.kubernetes) for r, cfg in f.regions.items()},
+        http=http,
+        standby=settings.postgres.server(standby=settings.standby) if settings.standby else None,
+    )
 
 
 def build_rds_activities(settings: Settings) -> RdsActivities:
@@ -67,8 +70,9 @@ def build_rds_activities(settings: Settings) -> RdsActivities:
     if r is None:
         return RdsActivities(None, None, None)
     creds = settings.backup.boto3_kwargs(r.aws_endpoint_url)
-    return RdsActivities(r, boto3.client("rds", region_name=r.region, **creds),
-                         boto3.client("cloudwatch", region_name=r.region, **creds))
+    return RdsActivities(
+        r, boto3.client("rds", region_name=r.region, **creds), boto3.client("cloudwatch", region_name=r.region, **creds)
+    )
 
 
 def build_notify_activities(settings: Settings, playbook, redis, http: httpx.Client) -> NotifyActivities:
@@ -89,8 +93,13 @@ def build_activities(settings: Settings, client: Client | None = None) -> list:
     backup = BackupActivities(server, barman)
     http = httpx.Client(timeout=10)
     region = build_region_activities(settings, http)
-    platform = PlatformActivities(build_platform(settings.platform), http,
-                                  settings.app.health_url, settings.app.critical_url, settings.app.write_check_url)
+    platform = PlatformActivities(
+        build_platform(settings.platform),
+        http,
+        settings.app.health_url,
+        settings.app.critical_url,
+        settings.app.write_check_url,
+    )
     standby = settings.standby_server()
     rds = build_rds_activities(settings)
     replication = ReplicationActivities(server, standby)
@@ -99,23 +108,54 @@ def build_activities(settings: Settings, client: Client | None = None) -> list:
     playbook_activities = PlaybookActivities(playbook)
     locks = LockActivities(client, server, barman.server_name)
     return [
-        locks.cluster, locks.holder,
-        playbook_activities.objectives_for, playbook_activities.approvers_for, playbook_activities.plan_incident,
+        locks.cluster,
+        locks.holder,
+        playbook_activities.objectives_for,
+        playbook_activities.approvers_for,
+        playbook_activities.plan_incident,
         build_notify_activities(settings, playbook, redis, http).send_notification,
         ReportActivities(playbook, s3, settings.reports_destination).write_report,
-        postgres.assess_database, postgres.seal_primary, postgres.verify_restored, postgres.archive_current_wal,
-        backup.restore_base_backup, backup.replay_wal, backup.swap_in_restored, backup.take_base_backup,
-        backup.remove_side_instance, backup.stop_restore, postgres.reopen_production,
-        deletion.identify_deletions, deletion.contain, deletion.extract_deleted_rows, deletion.reinsert_rows,
-        deletion.verify_reinserted, deletion.lift_containment,
-        platform.stop_application, platform.start_application, platform.check_application,
-        platform.repoint_application, platform.check_write,
-        replication.check_standby, replication.fence_primary, replication.promote_standby,
-        replication.await_catch_up, replication.rejoin_as_standby,
-        rds.database_target, rds.check_rds_replica, rds.promote_rds,
-        region.plan_region_failover, region.verify_primary_down, region.replica_lag, region.promote_rds_replica,
-        region.switch_dns, region.scale_region, region.check_region_health, region.notify_failover,
-        region.plan_region_failback, region.create_home_replica, region.scale_down_region,
+        postgres.assess_database,
+        postgres.seal_primary,
+        postgres.verify_restored,
+        postgres.archive_current_wal,
+        backup.restore_base_backup,
+        backup.replay_wal,
+        backup.swap_in_restored,
+        backup.take_base_backup,
+        backup.remove_side_instance,
+        backup.stop_restore,
+        postgres.reopen_production,
+        deletion.identify_deletions,
+        deletion.contain,
+        deletion.extract_deleted_rows,
+        deletion.reinsert_rows,
+        deletion.verify_reinserted,
+        deletion.lift_containment,
+        platform.stop_application,
+        platform.start_application,
+        platform.check_application,
+        platform.repoint_application,
+        platform.check_write,
+        replication.check_standby,
+        replication.fence_primary,
+        replication.promote_standby,
+        replication.await_catch_up,
+        replication.rejoin_as_standby,
+        rds.database_target,
+        rds.check_rds_replica,
+        rds.promote_rds,
+        region.plan_region_failover,
+        region.verify_primary_down,
+        region.replica_lag,
+        region.promote_rds_replica,
+        region.switch_dns,
+        region.scale_region,
+        region.check_region_health,
+        region.notify_failover,
+        region.plan_region_failback,
+        region.create_home_replica,
+        region.scale_down_region,
     ]
 
 
@@ -127,10 +167,16 @@ def workflow_runner() -> SandboxedWorkflowRunner:
 
 
 def build_worker(client: Client, settings: Settings, executor: ThreadPoolExecutor) -> Worker:
-    return Worker(client, task_queue=settings.task_queue, workflows=WORKFLOWS,
-                  activities=build_activities(settings, client), activity_executor=executor,
-                  interceptors=[LoggingInterceptor()], workflow_runner=workflow_runner(),
-                  sticky_queue_schedule_to_start_timeout=settings.sticky_queue_timeout)
+    return Worker(
+        client,
+        task_queue=settings.task_queue,
+        workflows=WORKFLOWS,
+        activities=build_activities(settings, client),
+        activity_executor=executor,
+        interceptors=[LoggingInterceptor()],
+        workflow_runner=workflow_runner(),
+        sticky_queue_schedule_to_start_timeout=settings.sticky_queue_timeout,
+    )
 
 
 async def run(settings: Settings) -> None:

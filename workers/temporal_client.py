@@ -32,8 +32,9 @@ from models.errors import ErrorKind
 class StrictPydanticPayloadConverter(PydanticPayloadConverter):
     """pydantic's converter; any decoding error is re-raised as a ValidationError."""
 
-    def from_payloads(self, payloads: Sequence[temporalio.api.common.v1.Payload],
-                      type_hints: list[type] | None = None) -> list[Any]:
+    def from_payloads(
+        self, payloads: Sequence[temporalio.api.common.v1.Payload], type_hints: list[type] | None = None
+    ) -> list[Any]:
         try:
             values = super().from_payloads(payloads, type_hints)
         except (ValidationError, FailureError):
@@ -50,16 +51,24 @@ class StrictPydanticPayloadConverter(PydanticPayloadConverter):
 def as_validation_error(err: BaseException, type_hints: list[type] | None = None) -> ValidationError:
     cause = err.__cause__ or err
     title = getattr((type_hints or [None])[0], "__name__", "input")
-    return ValidationError.from_exception_data(title, [InitErrorDetails(
-        type=PydanticCustomError("undecodable", "{reason}", {"reason": f"{type(cause).__name__}: {cause}"}),
-        loc=(), input="<payload>")])
+    return ValidationError.from_exception_data(
+        title,
+        [
+            InitErrorDetails(
+                type=PydanticCustomError("undecodable", "{reason}", {"reason": f"{type(cause).__name__}: {cause}"}),
+                loc=(),
+                input="<payload>",
+            )
+        ],
+    )
 
 
 class FailureConverter(DefaultFailureConverter):
     """Temporal's failure converter, with a pydantic `ValidationError` marked non-retryable."""
 
-    def to_failure(self, exception: BaseException, payload_converter: PayloadConverter,
-                   failure: temporalio.api.failure.v1.Failure) -> None:
+    def to_failure(
+        self, exception: BaseException, payload_converter: PayloadConverter, failure: temporalio.api.failure.v1.Failure
+    ) -> None:
         if isinstance(exception, ValidationError):
             refused = ApplicationError(str(exception), type=ErrorKind.ValidationError, non_retryable=True)
             refused.__traceback__ = exception.__traceback__
@@ -67,8 +76,9 @@ class FailureConverter(DefaultFailureConverter):
         super().to_failure(exception, payload_converter, failure)
 
 
-data_converter = DataConverter(payload_converter_class=StrictPydanticPayloadConverter,
-                               failure_converter_class=FailureConverter)
+data_converter = DataConverter(
+    payload_converter_class=StrictPydanticPayloadConverter, failure_converter_class=FailureConverter
+)
 
 
 async def connect(address: str, namespace: str = "default") -> Client:

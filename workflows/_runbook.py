@@ -31,12 +31,16 @@ class Runbook:
     async def prepare(self, incident_id: str, procedure: str, severity: Severity) -> None:
         """Label the run (also when started from the Web UI without search attributes) and load the
         approver roster for its procedure and severity from the playbook."""
-        workflow.upsert_search_attributes([
-            INCIDENT_ID.value_set(incident_id), PROCEDURE.value_set(procedure), SEVERITY.value_set(severity.value),
-        ])
+        workflow.upsert_search_attributes(
+            [
+                INCIDENT_ID.value_set(incident_id),
+                PROCEDURE.value_set(procedure),
+                SEVERITY.value_set(severity.value),
+            ]
+        )
         self.gate.roster = await workflow.execute_activity_method(
-            PlaybookActivities.approvers_for, args=[procedure, severity], summary="approver roster",
-            **opt.quick())
+            PlaybookActivities.approvers_for, args=[procedure, severity], summary="approver roster", **opt.quick()
+        )
 
     @workflow.update
     def approve(self, req: ApprovalRequest) -> ApprovalRecord:
@@ -52,8 +56,12 @@ class Runbook:
     @workflow.query
     def progress(self) -> Progress:
         """The steps completed (with start and end times), the current step, and the gate awaiting approval."""
-        return Progress(current_step=self.steps.current, completed=self.steps.completed,
-                        awaiting_approval=self.gate.pending_step, total_steps=self.steps.total)
+        return Progress(
+            current_step=self.steps.current,
+            completed=self.steps.completed,
+            awaiting_approval=self.gate.pending_step,
+            total_steps=self.steps.total,
+        )
 
     def _tell_incident(self) -> None:
         """Signal the step progress to the parent Incident, if an incident started this run."""
@@ -61,9 +69,13 @@ class Runbook:
         if parent is None:
             return
         self._progress_seq += 1
-        progress = RunbookProgress(seq=self._progress_seq, current_step=self.steps.current,
-                                   completed=list(self.steps.completed), awaiting_approval=self.gate.pending_step,
-                                   decisions=list(self.gate.decisions.values()))
+        progress = RunbookProgress(
+            seq=self._progress_seq,
+            current_step=self.steps.current,
+            completed=list(self.steps.completed),
+            awaiting_approval=self.gate.pending_step,
+            decisions=list(self.gate.decisions.values()),
+        )
         asyncio.create_task(_signal_quietly(workflow.get_external_workflow_handle(parent.workflow_id), progress))
 
 

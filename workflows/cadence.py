@@ -65,18 +65,28 @@ def schedule(plan: IncidentPlan, state: Paging, now: datetime) -> list[Tick]:
             why = f"unresolved after {human(lv.after)}" if lv.after else "incident opened"
             items.append(Tick(t0 + lv.after, f"level-{lv.level}", "escalate", level=lv.level, why=why))
     if paging and state.level > state.acked_level and state.level_since is not None:
-        items += [Tick(at, key, "repage")
-                  for at, key in ticks(state.level_since, plan.repage_every, now, f"repage-L{state.level}")]
-    for kind, every in (("status_update", plan.status_update_every),
-                        ("status_page", plan.status_page_update_every)):
+        items += [
+            Tick(at, key, "repage")
+            for at, key in ticks(state.level_since, plan.repage_every, now, f"repage-L{state.level}")
+        ]
+    for kind, every in (("status_update", plan.status_update_every), ("status_page", plan.status_page_update_every)):
         if every:
-            items += [Tick(at, key, "notify", kind=kind)
-                      for at, key in ticks(t0, every, now, f"{kind}-{int(every.total_seconds())}s")]
+            items += [
+                Tick(at, key, "notify", kind=kind)
+                for at, key in ticks(t0, every, now, f"{kind}-{int(every.total_seconds())}s")
+            ]
     if state.pending_approval is not None:
         step, since = state.pending_approval
-        items.append(Tick(since + plan.approval_escalate_after, f"approval-{step}-escalated", "approval",
-                          level=min(state.level + 1, len(plan.levels)), step=step,
-                          why=f"nobody decided {step!r} within {human(plan.approval_escalate_after)}"))
+        items.append(
+            Tick(
+                since + plan.approval_escalate_after,
+                f"approval-{step}-escalated",
+                "approval",
+                level=min(state.level + 1, len(plan.levels)),
+                step=step,
+                why=f"nobody decided {step!r} within {human(plan.approval_escalate_after)}",
+            )
+        )
     return items
 
 
@@ -114,4 +124,6 @@ def human(delta: timedelta) -> str:
     seconds = int(delta.total_seconds())
     if seconds < 60:
         return f"{seconds}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )

@@ -41,8 +41,10 @@ class DatabaseLock:
         """Hold the lock for `holder` until it signals `release` or closes (the lock is its child with
         parent-close TERMINATE).
         """
-        workflow.set_current_details(f"**Held by** {holder.procedure} `{holder.workflow_id}` "
-                                     f"(incident {holder.incident_id}) while it changes {holder.cluster}")
+        workflow.set_current_details(
+            f"**Held by** {holder.procedure} `{holder.workflow_id}` "
+            f"(incident {holder.incident_id}) while it changes {holder.cluster}"
+        )
         await workflow.wait_condition(lambda: self.released)
 
     @workflow.signal
@@ -54,24 +56,32 @@ class DatabaseLock:
 async def acquire(procedure: str, incident_id: str) -> workflow.ChildWorkflowHandle:
     """Take the lock of the cluster this worker's runbooks change, or fail with DatabaseBusy naming
     the run that holds it (non-retryable: nothing was changed)."""
-    cluster = await workflow.execute_activity_method(LockActivities.cluster, summary="which database cluster",
-                                                     **opt.quick())
+    cluster = await workflow.execute_activity_method(
+        LockActivities.cluster, summary="which database cluster", **opt.quick()
+    )
     info = workflow.info()
-    holder = LockHolder(cluster=cluster, workflow_id=info.workflow_id, run_id=info.run_id, procedure=procedure,
-                        incident_id=incident_id)
+    holder = LockHolder(
+        cluster=cluster, workflow_id=info.workflow_id, run_id=info.run_id, procedure=procedure, incident_id=incident_id
+    )
     try:
         return await workflow.start_child_workflow(
-            DatabaseLock.run, holder, id=lock_id(cluster), parent_close_policy=ParentClosePolicy.TERMINATE,
+            DatabaseLock.run,
+            holder,
+            id=lock_id(cluster),
+            parent_close_policy=ParentClosePolicy.TERMINATE,
             memo={"holder": holder.model_dump()},
-            static_summary=f"lock on {cluster} held by {info.workflow_id}")
+            static_summary=f"lock on {cluster} held by {info.workflow_id}",
+        )
     except WorkflowAlreadyStartedError:
-        held_by = await workflow.execute_activity_method(LockActivities.holder, lock_id(cluster),
-                                                         summary="who holds the lock",
-                                                         **opt.quick())
+        held_by = await workflow.execute_activity_method(
+            LockActivities.holder, lock_id(cluster), summary="who holds the lock", **opt.quick()
+        )
         raise ApplicationError(
             f"database cluster {cluster} is being changed by {held_by}; this run changed nothing. Wait for that "
-            f"run to end (or cancel it), then start this one again", type=ErrorKind.DatabaseBusy,
-            non_retryable=True) from None
+            f"run to end (or cancel it), then start this one again",
+            type=ErrorKind.DatabaseBusy,
+            non_retryable=True,
+        ) from None
 
 
 async def release(lock: workflow.ChildWorkflowHandle | None) -> None:

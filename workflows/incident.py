@@ -70,22 +70,35 @@ with workflow.unsafe.imports_passed_through():
     from activities.report import ReportActivities
 
 # What the status page says while the incident is in each state.
-STATUS_PAGE: dict[IncidentState, StatusPageStatus] = {"investigating": "investigating", "recovering": "identified", "awaiting approval": "identified",
-               "recovered": "monitoring", "runbook failed": "identified", "resolved": "resolved",
-               "closed": "resolved"}
+STATUS_PAGE: dict[IncidentState, StatusPageStatus] = {
+    "investigating": "investigating",
+    "recovering": "identified",
+    "awaiting approval": "identified",
+    "recovered": "monitoring",
+    "runbook failed": "identified",
+    "resolved": "resolved",
+    "closed": "resolved",
+}
 NEXT_STEPS = {
     "investigating": "responders are investigating",
     "recovering": "the recovery runbook is running",
     "awaiting approval": "waiting for an approver to decide the next recovery step",
     "recovered": "service restored; monitoring before we confirm resolution",
     "runbook failed": "the automated recovery stopped; responders are taking over",
-    "resolved": "resolved", "closed": "closed",
+    "resolved": "resolved",
+    "closed": "closed",
 }
 # Messages are worth some retrying, not forever: a channel down for longer than this is
 # recorded in the timeline as a failed delivery and the incident goes on.
-SEND_OPTIONS = {"start_to_close_timeout": timedelta(seconds=30), "schedule_to_close_timeout": timedelta(minutes=15),
-                "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(minutes=1),
-                                            non_retryable_error_types=opt.NON_RETRYABLE)}
+SEND_OPTIONS = {
+    "start_to_close_timeout": timedelta(seconds=30),
+    "schedule_to_close_timeout": timedelta(minutes=15),
+    "retry_policy": RetryPolicy(
+        initial_interval=timedelta(seconds=1),
+        maximum_interval=timedelta(minutes=1),
+        non_retryable_error_types=opt.NON_RETRYABLE,
+    ),
+}
 QUICK = opt.quick()
 # Marks runs that may continue as new: an incident started on older code replays its history without it.
 CONTINUE_AS_NEW_PATCH = "incident-continue-as-new"
@@ -142,28 +155,38 @@ class Incident:
         playbook). WorkflowIdMismatch when not started with the incident ID as workflow ID.
         """
         if workflow.info().workflow_id != inp.incident_id:
-            raise ApplicationError(f"start the incident with workflow ID {inp.incident_id!r} (the incident ID): "
-                                   "acknowledgements, reports and alerts find it by that ID",
-                                   type=ErrorKind.WorkflowIdMismatch, non_retryable=True)
+            raise ApplicationError(
+                f"start the incident with workflow ID {inp.incident_id!r} (the incident ID): "
+                "acknowledgements, reports and alerts find it by that ID",
+                type=ErrorKind.WorkflowIdMismatch,
+                non_retryable=True,
+            )
         if inp.carried is None:
             # The escalation clock starts when the incident is declared; an alert's own start is recorded.
             self.opened_at = workflow.info().start_time
-            self._event("opened", f"{inp.title} - opened by {inp.opened_by}" +
-                        (f"; began {inp.started_at:%Y-%m-%d %H:%M:%S} UTC" if inp.started_at else "") +
-                        (f"; {inp.follows}" if inp.follows else ""))
+            self._event(
+                "opened",
+                f"{inp.title} - opened by {inp.opened_by}"
+                + (f"; began {inp.started_at:%Y-%m-%d %H:%M:%S} UTC" if inp.started_at else "")
+                + (f"; {inp.follows}" if inp.follows else ""),
+            )
             self.plan = await workflow.execute_activity_method(
                 PlaybookActivities.plan_incident,
                 PlanRequest(labels=inp.labels, severity=inp.severity, procedure=inp.procedure),
-                summary="classify and read the severity's policy", **QUICK)
-            self._event("severity", f"{self._plan.severity.value} {self._plan.severity_name} "
-                                    f"({self._plan.classified_by})")
+                summary="classify and read the severity's policy",
+                **QUICK,
+            )
+            self._event(
+                "severity", f"{self._plan.severity.value} {self._plan.severity_name} ({self._plan.classified_by})"
+            )
             self._show()
             if self._plan.workflow:
                 self.runbook_task = asyncio.create_task(self._run_runbook())
                 # Only a crash wakes the loop: a runbook's normal end changes no schedule (and waking
                 # then would add a timer that running incidents' histories do not have).
                 self.runbook_task.add_done_callback(
-                    lambda t: self._wake() if not t.cancelled() and t.exception() is not None else None)
+                    lambda t: self._wake() if not t.cancelled() and t.exception() is not None else None
+                )
         else:
             self._show()  # a continued run: the state came in the input, the runbook has finished
         opened_at = self._opened_at
@@ -176,27 +199,47 @@ class Incident:
         self.state = "closed" if self.runbook_error else "resolved"
         self._event("resolved", f"{self.state} by {req.by}: {req.reason}")
         self._show()
-        self._notify("resolution", self._plan.notify.get("resolution", []), "resolution",
-                     by=req.by, reason=req.reason)
+        self._notify("resolution", self._plan.notify.get("resolution", []), "resolution", by=req.by, reason=req.reason)
         await self._deliveries_done()
         self.report_uri = await workflow.execute_activity_method(
             ReportActivities.write_report,
-            ReportRequest(incident_id=inp.incident_id, title=inp.title, plan=self._plan, status=self.state,
-                          opened_at=opened_at, resolved_at=resolved_at, resolved_by=req.by, resolution=req.reason,
-                          services=inp.services, timeline=self.timeline, runbook_result=self.runbook_result,
-                          runbook_error=self.runbook_error),
-            summary="post-incident report to S3", **QUICK)
+            ReportRequest(
+                incident_id=inp.incident_id,
+                title=inp.title,
+                plan=self._plan,
+                status=self.state,
+                opened_at=opened_at,
+                resolved_at=resolved_at,
+                resolved_by=req.by,
+                resolution=req.reason,
+                services=inp.services,
+                timeline=self.timeline,
+                runbook_result=self.runbook_result,
+                runbook_error=self.runbook_error,
+            ),
+            summary="post-incident report to S3",
+            **QUICK,
+        )
         self._event("report", f"post-incident report: {self.report_uri}")
         self._show()
 
         # Playbook 6.2: the blameless postmortem within 48 hours. A durable timer: nothing has to stay up.
         await workflow.sleep(self._plan.postmortem_after, summary="blameless postmortem reminder")
-        self._notify("postmortem_reminder", self._plan.notify.get("postmortem_reminder", self._plan.levels[0].channels),
-                     "postmortem")
+        self._notify(
+            "postmortem_reminder",
+            self._plan.notify.get("postmortem_reminder", self._plan.levels[0].channels),
+            "postmortem",
+        )
         await self._deliveries_done()
-        return IncidentResult(incident_id=inp.incident_id, severity=self._plan.severity, status=self.state,
-                              opened_at=opened_at, resolved_at=resolved_at, report_uri=self.report_uri,
-                              timeline=self.timeline)
+        return IncidentResult(
+            incident_id=inp.incident_id,
+            severity=self._plan.severity,
+            status=self.state,
+            opened_at=opened_at,
+            resolved_at=resolved_at,
+            report_uri=self.report_uri,
+            timeline=self.timeline,
+        )
 
     # --- the recovery runbook -------------------------------------------------------------
 
@@ -205,26 +248,40 @@ class Incident:
         assert plan.procedure is not None  # a plan names a workflow only with its procedure
         spec = runbook(plan.procedure)
         child_id = self.runbook_id = spec.workflow_id(inp.incident_id)
-        args = {**plan.runbook_input, **inp.runbook_input, "incident_id": inp.incident_id,
-                "severity": plan.severity.value}
+        args = {
+            **plan.runbook_input,
+            **inp.runbook_input,
+            "incident_id": inp.incident_id,
+            "severity": plan.severity.value,
+        }
         self._set_status("recovering")
         self._event("runbook", f"{plan.workflow} started as {child_id}")
         try:
             self.runbook_result = await workflow.execute_child_workflow(
-                spec.workflow_type, args, id=child_id, parent_close_policy=workflow.ParentClosePolicy.ABANDON,
-                static_summary=f"{plan.procedure} for incident {inp.incident_id}")
+                spec.workflow_type,
+                args,
+                id=child_id,
+                parent_close_policy=workflow.ParentClosePolicy.ABANDON,
+                static_summary=f"{plan.procedure} for incident {inp.incident_id}",
+            )
         except (ChildWorkflowError, WorkflowAlreadyStartedError) as err:
             self.runbook_error = _innermost(err)
             self._set_status("runbook failed")
-            self._event("runbook", f"{plan.workflow} failed: {self.runbook_error}. Close the incident with "
-                                   f"`drp incident resolve {inp.incident_id}` once people have taken over.")
+            self._event(
+                "runbook",
+                f"{plan.workflow} failed: {self.runbook_error}. Close the incident with "
+                f"`drp incident resolve {inp.incident_id}` once people have taken over.",
+            )
         else:
             result = self.runbook_result or {}
             # The last step's signal can be cut off by the child's completion: its result has them all.
             self._record_steps([StepRecord.model_validate(s) for s in result.get("steps", [])])
             self._set_status("recovered")
-            self._event("runbook", f"{plan.workflow} finished: {result.get('outcome', 'completed')}. Confirm with "
-                                   f"`drp incident resolve {inp.incident_id} --by NAME --reason TEXT`.")
+            self._event(
+                "runbook",
+                f"{plan.workflow} finished: {result.get('outcome', 'completed')}. Confirm with "
+                f"`drp incident resolve {inp.incident_id} --by NAME --reason TEXT`.",
+            )
 
     @workflow.signal
     def runbook_progress(self, p: RunbookProgress) -> None:
@@ -235,15 +292,22 @@ class Incident:
         self._record_steps(p.completed)
         if p.current_step and (old is None or old.current_step != p.current_step):
             self._event("step", f"{p.current_step}: started")
-        for d in p.decisions[len(old.decisions) if old else 0:]:
-            self._event("approval", f"{d.step!r} {'approved' if d.approved else 'rejected'} by {d.approver}: "
-                                    f"{d.reason}", at=d.decided_at)
+        for d in p.decisions[len(old.decisions) if old else 0 :]:
+            self._event(
+                "approval",
+                f"{d.step!r} {'approved' if d.approved else 'rejected'} by {d.approver}: {d.reason}",
+                at=d.decided_at,
+            )
         if p.awaiting_approval and (old is None or old.awaiting_approval != p.awaiting_approval):
             self.pending_approval = (p.awaiting_approval, workflow.now())
             self._event("approval", f"approval requested for {p.awaiting_approval!r}")
             self._set_status("awaiting approval")
-            self._notify("approval_needed", self._plan.levels[max(self.level, 1) - 1].channels,
-                         f"approval-{p.awaiting_approval}-asked", approval_step=p.awaiting_approval)
+            self._notify(
+                "approval_needed",
+                self._plan.levels[max(self.level, 1) - 1].channels,
+                f"approval-{p.awaiting_approval}-asked",
+                approval_step=p.awaiting_approval,
+            )
         elif not p.awaiting_approval and self.pending_approval is not None:
             self.pending_approval = None
             if self.state == "awaiting approval":
@@ -252,7 +316,7 @@ class Incident:
         self.changed = True
 
     def _record_steps(self, completed: list[StepRecord]) -> None:
-        for step in completed[self.steps_recorded:]:
+        for step in completed[self.steps_recorded :]:
             seconds = (step.ended_at - step.started_at).total_seconds()
             self._event("step", f"{step.name}: {step.outcome} ({seconds:.1f} s)", at=step.ended_at)
         self.steps_recorded = max(self.steps_recorded, len(completed))
@@ -270,8 +334,11 @@ class Incident:
             self._event("alert", f"{name} {a.status} ({', '.join(f'{k}={v}' for k, v in sorted(a.labels.items()))})")
         if notice.truncated != self.truncated_alerts:
             self.truncated_alerts = notice.truncated
-            self._event("alert", f"{notice.truncated} more alerts of the group are not listed (Alertmanager "
-                                 "max_alerts, or over the receiver's limit per notification)")
+            self._event(
+                "alert",
+                f"{notice.truncated} more alerts of the group are not listed (Alertmanager "
+                "max_alerts, or over the receiver's limit per notification)",
+            )
         if self.alerts and all(s == "resolved" for s in self.alerts.values()) and notice.status == "resolved":
             self._event("alert", "every alert of the group has resolved; a person confirms the incident resolved")
         self.changed = True
@@ -297,14 +364,19 @@ class Incident:
     def _validate_acknowledge(self, req: AckRequest) -> None:
         plan = self._ready()
         if req.by not in plan.responders:
-            raise ApplicationError(f"{req.by!r} is not in the playbook's people ({', '.join(plan.responders)})",
-                                   type=ErrorKind.NotOnRoster, non_retryable=True)
+            raise ApplicationError(
+                f"{req.by!r} is not in the playbook's people ({', '.join(plan.responders)})",
+                type=ErrorKind.NotOnRoster,
+                non_retryable=True,
+            )
         if self.resolution is not None:
-            raise ApplicationError("the incident is already resolved", type=ErrorKind.AlreadyResolved,
-                                   non_retryable=True)
+            raise ApplicationError(
+                "the incident is already resolved", type=ErrorKind.AlreadyResolved, non_retryable=True
+            )
         if self.level <= self.acked_level:
-            raise ApplicationError(f"level {self.level} is already acknowledged", type=ErrorKind.AlreadyAcknowledged,
-                                   non_retryable=True)
+            raise ApplicationError(
+                f"level {self.level} is already acknowledged", type=ErrorKind.AlreadyAcknowledged, non_retryable=True
+            )
 
     @workflow.update
     def resolve(self, req: ResolveRequest) -> str:
@@ -319,11 +391,15 @@ class Incident:
         plan = self._ready()
         self._check_resolver(req.by, plan)
         if self.resolution is not None:
-            raise ApplicationError(f"already resolved by {self.resolution[0].by}", type=ErrorKind.AlreadyResolved,
-                                   non_retryable=True)
+            raise ApplicationError(
+                f"already resolved by {self.resolution[0].by}", type=ErrorKind.AlreadyResolved, non_retryable=True
+            )
         if self.state in ("recovering", "awaiting approval"):
-            raise ApplicationError(f"the {plan.procedure} runbook is still running (status {self.state!r}); "
-                                   "resolve when it has finished, or cancel it first", type=ErrorKind.RunbookRunning)
+            raise ApplicationError(
+                f"the {plan.procedure} runbook is still running (status {self.state!r}); "
+                "resolve when it has finished, or cancel it first",
+                type=ErrorKind.RunbookRunning,
+            )
 
     @workflow.update
     async def set_severity(self, change: SeverityChange) -> IncidentPlan:
@@ -335,9 +411,10 @@ class Incident:
             old = self._plan.severity
             self.plan = await workflow.execute_activity_method(
                 PlaybookActivities.plan_incident,
-                PlanRequest(labels=self.inp.labels, severity=change.severity,
-                            procedure=self._plan.procedure or "none"),
-                summary=f"re-classify as {change.severity.value}", **QUICK)
+                PlanRequest(labels=self.inp.labels, severity=change.severity, procedure=self._plan.procedure or "none"),
+                summary=f"re-classify as {change.severity.value}",
+                **QUICK,
+            )
             self._event("severity", f"{old.value} -> {change.severity.value} by {change.by}: {change.reason}")
             self._show()
             self._wake()
@@ -351,23 +428,31 @@ class Incident:
     def _check_severity_change(self, change: SeverityChange) -> None:
         plan = self._plan
         if change.severity == plan.severity:
-            raise ApplicationError(f"the incident is already {plan.severity.value}", type=ErrorKind.NothingToChange,
-                                   non_retryable=True)
+            raise ApplicationError(
+                f"the incident is already {plan.severity.value}", type=ErrorKind.NothingToChange, non_retryable=True
+            )
         if self.resolution is not None:
-            raise ApplicationError("the incident is already resolved", type=ErrorKind.AlreadyResolved,
-                                   non_retryable=True)
+            raise ApplicationError(
+                "the incident is already resolved", type=ErrorKind.AlreadyResolved, non_retryable=True
+            )
 
     @workflow.query
     def status(self) -> IncidentStatus:
         """The incident as it stands: severity, status, escalation level, current step, timeline."""
         return IncidentStatus(
-            incident_id=self.inp.incident_id, title=self.inp.title,
-            severity=self.plan.severity if self.plan else self.inp.severity, status=self.state,
-            level=self.level, acknowledged_level=self.acked_level,
+            incident_id=self.inp.incident_id,
+            title=self.inp.title,
+            severity=self.plan.severity if self.plan else self.inp.severity,
+            status=self.state,
+            level=self.level,
+            acknowledged_level=self.acked_level,
             procedure=self.plan.procedure if self.plan else self.inp.procedure,
             current_step=self.progress.current_step if self.progress else None,
             awaiting_approval=self.pending_approval[0] if self.pending_approval else None,
-            timeline=self.timeline, report_uri=self.report_uri, run=self.run_number)
+            timeline=self.timeline,
+            report_uri=self.report_uri,
+            run=self.run_number,
+        )
 
     def _ready(self) -> IncidentPlan:
         if self.plan is None:
@@ -377,9 +462,11 @@ class Incident:
     @staticmethod
     def _check_resolver(by: str, plan: IncidentPlan) -> None:
         if by not in plan.resolvers:
-            raise ApplicationError(f"{by!r} is not on the {plan.severity.value} roster "
-                                   f"({', '.join(plan.resolvers)})", type=ErrorKind.NotOnRoster,
-                                   non_retryable=True)
+            raise ApplicationError(
+                f"{by!r} is not on the {plan.severity.value} roster ({', '.join(plan.resolvers)})",
+                type=ErrorKind.NotOnRoster,
+                non_retryable=True,
+            )
 
     # --- cadence and escalation -----------------------------------------------------------
 
@@ -427,23 +514,41 @@ class Incident:
     async def _continue_as_new(self) -> None:
         # Updates (set_severity) finish and every message started is delivered or given up: their
         # outcome belongs to this run's state. Signals and sync updates meanwhile change the state carried.
-        await workflow.wait_condition(lambda: workflow.all_handlers_finished() and
-                                      all(t.done() for t in self.deliveries))
+        await workflow.wait_condition(
+            lambda: workflow.all_handlers_finished() and all(t.done() for t in self.deliveries)
+        )
         self._raise_delivery_bugs()
         if self.resolution is not None:
             return
         fired = cadence.carried_keys(self.fired, self._schedule(workflow.now()))
         carry = IncidentCarry(
-            plan=self._plan, opened_at=self._opened_at, status=self.state, timeline=self.timeline, level=self.level,
-            level_since=self.level_since, acked_level=self.acked_level,
-            fired=fired, alerts=self.alerts, progress=self.progress,
-            steps_recorded=self.steps_recorded, pending_approval=self.pending_approval, runbook_id=self.runbook_id,
-            runbook_result=self.runbook_result, runbook_error=self.runbook_error, labels=self.labels,
-            run=self.run_number + 1, truncated_alerts=self.truncated_alerts)
-        workflow.logger.info("continuing as new (run %d) after %d history events", carry.run,
-                             workflow.info().get_current_history_length())
-        workflow.continue_as_new(self.inp.model_copy(update={"carried": carry}),
-                                 search_attributes=workflow.info().typed_search_attributes)
+            plan=self._plan,
+            opened_at=self._opened_at,
+            status=self.state,
+            timeline=self.timeline,
+            level=self.level,
+            level_since=self.level_since,
+            acked_level=self.acked_level,
+            fired=fired,
+            alerts=self.alerts,
+            progress=self.progress,
+            steps_recorded=self.steps_recorded,
+            pending_approval=self.pending_approval,
+            runbook_id=self.runbook_id,
+            runbook_result=self.runbook_result,
+            runbook_error=self.runbook_error,
+            labels=self.labels,
+            run=self.run_number + 1,
+            truncated_alerts=self.truncated_alerts,
+        )
+        workflow.logger.info(
+            "continuing as new (run %d) after %d history events",
+            carry.run,
+            workflow.info().get_current_history_length(),
+        )
+        workflow.continue_as_new(
+            self.inp.model_copy(update={"carried": carry}), search_attributes=workflow.info().typed_search_attributes
+        )
 
     def _restore(self, c: IncidentCarry) -> None:
         self.plan, self.opened_at, self.state, self.timeline = c.plan, c.opened_at, c.status, list(c.timeline)
@@ -455,9 +560,18 @@ class Incident:
 
     def _schedule(self, now: datetime) -> list[cadence.Tick]:
         """Each series' due or next occurrence (workflows/cadence.py); keys make every tick fire once."""
-        return cadence.schedule(self._plan, cadence.Paging(
-            opened_at=self._opened_at, level=self.level, level_since=self.level_since, acked_level=self.acked_level,
-            recovered=self.state == "recovered", pending_approval=self.pending_approval), now)
+        return cadence.schedule(
+            self._plan,
+            cadence.Paging(
+                opened_at=self._opened_at,
+                level=self.level,
+                level_since=self.level_since,
+                acked_level=self.acked_level,
+                recovered=self.state == "recovered",
+                pending_approval=self.pending_approval,
+            ),
+            now,
+        )
 
     def _fire(self, tick: cadence.Tick) -> None:
         if tick.action == "opening":
@@ -496,14 +610,21 @@ class Incident:
     def _notify(self, kind: str, channels: list[str], tick: str, **extra: str) -> None:
         context = self._context(**extra)
         for channel in channels:
-            n = Notification(key=f"{self.inp.incident_id}/{tick}/{channel}", incident_id=self.inp.incident_id,
-                             kind=kind, channel=channel, context=context, status_page_status=STATUS_PAGE[self.state])
+            n = Notification(
+                key=f"{self.inp.incident_id}/{tick}/{channel}",
+                incident_id=self.inp.incident_id,
+                kind=kind,
+                channel=channel,
+                context=context,
+                status_page_status=STATUS_PAGE[self.state],
+            )
             self.deliveries.append(asyncio.create_task(self._deliver(n)))
 
     async def _deliver(self, n: Notification) -> None:
         try:
-            d = await workflow.execute_activity_method(NotifyActivities.send_notification, n,
-                                                       summary=f"{n.kind} to {n.channel}", **SEND_OPTIONS)
+            d = await workflow.execute_activity_method(
+                NotifyActivities.send_notification, n, summary=f"{n.kind} to {n.channel}", **SEND_OPTIONS
+            )
         except ActivityError as err:
             self._event("message", f"FAILED {n.kind} to {n.channel}: {_innermost(err)}")
             return
@@ -526,16 +647,25 @@ class Incident:
         every = plan.status_update_every
         level = self._plan.levels[max(self.level, 1) - 1]
         return {
-            "incident_id": self.inp.incident_id, "title": self.inp.title, "severity": plan.severity.value,
-            "severity_name": plan.severity_name, "impact": plan.impact, "status": self.state,
-            "next_steps": NEXT_STEPS[self.state], "timestamp": now.strftime("%Y-%m-%d %H:%M:%S UTC"),
+            "incident_id": self.inp.incident_id,
+            "title": self.inp.title,
+            "severity": plan.severity.value,
+            "severity_name": plan.severity_name,
+            "impact": plan.impact,
+            "status": self.state,
+            "next_steps": NEXT_STEPS[self.state],
+            "timestamp": now.strftime("%Y-%m-%d %H:%M:%S UTC"),
             "started_at": self._opened_at.strftime("%Y-%m-%d %H:%M:%S UTC"),
             "next_update": (now + every).strftime("%H:%M:%S UTC") if every else "as needed",
             "procedure": plan.procedure or "none",
             "current_step": (self.progress.current_step if self.progress else None) or "-",
-            "level": str(level.level), "level_name": level.name, "duration": human(now - self._opened_at),
+            "level": str(level.level),
+            "level_name": level.name,
+            "duration": human(now - self._opened_at),
             "services": ", ".join(self.inp.services) or self.inp.labels.get("service", "our services"),
-            "report_uri": self.report_uri or "(written when resolved)", "alerts": self._alert_summary(), **extra,
+            "report_uri": self.report_uri or "(written when resolved)",
+            "alerts": self._alert_summary(),
+            **extra,
         }
 
     def _alert_summary(self) -> str:
@@ -560,16 +690,25 @@ class Incident:
         labels = (plan.severity.value, plan.procedure or "none", self.state)
         if labels != self.labels:  # an upsert is a history event: only on change
             self.labels = labels
-            workflow.upsert_search_attributes([
-                INCIDENT_ID.value_set(self.inp.incident_id), SEVERITY.value_set(labels[0]),
-                PROCEDURE.value_set(labels[1]), STATUS.value_set(labels[2])])
+            workflow.upsert_search_attributes(
+                [
+                    INCIDENT_ID.value_set(self.inp.incident_id),
+                    SEVERITY.value_set(labels[0]),
+                    PROCEDURE.value_set(labels[1]),
+                    STATUS.value_set(labels[2]),
+                ]
+            )
         step = self.progress.current_step if self.progress else None
-        lines = [f"**{plan.severity.value} {self.state}** - {self.inp.title}",
-                 f"Escalation level {self.level} (acknowledged up to {self.acked_level})",
-                 f"Runbook: {plan.procedure or 'none'}" + (f", step: {step}" if step else "")]
+        lines = [
+            f"**{plan.severity.value} {self.state}** - {self.inp.title}",
+            f"Escalation level {self.level} (acknowledged up to {self.acked_level})",
+            f"Runbook: {plan.procedure or 'none'}" + (f", step: {step}" if step else ""),
+        ]
         if self.pending_approval:
-            lines.append(f"Awaiting approval of {self.pending_approval[0]!r}: "
-                         f"`drp approve {self.inp.incident_id} --by NAME --reason TEXT`")
+            lines.append(
+                f"Awaiting approval of {self.pending_approval[0]!r}: "
+                f"`drp approve {self.inp.incident_id} --by NAME --reason TEXT`"
+            )
         if self.report_uri:
             lines.append(f"Report: {self.report_uri}")
         lines += ["", "Latest:", *(f"- {e.at:%H:%M:%S} {e.kind}: {e.text}" for e in self.timeline[-5:])]
