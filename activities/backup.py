@@ -9,24 +9,40 @@ result) instead of starting the work again.
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import tempfile
-import re
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
-import psycopg
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.barman import ARCHIVE_UNREADABLE, BarmanCloud
-from activities.pgserver import PgServer, run_as
-from activities.processes import free_port, pid_alive
-from activities.sealing import marker_path, set_allow_connections, set_subscriptions
-from activities.timelines import backup_on_history, history_file_name, lsn_to_int, parse_history
+from adapters.barman import ARCHIVE_UNREADABLE, BarmanCloud
+from adapters.pgserver import PgServer, run_as
+from adapters.processes import free_port, pid_alive
+from adapters.recovery import (
+    RECOVERY_BEGIN,
+    RECOVERY_END,
+    RestoreJob,
+    check_reached,
+    damaged_dir_for,
+    recovery_end_of,
+    recovery_state,
+    restore_dir_for,
+    swap_tablespace,
+    write_as,
+)
+from adapters.sealing import marker_path, set_allow_connections, set_subscriptions
+from adapters.timelines import (
+    backup_on_history,
+    history_file_name,
+    parse_history,
+)
+from models.errors import ErrorKind
 from models.postgres import (
     BackupRequest,
     BackupResult,
@@ -41,10 +57,6 @@ from models.postgres import (
     TimelineBranch,
 )
 
-RECOVERY_BEGIN = "# --- drp recovery: begin ---"
-RECOVERY_END = "# --- drp recovery: end ---"
-
-
 # A complete WAL segment or a timeline history file (not .partial or .backup): what archive_command archives
 # and a recovery needs.
 _WAL_OR_HISTORY = re.compile(r"[0-9A-F]{24}|[0-9A-F]{8}\.history")
@@ -53,55 +65,6 @@ _WAL_OR_HISTORY = re.compile(r"[0-9A-F]{24}|[0-9A-F]{8}\.history")
 def _heartbeat(*details) -> None:
     if activity.in_activity():
         activity.heartbeat(*details)
-
-
-def restore_dir_for(data_dir: Path, incident_id: str, purpose: str = "restore") -> Path:
-    return data_dir.with_name(f"{data_dir.name}.{purpose}-{incident_id}")
-
-
-def damaged_dir_for(data_dir: Path, incident_id: str) -> Path:
-    return data_dir.with_name(f"{data_dir.name}.damaged-{incident_id}")
-
-
-class RestoreJob:
-    """On-disk record of one barman-cloud-restore child: which backup, which PID, how it ended.
-
-    The record is written before the child starts and the child's shell writes
-    its own PID and exit code, so no crash of the worker, at any moment, leaves
-    a restore running that a retry does not know about.
-    """
-
-    def __init__(self, restore_dir: Path):
-        self.restore_dir = restore_dir
-        self.job_file = restore_dir.with_name(restore_dir.name + ".job.json")
-        self.pid_file = restore_dir.with_name(restore_dir.name + ".pid")
-        self.exit_file = restore_dir.with_name(restore_dir.name + ".exit")
-        self.log_file = restore_dir.with_name(restore_dir.name + ".restore.log")
-
-    def load(self) -> dict | None:
-        try:
-            return json.loads(self.job_file.read_text())
-        except (OSError, ValueError):
-            return None
-
-    def exit_code(self) -> int | None:
-        try:
-            return int(self.exit_file.read_text().strip())
-        except (OSError, ValueError):
-            return None
-
-    def running_pid(self) -> int | None:
-        try:
-            pid = int(self.pid_file.read_text().strip())
-        except (OSError, ValueError):
-            return None
-        if not pid_alive(pid):
-            return None
-        try:  # guard against PID reuse: the process must be ours
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            return None
-        return pid if str(self.restore_dir) in cmdline else None
 
 
 class BackupActivities:
@@ -115,7 +78,7 @@ class BackupActivities:
     @activity.defn
     def restore_base_backup(self, req: RestoreRequest) -> RestoreResult:
         """Restore a base backup into <data_dir>.<purpose>-<incident>: the newest completed one on
-        production's timeline history (activities.timelines), unless one is named.
+        production's timeline history (adapters.timelines), unless one is named.
 
         Production's timeline is `req.timeline`, else its control file's; its
         history comes from its own pg_wal, else from the archive. Re-run safe: a
@@ -130,10 +93,14 @@ class BackupActivities:
             record = job.load()
             if record and job.exit_code() == 0:
                 self._prepare_data_dir(job.restore_dir)
-                return RestoreResult(restore_dir=str(restore_dir), backup_id=record["backup_id"],
-                                     launches=record["launches"], timeline=record.get("timeline"),
-                                     timeline_history=record.get("timeline_history", []),
-                                     tablespaces=record.get("tablespaces", []))
+                return RestoreResult(
+                    restore_dir=str(restore_dir),
+                    backup_id=record["backup_id"],
+                    launches=record["launches"],
+                    timeline=record.get("timeline"),
+                    timeline_history=record.get("timeline_history", []),
+                    tablespaces=record.get("tablespaces", []),
+                )
             if record and job.running_pid():
                 self._wait_for(job, record)
                 continue
@@ -145,29 +112,48 @@ class BackupActivities:
         history = self._history(timeline) if timeline else []
         backups = self.barman.list_backups()
         if not backups:
-            raise ApplicationError(f"no completed base backup in {self.barman.destination} for server "
-                                   f"{self.barman.server_name!r}; nothing was changed", type="NoBackup",
-                                   non_retryable=True)
+            raise ApplicationError(
+                f"no completed base backup in {self.barman.destination} for server "
+                f"{self.barman.server_name!r}; nothing was changed",
+                type=ErrorKind.NoBackup,
+                non_retryable=True,
+            )
         candidates = [b for b in backups if b["backup_id"] == req.backup_id] if req.backup_id else backups
         if not candidates:
-            raise ApplicationError(f"backup {req.backup_id} is not in {self.barman.destination}", type="NoBackup",
-                                   non_retryable=True)
+            raise ApplicationError(
+                f"backup {req.backup_id} is not in {self.barman.destination}",
+                type=ErrorKind.NoBackup,
+                non_retryable=True,
+            )
         chosen = backup_on_history(candidates, timeline, history) if timeline else candidates[-1]
         if chosen is None:
             path = ", ".join(f"timeline {b.parent} until {b.switchpoint}" for b in history) or "no ancestors"
-            found = ", ".join(f"{b['backup_id']} (timeline {b.get('timeline')}, ended {b.get('end_xlog')})"
-                              for b in candidates)
+            found = ", ".join(
+                f"{b['backup_id']} (timeline {b.get('timeline')}, ended {b.get('end_xlog')})" for b in candidates
+            )
             raise ApplicationError(
                 f"no completed base backup lies on production's timeline {timeline} ({path}); the archive has "
                 f"{found}. Take a base backup of production, or name one with backup_id; nothing was changed",
-                type="NoBackupOnTimeline", non_retryable=True)
-        tablespaces = [Tablespace(name=name, oid=int(oid), location=location,
-                                  restored_to=f"{location.rstrip('/')}{restore_dir.name.removeprefix(self.server.data_dir.name)}")
-                       for name, oid, location in chosen.get("tablespaces") or []]
+                type=ErrorKind.NoBackupOnTimeline,
+                non_retryable=True,
+            )
+        tablespaces = [
+            Tablespace(
+                name=name,
+                oid=int(oid),
+                location=location,
+                restored_to=f"{location.rstrip('/')}{restore_dir.name.removeprefix(self.server.data_dir.name)}",
+            )
+            for name, oid, location in chosen.get("tablespaces") or []
+        ]
         self._check_tablespaces(chosen, tablespaces)
-        return {"backup_id": chosen["backup_id"], "launches": 0, "timeline": timeline,
-                "timeline_history": [b.model_dump() for b in history],
-                "tablespaces": [t.model_dump() for t in tablespaces]}
+        return {
+            "backup_id": chosen["backup_id"],
+            "launches": 0,
+            "timeline": timeline,
+            "timeline_history": [b.model_dump() for b in history],
+            "tablespaces": [t.model_dump() for t in tablespaces],
+        }
 
     def _check_tablespaces(self, backup: dict, tablespaces: list[Tablespace]) -> None:
         """Refuse a backup that lacks one of production's tablespaces: WAL replay would create it at
@@ -182,7 +168,9 @@ class BackupActivities:
                 f"backup {backup['backup_id']} was taken before tablespace(s) with OID {sorted(missing)} existed: "
                 "replaying their creation would write into production's tablespace directories. Take a new base "
                 "backup (barman-cloud-backup) and run again; nothing was changed",
-                type="TablespaceNotInBackup", non_retryable=True)
+                type=ErrorKind.TablespaceNotInBackup,
+                non_retryable=True,
+            )
 
     def _history(self, timeline: int) -> list[TimelineBranch]:
         """Production's timeline history: from its own pg_wal, else from the archive; [] for timeline 1."""
@@ -197,19 +185,22 @@ class BackupActivities:
             try:
                 found = self.barman.fetch_wal_file(name, Path(tmp) / name)
             except RuntimeError as err:
-                raise ApplicationError(f"cannot read {name} from the archive: {err}", type="ArchiveUnreachable")
+                raise ApplicationError(
+                    f"cannot read {name} from the archive: {err}", type=ErrorKind.ArchiveUnreachable
+                ) from err
             if not found:
                 raise ApplicationError(
                     f"production is on timeline {timeline}, but {name} is neither in its pg_wal nor in "
                     f"{self.barman.destination}: the recovery cannot follow its history; nothing was changed",
-                    type="TimelineHistoryMissing", non_retryable=True)
+                    type=ErrorKind.TimelineHistoryMissing,
+                    non_retryable=True,
+                )
             return parse_history((Path(tmp) / name).read_text())
 
     def _launch(self, job: RestoreJob, previous: dict) -> None:
         if previous["launches"]:  # a failed or killed copy: S3 still holds the backup
             self._remove_restored(job.restore_dir, previous.get("tablespaces", []))
-        record = {**previous, "launches": previous["launches"] + 1,
-                  "started_at": datetime.now(timezone.utc).isoformat()}
+        record = {**previous, "launches": previous["launches"] + 1, "started_at": datetime.now(UTC).isoformat()}
         for stale in (job.exit_file, job.pid_file):
             stale.unlink(missing_ok=True)
         job.job_file.write_text(json.dumps(record))
@@ -218,14 +209,29 @@ class BackupActivities:
             self._make_server_dir(Path(tablespace.restored_to))
         # The shell records its PID and the exit code itself: both survive this worker's death.
         script = 'pidf=$1 exitf=$2; shift 2; echo $$ > "$pidf"; rc=0; "$@" || rc=$?; echo $rc > "$exitf"'
-        argv = run_as(self.server.os_user, [
-            "sh", "-c", script, "restore", str(job.pid_file), str(job.exit_file),
-            *self.barman.restore_argv(record["backup_id"], job.restore_dir,
-                                      {t.name: t.restored_to for t in tablespaces}),
-        ])
+        argv = run_as(
+            self.server.os_user,
+            [
+                "sh",
+                "-c",
+                script,
+                "restore",
+                str(job.pid_file),
+                str(job.exit_file),
+                *self.barman.restore_argv(
+                    record["backup_id"], job.restore_dir, {t.name: t.restored_to for t in tablespaces}
+                ),
+            ],
+        )
         with open(job.log_file, "ab") as log:
-            proc = subprocess.Popen(argv, env=self.barman.env(), stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                argv,
+                env=self.barman.env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         while True:
             try:
                 proc.wait(timeout=self.poll_seconds)
@@ -247,8 +253,9 @@ class BackupActivities:
         if code == 0:
             return
         tail = job.log_file.read_text(errors="replace")[-1500:] if job.log_file.exists() else ""
-        raise ApplicationError(f"barman-cloud-restore of {record['backup_id']} exited {code}: {tail}",
-                               type="RestoreFailed")
+        raise ApplicationError(
+            f"barman-cloud-restore of {record['backup_id']} exited {code}: {tail}", type=ErrorKind.RestoreFailed
+        )
 
     def _prepare_data_dir(self, restore_dir: Path) -> None:
         """What barman-cloud-restore leaves to us: an empty pg_wal and mode 700 (idempotent)."""
@@ -294,8 +301,11 @@ class BackupActivities:
         timeline = req.timeline if req.timeline is not None else self.server.control_timeline()
         if not server.is_running():
             if not (restore_dir / "PG_VERSION").exists():
-                raise ApplicationError(f"{restore_dir} holds no restored cluster; restore it first",
-                                       type="NothingToReplay", non_retryable=True)
+                raise ApplicationError(
+                    f"{restore_dir} holds no restored cluster; restore it first",
+                    type=ErrorKind.NothingToReplay,
+                    non_retryable=True,
+                )
             if req.local_wal_dir:
                 self._archive_unarchived(Path(req.local_wal_dir))
             self._write_recovery_config(restore_dir, req.target_xid, timeline, req.local_wal_dir)
@@ -304,25 +314,35 @@ class BackupActivities:
             if not server.is_running():
                 log = server.log_tail(40)
                 if ARCHIVE_UNREADABLE in log:
-                    raise ApplicationError("the WAL archive could not be read, so recovery stopped instead of "
-                                           "ending early; it resumes on the next attempt:" + log[-1500:],
-                                           type="ArchiveUnreachable")
-                raise ApplicationError("recovery stopped before it was done; see the server log:" + log[-1500:],
-                                       type="ReplayFailed", non_retryable=True)
-            state = _recovery_state(server)
+                    raise ApplicationError(
+                        "the WAL archive could not be read, so recovery stopped instead of "
+                        "ending early; it resumes on the next attempt:" + log[-1500:],
+                        type=ErrorKind.ArchiveUnreachable,
+                    )
+                raise ApplicationError(
+                    "recovery stopped before it was done; see the server log:" + log[-1500:],
+                    type=ErrorKind.ReplayFailed,
+                    non_retryable=True,
+                )
+            state = recovery_state(server)
             if state and req.target_xid is not None and state.get("paused"):
                 return ReplayResult(port=server.port, timeline=0, end_lsn=state["lsn"], followed_timeline=timeline)
             if state and not state["in_recovery"]:
-                recovery_end = _recovery_end(restore_dir, state["timeline"])
+                recovery_end = recovery_end_of(restore_dir, state["timeline"])
                 try:
-                    _check_reached(state["segment"], recovery_end, req.must_reach_segment, req.must_reach_lsn)
+                    check_reached(state["segment"], recovery_end, req.must_reach_segment, req.must_reach_lsn)
                 except ApplicationError:
                     server.stop()  # promoted but incomplete: nobody may write to it
                     raise
                 set_allow_connections(server, req.reopen_databases, allow=True)
-                return ReplayResult(port=server.port, timeline=state["timeline"], end_lsn=state["lsn"],
-                                    last_commit_at=state["last_commit_at"], followed_timeline=timeline,
-                                    recovery_end_lsn=recovery_end)
+                return ReplayResult(
+                    port=server.port,
+                    timeline=state["timeline"],
+                    end_lsn=state["lsn"],
+                    last_commit_at=state["last_commit_at"],
+                    followed_timeline=timeline,
+                    recovery_end_lsn=recovery_end,
+                )
             _heartbeat({"phase": "replaying", "port": server.port, **(state or {"lsn": "starting"})})
             time.sleep(self.poll_seconds)
 
@@ -331,21 +351,33 @@ class BackupActivities:
         its archive_command would have, oldest first: the archive is whole again for any later recovery.
         Its pg_wal is only read (the `.ready` files stay: they are evidence of what the archiver missed)."""
         try:
-            ready = sorted(p.name.removesuffix(".ready") for p in (wal / "archive_status").glob("*.ready")
-                           if _WAL_OR_HISTORY.fullmatch(p.name.removesuffix(".ready")))
+            ready = sorted(
+                p.name.removesuffix(".ready")
+                for p in (wal / "archive_status").glob("*.ready")
+                if _WAL_OR_HISTORY.fullmatch(p.name.removesuffix(".ready"))
+            )
         except OSError:
             return  # unreadable: restore_command still falls back to it file by file
         for i, segment in enumerate(ready):
-            _heartbeat({"phase": "archiving the stopped primary's unarchived WAL", "segment": segment,
-                        "done": i, "of": len(ready)})
+            _heartbeat(
+                {
+                    "phase": "archiving the stopped primary's unarchived WAL",
+                    "segment": segment,
+                    "done": i,
+                    "of": len(ready),
+                }
+            )
             try:
                 self.barman.archive_wal_file(wal / segment)
             except RuntimeError as err:
-                raise ApplicationError(f"could not archive {segment} from the stopped primary's pg_wal: {err}",
-                                       type="ArchiveUnreachable") from err
+                raise ApplicationError(
+                    f"could not archive {segment} from the stopped primary's pg_wal: {err}",
+                    type=ErrorKind.ArchiveUnreachable,
+                ) from err
 
-    def _write_recovery_config(self, restore_dir: Path, target_xid: int | None, timeline: int | None,
-                               local_wal_dir: str | None = None) -> None:
+    def _write_recovery_config(
+        self, restore_dir: Path, target_xid: int | None, timeline: int | None, local_wal_dir: str | None = None
+    ) -> None:
         auto = restore_dir / "postgresql.auto.conf"
         current = auto.read_text() if auto.exists() else ""
         if RECOVERY_BEGIN not in current:
@@ -353,16 +385,22 @@ class BackupActivities:
             if target_xid is None:  # to the end of the archive, then a new primary that archives nothing yet
                 # and applies no subscription (it would consume production's slots on the publishers) until
                 # the swap makes it production: no logical-replication launcher at all.
-                target = ("recovery_target_action = 'promote'\narchive_mode = on\narchive_command = ''\n"
-                          "max_logical_replication_workers = 0\n")
+                target = (
+                    "recovery_target_action = 'promote'\narchive_mode = on\narchive_command = ''\n"
+                    "max_logical_replication_workers = 0\n"
+                )
             else:  # a side instance: just before the bad transaction, paused, read-only, archiving nothing
-                target = (f"recovery_target_xid = '{target_xid % 2**32}'\nrecovery_target_inclusive = off\n"
-                          "recovery_target_action = 'pause'\narchive_mode = off\n")
+                target = (
+                    f"recovery_target_xid = '{target_xid % 2**32}'\nrecovery_target_inclusive = off\n"
+                    "recovery_target_action = 'pause'\narchive_mode = off\n"
+                )
             follow = str(timeline) if timeline else "latest"
-            block = (f"\n{RECOVERY_BEGIN}\nrestore_command = '{restore_command}'\n"
-                     f"recovery_target_timeline = '{follow}'\n{target}{RECOVERY_END}\n")
-            _write_as(self.server.os_user, auto, current + block)
-        _write_as(self.server.os_user, restore_dir / "recovery.signal", "")
+            block = (
+                f"\n{RECOVERY_BEGIN}\nrestore_command = '{restore_command}'\n"
+                f"recovery_target_timeline = '{follow}'\n{target}{RECOVERY_END}\n"
+            )
+            write_as(self.server.os_user, auto, current + block)
+        write_as(self.server.os_user, restore_dir / "recovery.signal", "")
 
     # --- swap -------------------------------------------------------------------
 
@@ -385,23 +423,31 @@ class BackupActivities:
             self._strip_recovery_config(restore_dir)
             if data_dir.exists() and not damaged.exists():
                 if self.server.is_running():
-                    raise ApplicationError(f"a server still runs on {data_dir}; seal the primary first",
-                                           type="PrimaryRunning", non_retryable=True)
+                    raise ApplicationError(
+                        f"a server still runs on {data_dir}; seal the primary first",
+                        type=ErrorKind.PrimaryRunning,
+                        non_retryable=True,
+                    )
                 data_dir.rename(damaged)
             if data_dir.exists():
-                raise ApplicationError(f"both {data_dir} and {damaged} exist; refusing to overwrite either",
-                                       type="SwapConflict", non_retryable=True)
+                raise ApplicationError(
+                    f"both {data_dir} and {damaged} exist; refusing to overwrite either",
+                    type=ErrorKind.SwapConflict,
+                    non_retryable=True,
+                )
             if marker_path(data_dir).exists():  # the seal stays with the evidence it describes
                 marker_path(data_dir).rename(marker_path(damaged))
             for tablespace in req.tablespaces:
-                _swap_tablespace(restore_dir, tablespace, req.incident_id)
+                swap_tablespace(restore_dir, tablespace, req.incident_id)
             restore_dir.rename(data_dir)
         self.server.start()
         self.server.wait_ready()
         self._wait_archive_drained(data_dir)
         # The seal disabled them (WAL-logged, so disabled in the restore too): production applies again.
         set_subscriptions(self.server, req.enable_subscriptions, enable=True)
-        return SwapResult(data_dir=str(data_dir), damaged_dir=str(damaged), enabled_subscriptions=req.enable_subscriptions)
+        return SwapResult(
+            data_dir=str(data_dir), damaged_dir=str(damaged), enabled_subscriptions=req.enable_subscriptions
+        )
 
     def _wait_archive_drained(self, data_dir: Path, timeout: float = 300) -> None:
         """Wait until pg_wal/archive_status holds no .ready file: everything held back is archived."""
@@ -409,8 +455,11 @@ class BackupActivities:
         deadline = time.monotonic() + timeout
         while pending := sorted(p.name for p in status.glob("*.ready")):
             if time.monotonic() > deadline:
-                raise ApplicationError(f"{len(pending)} WAL files still wait to be archived after {timeout:.0f}s "
-                                       f"(first {pending[0]}); check archive_command", type="ArchiveLagging")
+                raise ApplicationError(
+                    f"{len(pending)} WAL files still wait to be archived after {timeout:.0f}s "
+                    f"(first {pending[0]}); check archive_command",
+                    type=ErrorKind.ArchiveLagging,
+                )
             _heartbeat({"phase": "archiving held-back WAL", "pending": len(pending)})
             time.sleep(self.poll_seconds)
 
@@ -424,15 +473,17 @@ class BackupActivities:
             return "no restore was made"
         running = restore.is_running()
         restore.stop()
-        return (f"the restore in {restore.data_dir} was {'stopped' if running else 'not running'} and is kept for "
-                "inspection; it archived nothing")
+        return (
+            f"the restore in {restore.data_dir} was {'stopped' if running else 'not running'} and is kept for "
+            "inspection; it archived nothing"
+        )
 
     def _strip_recovery_config(self, restore_dir: Path) -> None:
         auto = restore_dir / "postgresql.auto.conf"
         text = auto.read_text() if auto.exists() else ""
         if RECOVERY_BEGIN in text:
             head, rest = text.split(RECOVERY_BEGIN, 1)
-            _write_as(self.server.os_user, auto, head.rstrip("\n") + "\n" + rest.split(RECOVERY_END, 1)[-1].lstrip("\n"))
+            write_as(self.server.os_user, auto, head.rstrip("\n") + "\n" + rest.split(RECOVERY_END, 1)[-1].lstrip("\n"))
 
     # --- side instance teardown ---------------------------------------------------
 
@@ -469,8 +520,13 @@ class BackupActivities:
             return BackupResult(backup_id=marker.read_text().strip())
         before = {b["backup_id"] for b in self.barman.list_backups()}
         argv = self.barman.backup_argv(self.server.host, self.server.port, self.server.superuser)
-        proc = subprocess.Popen(argv, env={**self.barman.env(), "PGPASSWORD": self.server.password or ""},
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            argv,
+            env={**self.barman.env(), "PGPASSWORD": self.server.password or ""},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         while True:
             try:
                 proc.wait(timeout=self.poll_seconds)
@@ -479,85 +535,10 @@ class BackupActivities:
                 _heartbeat({"phase": "backing up"})
         output = proc.stdout.read() if proc.stdout else ""
         if proc.returncode != 0:
-            raise ApplicationError(f"barman-cloud-backup exited {proc.returncode}: {output[-1500:]}",
-                                   type="BackupFailed")
+            raise ApplicationError(
+                f"barman-cloud-backup exited {proc.returncode}: {output[-1500:]}", type=ErrorKind.BackupFailed
+            )
         new = [b["backup_id"] for b in self.barman.list_backups() if b["backup_id"] not in before]
         backup_id = new[-1] if new else "unknown"
         marker.write_text(backup_id)
         return BackupResult(backup_id=backup_id)
-
-
-def _recovery_state(server: PgServer) -> dict | None:
-    try:
-        with server.connect("template1", timeout=2) as conn:  # the seal's fenced databases open at promotion
-            in_recovery = conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
-            if in_recovery:
-                lsn, paused = conn.execute("SELECT pg_last_wal_replay_lsn()::text, "
-                                           "pg_get_wal_replay_pause_state() = 'paused'").fetchone()
-                return {"in_recovery": True, "lsn": lsn, "paused": paused}
-            segment, lsn = conn.execute(
-                "SELECT pg_walfile_name(pg_current_wal_lsn()), pg_current_wal_lsn()::text").fetchone()
-            timeline = int(segment[:8], 16)
-            last = conn.execute("SELECT timestamp FROM pg_last_committed_xact()").fetchone()
-            return {"in_recovery": False, "timeline": timeline, "lsn": lsn, "segment": segment,
-                    "last_commit_at": last[0] if last else None}
-    except psycopg.OperationalError:
-        return None  # still starting up, or not yet consistent
-
-
-def _swap_tablespace(restore_dir: Path, tablespace: Tablespace, incident_id: str) -> None:
-    """Production's tablespace directory aside (never deleted), the restored one in its place, the
-    restore's pg_tblspc link pointed at it. Each move happens once, so a retry continues."""
-    location, fresh = Path(tablespace.location), Path(tablespace.restored_to)
-    damaged = location.with_name(f"{location.name}.damaged-{incident_id}")
-    link = restore_dir / "pg_tblspc" / str(tablespace.oid)
-    if not link.is_symlink():
-        return  # dropped after the backup: the replay removed it, there is nothing of production's to swap
-    if fresh.exists():
-        if location.exists() and not damaged.exists():
-            location.rename(damaged)
-        if location.exists():
-            raise ApplicationError(f"both {location} and {damaged} exist; refusing to overwrite either",
-                                   type="SwapConflict", non_retryable=True)
-        fresh.rename(location)
-    if os.readlink(link) != str(location):
-        tmp = link.with_name(link.name + ".tmp")
-        tmp.unlink(missing_ok=True)
-        os.symlink(location, tmp)
-        os.replace(tmp, link)
-
-
-def _recovery_end(restore_dir: Path, timeline: int) -> str | None:
-    """Where replay ended: the switch point in the history file the promotion wrote for its new timeline."""
-    try:
-        branches = parse_history((restore_dir / "pg_wal" / history_file_name(timeline)).read_text())
-    except OSError:
-        return None
-    return branches[-1].switchpoint if branches else None
-
-
-def _check_reached(current_segment: str, recovery_end: str | None, required_segment: str | None,
-                   required_lsn: str | None) -> None:
-    """Refuse a recovery that ended before the last WAL the sealed primary archived.
-
-    PostgreSQL ends recovery at the first WAL file restore_command reports as
-    absent, so a segment missing from the archive looks like its end. With the
-    sealed primary's position (`required_lsn`, just past its last archived
-    segment) the replay's end point, read from the new timeline's history file,
-    must reach it; without it, the segment names' positions are compared.
-    """
-    if required_lsn and recovery_end is not None and lsn_to_int(recovery_end) < lsn_to_int(required_lsn):
-        raise ApplicationError(
-            f"recovery ended at {recovery_end} but the old primary archived WAL up to {required_lsn} "
-            f"(segment {required_segment}): a WAL segment is missing from the archive. The restore is kept, "
-            "stopped, and archived nothing; production is untouched.", type="ReplayIncomplete", non_retryable=True)
-    if required_segment and current_segment[8:] < required_segment[8:]:
-        raise ApplicationError(
-            f"recovery ended in segment {current_segment[8:]} but the old primary archived up to {required_segment}; "
-            "WAL is missing or was unreachable. The restore is kept, stopped, and archived nothing; "
-            "production is untouched.", type="ReplayIncomplete", non_retryable=True)
-
-
-def _write_as(os_user: str | None, path: Path, text: str) -> None:
-    """Write a file inside a data directory so that the server's OS user owns it."""
-    subprocess.run(run_as(os_user, ["sh", "-c", 'cat > "$0"', str(path)]), input=text.encode(), check=True)

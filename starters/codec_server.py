@@ -32,7 +32,7 @@ def build_app(codec: EncryptionCodec, settings: CodecServerSettings, default_nam
         raise ValueError("codec_server.bearer_token is not set: the codec server never runs unauthenticated")
     token = settings.bearer_token.get_secret_value().encode()
 
-    def cors(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+    def cors(request: web.Request, response: web.Response) -> web.Response:
         origin = request.headers.get(hdrs.ORIGIN)
         if origin and origin in settings.cors_origins:
             response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = origin
@@ -66,14 +66,19 @@ def build_app(codec: EncryptionCodec, settings: CodecServerSettings, default_nam
             try:
                 payloads = json_format.Parse(await request.read(), Payloads(), ignore_unknown_fields=True)
             except (json_format.ParseError, ValueError) as err:
-                return answer(request, 400, {"error": f"not a {{\"payloads\": [...]}} body: {err}"})
+                return answer(request, 400, {"error": f'not a {{"payloads": [...]}} body: {err}'})
             try:
                 out = Payloads(payloads=await transform(payloads.payloads))
             except PayloadDecryptionError as err:
                 return answer(request, 400, {"error": str(err)})
-            log.info("codec request", path=request.path, payloads=len(out.payloads),
-                     namespace=request.headers.get("X-Namespace"))
+            log.info(
+                "codec request",
+                path=request.path,
+                payloads=len(out.payloads),
+                namespace=request.headers.get("X-Namespace"),
+            )
             return cors(request, web.Response(text=json_format.MessageToJson(out), content_type="application/json"))
+
         return handle
 
     async def healthy(_: web.Request) -> web.Response:

@@ -16,10 +16,10 @@ METRICS_PATH = "/metrics"
 
 def instrument(app: web.Application, prefix: str = "drp_receiver") -> CollectorRegistry:
     registry = CollectorRegistry()
-    requests = Counter(f"{prefix}_requests", "HTTP requests answered", ["path", "method", "status"],
-                       registry=registry)
-    latency = Histogram(f"{prefix}_request_duration_seconds", "time to answer an HTTP request", ["path", "method"],
-                        registry=registry)
+    requests = Counter(f"{prefix}_requests", "HTTP requests answered", ["path", "method", "status"], registry=registry)
+    latency = Histogram(
+        f"{prefix}_request_duration_seconds", "time to answer an HTTP request", ["path", "method"], registry=registry
+    )
     known = {r.resource.canonical for r in app.router.routes() if r.resource is not None}
 
     @web.middleware

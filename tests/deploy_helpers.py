@@ -32,8 +32,10 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def dev_server():
     """A bare `temporal server start-dev` (in memory); yields its client without any codec (the raw view)."""
-    env = await WorkflowEnvironment.start_local(dev_server_existing_path=str(VENV_BIN / "temporal"),
-                                                search_attributes=[INCIDENT_ID, PROCEDURE, SEVERITY, STATUS])
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(VENV_BIN / "temporal"),
+        search_attributes=[INCIDENT_ID, PROCEDURE, SEVERITY, STATUS],
+    )
     try:
         yield env.client
     finally:
@@ -53,17 +55,26 @@ def queue() -> str:
 
 
 def worker(client, task_queue: str) -> Worker:
-    return Worker(client, task_queue=task_queue, workflows=[SecretEcho], activities=[echo],
-                  interceptors=[RunbookMetricsInterceptor()])
+    return Worker(
+        client,
+        task_queue=task_queue,
+        workflows=[SecretEcho],
+        activities=[echo],
+        interceptors=[RunbookMetricsInterceptor()],
+    )
 
 
 async def raw_history(raw_client, workflow_id: str, run_id: str | None = None) -> list[Message]:
     """The history's events exactly as the Temporal frontend serves them (no data converter, no codec)."""
     events, token = [], b""
     while True:
-        resp = await raw_client.workflow_service.get_workflow_execution_history(GetWorkflowExecutionHistoryRequest(
-            namespace=raw_client.namespace, execution=WorkflowExecution(workflow_id=workflow_id, run_id=run_id or ""),
-            next_page_token=token))
+        resp = await raw_client.workflow_service.get_workflow_execution_history(
+            GetWorkflowExecutionHistoryRequest(
+                namespace=raw_client.namespace,
+                execution=WorkflowExecution(workflow_id=workflow_id, run_id=run_id or ""),
+                next_page_token=token,
+            )
+        )
         events.extend(resp.history.events)
         token = resp.next_page_token
         if not token:

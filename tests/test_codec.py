@@ -18,7 +18,6 @@ from temporalio.client import WorkflowFailureError
 from tests.deploy_helpers import (
     VENV_BIN,
     address,
-    dev_server,  # noqa: F401 - the fixture
     free_port,
     new_key,
     payloads_in,
@@ -52,8 +51,12 @@ def marker() -> str:
 async def run_echo(client, note: str, fail: bool = False, task_queue: str | None = None):
     task_queue = task_queue or queue()
     async with worker(client, task_queue):
-        handle = await client.start_workflow(SecretEcho.run, SecretInput(note=note, fail=fail),
-                                             id=f"secret-{uuid.uuid4().hex[:8]}", task_queue=task_queue)
+        handle = await client.start_workflow(
+            SecretEcho.run,
+            SecretInput(note=note, fail=fail),
+            id=f"secret-{uuid.uuid4().hex[:8]}",
+            task_queue=task_queue,
+        )
         try:
             await handle.result()
         except WorkflowFailureError:
@@ -73,9 +76,15 @@ def codec_server(tmp_path_factory):
     """`drp codec serve` after a rotation: key-b current, key-a kept to read older histories."""
     tmp = tmp_path_factory.mktemp("codec")
     port = free_port()
-    env = settings_env(tmp, DRP_CODEC_SERVER__PORT=str(port), DRP_CODEC_SERVER__BEARER_TOKEN=TOKEN,
-                       DRP_CODEC_SERVER__CORS_ORIGINS=json.dumps([UI]),
-                       DRP_ENCRYPTION__KEYS=json.dumps(KEYS), DRP_ENCRYPTION__KEY_ID="key-b", DRP_LOG_LEVEL="INFO")
+    env = settings_env(
+        tmp,
+        DRP_CODEC_SERVER__PORT=str(port),
+        DRP_CODEC_SERVER__BEARER_TOKEN=TOKEN,
+        DRP_CODEC_SERVER__CORS_ORIGINS=json.dumps([UI]),
+        DRP_ENCRYPTION__KEYS=json.dumps(KEYS),
+        DRP_ENCRYPTION__KEY_ID="key-b",
+        DRP_LOG_LEVEL="INFO",
+    )
     log = tmp / "codec.log"
     with process([str(VENV_BIN / "drp"), "codec", "serve"], env, log) as proc:
         yield {"url": f"http://127.0.0.1:{port}", "proc": proc, "log": log}
@@ -84,11 +93,17 @@ def codec_server(tmp_path_factory):
 async def post(codec_server, path: str, payloads: list[Payload], headers: dict | None = None) -> httpx.Response:
     await wait_http(f"{codec_server['url']}/-/healthy", codec_server["proc"], codec_server["log"])
     body = json_format.MessageToJson(Payloads(payloads=payloads))
-    headers = {"Authorization": f"Bearer {TOKEN}", "X-Namespace": "default", "Origin": UI,
-               "Content-Type": "application/json", **(headers if headers is not None else {})}
+    headers = {
+        "Authorization": f"Bearer {TOKEN}",
+        "X-Namespace": "default",
+        "Origin": UI,
+        "Content-Type": "application/json",
+        **(headers if headers is not None else {}),
+    }
     async with httpx.AsyncClient(timeout=30) as http:
-        return await http.post(codec_server["url"] + path, content=body, headers={k: v for k, v in headers.items()
-                                                                                  if v is not None})
+        return await http.post(
+            codec_server["url"] + path, content=body, headers={k: v for k, v in headers.items() if v is not None}
+        )
 
 
 def decoded(response: httpx.Response) -> list[Payload]:
@@ -139,15 +154,22 @@ async def test_codec_server_refuses_callers_without_the_token(codec_server):
         assert "Access-Control-Allow-Origin" in response.headers  # the Web UI can show why
     assert (await post(codec_server, "/decode", sample, {"X-Namespace": "someone-else"})).status_code == 403
     async with httpx.AsyncClient(timeout=30) as http:
-        preflight = await http.options(f"{codec_server['url']}/decode", headers={
-            "Origin": UI, "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "authorization,content-type,x-namespace"})
+        preflight = await http.options(
+            f"{codec_server['url']}/decode",
+            headers={
+                "Origin": UI,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type,x-namespace",
+            },
+        )
         assert preflight.status_code == 204
         assert preflight.headers["Access-Control-Allow-Origin"] == UI
         assert "x-namespace" in preflight.headers["Access-Control-Allow-Headers"]
         assert "authorization" in preflight.headers["Access-Control-Allow-Headers"]
-        other = await http.options(f"{codec_server['url']}/decode", headers={
-            "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+        other = await http.options(
+            f"{codec_server['url']}/decode",
+            headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+        )
         assert "Access-Control-Allow-Origin" not in other.headers
     assert TOKEN not in codec_server["log"].read_text()
     assert all(k not in codec_server["log"].read_text() for k in KEYS.values())
@@ -171,8 +193,9 @@ async def test_a_payload_under_an_unknown_key_fails_with_one_clear_error(dev_ser
     reader = await connect(settings=settings(dev_server, KEYS, "key-b"))
     with pytest.raises(UnknownEncryptionKey) as refused:
         await reader.get_workflow_handle(handle.id).result()
-    assert str(refused.value).startswith("payload encrypted with key id 'key-c', which this process does not have "
-                                         "(it has: key-a, key-b)")
+    assert str(refused.value).startswith(
+        "payload encrypted with key id 'key-c', which this process does not have (it has: key-a, key-b)"
+    )
 
     stored = list(payloads_in_all(await raw_history(dev_server, handle.id)))
     response = await post(codec_server, "/decode", stored)
@@ -182,8 +205,9 @@ async def test_a_payload_under_an_unknown_key_fails_with_one_clear_error(dev_ser
     # A payload relabelled with a known id does not decrypt under the wrong key: authentication fails.
     relabelled = Payload(metadata={"encoding": ENCODING, KEY_ID: b"key-a"}, data=stored[0].data)
     with pytest.raises(ValueError, match="does not authenticate"):
-        EncryptionCodec(EncryptionSettings(enabled=True, key_id="key-b", keys=KEYS).key_bytes(),
-                        "key-b").decrypt(relabelled)
+        EncryptionCodec(EncryptionSettings(enabled=True, key_id="key-b", keys=KEYS).key_bytes(), "key-b").decrypt(
+            relabelled
+        )
 
 
 async def test_turning_encryption_on_does_not_break_a_running_workflow(dev_server):
@@ -191,8 +215,12 @@ async def test_turning_encryption_on_does_not_break_a_running_workflow(dev_serve
     encrypted = await connect(settings=settings(dev_server, {"key-a": KEYS["key-a"]}, "key-a"))
     task_queue, before, after = queue(), marker(), marker()
     async with worker(plain, task_queue):
-        handle = await plain.start_workflow(SecretEcho.run, SecretInput(note=before, wait_for_signal=True),
-                                            id=f"secret-{uuid.uuid4().hex[:8]}", task_queue=task_queue)
+        handle = await plain.start_workflow(
+            SecretEcho.run,
+            SecretInput(note=before, wait_for_signal=True),
+            id=f"secret-{uuid.uuid4().hex[:8]}",
+            task_queue=task_queue,
+        )
         assert await handle.query(SecretEcho.waiting)  # its first task ran on the unencrypted worker
     async with worker(encrypted, task_queue):
         await encrypted.get_workflow_handle(handle.id).signal(SecretEcho.release, after)
@@ -207,19 +235,44 @@ async def test_drp_cli_encrypts_what_it_starts(dev_server, tmp_path):
     """`drp incident open` (the CLI path, settings from the environment) stores its input and its summary
     encrypted; the receiver and starters connect through the same connect()."""
     title, incident = marker(), f"INC-ENC-{uuid.uuid4().hex[:6]}"
-    env = settings_env(tmp_path, DRP_TEMPORAL_ADDRESS=address(dev_server), DRP_TASK_QUEUE=queue(),
-                       DRP_ENCRYPTION__ENABLED="true", DRP_ENCRYPTION__KEY_ID="key-a",
-                       DRP_ENCRYPTION__KEYS=json.dumps({"key-a": KEYS["key-a"]}))
-    done = subprocess.run([str(VENV_BIN / "drp"), "incident", "open", incident, "--title", title, "--severity", "P3",
-                           "--procedure", "none"], env=env, capture_output=True, text=True, timeout=300)
+    env = settings_env(
+        tmp_path,
+        DRP_TEMPORAL_ADDRESS=address(dev_server),
+        DRP_TASK_QUEUE=queue(),
+        DRP_ENCRYPTION__ENABLED="true",
+        DRP_ENCRYPTION__KEY_ID="key-a",
+        DRP_ENCRYPTION__KEYS=json.dumps({"key-a": KEYS["key-a"]}),
+    )
+    done = subprocess.run(
+        [
+            str(VENV_BIN / "drp"),
+            "incident",
+            "open",
+            incident,
+            "--title",
+            title,
+            "--severity",
+            "P3",
+            "--procedure",
+            "none",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0 and f"opened {incident}" in done.stdout, done
     try:
         events = await raw_history(dev_server, incident)
         assert_no_plaintext(events, title)
         started = events[0].workflow_execution_started_event_attributes
         assert started.input.payloads[0].metadata[KEY_ID] == b"key-a"
-        assert title.encode() in EncryptionCodec({"key-a": base64.b64decode(KEYS["key-a"])},
-                                                 "key-a").decrypt(started.input.payloads[0]).data
+        assert (
+            title.encode()
+            in EncryptionCodec({"key-a": base64.b64decode(KEYS["key-a"])}, "key-a")
+            .decrypt(started.input.payloads[0])
+            .data
+        )
     finally:
         await dev_server.get_workflow_handle(incident).terminate("test ended")
 
@@ -229,8 +282,9 @@ async def test_a_worker_without_the_key_fails_the_workflow_task_naming_the_key_i
     reader_settings = settings(dev_server, KEYS, "key-b")
     reader = await connect(settings=reader_settings)
     task_queue = queue()
-    handle = await writer.start_workflow(SecretEcho.run, SecretInput(note=marker()), id=f"secret-{uuid.uuid4().hex[:8]}",
-                                         task_queue=task_queue)
+    handle = await writer.start_workflow(
+        SecretEcho.run, SecretInput(note=marker()), id=f"secret-{uuid.uuid4().hex[:8]}", task_queue=task_queue
+    )
     async with worker(reader, task_queue):
         failure = None
         async with asyncio.timeout(120):
@@ -244,5 +298,6 @@ async def test_a_worker_without_the_key_fails_the_workflow_task_naming_the_key_i
     assert failure.message == "Encoded failure" and failure.HasField("encoded_attributes")
     keys = EncryptionSettings(enabled=True, key_id="key-b", keys=KEYS).key_bytes()
     text = EncryptionCodec(keys, "key-b").decrypt(failure.encoded_attributes).data.decode()
-    assert "payload encrypted with key id 'key-c', which this process does not have (it has: key-a, key-b)" in text, \
+    assert "payload encrypted with key id 'key-c', which this process does not have (it has: key-a, key-b)" in text, (
         text
+    )

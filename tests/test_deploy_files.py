@@ -38,8 +38,11 @@ def test_every_playbook_trigger_has_a_rule_routed_to_the_receiver():
             expr = triggers[name]["expr"]
             for label in (rule.input_from_labels or {}).values():
                 assert label in expr, f"{name} drops the label {label!r} the {rule.procedure} input reads"
-            route = next(r for r in config["route"]["routes"]
-                         if any(re.fullmatch(m.split("=~", 1)[1].strip('"'), name) for m in r["matchers"]))
+            route = next(
+                r
+                for r in config["route"]["routes"]
+                if any(re.fullmatch(m.split("=~", 1)[1].strip('"'), name) for m in r["matchers"])
+            )
             hook = receivers[route["receiver"]]["webhook_configs"][0]
             assert hook["url"].endswith(PATH) and hook["send_resolved"] is True
             assert hook["http_config"]["authorization"]["type"] == "Bearer"

@@ -48,8 +48,11 @@ def build(directory: Path) -> tuple[list[dict], dict[str, str]]:
 
 
 def containers(objects: list[dict]) -> dict[str, dict]:
-    return {d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]
-            for d in objects if d["kind"] == "Deployment"}
+    return {
+        d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]
+        for d in objects
+        if d["kind"] == "Deployment"
+    }
 
 
 def field_exists(model: type[BaseModel], path: list[str]) -> bool:
@@ -84,8 +87,11 @@ def secret_values(container: dict, settings: dict[str, str]) -> dict[str, str]:
 
     key = base64.b64encode(b"k" * 32).decode()
     shapes = {"encryption-keys": json.dumps({settings["DRP_ENCRYPTION__KEY_ID"]: key})}
-    return {e["name"]: shapes.get(e["valueFrom"]["secretKeyRef"]["key"], "stand-in")
-            for e in container.get("env", []) if "valueFrom" in e}
+    return {
+        e["name"]: shapes.get(e["valueFrom"]["secretKeyRef"]["key"], "stand-in")
+        for e in container.get("env", [])
+        if "valueFrom" in e
+    }
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
@@ -98,15 +104,17 @@ def test_every_variable_is_a_setting_and_each_process_accepts_its_environment(ov
         for var in env_names(container, settings):
             assert var.startswith("DRP_"), var
             path = var.removeprefix("DRP_").lower().split("__")
-            assert any(field_exists(kind, path) for kind in (Settings, ReceiverSettings)), \
+            assert any(field_exists(kind, path) for kind in (Settings, ReceiverSettings)), (
                 f"{overlay.name}: {var} is not a field of Settings or ReceiverSettings"
+            )
         for var in list(os.environ):
             if var.startswith("DRP_"):
                 monkeypatch.delenv(var)
         for var, value in {**settings, **secret_values(container, settings)}.items():
             monkeypatch.setenv(var, value)
-        kind = {"drp-worker": Settings, "drp-alert-receiver": ReceiverSettings,
-                "drp-codec-server": TemporalSettings}[name]
+        kind = {"drp-worker": Settings, "drp-alert-receiver": ReceiverSettings, "drp-codec-server": TemporalSettings}[
+            name
+        ]
         parsed = kind()  # what the process reads at start: it must validate
         assert parsed.encryption.enabled and parsed.encryption.key_id in parsed.encryption.keys
         if name == "drp-worker":
@@ -123,18 +131,33 @@ def test_every_variable_is_a_setting_and_each_process_accepts_its_environment(ov
 def adapter_calls() -> set[tuple[str, str, str]]:
     """(apiGroup, resource, verb) of every Kubernetes API call the platform adapter makes: the
     `self.apps.<method>` / `self.core.<method>` calls in the class KubernetesPlatform, wherever it lives."""
-    sources = [p for d in ("activities", "adapters") for p in (ROOT / d).rglob("*.py")
-               if "class KubernetesPlatform" in p.read_text()]
+    sources = [
+        p
+        for d in ("activities", "adapters")
+        for p in (ROOT / d).rglob("*.py")
+        if "class KubernetesPlatform" in p.read_text()
+    ]
     assert sources, "KubernetesPlatform not found"
     groups = {"apps": "apps", "core": ""}
-    verbs = {"read": "get", "list": "list", "patch": "patch", "create": "create", "delete": "delete",
-             "replace": "update", "watch": "watch"}
+    verbs = {
+        "read": "get",
+        "list": "list",
+        "patch": "patch",
+        "create": "create",
+        "delete": "delete",
+        "replace": "update",
+        "watch": "watch",
+    }
     calls = set()
     for source in sources:
         for node in ast.walk(ast.parse(source.read_text())):
-            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
-                    and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"
-                    and node.value.attr in groups):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Attribute)
+                and isinstance(node.value.value, ast.Name)
+                and node.value.value.id == "self"
+                and node.value.attr in groups
+            ):
                 verb, _, kind = node.attr.partition("_namespaced_")
                 assert kind, f"{source}: {node.attr} is not a namespaced call; extend this test"
                 resource = kind.removesuffix("_status").removesuffix("_scale")
@@ -145,8 +168,9 @@ def adapter_calls() -> set[tuple[str, str, str]]:
 def test_the_worker_role_grants_exactly_what_the_adapter_calls():
     objects, settings = build(KUBE / "base")
     role = next(o for o in objects if o["kind"] == "Role" and o["metadata"]["name"] == "drp-worker")
-    granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
-               for v in rule["verbs"]}
+    granted = {
+        (g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]
+    }
     assert granted == adapter_calls()
     for rule in role["rules"]:
         if rule["resources"] == ["deployments"]:

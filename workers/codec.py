@@ -55,14 +55,17 @@ class EncryptionCodec(PayloadCodec):
         if cipher is None:
             raise UnknownEncryptionKey(
                 f"payload encrypted with key id {key_id!r}, which this process does not have (it has: "
-                f"{', '.join(sorted(self._ciphers))}): add that key to encryption.keys to read it")
+                f"{', '.join(sorted(self._ciphers))}): add that key to encryption.keys to read it"
+            )
         try:
-            return Payload.FromString(cipher.decrypt(payload.data[:NONCE_SIZE], payload.data[NONCE_SIZE:],
-                                                     key_id.encode()))
+            return Payload.FromString(
+                cipher.decrypt(payload.data[:NONCE_SIZE], payload.data[NONCE_SIZE:], key_id.encode())
+            )
         except InvalidTag as err:
             raise PayloadDecryptionError(
                 f"payload with key id {key_id!r} does not authenticate: the key configured under that id is "
-                "not the one it was encrypted with, or the payload was altered") from err
+                "not the one it was encrypted with, or the payload was altered"
+            ) from err
 
 
 def key_ids(payloads: Iterable[Payload]) -> set[str]:

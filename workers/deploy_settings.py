@@ -37,8 +37,10 @@ class TemporalTlsSettings(_Secretive):
     def _pair(self) -> "TemporalTlsSettings":
         if (self.client_cert is None) != (self.client_key is None):
             have, missing = ("client_cert", "client_key") if self.client_key is None else ("client_key", "client_cert")
-            raise ValueError(f"temporal_tls.{have} is set but temporal_tls.{missing} is not: mTLS needs the "
-                             f"certificate and its private key (DRP_TEMPORAL_TLS__{missing.upper()})")
+            raise ValueError(
+                f"temporal_tls.{have} is set but temporal_tls.{missing} is not: mTLS needs the "
+                f"certificate and its private key (DRP_TEMPORAL_TLS__{missing.upper()})"
+            )
         return self
 
 
@@ -67,8 +69,10 @@ class EncryptionSettings(_Secretive):
     def _current_key(self) -> "EncryptionSettings":
         if self.enabled and (self.key_id is None or self.key_id not in self.keys):
             known = ", ".join(sorted(self.keys)) or "none"
-            raise ValueError(f"encryption.key_id {self.key_id!r} is not in encryption.keys (ids: {known}): "
-                             "new payloads need a current key")
+            raise ValueError(
+                f"encryption.key_id {self.key_id!r} is not in encryption.keys (ids: {known}): "
+                "new payloads need a current key"
+            )
         return self
 
     def key_bytes(self) -> dict[str, bytes]:
@@ -81,8 +85,10 @@ def decode_key(key_id: str, key: SecretStr) -> bytes:
     except (binascii.Error, ValueError):
         raw = b""
     if len(raw) not in AES_KEY_SIZES:
-        raise ValueError(f"encryption.keys[{key_id}] is not the base64 of a 16, 24 or 32-byte AES key "
-                         "(make one: python -c 'import os,base64; print(base64.b64encode(os.urandom(32)).decode())')")
+        raise ValueError(
+            f"encryption.keys[{key_id}] is not the base64 of a 16, 24 or 32-byte AES key "
+            "(make one: python -c 'import os,base64; print(base64.b64encode(os.urandom(32)).decode())')"
+        )
     return raw
 
 

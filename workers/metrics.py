@@ -31,9 +31,13 @@ _runtimes: dict[str, Runtime] = {}
 def prometheus_runtime(bind_address: str) -> Runtime:
     """One SDK Runtime per process and address, serving GET /metrics on `bind_address`."""
     if bind_address not in _runtimes:
-        _runtimes[bind_address] = Runtime(telemetry=TelemetryConfig(
-            metrics=PrometheusConfig(bind_address=bind_address, counters_total_suffix=True,
-                                     durations_as_seconds=True)))
+        _runtimes[bind_address] = Runtime(
+            telemetry=TelemetryConfig(
+                metrics=PrometheusConfig(
+                    bind_address=bind_address, counters_total_suffix=True, durations_as_seconds=True
+                )
+            )
+        )
     return _runtimes[bind_address]
 
 
@@ -61,9 +65,12 @@ class _RecordOutcome(WorkflowInboundInterceptor):
 def _record(outcome: str, error_type: str = "", result: Any = None) -> None:
     meter = workflow.metric_meter()
     rto, target = getattr(result, "rto_actual", None), getattr(result, "rto_target", None)
-    met = "unknown" if not isinstance(rto, timedelta) or not isinstance(target, timedelta) else str(rto <= target).lower()
+    met = (
+        "unknown" if not isinstance(rto, timedelta) or not isinstance(target, timedelta) else str(rto <= target).lower()
+    )
     meter.create_counter(OUTCOMES, "runs that ended, by workflow type and outcome").add(
-        1, {"outcome": outcome, "error_type": error_type, "rto_met": met})
+        1, {"outcome": outcome, "error_type": error_type, "rto_met": met}
+    )
     if isinstance(rto, timedelta):
         meter.create_histogram_float(RTO, "measured RTO of runbooks that recovered", "s").record(rto.total_seconds())
 
