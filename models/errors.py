@@ -106,6 +106,7 @@ RETRYABLE: frozenset[ErrorKind] = frozenset(
         ErrorKind.RegionUnhealthy,
         ErrorKind.RejoinFailed,
         ErrorKind.RestoreFailed,
+        ErrorKind.RunbookRunning,  # resolving an incident whose runbook will finish
         ErrorKind.StandbyUnreachable,
     }
 )
