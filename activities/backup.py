@@ -513,32 +513,72 @@ class BackupActivities:
     def take_base_backup(self, req: BackupRequest) -> BackupResult:
         """A fresh base backup on the new timeline, so the next restore replays little WAL.
 
-        Re-run safe: a backup that finished after this incident's swap is reused.
+        Re-run safe: a backup that finished after this incident's swap is reused, and one still running
+        from an attempt whose worker died is waited for, never started twice (the child's PID and exit
+        code are kept on disk, as for a restore). Raises BackupFailed (retryable: the next attempt starts
+        a new backup).
         """
         marker = self.server.data_dir.with_name(f"{self.server.data_dir.name}.backup-{req.incident_id}")
         if marker.exists():
             return BackupResult(backup_id=marker.read_text().strip())
-        before = {b["backup_id"] for b in self.barman.list_backups()}
-        argv = self.barman.backup_argv(self.server.host, self.server.port, self.server.superuser)
-        proc = subprocess.Popen(
-            argv,
-            env={**self.barman.env(), "PGPASSWORD": self.server.password or ""},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        job = RestoreJob(marker.with_name(marker.name + ".run"))  # the same crash-safe child record
+        while True:
+            record = job.load()
+            if record and job.exit_code() == 0:
+                break
+            if record and job.running_pid():
+                activity.logger.info("adopting the base backup started by an earlier attempt")
+                while job.running_pid():
+                    _heartbeat({"phase": "backing up (adopted)"})
+                    time.sleep(self.poll_seconds)
+            elif record and job.exit_code() is not None and not record.get("reported"):
+                # it failed: this attempt fails with its output; the next one starts a new backup
+                tail = job.log_file.read_text(errors="replace")[-1500:] if job.log_file.exists() else ""
+                job.job_file.write_text(json.dumps({**record, "reported": True}))
+                raise ApplicationError(
+                    f"barman-cloud-backup exited {job.exit_code()}: {tail}", type=ErrorKind.BackupFailed
+                )
+            else:  # never started, killed with the worker before it recorded an exit, or a reported failure
+                self._launch_backup(job, record)
+        new = [b["backup_id"] for b in self.barman.list_backups() if b["backup_id"] not in record["before"]]
+        backup_id = new[-1] if new else "unknown"
+        marker.write_text(backup_id)
+        for done in (job.job_file, job.pid_file, job.exit_file):
+            done.unlink(missing_ok=True)
+        return BackupResult(backup_id=backup_id)
+
+    def _launch_backup(self, job: RestoreJob, previous: dict | None) -> None:
+        before = previous["before"] if previous else [b["backup_id"] for b in self.barman.list_backups()]
+        record = {
+            "before": before,
+            "launches": (previous or {}).get("launches", 0) + 1,
+            "started_at": datetime.now(UTC).isoformat(),
+        }
+        for stale in (job.exit_file, job.pid_file):
+            stale.unlink(missing_ok=True)
+        job.job_file.write_text(json.dumps(record))  # before the child starts: a retry knows about it
+        script = 'pidf=$1 exitf=$2; shift 2; echo $$ > "$pidf"; rc=0; "$@" || rc=$?; echo $rc > "$exitf"'
+        argv = [
+            "sh",
+            "-c",
+            script,
+            "backup",
+            str(job.pid_file),
+            str(job.exit_file),
+            *self.barman.backup_argv(self.server.host, self.server.port, self.server.superuser),
+        ]
+        with open(job.log_file, "ab") as log:
+            proc = subprocess.Popen(
+                argv,
+                env={**self.barman.env(), "PGPASSWORD": self.server.password or ""},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         while True:
             try:
                 proc.wait(timeout=self.poll_seconds)
-                break
+                return
             except subprocess.TimeoutExpired:
-                _heartbeat({"phase": "backing up"})
-        output = proc.stdout.read() if proc.stdout else ""
-        if proc.returncode != 0:
-            raise ApplicationError(
-                f"barman-cloud-backup exited {proc.returncode}: {output[-1500:]}", type=ErrorKind.BackupFailed
-            )
-        new = [b["backup_id"] for b in self.barman.list_backups() if b["backup_id"] not in before]
-        backup_id = new[-1] if new else "unknown"
-        marker.write_text(backup_id)
-        return BackupResult(backup_id=backup_id)
+                _heartbeat({"phase": "backing up", "launches": record["launches"]})

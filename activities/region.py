@@ -40,6 +40,9 @@ from models.region import (
     RegionRequest,
 )
 
+SNS_LEDGER_PREFIX = "drp:notify:region-sns:"
+SNS_LEDGER_TTL = 30 * 86400
+
 
 class RegionActivities:
     def __init__(
@@ -52,8 +55,10 @@ class RegionActivities:
         clusters: dict[str, KubernetesPlatform],
         http: httpx.Client,
         standby: PgServer | None = None,
+        ledger=None,
     ):
         self.config = config
+        self.ledger = ledger  # Redis (settings `redis_url`), if any: remembers the SNS messages already sent
         self.standby = standby  # the self-managed path's streaming standby (settings `standby`), if any
         self.rds, self.cloudwatch, self.route53, self.sns = rds, cloudwatch, route53, sns
         self.clusters = clusters
@@ -265,6 +270,25 @@ class RegionActivities:
             time.sleep(2)
             change = self.route53.get_change(Id=change["Id"])["ChangeInfo"]
 
+    def _publish_once(self, req: RegionRequest) -> str:
+        key = f"{SNS_LEDGER_PREFIX}{req.incident_id}:{req.region}"
+        recorded = self.ledger.get(key) if self.ledger is not None else None
+        sent = (recorded.decode() if isinstance(recorded, bytes) else recorded) or _sent_message(
+            activity.info().heartbeat_details
+        )
+        if sent:
+            activity.logger.info("SNS message %s was sent by an earlier attempt; not sent again", sent)
+            return sent
+        message_id = self.sns.publish(
+            TopicArn=self.settings.sns_topic_arn,
+            Subject=f"FAILOVER COMPLETED: now serving from {req.region}",
+            Message=f"Incident {req.incident_id}: traffic now routed to {req.region}.",
+        )["MessageId"]
+        activity.heartbeat({"sns_message_id": message_id})
+        if self.ledger is not None:
+            self.ledger.set(key, message_id, ex=SNS_LEDGER_TTL)
+        return message_id
+
     def _current_record(self) -> dict | None:
         name = self.settings.record_name.rstrip(".").lower()
         sets = self.route53.list_resource_record_sets(
@@ -295,14 +319,15 @@ class RegionActivities:
 
     @activity.defn
     def notify_failover(self, req: RegionRequest) -> Notified | None:
-        """SNS to the on-call topic, and the status page incident opened (or updated on a retry)."""
+        """SNS to the on-call topic, and the status page incident opened (or updated on a retry).
+
+        Re-run safe: the SNS message is sent once per incident and region however often the step is
+        retried (a status page call that failed, a worker killed after the publish): its MessageId is kept
+        in the Redis ledger (when `redis_url` is set) and in the heartbeat details, and a retry that finds
+        it sends nothing. Only a crash between SNS accepting the message and that record can repeat it."""
         message_id = status_page_id = None
         if self.settings.sns_topic_arn:
-            message_id = self.sns.publish(
-                TopicArn=self.settings.sns_topic_arn,
-                Subject=f"FAILOVER COMPLETED: now serving from {req.region}",
-                Message=f"Incident {req.incident_id}: traffic now routed to {req.region}.",
-            )["MessageId"]
+            message_id = self._publish_once(req)
         if self.settings.status_page_url and self.settings.status_page_token:
             status_page_id = statuspage.open_or_update(
                 self.http,
@@ -315,6 +340,13 @@ class RegionActivities:
         if message_id is None and status_page_id is None:
             return None
         return Notified(message_id=message_id, status_page_incident=status_page_id)
+
+
+def _sent_message(details) -> str | None:
+    for detail in details or ():
+        if isinstance(detail, dict) and detail.get("sns_message_id"):
+            return detail["sns_message_id"]
+    return None
 
 
 def _submitted_change(details, record: dict) -> str | None:

@@ -61,6 +61,7 @@ def build_region_activities(settings: Settings, http: httpx.Client) -> RegionAct
         clusters={r: build_kubernetes(cfg.kubernetes) for r, cfg in f.regions.items()},
         http=http,
         standby=settings.postgres.server(standby=settings.standby) if settings.standby else None,
+        ledger=build_redis(settings),
     )
 
 
