@@ -15,18 +15,34 @@ import signal
 import subprocess
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
-import psycopg
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.barman import ARCHIVE_UNREADABLE, BarmanCloud
-from activities.pgserver import PgServer, run_as
-from activities.processes import free_port, pid_alive
-from activities.sealing import marker_path, set_allow_connections, set_subscriptions
-from activities.timelines import backup_on_history, history_file_name, lsn_to_int, parse_history
+from adapters.barman import ARCHIVE_UNREADABLE, BarmanCloud
+from adapters.pgserver import PgServer, run_as
+from adapters.processes import free_port, pid_alive
+from adapters.recovery import (
+    RECOVERY_BEGIN,
+    RECOVERY_END,
+    RestoreJob,
+    check_reached,
+    damaged_dir_for,
+    recovery_end_of,
+    recovery_state,
+    restore_dir_for,
+    swap_tablespace,
+    write_as,
+)
+from adapters.sealing import marker_path, set_allow_connections, set_subscriptions
+from adapters.timelines import (
+    backup_on_history,
+    history_file_name,
+    parse_history,
+)
+from models.errors import ErrorKind
 from models.postgres import (
     BackupRequest,
     BackupResult,
@@ -41,10 +57,6 @@ from models.postgres import (
     TimelineBranch,
 )
 
-RECOVERY_BEGIN = "# --- drp recovery: begin ---"
-RECOVERY_END = "# --- drp recovery: end ---"
-
-
 # A complete WAL segment or a timeline history file (not .partial or .backup): what archive_command archives
 # and a recovery needs.
 _WAL_OR_HISTORY = re.compile(r"[0-9A-F]{24}|[0-9A-F]{8}\.history")
@@ -53,55 +65,6 @@ _WAL_OR_HISTORY = re.compile(r"[0-9A-F]{24}|[0-9A-F]{8}\.history")
 def _heartbeat(*details) -> None:
     if activity.in_activity():
         activity.heartbeat(*details)
-
-
-def restore_dir_for(data_dir: Path, incident_id: str, purpose: str = "restore") -> Path:
-    return data_dir.with_name(f"{data_dir.name}.{purpose}-{incident_id}")
-
-
-def damaged_dir_for(data_dir: Path, incident_id: str) -> Path:
-    return data_dir.with_name(f"{data_dir.name}.damaged-{incident_id}")
-
-
-class RestoreJob:
-    """On-disk record of one barman-cloud-restore child: which backup, which PID, how it ended.
-
-    The record is written before the child starts and the child's shell writes
-    its own PID and exit code, so no crash of the worker, at any moment, leaves
-    a restore running that a retry does not know about.
-    """
-
-    def __init__(self, restore_dir: Path):
-        self.restore_dir = restore_dir
-        self.job_file = restore_dir.with_name(restore_dir.name + ".job.json")
-        self.pid_file = restore_dir.with_name(restore_dir.name + ".pid")
-        self.exit_file = restore_dir.with_name(restore_dir.name + ".exit")
-        self.log_file = restore_dir.with_name(restore_dir.name + ".restore.log")
-
-    def load(self) -> dict | None:
-        try:
-            return json.loads(self.job_file.read_text())
-        except (OSError, ValueError):
-            return None
-
-    def exit_code(self) -> int | None:
-        try:
-            return int(self.exit_file.read_text().strip())
-        except (OSError, ValueError):
-            return None
-
-    def running_pid(self) -> int | None:
-        try:
-            pid = int(self.pid_file.read_text().strip())
-        except (OSError, ValueError):
-            return None
-        if not pid_alive(pid):
-            return None
-        try:  # guard against PID reuse: the process must be ours
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            return None
-        return pid if str(self.restore_dir) in cmdline else None
 
 
 class BackupActivities:
@@ -115,7 +78,7 @@ class BackupActivities:
     @activity.defn
     def restore_base_backup(self, req: RestoreRequest) -> RestoreResult:
         """Restore a base backup into <data_dir>.<purpose>-<incident>: the newest completed one on
-        production's timeline history (activities.timelines), unless one is named.
+        production's timeline history (adapters.timelines), unless one is named.
 
         Production's timeline is `req.timeline`, else its control file's; its
         history comes from its own pg_wal, else from the archive. Re-run safe: a
@@ -152,13 +115,15 @@ class BackupActivities:
             raise ApplicationError(
                 f"no completed base backup in {self.barman.destination} for server "
                 f"{self.barman.server_name!r}; nothing was changed",
-                type="NoBackup",
+                type=ErrorKind.NoBackup,
                 non_retryable=True,
             )
         candidates = [b for b in backups if b["backup_id"] == req.backup_id] if req.backup_id else backups
         if not candidates:
             raise ApplicationError(
-                f"backup {req.backup_id} is not in {self.barman.destination}", type="NoBackup", non_retryable=True
+                f"backup {req.backup_id} is not in {self.barman.destination}",
+                type=ErrorKind.NoBackup,
+                non_retryable=True,
             )
         chosen = backup_on_history(candidates, timeline, history) if timeline else candidates[-1]
         if chosen is None:
@@ -169,7 +134,7 @@ class BackupActivities:
             raise ApplicationError(
                 f"no completed base backup lies on production's timeline {timeline} ({path}); the archive has "
                 f"{found}. Take a base backup of production, or name one with backup_id; nothing was changed",
-                type="NoBackupOnTimeline",
+                type=ErrorKind.NoBackupOnTimeline,
                 non_retryable=True,
             )
         tablespaces = [
@@ -203,7 +168,7 @@ class BackupActivities:
                 f"backup {backup['backup_id']} was taken before tablespace(s) with OID {sorted(missing)} existed: "
                 "replaying their creation would write into production's tablespace directories. Take a new base "
                 "backup (barman-cloud-backup) and run again; nothing was changed",
-                type="TablespaceNotInBackup",
+                type=ErrorKind.TablespaceNotInBackup,
                 non_retryable=True,
             )
 
@@ -220,12 +185,14 @@ class BackupActivities:
             try:
                 found = self.barman.fetch_wal_file(name, Path(tmp) / name)
             except RuntimeError as err:
-                raise ApplicationError(f"cannot read {name} from the archive: {err}", type="ArchiveUnreachable")
+                raise ApplicationError(
+                    f"cannot read {name} from the archive: {err}", type=ErrorKind.ArchiveUnreachable
+                ) from err
             if not found:
                 raise ApplicationError(
                     f"production is on timeline {timeline}, but {name} is neither in its pg_wal nor in "
                     f"{self.barman.destination}: the recovery cannot follow its history; nothing was changed",
-                    type="TimelineHistoryMissing",
+                    type=ErrorKind.TimelineHistoryMissing,
                     non_retryable=True,
                 )
             return parse_history((Path(tmp) / name).read_text())
@@ -233,11 +200,7 @@ class BackupActivities:
     def _launch(self, job: RestoreJob, previous: dict) -> None:
         if previous["launches"]:  # a failed or killed copy: S3 still holds the backup
             self._remove_restored(job.restore_dir, previous.get("tablespaces", []))
-        record = {
-            **previous,
-            "launches": previous["launches"] + 1,
-            "started_at": datetime.now(timezone.utc).isoformat(),
-        }
+        record = {**previous, "launches": previous["launches"] + 1, "started_at": datetime.now(UTC).isoformat()}
         for stale in (job.exit_file, job.pid_file):
             stale.unlink(missing_ok=True)
         job.job_file.write_text(json.dumps(record))
@@ -291,7 +254,7 @@ class BackupActivities:
             return
         tail = job.log_file.read_text(errors="replace")[-1500:] if job.log_file.exists() else ""
         raise ApplicationError(
-            f"barman-cloud-restore of {record['backup_id']} exited {code}: {tail}", type="RestoreFailed"
+            f"barman-cloud-restore of {record['backup_id']} exited {code}: {tail}", type=ErrorKind.RestoreFailed
         )
 
     def _prepare_data_dir(self, restore_dir: Path) -> None:
@@ -340,7 +303,7 @@ class BackupActivities:
             if not (restore_dir / "PG_VERSION").exists():
                 raise ApplicationError(
                     f"{restore_dir} holds no restored cluster; restore it first",
-                    type="NothingToReplay",
+                    type=ErrorKind.NothingToReplay,
                     non_retryable=True,
                 )
             if req.local_wal_dir:
@@ -354,20 +317,20 @@ class BackupActivities:
                     raise ApplicationError(
                         "the WAL archive could not be read, so recovery stopped instead of "
                         "ending early; it resumes on the next attempt:" + log[-1500:],
-                        type="ArchiveUnreachable",
+                        type=ErrorKind.ArchiveUnreachable,
                     )
                 raise ApplicationError(
                     "recovery stopped before it was done; see the server log:" + log[-1500:],
-                    type="ReplayFailed",
+                    type=ErrorKind.ReplayFailed,
                     non_retryable=True,
                 )
-            state = _recovery_state(server)
+            state = recovery_state(server)
             if state and req.target_xid is not None and state.get("paused"):
                 return ReplayResult(port=server.port, timeline=0, end_lsn=state["lsn"], followed_timeline=timeline)
             if state and not state["in_recovery"]:
-                recovery_end = _recovery_end(restore_dir, state["timeline"])
+                recovery_end = recovery_end_of(restore_dir, state["timeline"])
                 try:
-                    _check_reached(state["segment"], recovery_end, req.must_reach_segment, req.must_reach_lsn)
+                    check_reached(state["segment"], recovery_end, req.must_reach_segment, req.must_reach_lsn)
                 except ApplicationError:
                     server.stop()  # promoted but incomplete: nobody may write to it
                     raise
@@ -408,7 +371,8 @@ class BackupActivities:
                 self.barman.archive_wal_file(wal / segment)
             except RuntimeError as err:
                 raise ApplicationError(
-                    f"could not archive {segment} from the stopped primary's pg_wal: {err}", type="ArchiveUnreachable"
+                    f"could not archive {segment} from the stopped primary's pg_wal: {err}",
+                    type=ErrorKind.ArchiveUnreachable,
                 ) from err
 
     def _write_recovery_config(
@@ -435,8 +399,8 @@ class BackupActivities:
                 f"\n{RECOVERY_BEGIN}\nrestore_command = '{restore_command}'\n"
                 f"recovery_target_timeline = '{follow}'\n{target}{RECOVERY_END}\n"
             )
-            _write_as(self.server.os_user, auto, current + block)
-        _write_as(self.server.os_user, restore_dir / "recovery.signal", "")
+            write_as(self.server.os_user, auto, current + block)
+        write_as(self.server.os_user, restore_dir / "recovery.signal", "")
 
     # --- swap -------------------------------------------------------------------
 
@@ -461,20 +425,20 @@ class BackupActivities:
                 if self.server.is_running():
                     raise ApplicationError(
                         f"a server still runs on {data_dir}; seal the primary first",
-                        type="PrimaryRunning",
+                        type=ErrorKind.PrimaryRunning,
                         non_retryable=True,
                     )
                 data_dir.rename(damaged)
             if data_dir.exists():
                 raise ApplicationError(
                     f"both {data_dir} and {damaged} exist; refusing to overwrite either",
-                    type="SwapConflict",
+                    type=ErrorKind.SwapConflict,
                     non_retryable=True,
                 )
             if marker_path(data_dir).exists():  # the seal stays with the evidence it describes
                 marker_path(data_dir).rename(marker_path(damaged))
             for tablespace in req.tablespaces:
-                _swap_tablespace(restore_dir, tablespace, req.incident_id)
+                swap_tablespace(restore_dir, tablespace, req.incident_id)
             restore_dir.rename(data_dir)
         self.server.start()
         self.server.wait_ready()
@@ -494,7 +458,7 @@ class BackupActivities:
                 raise ApplicationError(
                     f"{len(pending)} WAL files still wait to be archived after {timeout:.0f}s "
                     f"(first {pending[0]}); check archive_command",
-                    type="ArchiveLagging",
+                    type=ErrorKind.ArchiveLagging,
                 )
             _heartbeat({"phase": "archiving held-back WAL", "pending": len(pending)})
             time.sleep(self.poll_seconds)
@@ -519,9 +483,7 @@ class BackupActivities:
         text = auto.read_text() if auto.exists() else ""
         if RECOVERY_BEGIN in text:
             head, rest = text.split(RECOVERY_BEGIN, 1)
-            _write_as(
-                self.server.os_user, auto, head.rstrip("\n") + "\n" + rest.split(RECOVERY_END, 1)[-1].lstrip("\n")
-            )
+            write_as(self.server.os_user, auto, head.rstrip("\n") + "\n" + rest.split(RECOVERY_END, 1)[-1].lstrip("\n"))
 
     # --- side instance teardown ---------------------------------------------------
 
@@ -573,7 +535,9 @@ class BackupActivities:
                 # it failed: this attempt fails with its output; the next one starts a new backup
                 tail = job.log_file.read_text(errors="replace")[-1500:] if job.log_file.exists() else ""
                 job.job_file.write_text(json.dumps({**record, "reported": True}))
-                raise ApplicationError(f"barman-cloud-backup exited {job.exit_code()}: {tail}", type="BackupFailed")
+                raise ApplicationError(
+                    f"barman-cloud-backup exited {job.exit_code()}: {tail}", type=ErrorKind.BackupFailed
+                )
             else:  # never started, killed with the worker before it recorded an exit, or a reported failure
                 self._launch_backup(job, record)
         new = [b["backup_id"] for b in self.barman.list_backups() if b["backup_id"] not in record["before"]]
@@ -588,7 +552,7 @@ class BackupActivities:
         record = {
             "before": before,
             "launches": (previous or {}).get("launches", 0) + 1,
-            "started_at": datetime.now(timezone.utc).isoformat(),
+            "started_at": datetime.now(UTC).isoformat(),
         }
         for stale in (job.exit_file, job.pid_file):
             stale.unlink(missing_ok=True)
@@ -618,96 +582,3 @@ class BackupActivities:
                 return
             except subprocess.TimeoutExpired:
                 _heartbeat({"phase": "backing up", "launches": record["launches"]})
-
-
-def _recovery_state(server: PgServer) -> dict | None:
-    try:
-        with server.connect("template1", timeout=2) as conn:  # the seal's fenced databases open at promotion
-            in_recovery = conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
-            if in_recovery:
-                lsn, paused = conn.execute(
-                    "SELECT pg_last_wal_replay_lsn()::text, pg_get_wal_replay_pause_state() = 'paused'"
-                ).fetchone()
-                return {"in_recovery": True, "lsn": lsn, "paused": paused}
-            segment, lsn = conn.execute(
-                "SELECT pg_walfile_name(pg_current_wal_lsn()), pg_current_wal_lsn()::text"
-            ).fetchone()
-            timeline = int(segment[:8], 16)
-            last = conn.execute("SELECT timestamp FROM pg_last_committed_xact()").fetchone()
-            return {
-                "in_recovery": False,
-                "timeline": timeline,
-                "lsn": lsn,
-                "segment": segment,
-                "last_commit_at": last[0] if last else None,
-            }
-    except psycopg.OperationalError:
-        return None  # still starting up, or not yet consistent
-
-
-def _swap_tablespace(restore_dir: Path, tablespace: Tablespace, incident_id: str) -> None:
-    """Production's tablespace directory aside (never deleted), the restored one in its place, the
-    restore's pg_tblspc link pointed at it. Each move happens once, so a retry continues."""
-    location, fresh = Path(tablespace.location), Path(tablespace.restored_to)
-    damaged = location.with_name(f"{location.name}.damaged-{incident_id}")
-    link = restore_dir / "pg_tblspc" / str(tablespace.oid)
-    if not link.is_symlink():
-        return  # dropped after the backup: the replay removed it, there is nothing of production's to swap
-    if fresh.exists():
-        if location.exists() and not damaged.exists():
-            location.rename(damaged)
-        if location.exists():
-            raise ApplicationError(
-                f"both {location} and {damaged} exist; refusing to overwrite either",
-                type="SwapConflict",
-                non_retryable=True,
-            )
-        fresh.rename(location)
-    if os.readlink(link) != str(location):
-        tmp = link.with_name(link.name + ".tmp")
-        tmp.unlink(missing_ok=True)
-        os.symlink(location, tmp)
-        os.replace(tmp, link)
-
-
-def _recovery_end(restore_dir: Path, timeline: int) -> str | None:
-    """Where replay ended: the switch point in the history file the promotion wrote for its new timeline."""
-    try:
-        branches = parse_history((restore_dir / "pg_wal" / history_file_name(timeline)).read_text())
-    except OSError:
-        return None
-    return branches[-1].switchpoint if branches else None
-
-
-def _check_reached(
-    current_segment: str, recovery_end: str | None, required_segment: str | None, required_lsn: str | None
-) -> None:
-    """Refuse a recovery that ended before the last WAL the sealed primary archived.
-
-    PostgreSQL ends recovery at the first WAL file restore_command reports as
-    absent, so a segment missing from the archive looks like its end. With the
-    sealed primary's position (`required_lsn`, just past its last archived
-    segment) the replay's end point, read from the new timeline's history file,
-    must reach it; without it, the segment names' positions are compared.
-    """
-    if required_lsn and recovery_end is not None and lsn_to_int(recovery_end) < lsn_to_int(required_lsn):
-        raise ApplicationError(
-            f"recovery ended at {recovery_end} but the old primary archived WAL up to {required_lsn} "
-            f"(segment {required_segment}): a WAL segment is missing from the archive. The restore is kept, "
-            "stopped, and archived nothing; production is untouched.",
-            type="ReplayIncomplete",
-            non_retryable=True,
-        )
-    if required_segment and current_segment[8:] < required_segment[8:]:
-        raise ApplicationError(
-            f"recovery ended in segment {current_segment[8:]} but the old primary archived up to {required_segment}; "
-            "WAL is missing or was unreachable. The restore is kept, stopped, and archived nothing; "
-            "production is untouched.",
-            type="ReplayIncomplete",
-            non_retryable=True,
-        )
-
-
-def _write_as(os_user: str | None, path: Path, text: str) -> None:
-    """Write a file inside a data directory so that the server's OS user owns it."""
-    subprocess.run(run_as(os_user, ["sh", "-c", 'cat > "$0"', str(path)]), input=text.encode(), check=True)

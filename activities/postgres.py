@@ -6,17 +6,27 @@ old server only after the last WAL it wrote is safe in the archive.
 
 import re
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import psycopg
-from psycopg import sql
 from psycopg.conninfo import make_conninfo
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.pgserver import PgServer
-from activities.sealing import marker_path, read_seal, set_allow_connections, set_subscriptions, write_seal
-from activities.timelines import waldump_end
+from adapters.pgserver import PgServer, one
+from adapters.pgsql import (
+    USER_TABLES,
+    allow_connections,
+    amcheck_reports,
+    first_error,
+    qualified,
+    row_counts,
+    table_of,
+    terminate_others,
+)
+from adapters.sealing import marker_path, read_seal, set_allow_connections, set_subscriptions, write_seal
+from adapters.timelines import waldump_end
+from models.errors import ErrorKind
 from models.postgres import (
     Assessment,
     AssessRequest,
@@ -26,17 +36,6 @@ from models.postgres import (
     VerifyRequest,
     VerifyResult,
 )
-
-# Tables that hold rows (partitions, not their partitioned parents, so an UNLOGGED partition is not
-# counted through a logged parent) outside the system schemas: the quoted name (as PostgreSQL prints
-# it, e.g. public."Orders"), whether it is UNLOGGED, and the schema and name for sql.Identifier.
-USER_TABLES = """
-    SELECT format('%I.%I', n.nspname, c.relname), c.relpersistence = 'u', n.nspname, c.relname
-    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-    WHERE c.relkind = 'r' AND c.relpersistence <> 't'
-      AND n.nspname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1
-"""
-
 
 # A complete WAL segment or a timeline history file (not .partial or .backup): what archive_command archives
 # and a recovery needs.
@@ -72,7 +71,7 @@ class PostgresActivities:
             raise ApplicationError(
                 f"database {req.database!r} does not exist on {self.server.host}:"
                 f"{self.server.port}; nothing was changed",
-                type="UnknownDatabase",
+                type=ErrorKind.UnknownDatabase,
                 non_retryable=True,
             )
         return self._inspect(self.server, req.database)
@@ -89,7 +88,7 @@ class PostgresActivities:
             "pg_dump", *server.client_args(database), "--schema-only", "-f", "/dev/null", check=False, timeout=600
         )
         if schema.returncode != 0:
-            findings.append(f"pg_dump --schema-only failed: {_first_error(schema.stderr)}")
+            findings.append(f"pg_dump --schema-only failed: {first_error(schema.stderr)}")
         if amcheck:
             _heartbeat("pg_amcheck")
             # The database as a positional connection string: pg_amcheck's -d takes a pattern, which
@@ -102,13 +101,13 @@ class PostgresActivities:
                 check=False,
                 timeout=3600,
             )
-            for header, detail in _amcheck_reports(check.stdout + check.stderr):
+            for header, detail in amcheck_reports(check.stdout + check.stderr):
                 findings.append(f"{header} {detail}".strip())
-                table = _table_of(header, database, rows)
+                table = table_of(header, database, rows)
                 if table:
                     corrupted.add(table)
             if check.returncode not in (0, 2):
-                findings.append(f"pg_amcheck exited {check.returncode}: {_first_error(check.stderr)}")
+                findings.append(f"pg_amcheck exited {check.returncode}: {first_error(check.stderr)}")
         for table in tables:  # the playbook's per-table dump: reads every heap page
             _heartbeat(f"pg_dump -t {table}")
             dump = server.tool(
@@ -116,7 +115,7 @@ class PostgresActivities:
             )
             if dump.returncode != 0:
                 corrupted.add(table)
-                findings.append(f"pg_dump -t {table}: {_first_error(dump.stderr)}")
+                findings.append(f"pg_dump -t {table}: {first_error(dump.stderr)}")
         with server.connect(database) as conn:
             failures = conn.execute(
                 "SELECT coalesce(checksum_failures, 0) FROM pg_stat_database WHERE datname = %s", (database,)
@@ -144,7 +143,7 @@ class PostgresActivities:
         before the row counts, the last commit time and `pg_switch_wal()` are
         taken, so another writer cannot commit after the counts: the counts are
         final and every commit is in the WAL archived through `archived_through`.
-        The seal marker (activities.sealing) is written before the first change
+        The seal marker (adapters.sealing) is written before the first change
         and keeps the databases it closed, so a retry, a later run or a person
         (`drp unseal`) can undo exactly that.
 
@@ -227,18 +226,18 @@ class PostgresActivities:
                 marker = {**marker, "disabled_subscriptions": _enabled_subscriptions(ctl)}
                 write_seal(data_dir, marker)
             set_subscriptions(self.server, marker["disabled_subscriptions"], enable=False)
-            _allow(ctl, fenced, False)
-            _terminate_others(ctl, keep=[])
+            allow_connections(ctl, fenced, False)
+            terminate_others(ctl, keep=[], progress=_heartbeat)
             # Only this run inside the database it counts: open it for one connection, close it again.
-            _allow(ctl, [req.database], True)
+            allow_connections(ctl, [req.database], True)
             conn = self.server.connect(req.database)
-            _allow(ctl, [req.database], False)
+            allow_connections(ctl, [req.database], False)
             with conn:
-                _terminate_others(ctl, keep=[conn.info.backend_pid])
-                counts, unlogged = _row_counts(conn, skip=set(req.skip_tables))
+                terminate_others(ctl, keep=[conn.info.backend_pid], progress=_heartbeat)
+                counts, unlogged = row_counts(conn, skip=set(req.skip_tables))
                 last_commit = conn.execute("SELECT timestamp FROM pg_last_committed_xact()").fetchone()
                 timeline = int(conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()[0][:8], 16)
-                end_lsn, segment = conn.execute("SELECT s::text, pg_walfile_name(s) FROM pg_switch_wal() s").fetchone()
+                end_lsn, segment = one(conn.execute("SELECT s::text, pg_walfile_name(s) FROM pg_switch_wal() s"))
                 self._wait_archived(conn, segment)
         result = SealResult(
             was_running=True,
@@ -329,14 +328,14 @@ class PostgresActivities:
     def _wait_archived(self, conn: psycopg.Connection, segment: str) -> None:
         deadline = time.monotonic() + self.archive_wait_seconds
         while True:
-            last, failed = conn.execute("SELECT last_archived_wal, last_failed_wal FROM pg_stat_archiver").fetchone()
+            last, failed = one(conn.execute("SELECT last_archived_wal, last_failed_wal FROM pg_stat_archiver"))
             if last and last[:24] >= segment:  # same timeline: names sort by position
                 return
             if time.monotonic() > deadline:
                 raise ApplicationError(
                     f"WAL segment {segment} not archived after {self.archive_wait_seconds:.0f}s "
                     f"(last archived {last}, last failed {failed}); check archive_command",
-                    type="ArchiveLagging",
+                    type=ErrorKind.ArchiveLagging,
                 )
             _heartbeat(f"waiting for {segment} to be archived")
             time.sleep(0.5)
@@ -351,20 +350,20 @@ class PostgresActivities:
         with server.connect(req.database) as conn:
             if conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
                 problems.append("server is still in recovery")
-            counts, unlogged = _row_counts(conn)
+            counts, unlogged = row_counts(conn)
         assessment = self._inspect(server, req.database)
         problems += assessment.findings
         for table, want in {**req.baseline_row_counts, **req.expected_row_counts}.items():
-            if _qualified(table) in unlogged:
+            if qualified(table) in unlogged:
                 continue  # by design empty after a restore: reported, not compared
-            got = counts.get(_qualified(table))
+            got = counts.get(qualified(table))
             if got != want:
                 problems.append(f"{table}: {got} rows restored, {want} expected")
         if problems:
             raise ApplicationError(
                 "restored database failed verification; production is untouched and the "
                 "restore is kept for inspection: " + "; ".join(problems),
-                type="VerificationFailed",
+                type=ErrorKind.VerificationFailed,
                 non_retryable=True,
             )
         try:
@@ -374,7 +373,7 @@ class PostgresActivities:
                 conn.rollback()  # and leaves nothing behind
         except psycopg.Error as err:
             raise ApplicationError(
-                f"restored server refuses writes: {err}", type="VerificationFailed", non_retryable=True
+                f"restored server refuses writes: {err}", type=ErrorKind.VerificationFailed, non_retryable=True
             ) from err
         checks = [
             "not in recovery",
@@ -390,25 +389,6 @@ class PostgresActivities:
         return VerifyResult(row_counts=counts, checks=checks, unlogged_tables=unlogged)
 
 
-def _row_counts(conn: psycopg.Connection, skip: set[str] = frozenset()) -> tuple[dict[str, int], list[str]]:
-    """Row counts of the readable, WAL-logged user tables, and the UNLOGGED tables (not counted)."""
-    counts, unlogged = {}, []
-    for table, is_unlogged, schema, name in conn.execute(USER_TABLES).fetchall():
-        if table in skip or table.split(".", 1)[-1] in skip:
-            continue
-        if is_unlogged:
-            unlogged.append(table)
-            continue
-        try:
-            with conn.transaction():
-                counts[table] = conn.execute(
-                    sql.SQL("SELECT count(*) FROM {}.{}").format(sql.Identifier(schema), sql.Identifier(name))
-                ).fetchone()[0]
-        except psycopg.Error:
-            continue  # unreadable (corrupted) tables have no trustworthy count
-    return counts, unlogged
-
-
 def _enabled_subscriptions(conn: psycopg.Connection) -> list[str]:
     """'database/subscription' of every enabled logical-replication subscription of the cluster."""
     return [
@@ -420,66 +400,5 @@ def _enabled_subscriptions(conn: psycopg.Connection) -> list[str]:
     ]
 
 
-def _allow(conn: psycopg.Connection, databases: list[str], allow: bool) -> None:
-    for name in databases:
-        conn.execute(
-            sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}").format(
-                sql.Identifier(name), sql.SQL("true" if allow else "false")
-            )
-        )
-
-
-def _terminate_others(conn: psycopg.Connection, keep: list[int], timeout: float = 60) -> None:
-    """Terminate every client backend but this one and `keep`, and wait until they are gone."""
-    deadline = time.monotonic() + timeout
-    while True:
-        left = conn.execute(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE backend_type = 'client backend' "
-            "AND pid <> pg_backend_pid() AND NOT pid = ANY(%s)",
-            (keep,),
-        ).fetchone()[0]
-        if left == 0:
-            return
-        if time.monotonic() > deadline:
-            raise ApplicationError(
-                f"{left} sessions did not end after pg_terminate_backend within {timeout:.0f}s", type="FenceIncomplete"
-            )
-        _heartbeat(f"fencing: waiting for {left} sessions to end")
-        time.sleep(0.2)
-
-
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat()
-
-
-def _amcheck_reports(output: str) -> list[tuple[str, str]]:
-    """pg_amcheck prints a header line per damaged relation and indented details below it."""
-    reports: list[tuple[str, str]] = []
-    for line in output.splitlines():
-        if line.startswith(("heap table", "btree index")):
-            reports.append((line.rstrip(":").strip(), ""))
-        elif line.startswith((" ", "\t")) and reports and not reports[-1][1]:
-            reports[-1] = (reports[-1][0], line.strip())
-    return reports
-
-
-def _qualified(table: str) -> str:
-    return table if "." in table else f"public.{table}"
-
-
-def _table_of(header: str, database: str, rows: list[tuple]) -> str | None:
-    """The user table a pg_amcheck report header names, as `format('%I.%I')`, or None (an index).
-
-    pg_amcheck names a relation `"<database>.<schema>.<relation>"` with the names as stored, not
-    quoted (PostgreSQL's src/bin/amcheck/pg_amcheck.c), so the header is matched against each
-    table's stored names rather than split on dots: names may hold dots, quotes and spaces.
-    `rows` are USER_TABLES rows: (quoted name, unlogged, schema, relation)."""
-    named = [r for r in rows if f'"{database}.{r[2]}.{r[3]}"' in header]
-    return max(named, key=lambda r: len(r[2]) + len(r[3]))[0] if named else None
-
-
-def _first_error(stderr: str) -> str:
-    for line in stderr.splitlines():
-        if "error" in line.lower():
-            return line.strip()
-    return stderr.strip().splitlines()[0] if stderr.strip() else "(no output)"
+    return datetime.now(UTC).isoformat()

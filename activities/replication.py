@@ -5,20 +5,28 @@ and left with a standby.signal (it comes back read-only if anyone starts it)
 before the standby is promoted.
 """
 
-import re
 import shutil
 import subprocess
-from pathlib import Path
 import time
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.pgserver import PgServer, run_as
-from activities.timelines import diverged, history_file_name, parse_history
+from adapters.pgserver import PgServer, one, run_as
+from adapters.replication import (
+    REPLICA_DB,
+    current_timeline,
+    set_application_name,
+    single_synchronous_name,
+    standby_application_name,
+    timeline_history,
+    wal_position,
+)
+from adapters.timelines import diverged
+from models.errors import ErrorKind
 from models.failover import (
     Fenced,
     FenceRequest,
@@ -30,11 +38,6 @@ from models.failover import (
     Role,
     StandbyStatus,
 )
-from models.postgres import TimelineBranch
-
-# Replicas are read through template1: a seal closes every other database (ALLOW_CONNECTIONS false),
-# a standby replays that, and CREATE DATABASE (which needs template1 unused) cannot run on a replica.
-REPLICA_DB = "template1"
 
 
 class ReplicationActivities:
@@ -45,8 +48,11 @@ class ReplicationActivities:
     @property
     def standby(self) -> PgServer:
         if self._standby is None:
-            raise ApplicationError("no standby is configured (settings: standby.port, standby.data_dir)",
-                                   type="NoStandby", non_retryable=True)
+            raise ApplicationError(
+                "no standby is configured (settings: standby.port, standby.data_dir)",
+                type=ErrorKind.NoStandby,
+                non_retryable=True,
+            )
         return self._standby
 
     def server(self, role: Role) -> PgServer:
@@ -68,12 +74,17 @@ class ReplicationActivities:
                 f"{status.primary_lsn or 'unknown'}): the standby diverged and can never follow it. Promoting "
                 "it would lose every commit made since the fork, so this is refused even with override_lag. "
                 "Rebuild it first (DatabaseFailback's rejoin, or a fresh pg_basebackup); nothing was changed.",
-                type="StandbyDiverged", non_retryable=True)
+                type=ErrorKind.StandbyDiverged,
+                non_retryable=True,
+            )
         if status.in_recovery and self._too_far(status, req) and not req.override:
             raise ApplicationError(
                 f"standby lags {status.lag_bytes} bytes / {status.lag_seconds}s (allowed {req.max_lag_bytes} bytes / "
                 f"{req.max_lag_seconds}s); promoting it would lose those commits. Start again with "
-                "override_lag=true if a person accepts that loss.", type="StandbyLagging", non_retryable=True)
+                "override_lag=true if a person accepts that loss.",
+                type=ErrorKind.StandbyLagging,
+                non_retryable=True,
+            )
         return status
 
     @activity.defn
@@ -94,27 +105,37 @@ class ReplicationActivities:
         replica, source = self.server(role), self.other(role)
         try:
             with replica.connect(REPLICA_DB) as conn:
-                in_recovery, receive, replay = conn.execute(
-                    "SELECT pg_is_in_recovery(), pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text"
-                ).fetchone()
+                in_recovery, receive, replay = one(
+                    conn.execute(
+                        "SELECT pg_is_in_recovery(), pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text"
+                    )
+                )
                 received_tli = conn.execute(
-                    "SELECT received_tli FROM pg_stat_wal_receiver WHERE status = 'streaming'").fetchone()
+                    "SELECT received_tli FROM pg_stat_wal_receiver WHERE status = 'streaming'"
+                ).fetchone()
                 streaming = received_tli is not None
                 # Streaming: the timeline it receives; otherwise its last restartpoint's.
-                timeline = received_tli[0] if streaming else conn.execute(
-                    "SELECT timeline_id FROM pg_control_checkpoint()").fetchone()[0]
+                timeline = (
+                    received_tli[0]
+                    if streaming
+                    else conn.execute("SELECT timeline_id FROM pg_control_checkpoint()").fetchone()[0]
+                )
         except psycopg.OperationalError as err:
-            raise ApplicationError(f"replica {replica.host}:{replica.port} unreachable: "
-                                   f"{str(err).strip().splitlines()[-1]}", type="StandbyUnreachable") from err
+            raise ApplicationError(
+                f"replica {replica.host}:{replica.port} unreachable: {str(err).strip().splitlines()[-1]}",
+                type=ErrorKind.StandbyUnreachable,
+            ) from err
         primary_lsn, lag_bytes, lag_seconds, synchronous, reachable = None, None, None, False, False
         try:
             with source.connect(timeout=3) as conn:
                 reachable = True
                 primary_lsn = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]
-                lag_bytes = conn.execute("SELECT pg_wal_lsn_diff(%s::pg_lsn, %s::pg_lsn)::bigint",
-                                         (primary_lsn, replay or "0/0")).fetchone()[0]
-                row = conn.execute("SELECT extract(epoch FROM coalesce(replay_lag, '0')), sync_state "
-                                   "FROM pg_stat_replication LIMIT 1").fetchone()
+                lag_bytes = conn.execute(
+                    "SELECT pg_wal_lsn_diff(%s::pg_lsn, %s::pg_lsn)::bigint", (primary_lsn, replay or "0/0")
+                ).fetchone()[0]
+                row = conn.execute(
+                    "SELECT extract(epoch FROM coalesce(replay_lag, '0')), sync_state FROM pg_stat_replication LIMIT 1"
+                ).fetchone()
                 if row:
                     lag_seconds, synchronous = float(row[0]), row[1] == "sync"
         except psycopg.OperationalError:
@@ -122,15 +143,34 @@ class ReplicationActivities:
         source_timeline = current_timeline(source)
         # A fork: its position lies past where its source's history left its timeline, or (same timeline,
         # two histories: a standby's source started as a primary without promotion) ahead of the source.
-        fork = bool(in_recovery and replay and (
-            (lag_bytes is not None and lag_bytes < 0)
-            or (not streaming and source_timeline
-                and diverged(timeline, replay, source_timeline, timeline_history(source, source_timeline)))))
-        return StandbyStatus(host=replica.host, port=replica.port, in_recovery=in_recovery, streaming=streaming,
-                             timeline=timeline, receive_lsn=receive, replay_lsn=replay, primary_reachable=reachable,
-                             primary_lsn=primary_lsn, lag_bytes=None if fork else lag_bytes,
-                             lag_seconds=lag_seconds, synchronous=synchronous, diverged=fork,
-                             source_timeline=source_timeline)
+        fork = bool(
+            in_recovery
+            and replay
+            and (
+                (lag_bytes is not None and lag_bytes < 0)
+                or (
+                    not streaming
+                    and source_timeline
+                    and diverged(timeline, replay, source_timeline, timeline_history(source, source_timeline))
+                )
+            )
+        )
+        return StandbyStatus(
+            host=replica.host,
+            port=replica.port,
+            in_recovery=in_recovery,
+            streaming=streaming,
+            timeline=timeline,
+            receive_lsn=receive,
+            replay_lsn=replay,
+            primary_reachable=reachable,
+            primary_lsn=primary_lsn,
+            lag_bytes=None if fork else lag_bytes,
+            lag_seconds=lag_seconds,
+            synchronous=synchronous,
+            diverged=fork,
+            source_timeline=source_timeline,
+        )
 
     @activity.defn
     def fence_primary(self, req: FenceRequest) -> Fenced:
@@ -146,8 +186,9 @@ class ReplicationActivities:
         control = old.control_data()
         # Only a clean shutdown's checkpoint is the last thing the primary wrote; after a crash it is not.
         clean = control.get("Database cluster state") == "shut down"
-        return Fenced(was_running=was_running,
-                      final_lsn=control.get("Latest checkpoint location") or None if clean else None)
+        return Fenced(
+            was_running=was_running, final_lsn=control.get("Latest checkpoint location") or None if clean else None
+        )
 
     @activity.defn
     def promote_standby(self, req: PromoteRequest) -> Promoted:
@@ -158,24 +199,28 @@ class ReplicationActivities:
         """
         with self.server(req.server).connect(REPLICA_DB) as conn:
             if not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
-                return Promoted(already_primary=True, lost_bytes=None, **_position(conn),
-                                synchronous_paused=req.synchronous_standby_names or None)
+                return Promoted(
+                    already_primary=True,
+                    lost_bytes=None,
+                    **wal_position(conn),
+                    synchronous_paused=req.synchronous_standby_names or None,
+                )
             lost = self._wait_for_wal(conn, req.final_lsn, req.catch_up_seconds) if req.final_lsn else None
             paused = _pause_synchronous(conn, req.synchronous_standby_names)
             if not conn.execute("SELECT pg_promote(wait => true, wait_seconds => 60)").fetchone()[0]:
-                raise ApplicationError("pg_promote did not finish within 60s", type="PromoteSlow")
-            return Promoted(lost_bytes=lost, synchronous_paused=paused, **_position(conn))
+                raise ApplicationError("pg_promote did not finish within 60s", type=ErrorKind.PromoteSlow)
+            return Promoted(lost_bytes=lost, synchronous_paused=paused, **wal_position(conn))
 
     def _wait_for_wal(self, conn: psycopg.Connection, final_lsn: str, seconds: float) -> int:
         deadline = time.monotonic() + seconds
         while True:
-            missing = conn.execute("SELECT greatest(pg_wal_lsn_diff(%s::pg_lsn, pg_last_wal_replay_lsn()), 0)::bigint",
-                                   (final_lsn,)).fetchone()[0]
+            missing = conn.execute(
+                "SELECT greatest(pg_wal_lsn_diff(%s::pg_lsn, pg_last_wal_replay_lsn()), 0)::bigint", (final_lsn,)
+            ).fetchone()[0]
             if missing == 0 or time.monotonic() > deadline:
                 return missing
             activity.heartbeat(f"standby {missing} bytes behind the fenced primary")
             time.sleep(0.1)
-
 
     @activity.defn
     def rejoin_as_standby(self, req: RejoinRequest) -> Rejoined:
@@ -195,33 +240,53 @@ class ReplicationActivities:
         own = _own_synchronous_names(server, req.incident_id)
         if server.is_running():
             if self._follows(server, source):
-                return Rejoined(method="already following", synchronous_standby_names=own,
-                                synchronous=_restore_synchronous(source, req.restore_synchronous_standby_names))
+                return Rejoined(
+                    method="already following",
+                    synchronous_standby_names=own,
+                    synchronous=_restore_synchronous(source, req.restore_synchronous_standby_names),
+                )
             _refuse_a_primary(server)
             server.stop(mode="fast")
-        elif server.data_dir.exists() and not any((server.data_dir / f).exists()
-                                                  for f in ("standby.signal", "recovery.signal")):
-            raise ApplicationError(f"{server.data_dir} is a stopped primary (no standby.signal): it may hold commits "
-                                   "nobody else has; it was not touched. Compare it with the current primary first",
-                                   type="StandbyPromoted", non_retryable=True)
+        elif server.data_dir.exists() and not any(
+            (server.data_dir / f).exists() for f in ("standby.signal", "recovery.signal")
+        ):
+            raise ApplicationError(
+                f"{server.data_dir} is a stopped primary (no standby.signal): it may hold commits "
+                "nobody else has; it was not touched. Compare it with the current primary first",
+                type=ErrorKind.StandbyPromoted,
+                non_retryable=True,
+            )
         # The name synchronous_standby_names knows it by: a rebuilt standby must stream under the same one.
-        name = (standby_application_name(server.data_dir) or standby_application_name(aside)
-                or _single_synchronous_name(source))
+        name = (
+            standby_application_name(server.data_dir)
+            or standby_application_name(aside)
+            or single_synchronous_name(source)
+        )
         if req.method == "rewind":
             subprocess.run(run_as(server.os_user, ["rm", "-f", str(server.data_dir / "standby.signal")]), check=True)
             conninfo = make_conninfo(host=source.host, port=source.port, user=source.superuser, dbname="postgres")
-            rewind = server.tool("pg_rewind", f"--target-pgdata={server.data_dir}", f"--source-server={conninfo}",
-                                 "--write-recovery-conf", check=False, timeout=3600)
+            rewind = server.tool(
+                "pg_rewind",
+                f"--target-pgdata={server.data_dir}",
+                f"--source-server={conninfo}",
+                "--write-recovery-conf",
+                check=False,
+                timeout=3600,
+            )
             if rewind.returncode == 0:
                 if name:
-                    _set_application_name(server, name)
+                    set_application_name(server, name)
                 server.start(wait=False)
                 if self._await_streaming(server, source):
-                    return Rejoined(method="pg_rewind", synchronous_standby_names=own,
-                                    synchronous=_restore_synchronous(source, req.restore_synchronous_standby_names))
+                    return Rejoined(
+                        method="pg_rewind",
+                        synchronous_standby_names=own,
+                        synchronous=_restore_synchronous(source, req.restore_synchronous_standby_names),
+                    )
                 server.stop(mode="immediate")
-                activity.logger.warning("the rewound server did not stream, rebuilding from a base backup:%s",
-                                        server.log_tail(5))
+                activity.logger.warning(
+                    "the rewound server did not stream, rebuilding from a base backup:%s", server.log_tail(5)
+                )
             else:
                 activity.logger.warning("pg_rewind failed, rebuilding from a base backup: %s", rewind.stderr[-500:])
         if server.data_dir.exists() and not aside.exists():
@@ -235,11 +300,16 @@ class ReplicationActivities:
             scratch.rename(server.data_dir)
         server.start(wait=False)
         if not self._await_streaming(server, source):
-            raise ApplicationError(f"{server.data_dir} did not start streaming from {source.port}" +
-                                   server.log_tail(), type="RejoinFailed")
-        return Rejoined(method="pg_basebackup", moved_aside=str(aside) if aside.exists() else None,
-                        synchronous_standby_names=own,
-                        synchronous=_restore_synchronous(source, req.restore_synchronous_standby_names))
+            raise ApplicationError(
+                f"{server.data_dir} did not start streaming from {source.port}" + server.log_tail(),
+                type=ErrorKind.RejoinFailed,
+            )
+        return Rejoined(
+            method="pg_basebackup",
+            moved_aside=str(aside) if aside.exists() else None,
+            synchronous_standby_names=own,
+            synchronous=_restore_synchronous(source, req.restore_synchronous_standby_names),
+        )
 
     def _await_streaming(self, server: PgServer, source: PgServer, timeout: float = 300) -> bool:
         """Wait until `server` streams from `source`; False when it stopped (it failed to start) or the time ran out."""
@@ -255,55 +325,14 @@ class ReplicationActivities:
         """In recovery, streaming from `source`'s port, on `source`'s current timeline."""
         try:
             with server.connect(REPLICA_DB, timeout=2) as conn:
-                row = conn.execute("SELECT pg_is_in_recovery(), (SELECT sender_port FROM pg_stat_wal_receiver "
-                                   "WHERE status = 'streaming'), (SELECT received_tli FROM pg_stat_wal_receiver "
-                                   "WHERE status = 'streaming')").fetchone()
+                row = conn.execute(
+                    "SELECT pg_is_in_recovery(), (SELECT sender_port FROM pg_stat_wal_receiver "
+                    "WHERE status = 'streaming'), (SELECT received_tli FROM pg_stat_wal_receiver "
+                    "WHERE status = 'streaming')"
+                ).fetchone()
         except psycopg.OperationalError:
             return False
         return bool(row[0]) and row[1] == source.port and row[2] == current_timeline(source)
-
-
-def _position(conn: psycopg.Connection) -> dict:
-    segment, lsn = conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn()), pg_current_wal_lsn()::text").fetchone()
-    return {"timeline": int(segment[:8], 16), "promoted_at_lsn": lsn}
-
-
-def current_timeline(server: PgServer) -> int | None:
-    """A server's current timeline: from its WAL position when it answers as a primary, else its control file."""
-    try:
-        with server.connect(timeout=3) as conn:
-            if not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
-                return int(conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()[0][:8], 16)
-    except psycopg.OperationalError:
-        pass
-    return server.control_timeline()
-
-
-def timeline_history(server: PgServer, timeline: int) -> list[TimelineBranch]:
-    """A timeline's history from the server's own pg_wal ([] for timeline 1 or when unreadable)."""
-    if timeline <= 1:
-        return []
-    try:
-        return parse_history((server.data_dir / "pg_wal" / history_file_name(timeline)).read_text())
-    except OSError:
-        return []
-
-
-def has_diverged(replica: PgServer, source: PgServer) -> bool:
-    """True when a replica that is not streaming holds WAL its source's history never had (see
-    activities.timelines.diverged); False when it streams, is not a replica, or cannot be read."""
-    try:
-        with replica.connect(REPLICA_DB, timeout=3) as conn:
-            in_recovery, replay, streaming, checkpoint_tli = conn.execute(
-                "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, EXISTS (SELECT 1 FROM "
-                "pg_stat_wal_receiver WHERE status = 'streaming'), (SELECT timeline_id FROM pg_control_checkpoint())"
-            ).fetchone()
-    except psycopg.OperationalError:
-        return False
-    source_tli = current_timeline(source)
-    if not in_recovery or streaming or not replay or not source_tli:
-        return False
-    return diverged(checkpoint_tli, replay, source_tli, timeline_history(source, source_tli))
 
 
 def _refuse_a_primary(server: PgServer) -> None:
@@ -315,44 +344,13 @@ def _refuse_a_primary(server: PgServer) -> None:
     except psycopg.OperationalError:
         return
     if primary:
-        raise ApplicationError(f"{server.data_dir} on port {server.port} is a primary (it was promoted): it may hold "
-                               "commits nobody else has, so it was not touched. Two primaries are running: decide "
-                               "which one serves before rebuilding the other", type="StandbyPromoted",
-                               non_retryable=True)
-
-
-def standby_application_name(data_dir: Path) -> str | None:
-    """The application_name in a standby's last primary_conninfo (postgresql.auto.conf), or None."""
-    try:
-        lines = (data_dir / "postgresql.auto.conf").read_text().splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        match = re.match(r"\s*primary_conninfo\s*=\s*'((?:[^']|'')*)'", line)
-        if match:
-            return conninfo_to_dict(match.group(1).replace("''", "'")).get("application_name") or None
-    return None
-
-
-def _single_synchronous_name(source: PgServer) -> str | None:
-    """The standby name the source's synchronous_standby_names expects, when it names exactly one."""
-    try:
-        with source.connect(timeout=3) as conn:
-            names = conn.execute("SHOW synchronous_standby_names").fetchone()[0].strip()
-    except psycopg.OperationalError:
-        return None
-    return names.strip('"') if re.fullmatch(r'"?[A-Za-z0-9_.-]+"?', names) else None
-
-
-def _set_application_name(server: PgServer, name: str) -> None:
-    """Append primary_conninfo again with `name` as application_name (a later line wins)."""
-    auto = server.data_dir / "postgresql.auto.conf"
-    text = auto.read_text()
-    current = next((m.group(1).replace("''", "'") for line in reversed(text.splitlines())
-                    if (m := re.match(r"\s*primary_conninfo\s*=\s*'((?:[^']|'')*)'", line))), "")
-    conninfo = make_conninfo(current, application_name=name).replace("'", "''")
-    subprocess.run(run_as(server.os_user, ["sh", "-c", 'cat >> "$0"', str(auto)]),
-                   input=f"primary_conninfo = '{conninfo}'\n".encode(), check=True)
+        raise ApplicationError(
+            f"{server.data_dir} on port {server.port} is a primary (it was promoted): it may hold "
+            "commits nobody else has, so it was not touched. Two primaries are running: decide "
+            "which one serves before rebuilding the other",
+            type=ErrorKind.StandbyPromoted,
+            non_retryable=True,
+        )
 
 
 def _pause_synchronous(conn: psycopg.Connection, wanted: str | None) -> str | None:
@@ -381,15 +379,19 @@ def _restore_synchronous(source: PgServer, value: str | None, timeout: float = 6
             rows = conn.execute("SELECT application_name, sync_state FROM pg_stat_replication").fetchall()
             synchronous = [name for name, state in rows if state in ("sync", "quorum")]
             if synchronous:
-                return (f"synchronous_standby_names = '{value}' restored on the primary: "
-                        f"{', '.join(synchronous)} confirms commits synchronously")
+                return (
+                    f"synchronous_standby_names = '{value}' restored on the primary: "
+                    f"{', '.join(synchronous)} confirms commits synchronously"
+                )
             if time.monotonic() > deadline:
                 conn.execute("ALTER SYSTEM SET synchronous_standby_names = ''")
                 conn.execute("SELECT pg_reload_conf()")
                 streaming = ", ".join(f"{n} ({s})" for n, s in rows) or "none"
-                return (f"synchronous_standby_names = '{value}' NOT restored: no standby matched it within "
-                        f"{timeout:.0f}s (streaming: {streaming}); the primary commits asynchronously until a person "
-                        "sets it")
+                return (
+                    f"synchronous_standby_names = '{value}' NOT restored: no standby matched it within "
+                    f"{timeout:.0f}s (streaming: {streaming}); the primary commits asynchronously until a person "
+                    "sets it"
+                )
             if activity.in_activity():
                 activity.heartbeat("waiting for a synchronous standby")
             time.sleep(0.2)

@@ -6,17 +6,14 @@ are left for the people at the blameless postmortem. The Markdown goes to S3
 (overwritten by a retry with the same content) and `drp report` prints it.
 """
 
-from datetime import timedelta
-
-from pydantic import TypeAdapter
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
 
-from models.incident import ReportRequest, TimelineEvent
+from adapters.reports import (
+    render_report,
+    split_s3,
+)
+from models.incident import ReportRequest
 from models.playbook import Playbook
-from models.templates import render
-
-_DURATION = TypeAdapter(timedelta)
 
 
 class ReportActivities:
@@ -27,77 +24,12 @@ class ReportActivities:
 
     @activity.defn
     def write_report(self, req: ReportRequest) -> str:
+        """Render the post-incident report (Markdown) and put it in S3 under `<destination>/<incident>.md`;
+        a retry overwrites it with the same content. Returns its s3:// URI.
+        """
         markdown = render_report(self.playbook.communication.templates["report"], req)
         key = f"{self.prefix}/{req.incident_id}.md".lstrip("/")
-        self.s3.put_object(Bucket=self.bucket, Key=key, Body=markdown.encode(),
-                           ContentType="text/markdown; charset=utf-8")
+        self.s3.put_object(
+            Bucket=self.bucket, Key=key, Body=markdown.encode(), ContentType="text/markdown; charset=utf-8"
+        )
         return f"s3://{self.bucket}/{key}"
-
-
-def render_report(template: str, req: ReportRequest) -> str:
-    result = req.runbook_result or {}
-    plan = req.plan
-    rto = _measured(result.get("rto_actual")) or (req.resolved_at - req.opened_at)
-    rpo = _measured(result.get("rpo_actual"))
-    rpo_text = (_human(rpo) if rpo is not None else
-                f"{result['lost_bytes']} bytes of WAL lost" if result.get("lost_bytes") is not None else
-                "not measured by this run")
-    if req.runbook_error:
-        outcome = f"The {plan.procedure} runbook failed: {req.runbook_error}"
-    elif plan.procedure:
-        outcome = f"The {plan.procedure} runbook ended with outcome {result.get('outcome', 'completed')!r}."
-    else:
-        outcome = "No runbook ran: people worked this incident."
-    context = {
-        "incident_id": req.incident_id, "title": req.title, "severity": plan.severity.value,
-        "severity_name": plan.severity_name, "impact": plan.impact, "status": req.status,
-        "started_at": _utc(req.opened_at), "ended_at": _utc(req.resolved_at),
-        "duration": _human(req.resolved_at - req.opened_at), "procedure": plan.procedure or "none",
-        "services": ", ".join(req.services) or "_to be filled in_",
-        "incident_commander": plan.incident_commander or "_to be filled in_",
-        "rto_target": _human(plan.rto_target) if plan.rto_target else "n/a", "rto_actual": _human(rto),
-        "rpo_target": _human(plan.rpo_target) if plan.rpo_target else "n/a", "rpo_actual": rpo_text,
-        "timeline_table": _table(req.timeline),
-        "approvals_table": _table([e for e in req.timeline if e.kind == "approval"]),
-        "escalations_table": _table([e for e in req.timeline if e.kind in ("escalation", "page", "ack")]),
-        "resolution": f"{req.status.capitalize()} by {req.resolved_by}: {req.resolution}",
-        "runbook_outcome": f"{req.title}. Classified {plan.severity.value} ({plan.classified_by}). {outcome}",
-    }
-    return render("report", template, context).body
-
-
-def read_report(s3, destination: str, incident_id: str) -> str | None:
-    bucket, prefix = split_s3(destination)
-    try:
-        return s3.get_object(Bucket=bucket, Key=f"{prefix}/{incident_id}.md".lstrip("/"))["Body"].read().decode()
-    except s3.exceptions.NoSuchKey:
-        return None
-
-
-def split_s3(uri: str) -> tuple[str, str]:
-    if not uri.startswith("s3://"):
-        raise ApplicationError(f"{uri!r} is not an s3:// URI", type="BadDestination", non_retryable=True)
-    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    return bucket, prefix.strip("/")
-
-
-def _table(events: list[TimelineEvent]) -> str:
-    if not events:
-        return "_None._"
-    rows = [f"| {_utc(e.at)} | {e.kind} | {' '.join(e.text.split()).replace('|', '/')} |"
-            for e in sorted(events, key=lambda e: e.at)]
-    return "\n".join(["| Time (UTC) | Kind | Event |", "|---|---|---|", *rows])
-
-
-def _measured(value) -> timedelta | None:
-    return None if value is None else _DURATION.validate_python(value)
-
-
-def _utc(moment) -> str:
-    return moment.strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _human(delta: timedelta) -> str:
-    seconds = int(round(delta.total_seconds()))
-    h, m, s = seconds // 3600, seconds % 3600 // 60, seconds % 60
-    return f"{h}h {m:02d}m {s:02d}s" if h else f"{m}m {s:02d}s"

@@ -14,8 +14,11 @@ def grow(stack: Stack, gb: float) -> None:
     rows = int(gb * 1024**3 / 330)  # ~330 bytes per row on disk with this payload
     with stack.postgres().connect(DATABASE) as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS bench_filler (id bigint PRIMARY KEY, payload text NOT NULL)")
-        conn.execute("INSERT INTO bench_filler SELECT i, repeat(md5(i::text), 8) FROM generate_series(1, %s) i "
-                     "ON CONFLICT DO NOTHING", (rows,))
+        conn.execute(
+            "INSERT INTO bench_filler SELECT i, repeat(md5(i::text), 8) FROM generate_series(1, %s) i "
+            "ON CONFLICT DO NOTHING",
+            (rows,),
+        )
         size = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
     print(f"database size {size / 1024**3:.2f} GiB", flush=True)
 
@@ -45,5 +48,13 @@ def report_runs(runs: list[dict]) -> None:
     for run in runs:
         print(json.dumps(run), flush=True)
     totals = [r["total_excl_approval_s"] for r in runs]
-    print(json.dumps({"runs": len(runs), "median_total_excl_approval_s": statistics.median(totals),
-                      "max_total_excl_approval_s": max(totals)}, indent=2))
+    print(
+        json.dumps(
+            {
+                "runs": len(runs),
+                "median_total_excl_approval_s": statistics.median(totals),
+                "max_total_excl_approval_s": max(totals),
+            },
+            indent=2,
+        )
+    )

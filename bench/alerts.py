@@ -24,14 +24,14 @@ import shutil
 import tempfile
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 from aiohttp import web
 from temporalio.service import RPCError
 
-from activities.processes import free_port
+from adapters.processes import free_port
 from models.alerts import AlertmanagerWebhook
 from models.config import AlertReceiverSettings
 from stack.stack import DATABASE, Stack
@@ -42,12 +42,27 @@ TOKEN = "bench-token"
 
 
 def webhook(alertname: str, group: str, **labels: str) -> dict:
-    now = datetime.now(timezone.utc).isoformat()
+    now = datetime.now(UTC).isoformat()
     all_labels = {"alertname": alertname, **labels}
-    return {"version": "4", "groupKey": group, "status": "firing", "receiver": "drp", "groupLabels": all_labels,
-            "commonLabels": all_labels, "commonAnnotations": {"summary": f"{alertname} (bench)"}, "externalURL": "",
-            "alerts": [{"status": "firing", "labels": all_labels, "annotations": {}, "startsAt": now,
-                        "fingerprint": uuid.uuid4().hex[:16]}]}
+    return {
+        "version": "4",
+        "groupKey": group,
+        "status": "firing",
+        "receiver": "drp",
+        "groupLabels": all_labels,
+        "commonLabels": all_labels,
+        "commonAnnotations": {"summary": f"{alertname} (bench)"},
+        "externalURL": "",
+        "alerts": [
+            {
+                "status": "firing",
+                "labels": all_labels,
+                "annotations": {},
+                "startsAt": now,
+                "fingerprint": uuid.uuid4().hex[:16],
+            }
+        ],
+    }
 
 
 def percentiles(samples: list[float]) -> dict:
@@ -55,8 +70,13 @@ def percentiles(samples: list[float]) -> dict:
     if not ordered:
         return {"n": 0}
     pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
-    return {"n": len(ordered), "p50_ms": round(pick(0.5) * 1000, 1), "p95_ms": round(pick(0.95) * 1000, 1),
-            "p99_ms": round(pick(0.99) * 1000, 1), "max_ms": round(ordered[-1] * 1000, 1)}
+    return {
+        "n": len(ordered),
+        "p50_ms": round(pick(0.5) * 1000, 1),
+        "p95_ms": round(pick(0.95) * 1000, 1),
+        "p99_ms": round(pick(0.99) * 1000, 1),
+        "max_ms": round(ordered[-1] * 1000, 1),
+    }
 
 
 async def first_activity_scheduled(client, workflow_id: str, timeout: float = 30) -> float:
@@ -65,7 +85,7 @@ async def first_activity_scheduled(client, workflow_id: str, timeout: float = 30
             try:
                 async for e in client.get_workflow_handle(workflow_id).fetch_history_events():
                     if e.HasField("activity_task_scheduled_event_attributes"):
-                        return e.event_time.ToDatetime(tzinfo=timezone.utc).timestamp()
+                        return e.event_time.ToDatetime(tzinfo=UTC).timestamp()
             except Exception:  # not started yet
                 pass
             await asyncio.sleep(0.02)
@@ -133,17 +153,22 @@ async def measure(label: str, pragmas: tuple[str, ...], args) -> dict:
                 (await http.post(url, json=body, headers={"Authorization": f"Bearer {TOKEN}"})).raise_for_status()
 
             async def straight_to_temporal(i: int) -> None:
-                await deliver(client, AlertmanagerWebhook.model_validate(
-                    webhook("BenchLoad", f"direct-{run}-{i // 5}", severity="info")), stack.task_queue)
+                await deliver(
+                    client,
+                    AlertmanagerWebhook.model_validate(webhook("BenchLoad", f"direct-{run}-{i // 5}", severity="info")),
+                    stack.task_queue,
+                )
 
             receiver_lat, receiver_rate, receiver_failed = await paced(args.rate, args.seconds, via_receiver)
             direct_lat, direct_rate, direct_failed = await paced(args.rate, args.seconds, straight_to_temporal)
         receiver, direct = percentiles(receiver_lat), percentiles(direct_lat)
-        result = {"temporal_sqlite": label, "alert_to_runbook_first_activity": latency,
-                  "receiver": {**receiver, "failed": receiver_failed, "achieved_per_s": round(receiver_rate, 1)},
-                  "signal_with_start_only": {**direct, "failed": direct_failed,
-                                             "achieved_per_s": round(direct_rate, 1)},
-                  "p99_ratio_receiver_over_direct": round(receiver["p99_ms"] / direct["p99_ms"], 2)}
+        result = {
+            "temporal_sqlite": label,
+            "alert_to_runbook_first_activity": latency,
+            "receiver": {**receiver, "failed": receiver_failed, "achieved_per_s": round(receiver_rate, 1)},
+            "signal_with_start_only": {**direct, "failed": direct_failed, "achieved_per_s": round(direct_rate, 1)},
+            "p99_ratio_receiver_over_direct": round(receiver["p99_ms"] / direct["p99_ms"], 2),
+        }
         print(json.dumps(result, indent=2), flush=True)
         return result
     finally:
@@ -158,16 +183,25 @@ async def main() -> None:
     parser.add_argument("--rate", type=float, default=50)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--latency-runs", type=int, default=20)
-    parser.add_argument("--no-baseline", action="store_true",
-                        help="skip the comparison run on SQLite's default pragmas")
+    parser.add_argument(
+        "--no-baseline", action="store_true", help="skip the comparison run on SQLite's default pragmas"
+    )
     args = parser.parse_args()
     print(json.dumps({"load_average_at_start": os.getloadavg()}), flush=True)
     tuned = await measure("wal, synchronous=normal", Stack.temporal_sqlite_pragmas, args)
     if not args.no_baseline:
         baseline = await measure("SQLite defaults", (), args)
-        print(json.dumps({"receiver_p99_ratio_defaults_over_tuned":
-                          round(baseline["receiver"]["p99_ms"] / tuned["receiver"]["p99_ms"], 2),
-                          "load_average_at_end": os.getloadavg()}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "receiver_p99_ratio_defaults_over_tuned": round(
+                        baseline["receiver"]["p99_ms"] / tuned["receiver"]["p99_ms"], 2
+                    ),
+                    "load_average_at_end": os.getloadavg(),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

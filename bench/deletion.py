@@ -14,7 +14,7 @@ import argparse
 import asyncio
 import json
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 
@@ -32,9 +32,15 @@ async def run(stack: Stack, companies: int) -> dict:
     with stack.postgres().connect(DATABASE) as conn:
         conn.execute("CREATE ROLE bench_analyst LOGIN PASSWORD 'bench'")
         conn.execute("GRANT SELECT, DELETE ON companies, filings, metrics TO bench_analyst")
-    window_start = datetime.now(timezone.utc) - timedelta(seconds=1)
-    with psycopg.connect(host="127.0.0.1", port=stack.config.ports.postgres, user="bench_analyst", password="bench",
-                         dbname=DATABASE, autocommit=True) as conn:
+    window_start = datetime.now(UTC) - timedelta(seconds=1)
+    with psycopg.connect(
+        host="127.0.0.1",
+        port=stack.config.ports.postgres,
+        user="bench_analyst",
+        password="bench",
+        dbname=DATABASE,
+        autocommit=True,
+    ) as conn:
         deleted = conn.execute("DELETE FROM companies WHERE id <= %s", (companies,)).rowcount
     with stack.postgres().connect(DATABASE) as conn:
         cascaded = conn.execute("SELECT count(*) FROM audit_log WHERE action = 'DELETE'").fetchone()[0]
@@ -42,20 +48,37 @@ async def run(stack: Stack, companies: int) -> dict:
 
     client = await connect(stack.temporal_address)
     t0 = time.monotonic()
-    handle = await start_accidental_deletion(client, AccidentalDeletionInput(
-        incident_id=f"BENCH-DEL-{int(time.time())}", database=DATABASE, window_start=window_start,
-        role="bench_analyst", lift_approval_timeout=timedelta(seconds=1)), stack.task_queue)
+    handle = await start_accidental_deletion(
+        client,
+        AccidentalDeletionInput(
+            incident_id=f"BENCH-DEL-{int(time.time())}",
+            database=DATABASE,
+            window_start=window_start,
+            role="bench_analyst",
+            lift_approval_timeout=timedelta(seconds=1),
+        ),
+        stack.task_queue,
+    )
     await wait_for_approval(handle, "re-insert", poll_seconds=0.02)
     t = time.monotonic()
-    await handle.execute_update(AccidentalDeletionRecovery.approve, ApprovalRequest(approver="alice", reason="benchmark"))
+    await handle.execute_update(
+        AccidentalDeletionRecovery.approve, ApprovalRequest(approver="alice", reason="benchmark")
+    )
     waited = time.monotonic() - t
     result = await handle.result()
     steps = {s.name: round(s.duration.total_seconds(), 2) for s in result.steps}
-    to_verified = sum(v for k, v in steps.items() if k not in ("approve re-insert", "tear down side instance",
-                                                               "approve lifting containment", "lift containment"))
-    return {"rows_deleted": cascaded, "rows_reinserted": sum(result.reinserted.inserted_by_table.values()),
-            "start_to_reinserted_verified_s": round(to_verified, 2), "steps_s": steps,
-            "wall_s_incl_lift_timeout": round(time.monotonic() - t0 - waited, 2)}
+    to_verified = sum(
+        v
+        for k, v in steps.items()
+        if k not in ("approve re-insert", "tear down side instance", "approve lifting containment", "lift containment")
+    )
+    return {
+        "rows_deleted": cascaded,
+        "rows_reinserted": sum(result.reinserted.inserted_by_table.values()),
+        "start_to_reinserted_verified_s": round(to_verified, 2),
+        "steps_s": steps,
+        "wall_s_incl_lift_timeout": round(time.monotonic() - t0 - waited, 2),
+    }
 
 
 async def main() -> None:

@@ -33,14 +33,18 @@ async def one_run() -> dict:
     try:
         stack.up(with_worker=True, log=lambda *_: None)
         client = await connect(stack.temporal_address)
-        handle = await start_db_failover(client, DatabaseFailoverInput(incident_id=f"BENCH-FO-{int(time.time())}"),
-                                         stack.task_queue)
+        handle = await start_db_failover(
+            client, DatabaseFailoverInput(incident_id=f"BENCH-FO-{int(time.time())}"), stack.task_queue
+        )
         await wait_for_approval(handle, poll_seconds=0.02)
         await handle.execute_update(DatabaseFailover.approve, ApprovalRequest(approver="alice", reason="bench"))
         result = await handle.result()
         steps = {s.name: round(s.duration.total_seconds(), 2) for s in result.steps}
-        return {"steps_s": steps, "total_excl_approval_s": round(sum(v for k, v in steps.items() if k != "approve"), 2),
-                "lost_bytes": result.promoted.lost_bytes}
+        return {
+            "steps_s": steps,
+            "total_excl_approval_s": round(sum(v for k, v in steps.items() if k != "approve"), 2),
+            "lost_bytes": result.promoted.lost_bytes,
+        }
     finally:
         stack.down(log=lambda *_: None)
         shutil.rmtree(state, ignore_errors=True)

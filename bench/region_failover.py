@@ -52,26 +52,47 @@ async def one_run(aws: str) -> dict:
             await deploy_backup(cluster)
             stop = asyncio.Event()
             controller = asyncio.create_task(fake_deployment_controller(cluster, stop, NS, NAME))
-            raw = {**stack.worker_settings(), "failover": {
-                "database": "self-managed", "primary_health_url": primary.url, "hosted_zone_id": zone,
-                "record_name": f"api.{zone_name}", "aws_endpoint_url": aws,
-                "regions": {"us-west-2": {"task_queue": f"{stack.task_queue}-west", "health_url": backup.url,
-                                          "rds_replica_id": "unused", "replicas": 4,
-                                          "kubernetes": {"api_url": str(cluster.url).rstrip("/"), "namespace": NS,
-                                                         "deployment": NAME},
-                                          "load_balancer_dns": "backup-lb.example.com",
-                                          "load_balancer_zone_id": "Z0987654321XYZ"}}}}
+            raw = {
+                **stack.worker_settings(),
+                "failover": {
+                    "database": "self-managed",
+                    "primary_health_url": primary.url,
+                    "hosted_zone_id": zone,
+                    "record_name": f"api.{zone_name}",
+                    "aws_endpoint_url": aws,
+                    "regions": {
+                        "us-west-2": {
+                            "task_queue": f"{stack.task_queue}-west",
+                            "health_url": backup.url,
+                            "rds_replica_id": "unused",
+                            "replicas": 4,
+                            "kubernetes": {
+                                "api_url": str(cluster.url).rstrip("/"),
+                                "namespace": NS,
+                                "deployment": NAME,
+                            },
+                            "load_balancer_dns": "backup-lb.example.com",
+                            "load_balancer_zone_id": "Z0987654321XYZ",
+                        }
+                    },
+                },
+            }
             settings = Settings(**raw)
             west = settings.model_copy(update={"task_queue": f"{stack.task_queue}-west"})
             client = await connect(stack.temporal_address)
             with ThreadPoolExecutor(max_workers=12) as executor:
                 async with build_worker(client, settings, executor), build_worker(client, west, executor):
-                    handle = await start_region_failover(client, RegionFailoverInput(
-                        incident_id=f"BENCH-RF-{uuid.uuid4().hex[:6]}", backup_region="us-west-2",
-                        health_checks=1), stack.task_queue)
+                    handle = await start_region_failover(
+                        client,
+                        RegionFailoverInput(
+                            incident_id=f"BENCH-RF-{uuid.uuid4().hex[:6]}", backup_region="us-west-2", health_checks=1
+                        ),
+                        stack.task_queue,
+                    )
                     await wait_for_approval(handle, poll_seconds=0.02)
-                    await handle.execute_update(RegionFailover.approve,
-                                                ApprovalRequest(approver="alice", reason="bench"))
+                    await handle.execute_update(
+                        RegionFailover.approve, ApprovalRequest(approver="alice", reason="bench")
+                    )
                     result = await handle.result()
             stop.set()
             await controller

@@ -22,8 +22,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from activities.pgserver import run_as
-from activities.processes import free_port
+from adapters.pgserver import run_as
+from adapters.processes import free_port
 from bench._stack import grown_stack
 from models.approval import ApprovalRequest
 from models.db_corruption import DatabaseCorruptionInput
@@ -62,8 +62,10 @@ def restore_by_hand(stack: Stack, target: Path, backup_id: str) -> dict:
     subprocess.run(run_as(pg.os_user, ["chmod", "700", str(target)]), check=True)
     restore_command = barman.restore_command().replace("'", "''")
     with open(target / "postgresql.auto.conf", "a") as conf:
-        conf.write(f"restore_command = '{restore_command}'\nrecovery_target_timeline = 'current'\n"
-                   "recovery_target_action = 'promote'\n")
+        conf.write(
+            f"restore_command = '{restore_command}'\nrecovery_target_timeline = 'current'\n"
+            "recovery_target_action = 'promote'\n"
+        )
     (target / "recovery.signal").touch()
     (target / "pg_wal").mkdir(exist_ok=True)
     if pg.os_user:
@@ -82,27 +84,32 @@ def restore_by_hand(stack: Stack, target: Path, backup_id: str) -> dict:
     t_replay = time.monotonic() - t1
     server.stop()
     shutil.rmtree(target)
-    return {"restore_s": round(t_restore, 2), "replay_s": round(t_replay, 2),
-            "total_s": round(t_restore + t_replay, 2)}
+    return {"restore_s": round(t_restore, 2), "replay_s": round(t_replay, 2), "total_s": round(t_restore + t_replay, 2)}
 
 
 async def runbook(stack: Stack) -> dict:
     corrupt_table(stack.postgres(), DATABASE, "companies")
     client = await connect(stack.temporal_address)
     t0 = time.monotonic()
-    handle = await start_db_corruption(client, DatabaseCorruptionInput(
-        incident_id=f"BENCH-{int(time.time())}", database=DATABASE), stack.task_queue)
+    handle = await start_db_corruption(
+        client, DatabaseCorruptionInput(incident_id=f"BENCH-{int(time.time())}", database=DATABASE), stack.task_queue
+    )
     await wait_for_approval(handle, poll_seconds=0.02)
     t_wait = time.monotonic()
-    await handle.execute_update(DatabaseCorruptionRecovery.approve,
-                                ApprovalRequest(approver="alice", reason="benchmark"))
+    await handle.execute_update(
+        DatabaseCorruptionRecovery.approve, ApprovalRequest(approver="alice", reason="benchmark")
+    )
     approval_wait = time.monotonic() - t_wait
     result = await handle.result()
     wall = time.monotonic() - t0 - approval_wait
     steps = {s.name: s.duration.total_seconds() for s in result.steps}
-    return {"restore_s": round(steps["restore base backup"], 2), "replay_s": round(steps["replay WAL"], 2),
-            "total_s": round(steps["restore base backup"] + steps["replay WAL"], 2),
-            "steps_s": {k: round(v, 2) for k, v in steps.items()}, "run_wall_s_excl_approval": round(wall, 2)}
+    return {
+        "restore_s": round(steps["restore base backup"], 2),
+        "replay_s": round(steps["replay WAL"], 2),
+        "total_s": round(steps["restore base backup"] + steps["replay WAL"], 2),
+        "steps_s": {k: round(v, 2) for k, v in steps.items()},
+        "run_wall_s_excl_approval": round(wall, 2),
+    }
 
 
 async def main() -> None:
@@ -123,10 +130,15 @@ async def main() -> None:
         by_hand_2 = restore_by_hand(stack, scratch, backup_id)
         print("by hand:", by_hand_2, flush=True)
         manual = min(by_hand_1["total_s"], by_hand_2["total_s"])
-        summary = {"gb": args.gb, "wal_mb": args.wal_mb, "by_hand_warm_up": warm_up,
-                   "by_hand": [by_hand_1, by_hand_2], "runbook": run,
-                   "ratio_runbook_to_best_by_hand": round(run["total_s"] / manual, 3),
-                   "orchestration_overhead_pct": round(100 * (run["total_s"] - manual) / manual, 1)}
+        summary = {
+            "gb": args.gb,
+            "wal_mb": args.wal_mb,
+            "by_hand_warm_up": warm_up,
+            "by_hand": [by_hand_1, by_hand_2],
+            "runbook": run,
+            "ratio_runbook_to_best_by_hand": round(run["total_s"] / manual, 3),
+            "orchestration_overhead_pct": round(100 * (run["total_s"] - manual) / manual, 1),
+        }
         print(json.dumps(summary, indent=2))
 
 

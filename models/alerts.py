@@ -11,7 +11,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from models.incident import AlertNotice, AlertSummary, IncidentInput
 from models.times import Timestamp
 
-
 # One signal lists at most this many alerts (about 1-2 KB each: far below Temporal's 2 MB payload limit, and a
 # timeline people can read); the rest are counted in AlertNotice.truncated.
 MAX_ALERTS_PER_NOTICE = 100
@@ -54,20 +53,37 @@ class AlertmanagerWebhook(_Payload):
     def notice(self) -> AlertNotice:
         # Firing alerts first, oldest first: what a responder needs when only some can be listed.
         listed = sorted(self.alerts, key=lambda a: (a.status != "firing", a.startsAt))[:MAX_ALERTS_PER_NOTICE]
-        return AlertNotice(group_key=self.groupKey, status=self.status, receiver=self.receiver,
-                           truncated=self.truncated(), alerts=[
-            AlertSummary(fingerprint=a.fingerprint or _fingerprint(a.labels), status=a.status, labels=a.labels,
-                         annotations=a.annotations, starts_at=a.startsAt,
-                         ends_at=a.endsAt if a.endsAt and a.endsAt.year > 1 else None)
-            for a in listed])
+        return AlertNotice(
+            group_key=self.groupKey,
+            status=self.status,
+            receiver=self.receiver,
+            truncated=self.truncated(),
+            alerts=[
+                AlertSummary(
+                    fingerprint=a.fingerprint or _fingerprint(a.labels),
+                    status=a.status,
+                    labels=a.labels,
+                    annotations=a.annotations,
+                    starts_at=a.startsAt,
+                    ends_at=a.endsAt if a.endsAt and a.endsAt.year > 1 else None,
+                )
+                for a in listed
+            ],
+        )
 
     def incident_input(self, occurrence: int = 1, follows: str | None = None) -> IncidentInput:
         labels = {**self.groupLabels, **self.commonLabels}
-        title = (self.commonAnnotations.get("summary") or labels.get("alertname") or "Alertmanager alert group")
+        title = self.commonAnnotations.get("summary") or labels.get("alertname") or "Alertmanager alert group"
         service = labels.get("service")
-        return IncidentInput(incident_id=self.incident_id(occurrence), title=title[:200], labels=labels,
-                             services=[service] if service else [], opened_by=f"Alertmanager ({self.receiver})",
-                             started_at=min(a.startsAt for a in self.alerts), follows=follows)
+        return IncidentInput(
+            incident_id=self.incident_id(occurrence),
+            title=title[:200],
+            labels=labels,
+            services=[service] if service else [],
+            opened_by=f"Alertmanager ({self.receiver})",
+            started_at=min(a.startsAt for a in self.alerts),
+            follows=follows,
+        )
 
 
 def incident_id_for(group_key: str, occurrence: int = 1) -> str:

@@ -1,6 +1,5 @@
 """Human approval of a destructive step, sent as a Temporal Update."""
 
-
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from models.identifiers import not_blank

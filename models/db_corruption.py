@@ -7,26 +7,22 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from models.approval import ApprovalRecord
 from models.durations import Duration
-from models.identifiers import DatabaseName, IncidentId, PgName
-from models.playbook import Severity
+from models.identifiers import DatabaseName, PgName
+from models.inputs import RunbookInput
 from models.steps import StepRecord
 from models.times import Timestamp
 
 PROCEDURE = "db-corruption"
 
 
-class DatabaseCorruptionInput(BaseModel):
+class DatabaseCorruptionInput(RunbookInput):
     """One JSON object, the same from the CLI, a starter script or the Web UI.
 
     Only `incident_id` and `database` are required. Durations accept seconds,
     "15m"-style strings or ISO 8601.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    incident_id: IncidentId
     database: DatabaseName
-    severity: Severity = Severity.P0
     incident_started_at: Timestamp | None = Field(
         default=None, description="When the incident began; the run's start time if omitted."
     )
@@ -37,10 +33,8 @@ class DatabaseCorruptionInput(BaseModel):
     backup_id: str | None = Field(
         default=None,
         description="Restore this base backup (barman backup ID) instead of the newest on production's timeline: "
-                    "when the newest already holds the corruption. It must lie on production's timeline history.",
+        "when the newest already holds the corruption. It must lie on production's timeline history.",
     )
-    approval_timeout: Duration = timedelta(hours=1)
-    heartbeat_timeout: Duration = timedelta(seconds=30)
     app_ready_timeout: Duration = timedelta(minutes=5)
 
 

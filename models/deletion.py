@@ -1,5 +1,6 @@
 """Input, result and activity messages of the AccidentalDeletionRecovery runbook."""
 
+import hashlib
 from datetime import timedelta
 from typing import Annotated
 
@@ -8,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from models.approval import ApprovalRecord
 from models.durations import Duration
 from models.identifiers import DatabaseName, IncidentId, PgName, Table
+from models.inputs import RunbookInput
 from models.playbook import Severity
 from models.steps import StepRecord
 from models.times import Timestamp
@@ -18,37 +20,43 @@ WINDOW_DOC = (
     "when its transaction COMMITTED in it (pg_xact_commit_timestamp), not when the DELETE statement ran: a DELETE "
     "inside a long transaction takes effect, for everyone else, only at its COMMIT. The audit log's statement "
     "time is never later than the commit, so a window that starts after the DELETE but before the COMMIT "
-    "still finds it.")
+    "still finds it."
+)
 
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
+def api_key_fingerprint(api_key: str) -> str:
+    """What the runbook and Redis see of a key: its SHA-256, never the key."""
+    return hashlib.sha256(api_key.strip().encode()).hexdigest()
 
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True)
 
 
-class AccidentalDeletionInput(BaseModel):
+class AccidentalDeletionInput(RunbookInput):
     """What is known when the runbook starts. The API key is given only as its
     SHA-256 fingerprint (`drp start deletion --api-key` computes it), so no key
     ever reaches a workflow history."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    incident_id: IncidentId
     database: DatabaseName
     window_start: Timestamp = Field(description=WINDOW_DOC)
-    window_end: Timestamp | None = Field(default=None, description="End of the window (exclusive); defaults to "
-                                                                  "the run's start. See window_start.")
-    table: Table | None = Field(default=None, description=(
-        "The table the rows were deleted from, as typed (Orders, public.Orders) or as PostgreSQL prints it "
-        "(\"Orders\", public.\"Orders\"); a partitioned table's parent or one of its partitions."))
+    window_end: Timestamp | None = Field(
+        default=None, description="End of the window (exclusive); defaults to the run's start. See window_start."
+    )
+    table: Table | None = Field(
+        default=None,
+        description=(
+            "The table the rows were deleted from, as typed (Orders, public.Orders) or as PostgreSQL prints it "
+            '("Orders", public."Orders"); a partitioned table\'s parent or one of its partitions.'
+        ),
+    )
     role: PgName | None = None
     api_key_sha256: Sha256Hex | None = None
     severity: Severity = Severity.P1
     incident_started_at: Timestamp | None = None
-    approval_timeout: Duration = timedelta(hours=1)
     lift_approval_timeout: Duration = timedelta(hours=1)
-    heartbeat_timeout: Duration = timedelta(seconds=30)
 
     @model_validator(mode="after")
     def _window_is_ordered(self) -> "AccidentalDeletionInput":

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from models.approval import ApprovalRecord
 from models.durations import Duration
 from models.identifiers import IncidentId
+from models.inputs import RunbookInput
 from models.playbook import Severity
 from models.steps import StepRecord
 from models.times import Timestamp
@@ -24,17 +25,12 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True)
 
 
-class DatabaseFailoverInput(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    incident_id: IncidentId
-    severity: Severity = Severity.P0
+class DatabaseFailoverInput(RunbookInput):
     max_lag_bytes: int = Field(default=16 * 1024 * 1024, ge=0)
     max_lag: Duration = timedelta(seconds=60)
     override_lag: bool = Field(default=False, description="Promote even when the standby lags: a person's call.")
     incident_started_at: Timestamp | None = None
     approval_timeout: Duration = timedelta(minutes=30)
-    heartbeat_timeout: Duration = timedelta(seconds=30)
     app_ready_timeout: Duration = timedelta(minutes=5)
 
 
@@ -137,15 +133,11 @@ class DatabaseFailoverResult(_Frozen):
     failback: str
 
 
-class DatabaseFailbackInput(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    incident_id: IncidentId
+class DatabaseFailbackInput(RunbookInput):
     severity: Severity = Severity.P2
     max_lag_bytes: int = Field(default=0, ge=0)
     catch_up_timeout: Duration = timedelta(minutes=10)
     approval_timeout: Duration = timedelta(hours=4)
-    heartbeat_timeout: Duration = timedelta(seconds=30)
     app_ready_timeout: Duration = timedelta(minutes=5)
 
 

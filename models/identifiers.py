@@ -3,7 +3,13 @@
 import re
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    StringConstraints,
+)
 
 # Used in workflow IDs and directory names: no slashes, no spaces, no dots first.
 IncidentId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
@@ -55,7 +61,7 @@ def split_qualified(text: str) -> tuple[list[str], bool]:
                 if k < 0:
                     raise ValueError(f"{text!r}: a quoted name is not closed")
                 part.append(text[j:k])
-                if text[k + 1:k + 2] == '"':  # "" is a quote inside the name
+                if text[k + 1 : k + 2] == '"':  # "" is a quote inside the name
                     part.append('"')
                     j = k + 2
                     continue
@@ -68,7 +74,7 @@ def split_qualified(text: str) -> tuple[list[str], bool]:
             k = len(text) if k < 0 else k
             part = text[i:k]
             if '"' in part:
-                raise ValueError(f"{text!r}: a quote in the middle of a name (quote the whole name: \"a\"\"b\")")
+                raise ValueError(f'{text!r}: a quote in the middle of a name (quote the whole name: "a""b")')
             parts.append(part.strip())
             i = k
         if i == len(text):

@@ -12,8 +12,9 @@ from models.playbook import EscalationLevel, Severity
 from models.steps import StepRecord
 from models.times import Timestamp
 
-IncidentState = Literal["investigating", "recovering", "awaiting approval", "recovered", "runbook failed",
-                        "resolved", "closed"]
+IncidentState = Literal[
+    "investigating", "recovering", "awaiting approval", "recovered", "runbook failed", "resolved", "closed"
+]
 
 
 class _Frozen(BaseModel):
@@ -63,9 +64,14 @@ class IncidentInput(_Frozen):
     services: list[str] = []
     opened_by: str = "operator"
     started_at: Timestamp | None = None
-    follows: str | None = Field(default=None, max_length=500, description=(
-        "The earlier incident of the same alert group that a person resolved before the group fired again "
-        "(set by the alert receiver), and how it recurred."))
+    follows: str | None = Field(
+        default=None,
+        max_length=500,
+        description=(
+            "The earlier incident of the same alert group that a person resolved before the group fired again "
+            "(set by the alert receiver), and how it recurred."
+        ),
+    )
     continue_as_new_after: int | None = Field(default=None, ge=50)
     carried: "IncidentCarry | None" = None  # set by the incident itself when it continues as new
 

@@ -10,24 +10,34 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from models.durations import Duration
 from models.templates import MESSAGE_KINDS, TemplateError, parse_template
 
 
-class Severity(str, Enum):
+class Severity(str, Enum):  # noqa: UP042 - not StrEnum: str()/format() of members must not change
     P0 = "P0"
     P1 = "P1"
     P2 = "P2"
     P3 = "P3"
 
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
 
 class RecoveryObjectives(_Frozen):
     rto: dict[str, Duration]
     rpo: dict[str, Duration]
+
 
 class Sla(_Frozen):
     availability_percent: float = Field(gt=0, le=100)
@@ -35,6 +45,7 @@ class Sla(_Frozen):
     p99_latency: Duration
     max_error_rate_percent: float = Field(ge=0, le=100)
     support_response: dict[Severity, Duration] = {}
+
 
 class SeverityPolicy(_Frozen):
     name: str
@@ -60,14 +71,21 @@ class SeverityPolicy(_Frozen):
             raise ValueError('needs a "*" entry: the roles that may approve any gate at this severity')
         return value
 
+
 class ProcedurePolicy(_Frozen):
-    workflow: str
+    """Which objectives one registered runbook (models/runbooks.py) is measured against."""
+
     rto: str
     rpo: str
+    # Older playbooks named the workflow type here; the runbook registry names it now. Still accepted
+    # when it agrees with the registry.
+    workflow: str | None = None
+
 
 class Person(_Frozen):
     roles: list[str] = Field(min_length=1)
     email: str | None = None
+
 
 class Channel(_Frozen):
     """A destination: the secrets that reach it (webhook URL, SMTP password, API key) are the worker's settings."""
@@ -81,12 +99,14 @@ class Channel(_Frozen):
             raise ValueError("an email channel needs `to` recipients")
         return self
 
+
 class EscalationLevel(_Frozen):
     level: int = Field(ge=1)
     name: str
     after: Duration  # since the incident opened, if still unresolved
     roles: list[str] = Field(min_length=1)
     channels: list[str] = Field(min_length=1)
+
 
 class Escalation(_Frozen):
     levels: list[EscalationLevel] = Field(min_length=1)
@@ -96,16 +116,18 @@ class Escalation(_Frozen):
     def _ordered(self) -> "Escalation":
         if self.levels[0].after != timedelta(0):
             raise ValueError("the first level is paged when the incident opens: its `after` must be 0s")
-        for before, after in zip(self.levels, self.levels[1:]):
+        for before, after in zip(self.levels, self.levels[1:], strict=False):
             if after.level != before.level + 1 or after.after <= before.after:
                 raise ValueError(f"level {after.level} must follow level {before.level} and come later")
         return self
+
 
 class Communication(_Frozen):
     channels: dict[str, Channel]
     templates_dir: str = "templates"  # relative to the playbook file
     # Filled by load_playbook from templates_dir, checked there: "kind" or "kind.P1" -> template text.
     templates: dict[str, str] = {}
+
 
 class ClassificationRule(_Frozen):
     """Alerts whose labels all match (regular expressions, whole value) get this severity and runbook."""
@@ -129,11 +151,13 @@ class ClassificationRule(_Frozen):
     def matches(self, labels: dict[str, str]) -> bool:
         return all(re.fullmatch(pattern, labels.get(label, "")) for label, pattern in self.match.items())
 
+
 class Classification(_Frozen):
     rules: list[ClassificationRule] = []
     # When no rule matches: the alert's own `severity` label, mapped; else the default.
     severity_labels: dict[str, Severity] = {}
     default_severity: Severity = Severity.P2
+
 
 class Playbook(_Frozen):
     version: str
@@ -152,7 +176,18 @@ class Playbook(_Frozen):
         missing = [s.value for s in Severity if s not in self.severities]
         if missing:
             raise ValueError(f"severities: missing {', '.join(missing)}")
+        from models.runbooks import (
+            BY_PROCEDURE,  # here: the registry imports models that import this module
+        )
+
         for name, proc in self.procedures.items():
+            if name not in BY_PROCEDURE:
+                raise ValueError(f"procedures.{name}: not a runbook; one of {', '.join(BY_PROCEDURE)}")
+            if proc.workflow is not None and proc.workflow != BY_PROCEDURE[name].workflow_type:
+                raise ValueError(
+                    f"procedures.{name}.workflow: {proc.workflow!r}, but the {name} runbook's workflow "
+                    f"type is {BY_PROCEDURE[name].workflow_type!r} (the key can be left out)"
+                )
             if proc.rto not in self.recovery_objectives.rto:
                 raise ValueError(f"procedures.{name}.rto: {proc.rto!r} is not a key of recovery_objectives.rto")
             if proc.rpo not in self.recovery_objectives.rpo:
@@ -162,8 +197,9 @@ class Playbook(_Frozen):
         for sev, policy in self.severities.items():
             for kind, names in policy.notify.items():
                 if kind not in MESSAGE_KINDS:
-                    raise ValueError(f"severities.{sev.value}.notify.{kind}: not a message kind "
-                                     f"({', '.join(sorted(MESSAGE_KINDS))})")
+                    raise ValueError(
+                        f"severities.{sev.value}.notify.{kind}: not a message kind ({', '.join(sorted(MESSAGE_KINDS))})"
+                    )
                 _known(names, channels, f"severities.{sev.value}.notify.{kind}", "communication.channels")
             for action, allowed in policy.approvers.items():
                 _known(allowed, roles, f"severities.{sev.value}.approvers.{action}", "any person's roles")
@@ -180,12 +216,15 @@ class Playbook(_Frozen):
     def approvers_for(self, severity: Severity, procedure: str) -> dict[str, list[str]]:
         """Who (people's handles) may decide each gate of one runbook: gate -> handles, "*" for the rest."""
         rules = self.severities[severity].approvers
+
         def handles(roles: list[str]) -> list[str]:
             return sorted(name for name, person in self.people.items() if set(person.roles) & set(roles))
+
         roster = {"*": handles(rules.get(procedure, rules["*"]))}
         prefix = f"{procedure}/"
-        roster.update({key.removeprefix(prefix): handles(roles) for key, roles in rules.items()
-                       if key.startswith(prefix)})
+        roster.update(
+            {key.removeprefix(prefix): handles(roles) for key, roles in rules.items() if key.startswith(prefix)}
+        )
         return roster
 
     def objectives_for(self, procedure: str) -> "Objectives":
@@ -198,17 +237,21 @@ class Playbook(_Frozen):
             rpo=self.recovery_objectives.rpo[proc.rpo],
         )
 
+
 class Objectives(_Frozen):
     rto: timedelta
     rpo: timedelta
+
 
 def _known(names: list[str], known, where: str, what: str) -> None:
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"{where}: {', '.join(map(repr, unknown))} not in {what}")
 
+
 class PlaybookError(Exception):
     """The playbook file cannot be used; the message names the file and field."""
+
 
 def load_playbook(path: Path | str) -> Playbook:
     """Load and validate a playbook file, or raise PlaybookError saying what is wrong where."""
@@ -226,9 +269,7 @@ def load_playbook(path: Path | str) -> Playbook:
     try:
         playbook = Playbook.model_validate(raw)
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in err.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in err.errors())
         raise PlaybookError(f"{path}: invalid playbook: {problems}") from err
     return _with_templates(playbook, path)
 
@@ -240,8 +281,12 @@ def _with_templates(playbook: Playbook, path: Path) -> Playbook:
     # <kind>.txt for every kind; <kind>.<severity>.txt where one severity says it differently
     # (the playbook's P1 customer notice offers a workaround, P0's does not).
     files = [(kind, folder / f"{kind}.txt") for kind in sorted(MESSAGE_KINDS)]
-    files += [(f"{kind}.{sev.value}", folder / f"{kind}.{sev.value}.txt")
-              for kind in sorted(MESSAGE_KINDS) for sev in Severity if (folder / f"{kind}.{sev.value}.txt").exists()]
+    files += [
+        (f"{kind}.{sev.value}", folder / f"{kind}.{sev.value}.txt")
+        for kind in sorted(MESSAGE_KINDS)
+        for sev in Severity
+        if (folder / f"{kind}.{sev.value}.txt").exists()
+    ]
     for name, file in files:
         kind = name.split(".")[0]
         try:
@@ -251,5 +296,4 @@ def _with_templates(playbook: Playbook, path: Path) -> Playbook:
             raise PlaybookError(f"{file}: cannot read the {kind} template: {err.strerror}") from err
         except TemplateError as err:
             raise PlaybookError(f"{file}: {err}") from err
-    return playbook.model_copy(update={"communication": playbook.communication.model_copy(
-        update={"templates": texts})})
+    return playbook.model_copy(update={"communication": playbook.communication.model_copy(update={"templates": texts})})

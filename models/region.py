@@ -8,6 +8,7 @@ from models.approval import ApprovalRecord
 from models.durations import Duration
 from models.failover import Fenced, Promoted
 from models.identifiers import IncidentId
+from models.inputs import RunbookInput
 from models.playbook import Severity
 from models.steps import StepRecord
 from models.times import Timestamp
@@ -20,18 +21,13 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True)
 
 
-class RegionFailoverInput(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    incident_id: IncidentId
+class RegionFailoverInput(RunbookInput):
     backup_region: str = Field(pattern=r"^[a-z]{2}(-[a-z]+)+-\d$")
-    severity: Severity = Severity.P0
     health_checks: int = Field(default=3, ge=1, le=20)
     health_check_spacing: Duration = timedelta(seconds=10)
     override_lag: bool = False
     incident_started_at: Timestamp | None = None
     approval_timeout: Duration = timedelta(minutes=30)
-    heartbeat_timeout: Duration = timedelta(seconds=30)
     ready_timeout: Duration = timedelta(minutes=10)
 
 
@@ -106,14 +102,10 @@ class RegionFailoverResult(_Frozen):
     failback: str
 
 
-class RegionFailbackInput(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    incident_id: IncidentId
+class RegionFailbackInput(RunbookInput):
     serving_region: str = Field(pattern=r"^[a-z]{2}(-[a-z]+)+-\d$", description="Where traffic is now.")
     severity: Severity = Severity.P2
     approval_timeout: Duration = timedelta(hours=4)
-    heartbeat_timeout: Duration = timedelta(seconds=30)
     ready_timeout: Duration = timedelta(minutes=10)
 
 

@@ -11,20 +11,58 @@ from string import Template
 from pydantic import BaseModel, ConfigDict
 
 # What every message can say about its incident.
-MESSAGE_FIELDS = frozenset({
-    "incident_id", "title", "severity", "severity_name", "impact", "status", "next_steps", "timestamp",
-    "started_at", "next_update", "procedure", "current_step", "level", "level_name", "approval_step",
-    "by", "reason", "duration", "report_uri", "status_page_url", "services", "alerts",
-})
+MESSAGE_FIELDS = frozenset(
+    {
+        "incident_id",
+        "title",
+        "severity",
+        "severity_name",
+        "impact",
+        "status",
+        "next_steps",
+        "timestamp",
+        "started_at",
+        "next_update",
+        "procedure",
+        "current_step",
+        "level",
+        "level_name",
+        "approval_step",
+        "by",
+        "reason",
+        "duration",
+        "report_uri",
+        "status_page_url",
+        "services",
+        "alerts",
+    }
+)
 # The post-incident report adds what only it shows.
-REPORT_FIELDS = MESSAGE_FIELDS | frozenset({
-    "ended_at", "timeline_table", "rto_target", "rto_actual", "rpo_target", "rpo_actual", "approvals_table",
-    "escalations_table", "resolution", "runbook_outcome", "incident_commander",
-})
+REPORT_FIELDS = MESSAGE_FIELDS | frozenset(
+    {
+        "ended_at",
+        "timeline_table",
+        "rto_target",
+        "rto_actual",
+        "rpo_target",
+        "rpo_actual",
+        "approvals_table",
+        "escalations_table",
+        "resolution",
+        "runbook_outcome",
+        "incident_commander",
+    }
+)
 MESSAGE_KINDS = {
-    "status_update": MESSAGE_FIELDS, "status_page": MESSAGE_FIELDS, "customer_notice": MESSAGE_FIELDS,
-    "exec_notice": MESSAGE_FIELDS, "page": MESSAGE_FIELDS, "approval_needed": MESSAGE_FIELDS,
-    "resolution": MESSAGE_FIELDS, "postmortem_reminder": MESSAGE_FIELDS, "report": REPORT_FIELDS,
+    "status_update": MESSAGE_FIELDS,
+    "status_page": MESSAGE_FIELDS,
+    "customer_notice": MESSAGE_FIELDS,
+    "exec_notice": MESSAGE_FIELDS,
+    "page": MESSAGE_FIELDS,
+    "approval_needed": MESSAGE_FIELDS,
+    "resolution": MESSAGE_FIELDS,
+    "postmortem_reminder": MESSAGE_FIELDS,
+    "report": REPORT_FIELDS,
 }
 
 
@@ -53,8 +91,10 @@ def parse_template(kind: str, text: str) -> tuple[Template, Template]:
             raise TemplateError(f"{kind} template: invalid placeholder syntax (write $$ for a dollar sign)")
         unknown = sorted(set(part.get_identifiers()) - allowed)
         if unknown:
-            raise TemplateError(f"{kind} template: unknown placeholder(s) {', '.join('$' + u for u in unknown)}; "
-                                f"known: {', '.join(sorted(allowed))}")
+            raise TemplateError(
+                f"{kind} template: unknown placeholder(s) {', '.join('$' + u for u in unknown)}; "
+                f"known: {', '.join(sorted(allowed))}"
+            )
     return parts
 
 

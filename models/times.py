@@ -13,8 +13,10 @@ from pydantic import AfterValidator
 
 def require_zone(value: datetime) -> datetime:
     if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError(f"{value.isoformat()} has no time zone: add Z or an offset "
-                         f"(e.g. {value:%Y-%m-%dT%H:%M:%S}Z or {value:%Y-%m-%dT%H:%M:%S}+01:00)")
+        raise ValueError(
+            f"{value.isoformat()} has no time zone: add Z or an offset "
+            f"(e.g. {value:%Y-%m-%dT%H:%M:%S}Z or {value:%Y-%m-%dT%H:%M:%S}+01:00)"
+        )
     return value
 
 

@@ -6,7 +6,7 @@ is started again: the next read of that page fails with "invalid page", and
 pg_amcheck, pg_dump and pg_stat_database.checksum_failures all see it.
 """
 
-from activities.pgserver import PgServer
+from adapters.pgserver import PgServer
 
 
 def corrupt_table(server: PgServer, database: str, table: str) -> str:

@@ -61,12 +61,13 @@ class Handler(BaseHTTPRequestHandler):
                     rows = conn.execute(
                         "SELECT id, name, ticker, sector FROM companies ORDER BY id LIMIT %s", (limit,)
                     ).fetchall()
-                return self._send(200, [dict(zip(("id", "name", "ticker", "sector"), r)) for r in rows])
+                return self._send(200, [dict(zip(("id", "name", "ticker", "sector"), r, strict=True)) for r in rows])
             if url.path == "/metrics":
                 with _LOCK:
                     lines = [f'http_requests_total{{path="{p}",code="{c}"}} {n}' for (p, c), n in REQUESTS.items()]
-                return self._send(200, "# TYPE http_requests_total counter\n" + "\n".join(lines) + "\n",
-                                  "text/plain; version=0.0.4")
+                return self._send(
+                    200, "# TYPE http_requests_total counter\n" + "\n".join(lines) + "\n", "text/plain; version=0.0.4"
+                )
             return self._send(404, {"error": "not found"})
         except ValueError:
             return self._send(400, {"error": "limit must be an integer"})
@@ -74,7 +75,6 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(503, {"error": "key check unavailable", "detail": str(err)})
         except psycopg.Error as err:
             return self._send(503, {"error": "database unavailable", "detail": str(err).splitlines()[0]})
-
 
     def do_POST(self):  # noqa: N802
         url = urlparse(self.path)
@@ -101,6 +101,7 @@ _REDIS: redis.Redis | None = None
 def _redis() -> redis.Redis:
     global _REDIS
     if _REDIS is None:
+        assert REDIS_URL is not None, "callers check DRP_APP_REDIS_URL first"
         _REDIS = redis.Redis.from_url(REDIS_URL, socket_timeout=2)
     return _REDIS
 

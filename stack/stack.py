@@ -14,18 +14,20 @@ import subprocess
 import sys
 from importlib import resources
 from pathlib import Path
+from typing import LiteralString, cast
 
 import boto3
 import httpx
+from psycopg import sql
 from pydantic import BaseModel, Field
 
-from activities.audit import install_audit_log
-from activities.barman import BarmanCloud
-from activities.pgserver import PgServer, embedded_bin_dir
-from activities.platforms import LocalAppSpec, LocalProcessPlatform
-from activities.processes import ProcessTable, free_port, port_open, wait_for_port
-from activities.replication import has_diverged
-from activities.sealing import describe_seal, read_seal
+from adapters.audit import install_audit_log
+from adapters.barman import BarmanCloud
+from adapters.pgserver import PgServer, embedded_bin_dir, one
+from adapters.platforms import LocalAppSpec, LocalProcessPlatform
+from adapters.processes import ProcessTable, free_port, port_open, wait_for_port
+from adapters.replication import has_diverged
+from adapters.sealing import describe_seal, read_seal
 
 DATABASE = "corporate_intel"
 AUDITED_TABLES = ("public.companies", "public.filings", "public.metrics")
@@ -74,8 +76,13 @@ class Stack:
     # An alert storm on SQLite's defaults: see BENCHMARKS.md, "Alert receiver".
     temporal_sqlite_pragmas: tuple[str, ...] = ("journal_mode=wal", "synchronous=normal")
 
-    def __init__(self, state_dir: Path | None = None, companies: int = 500, task_queue: str = "drp-recovery",
-                 synchronous_standby: bool = False):
+    def __init__(
+        self,
+        state_dir: Path | None = None,
+        companies: int = 500,
+        task_queue: str = "drp-recovery",
+        synchronous_standby: bool = False,
+    ):
         self.state_dir = Path(state_dir or default_state_dir()).resolve()
         self.task_queue = task_queue
         self.config = self._load_or_create_config(companies, synchronous_standby)
@@ -131,10 +138,17 @@ class Stack:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             os.chmod(self.state_dir, 0o755)
             config = StackConfig(
-                ports=Ports(temporal=free_port(), temporal_ui=free_port(), moto=free_port(), postgres=free_port(),
-                            app=free_port()),
-                pg_password=secrets.token_urlsafe(18), app_password=secrets.token_urlsafe(18),
-                os_user="drp-postgres" if os.geteuid() == 0 else None, companies=companies,
+                ports=Ports(
+                    temporal=free_port(),
+                    temporal_ui=free_port(),
+                    moto=free_port(),
+                    postgres=free_port(),
+                    app=free_port(),
+                ),
+                pg_password=secrets.token_urlsafe(18),
+                app_password=secrets.token_urlsafe(18),
+                os_user="drp-postgres" if os.geteuid() == 0 else None,
+                companies=companies,
                 synchronous_standby=synchronous_standby,
             )
         path.write_text(config.model_dump_json(indent=2))
@@ -144,19 +158,32 @@ class Stack:
     # --- the parts -----------------------------------------------------------
 
     def barman(self) -> BarmanCloud:
-        return BarmanCloud(bin_dir=Path(sys.executable).parent, destination=f"s3://{BUCKET}/{DATABASE}",
-                           server_name="primary", endpoint_url=self.moto_url, credentials_env=DUMMY_AWS)
+        return BarmanCloud(
+            bin_dir=Path(sys.executable).parent,
+            destination=f"s3://{BUCKET}/{DATABASE}",
+            server_name="primary",
+            endpoint_url=self.moto_url,
+            credentials_env=DUMMY_AWS,
+        )
 
     def postgres(self) -> PgServer:
-        return PgServer(bin_dir=embedded_bin_dir(), data_dir=self.pg_dir / "primary", port=self.config.ports.postgres,
-                        os_user=self.config.os_user, password=self.config.pg_password, server_env=DUMMY_AWS)
+        return PgServer(
+            bin_dir=embedded_bin_dir(),
+            data_dir=self.pg_dir / "primary",
+            port=self.config.ports.postgres,
+            os_user=self.config.os_user,
+            password=self.config.pg_password,
+            server_env=DUMMY_AWS,
+        )
 
     def standby(self) -> PgServer:
         return self.postgres().at(self.pg_dir / "standby", port=self.config.ports.standby)
 
     def app_dsn(self) -> str:
-        return (f"host=127.0.0.1 port={self.config.ports.postgres} dbname={DATABASE} user={APP_ROLE} "
-                f"password={self.config.app_password} connect_timeout=3")
+        return (
+            f"host=127.0.0.1 port={self.config.ports.postgres} dbname={DATABASE} user={APP_ROLE} "
+            f"password={self.config.app_password} connect_timeout=3"
+        )
 
     def app_platform(self) -> LocalProcessPlatform:
         return LocalProcessPlatform(self.app_spec_file)
@@ -165,11 +192,19 @@ class Stack:
         return {
             "temporal_address": self.temporal_address,
             "task_queue": self.task_queue,
-            "postgres": {"port": self.config.ports.postgres, "password": self.config.pg_password,
-                         "data_dir": str(self.postgres().data_dir), "os_user": self.config.os_user},
-            "backup": {"destination": self.barman().destination, "server_name": "primary",
-                       "endpoint_url": self.moto_url, "aws_access_key_id": DUMMY_AWS["AWS_ACCESS_KEY_ID"],
-                       "aws_secret_access_key": DUMMY_AWS["AWS_SECRET_ACCESS_KEY"]},
+            "postgres": {
+                "port": self.config.ports.postgres,
+                "password": self.config.pg_password,
+                "data_dir": str(self.postgres().data_dir),
+                "os_user": self.config.os_user,
+            },
+            "backup": {
+                "destination": self.barman().destination,
+                "server_name": "primary",
+                "endpoint_url": self.moto_url,
+                "aws_access_key_id": DUMMY_AWS["AWS_ACCESS_KEY_ID"],
+                "aws_secret_access_key": DUMMY_AWS["AWS_SECRET_ACCESS_KEY"],
+            },
             "standby": {"port": self.config.ports.standby, "data_dir": str(self.standby().data_dir)},
             "platform": {"kind": "local", "local": {"app_spec": str(self.app_spec_file)}},
             "redis_url": self.redis_url,
@@ -177,12 +212,17 @@ class Stack:
             "reports_destination": f"s3://{BUCKET}/reports",
             # Email to the stack's mailbox, pages to SNS in moto. Slack and Statuspage are SaaS: until their
             # settings are given, the incident timeline records those messages as not configured.
-            "notify": {"smtp_host": "127.0.0.1", "smtp_port": self.config.ports.mailbox,
-                       "sns_topic_arn": f"arn:aws:sns:us-east-1:123456789012:{ONCALL_TOPIC}",
-                       "aws_endpoint_url": self.moto_url},
-            "app": {"health_url": f"{self.app_url}/health",
-                    "critical_url": f"{self.app_url}/api/v1/companies?limit=10",
-                    "write_check_url": f"{self.app_url}/api/v1/write-check"},
+            "notify": {
+                "smtp_host": "127.0.0.1",
+                "smtp_port": self.config.ports.mailbox,
+                "sns_topic_arn": f"arn:aws:sns:us-east-1:123456789012:{ONCALL_TOPIC}",
+                "aws_endpoint_url": self.moto_url,
+            },
+            "app": {
+                "health_url": f"{self.app_url}/health",
+                "critical_url": f"{self.app_url}/api/v1/companies?limit=10",
+                "write_check_url": f"{self.app_url}/api/v1/write-check",
+            },
         }
 
     # --- up ------------------------------------------------------------------
@@ -208,31 +248,70 @@ class Stack:
 
     def _up_moto(self, log) -> None:
         port = self.config.ports.moto
-        self.processes.spawn("moto", [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1",
-                                      "-p", str(port)], self.logs / "moto.log")
+        self.processes.spawn(
+            "moto",
+            [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+            self.logs / "moto.log",
+        )
         wait_for_port(port, what="moto server")
-        s3 = boto3.client("s3", endpoint_url=self.moto_url, region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=self.moto_url,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
         if BUCKET not in [b["Name"] for b in s3.list_buckets().get("Buckets", [])]:
             s3.create_bucket(Bucket=BUCKET)
-        boto3.client("sns", endpoint_url=self.moto_url, region_name="us-east-1", aws_access_key_id="testing",
-                     aws_secret_access_key="testing").create_topic(Name=ONCALL_TOPIC)  # idempotent
+        boto3.client(
+            "sns",
+            endpoint_url=self.moto_url,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        ).create_topic(Name=ONCALL_TOPIC)  # idempotent
         log(f"s3, sns (moto) {self.moto_url}  bucket {BUCKET}, topic {ONCALL_TOPIC}")
 
     def _up_mailbox(self, log) -> None:
         """A real SMTP server (aiosmtpd) that files every incident email in a Maildir."""
         port = self.config.ports.mailbox
-        self.processes.spawn("mailbox", [sys.executable, "-m", "aiosmtpd", "-n", "-l", f"127.0.0.1:{port}",
-                                         "-c", "aiosmtpd.handlers.Mailbox", str(self.mailbox_dir)],
-                             self.logs / "mailbox.log")
+        self.processes.spawn(
+            "mailbox",
+            [
+                sys.executable,
+                "-m",
+                "aiosmtpd",
+                "-n",
+                "-l",
+                f"127.0.0.1:{port}",
+                "-c",
+                "aiosmtpd.handlers.Mailbox",
+                str(self.mailbox_dir),
+            ],
+            self.logs / "mailbox.log",
+        )
         wait_for_port(port, what="SMTP mailbox")
         log(f"smtp mailbox   127.0.0.1:{port}  maildir {self.mailbox_dir}")
 
     def _up_redis(self, log) -> None:
         port = self.config.ports.redis
-        self.processes.spawn("redis", [str(Path(sys.executable).parent / "redis-server"), "--bind", "127.0.0.1",
-                                       "--port", str(port), "--dir", str(self.state_dir), "--save", "60 1",
-                                       "--dbfilename", "redis.rdb"], self.logs / "redis.log")
+        self.processes.spawn(
+            "redis",
+            [
+                str(Path(sys.executable).parent / "redis-server"),
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--dir",
+                str(self.state_dir),
+                "--save",
+                "60 1",
+                "--dbfilename",
+                "redis.rdb",
+            ],
+            self.logs / "redis.log",
+        )
         wait_for_port(port, what="redis")
         log(f"redis          {self.redis_url}")
 
@@ -243,8 +322,9 @@ class Stack:
         try:
             pwd.getpwnam(user)
         except KeyError:
-            subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", user],
-                           check=True)
+            subprocess.run(
+                ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", user], check=True
+            )
         self.pg_dir.mkdir(parents=True, exist_ok=True)
         os.chown(self.pg_dir, pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid)
         os.chmod(self.pg_dir, 0o700)
@@ -287,8 +367,20 @@ class Stack:
             os.chown(pwfile, info.pw_uid, info.pw_gid)
         os.chmod(pwfile, 0o600)
         try:
-            pg.tool("initdb", "-D", str(pg.data_dir), "-k", "-U", pg.superuser, f"--pwfile={pwfile}",
-                    "-A", "scram-sha-256", "--encoding=UTF8", "--locale=C", timeout=120)
+            pg.tool(
+                "initdb",
+                "-D",
+                str(pg.data_dir),
+                "-k",
+                "-U",
+                pg.superuser,
+                f"--pwfile={pwfile}",
+                "-A",
+                "scram-sha-256",
+                "--encoding=UTF8",
+                "--locale=C",
+                timeout=120,
+            )
         finally:
             pwfile.unlink(missing_ok=True)
         archive_command = self.barman().archive_command().replace("'", "''")
@@ -311,29 +403,51 @@ class Stack:
         seed = resources.files("stack").joinpath("seed.sql").read_text()
         with pg.connect() as conn:
             conn.execute(f"CREATE DATABASE {DATABASE}")
-            conn.execute(f"CREATE ROLE {APP_ROLE} LOGIN PASSWORD %s".replace("%s", _literal(self.config.app_password)))
+            conn.execute(
+                sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                    sql.Identifier(APP_ROLE), sql.Literal(self.config.app_password)
+                )
+            )
         with pg.connect(DATABASE) as conn:
             conn.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
-            conn.execute(seed.replace(":companies", str(int(self.config.companies))))
-            install_audit_log(conn, [tuple(t.split(".")) for t in AUDITED_TABLES])
+            conn.execute(
+                cast(LiteralString, seed.replace(":companies", str(int(self.config.companies))))
+            )  # our own file
+            install_audit_log(conn, [(schema, name) for schema, _, name in (t.partition(".") for t in AUDITED_TABLES)])
             conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {', '.join(AUDITED_TABLES)} TO {APP_ROLE}")
             conn.execute(f"GRANT SELECT, INSERT ON app_write_checks TO {APP_ROLE}")
             conn.execute(f"GRANT USAGE ON SEQUENCE app_write_checks_id_seq TO {APP_ROLE}")
 
     def base_backup(self) -> None:
         pg, barman = self.postgres(), self.barman()
-        proc = subprocess.run(barman.backup_argv(pg.host, pg.port, pg.superuser),
-                              env={**barman.env(), "PGPASSWORD": self.config.pg_password},
-                              capture_output=True, text=True, timeout=3600)
+        proc = subprocess.run(
+            barman.backup_argv(pg.host, pg.port, pg.superuser),
+            env={**barman.env(), "PGPASSWORD": self.config.pg_password},
+            capture_output=True,
+            text=True,
+            timeout=3600,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"barman-cloud-backup failed: {proc.stderr.strip()[-2000:]}")
 
     def _up_temporal(self, log) -> None:
         ports = self.config.ports
-        argv = [str(Path(sys.executable).parent / "temporal"), "server", "start-dev", "--ip", "127.0.0.1",
-                "--port", str(ports.temporal), "--ui-port", str(ports.temporal_ui),
-                "--db-filename", str(self.state_dir / "temporal.db"), "--ui-disable-news-fetch",
-                "--log-level", "warn"]
+        argv = [
+            str(Path(sys.executable).parent / "temporal"),
+            "server",
+            "start-dev",
+            "--ip",
+            "127.0.0.1",
+            "--port",
+            str(ports.temporal),
+            "--ui-port",
+            str(ports.temporal_ui),
+            "--db-filename",
+            str(self.state_dir / "temporal.db"),
+            "--ui-disable-news-fetch",
+            "--log-level",
+            "warn",
+        ]
         for pragma in self.temporal_sqlite_pragmas:
             argv += ["--sqlite-pragma", pragma]
         for name in SEARCH_ATTRIBUTES:
@@ -349,18 +463,28 @@ class Stack:
         self._up_temporal(log=lambda *_: None)
 
     def _up_app(self, log) -> None:
-        spec = LocalAppSpec(argv=[sys.executable, "-m", "stack.demoapp"],
-                            env={"DRP_APP_DSN": self.app_dsn(), "DRP_APP_PORT": str(self.config.ports.app),
-                 "DRP_APP_REDIS_URL": self.redis_url,
-                                 "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
-                            port=self.config.ports.app, log=self.logs / "app.log", run_dir=self.processes.run_dir)
+        spec = LocalAppSpec(
+            argv=[sys.executable, "-m", "stack.demoapp"],
+            env={
+                "DRP_APP_DSN": self.app_dsn(),
+                "DRP_APP_PORT": str(self.config.ports.app),
+                "DRP_APP_REDIS_URL": self.redis_url,
+                "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+            },
+            port=self.config.ports.app,
+            log=self.logs / "app.log",
+            run_dir=self.processes.run_dir,
+        )
         spec.save(self.app_spec_file)
         self.app_platform().start(1, heartbeat=lambda *_: None)
         log(f"demo app       {self.app_url}/health")
 
     def _up_worker(self, log) -> None:
-        env = {**os.environ, "DRP_SETTINGS_FILE": str(self.settings_file),
-               "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        env = {
+            **os.environ,
+            "DRP_SETTINGS_FILE": str(self.settings_file),
+            "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+        }
         self.processes.spawn("worker", [sys.executable, "-m", "workers.main"], self.logs / "worker.log", env=env)
         log(f"worker         task queue {self.task_queue}  log {self.logs / 'worker.log'}")
 
@@ -388,8 +512,7 @@ class Stack:
             return describe_seal(seal) if seal else "down"
         try:
             with pg.connect(DATABASE) as conn:
-                archived, failed = conn.execute(
-                    "SELECT archived_count, failed_count FROM pg_stat_archiver").fetchone()
+                archived, failed = one(conn.execute("SELECT archived_count, failed_count FROM pg_stat_archiver"))
             return f"up (wal archived {archived}, archive failures {failed})"
         except Exception as err:  # noqa: BLE001 (status reports any failure)
             return f"unhealthy: {str(err).splitlines()[0]}"
@@ -400,9 +523,12 @@ class Stack:
             return "down"
         try:
             with standby.connect("template1") as conn:
-                in_recovery, streaming = conn.execute(
-                    "SELECT pg_is_in_recovery(), EXISTS (SELECT 1 FROM pg_stat_wal_receiver "
-                    "WHERE status = 'streaming')").fetchone()
+                in_recovery, streaming = one(
+                    conn.execute(
+                        "SELECT pg_is_in_recovery(), EXISTS (SELECT 1 FROM pg_stat_wal_receiver "
+                        "WHERE status = 'streaming')"
+                    )
+                )
         except Exception as err:  # noqa: BLE001 (status reports any failure)
             return f"unhealthy: {str(err).splitlines()[0]}"
         if not in_recovery:
@@ -427,14 +553,9 @@ class Stack:
             log("stopped moto (S3 contents are in memory and are gone)")
 
 
-def _literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 def _http_health(url: str) -> str:
     try:
         resp = httpx.get(url, timeout=2)
         return "up" if resp.status_code == 200 else f"unhealthy ({resp.status_code})"
     except httpx.HTTPError:
         return "down"
-

@@ -1,7 +1,9 @@
 """How every starter starts a runbook: business-key ID, no second run of a running
-incident (a failed one may be retried), search attributes and a summary for the Web UI."""
+incident (a failed one may be retried), search attributes and a summary for the Web UI,
+all read from the runbook's one description (models/runbooks.py)."""
 
 import asyncio
+from typing import Any
 
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.common import (
@@ -11,20 +13,33 @@ from temporalio.common import (
     WorkflowIDReusePolicy,
 )
 
-from workflows._steps import Progress
+from models.inputs import RunbookInput
+from models.runbooks import runbook
+from workflows._runbook import Runbook
 from workflows.search_attributes import INCIDENT_ID, PROCEDURE, SEVERITY
 
 
-async def start_runbook(client: Client, run, inp, *, workflow_id: str, procedure: str, summary: str,
-                        task_queue: str) -> WorkflowHandle:
+async def start_runbook(
+    client: Client, procedure: str, inp: RunbookInput, task_queue: str, *, run: Any = None
+) -> WorkflowHandle:
+    """Start the runbook `procedure` names (a procedure name or an older alias) with a validated input;
+    `run`, the workflow's run method, types the handle's result (else the registered type name is used)."""
+    spec = runbook(procedure)
     return await client.start_workflow(
-        run, inp, id=workflow_id, task_queue=task_queue,
+        run or spec.workflow_type,
+        inp,
+        id=spec.workflow_id(inp.incident_id),
+        task_queue=task_queue,
         id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
         id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
-        search_attributes=TypedSearchAttributes([
-            SearchAttributePair(INCIDENT_ID, inp.incident_id), SearchAttributePair(PROCEDURE, procedure),
-            SearchAttributePair(SEVERITY, inp.severity.value)]),
-        static_summary=summary,
+        search_attributes=TypedSearchAttributes(
+            [
+                SearchAttributePair(INCIDENT_ID, inp.incident_id),
+                SearchAttributePair(PROCEDURE, spec.procedure),
+                SearchAttributePair(SEVERITY, inp.severity.value),
+            ]
+        ),
+        static_summary=spec.summary(inp),
     )
 
 
@@ -34,7 +49,7 @@ async def wait_for_approval(handle: WorkflowHandle, step: str | None = None, pol
     Every runbook answers the `progress` query, so this serves them all; callers bound it with
     asyncio.timeout."""
     while True:
-        progress = await handle.query("progress", result_type=Progress)
+        progress = await handle.query(Runbook.progress)
         if progress.awaiting_approval and step in (None, progress.awaiting_approval):
             return progress.awaiting_approval
         if (await handle.describe()).status != WorkflowExecutionStatus.RUNNING:

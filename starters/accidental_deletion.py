@@ -6,32 +6,23 @@
 
 import argparse
 import asyncio
-import hashlib
 import os
 
 from pydantic import ValidationError
 from temporalio.client import Client, WorkflowHandle
 
-from models.deletion import PROCEDURE, AccidentalDeletionInput
+from models.deletion import PROCEDURE, AccidentalDeletionInput, api_key_fingerprint
 from starters._start import start_runbook
 from workers.temporal_client import connect
-from workflows.accidental_deletion import AccidentalDeletionRecovery, workflow_id
-
-
-def api_key_fingerprint(api_key: str) -> str:
-    """What the runbook and Redis see of a key: its SHA-256, never the key."""
-    return hashlib.sha256(api_key.strip().encode()).hexdigest()
+from workflows.accidental_deletion import AccidentalDeletionRecovery
 
 
 async def start_accidental_deletion(client: Client, inp: AccidentalDeletionInput, task_queue: str) -> WorkflowHandle:
-    return await start_runbook(
-        client, AccidentalDeletionRecovery.run, inp, workflow_id=workflow_id(inp.incident_id), procedure=PROCEDURE,
-        summary=f"{inp.severity.value} accidental deletion recovery in {inp.database} ({inp.incident_id})",
-        task_queue=task_queue)
+    return await start_runbook(client, PROCEDURE, inp, task_queue, run=AccidentalDeletionRecovery.run)
 
 
 async def _main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--incident", required=True)
     parser.add_argument("--database", required=True)
     parser.add_argument("--window-start", required=True, help="with a zone: 2026-11-28T14:00:00Z")
@@ -44,13 +35,25 @@ async def _main() -> None:
     args = parser.parse_args()
     fingerprint = api_key_fingerprint(open(args.api_key_file).read()) if args.api_key_file else None
     try:
-        inp = AccidentalDeletionInput.model_validate({k: v for k, v in {
-            "incident_id": args.incident, "database": args.database, "window_start": args.window_start,
-            "window_end": args.window_end, "table": args.table, "role": args.role,
-            "api_key_sha256": fingerprint}.items() if v is not None})
+        inp = AccidentalDeletionInput.model_validate(
+            {
+                k: v
+                for k, v in {
+                    "incident_id": args.incident,
+                    "database": args.database,
+                    "window_start": args.window_start,
+                    "window_end": args.window_end,
+                    "table": args.table,
+                    "role": args.role,
+                    "api_key_sha256": fingerprint,
+                }.items()
+                if v is not None
+            }
+        )
     except ValidationError as err:
-        parser.exit(2, "invalid input: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                                                     for e in err.errors()) + "\n")
+        parser.exit(
+            2, "invalid input: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()) + "\n"
+        )
     handle = await start_accidental_deletion(await connect(args.temporal), inp, args.task_queue)
     print(f"started {handle.id}")
 

@@ -37,6 +37,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from models.alerts import AlertmanagerWebhook
 from models.config import AlertReceiverSettings
+from starters.http_metrics import instrument
 from starters.incident import incident_search_attributes
 from workflows.incident import Incident
 from workflows.search_attributes import STATUS
@@ -47,8 +48,15 @@ PATH = "/alerts"
 # bounding what one request may make the receiver hold; beyond it, 413 and the README's max_alerts advice.
 MAX_BODY = 64 << 20
 # Temporal answers that sending again can help with (the rest are final: 4xx).
-RETRYABLE_RPC = {RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.RESOURCE_EXHAUSTED,
-                 RPCStatusCode.ABORTED, RPCStatusCode.INTERNAL, RPCStatusCode.UNKNOWN, RPCStatusCode.CANCELLED}
+RETRYABLE_RPC = {
+    RPCStatusCode.UNAVAILABLE,
+    RPCStatusCode.DEADLINE_EXCEEDED,
+    RPCStatusCode.RESOURCE_EXHAUSTED,
+    RPCStatusCode.ABORTED,
+    RPCStatusCode.INTERNAL,
+    RPCStatusCode.UNKNOWN,
+    RPCStatusCode.CANCELLED,
+}
 CLOSED_STATES = ("resolved", "closed")
 log = structlog.get_logger()
 
@@ -58,9 +66,14 @@ def build_app(client: Client, settings: AlertReceiverSettings, task_queue: str) 
         body = await request.read()
         if not _authenticated(request.headers, body, settings):
             log.warning("alert refused: unauthenticated", peer=request.remote)
-            return _json(401, {"error": "unauthenticated: send Authorization: Bearer <token> or "
-                                        "X-DRP-Signature: sha256=<hex HMAC-SHA256 of the body>"},
-                         headers={"WWW-Authenticate": "Bearer"})
+            return _json(
+                401,
+                {
+                    "error": "unauthenticated: send Authorization: Bearer <token> or "
+                    "X-DRP-Signature: sha256=<hex HMAC-SHA256 of the body>"
+                },
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         try:
             payload = AlertmanagerWebhook.model_validate_json(body)
         except ValidationError as err:
@@ -79,8 +92,13 @@ def build_app(client: Client, settings: AlertReceiverSettings, task_queue: str) 
                 raise
             log.error("alert not accepted: Temporal unreachable", group=payload.groupKey, error=str(err))
             return _json(503, {"error": "Temporal is unreachable; send again"})
-        log.info("alert accepted", incident_id=incident_id, status=payload.status, alerts=len(payload.alerts),
-                 truncated=payload.truncated())
+        log.info(
+            "alert accepted",
+            incident_id=incident_id,
+            status=payload.status,
+            alerts=len(payload.alerts),
+            truncated=payload.truncated(),
+        )
         return _json(202, {"incident_id": incident_id, **({"note": note} if note else {})})
 
     async def healthy(_: web.Request) -> web.Response:
@@ -90,11 +108,13 @@ def build_app(client: Client, settings: AlertReceiverSettings, task_queue: str) 
     app = web.Application(client_max_size=MAX_BODY)
     app.router.add_post(PATH, receive)
     app.router.add_get("/-/healthy", healthy)
+    instrument(app)  # GET /metrics: request counts and latencies
     return app
 
 
-async def deliver(client: Client, payload: AlertmanagerWebhook, task_queue: str,
-                  occurrences: dict[str, int] | None = None) -> tuple[str | None, str | None]:
+async def deliver(
+    client: Client, payload: AlertmanagerWebhook, task_queue: str, occurrences: dict[str, int] | None = None
+) -> tuple[str | None, str | None]:
     """Deliver one notification to its group's incident: (incident ID or None, a note for the answer).
 
     Firing: the group's open incident, by signal-with-start; when a person resolved the latest one, a new
@@ -110,8 +130,10 @@ async def deliver(client: Client, payload: AlertmanagerWebhook, task_queue: str,
                 raise
             break
         latest = (n, desc)
-        if desc.status == WorkflowExecutionStatus.RUNNING and \
-                desc.typed_search_attributes.get(STATUS) not in CLOSED_STATES:
+        if (
+            desc.status == WorkflowExecutionStatus.RUNNING
+            and desc.typed_search_attributes.get(STATUS) not in CLOSED_STATES
+        ):
             break  # open: this is the incident
         n += 1
     if latest:
@@ -132,13 +154,19 @@ async def deliver(client: Client, payload: AlertmanagerWebhook, task_queue: str,
         incident_id = payload.incident_id(n)
     inp = payload.incident_input(n, follows)
     await client.start_workflow(
-        Incident.run, inp, id=incident_id, task_queue=task_queue, start_signal="alert",
-        start_signal_args=[payload.notice()], search_attributes=incident_search_attributes(inp),
-        static_summary=f"incident {incident_id}: {inp.title}")
+        Incident.run,
+        inp,
+        id=incident_id,
+        task_queue=task_queue,
+        start_signal=Incident.alert.__name__,  # registered under its method name
+        start_signal_args=[payload.notice()],
+        search_attributes=incident_search_attributes(inp),
+        static_summary=f"incident {incident_id}: {inp.title}",
+    )
     if previous:
         occurrences[payload.groupKey] = n
         try:  # the link in the other direction; an incident that has ended cannot take it
-            await client.get_workflow_handle(previous).signal("recurred", f"{incident_id}: {follows}")
+            await client.get_workflow_handle(previous).signal(Incident.recurred, f"{incident_id}: {follows}")
         except RPCError as err:
             log.warning("previous incident not told of its recurrence", previous=previous, error=str(err))
         return incident_id, f"the group fired again after {previous} was resolved: opened {incident_id}"
@@ -158,17 +186,22 @@ async def _recurrence(client: Client, previous: str, payload: AlertmanagerWebhoo
     if resolved_at is None:
         return f"follows {previous} (resolved); the group is firing again"
     if began > resolved_at:
-        return (f"follows {previous} (resolved {resolved_at:%Y-%m-%d %H:%M:%S} UTC); the group fired again at "
-                f"{began:%Y-%m-%d %H:%M:%S} UTC")
-    return (f"follows {previous} (resolved {resolved_at:%Y-%m-%d %H:%M:%S} UTC); its alerts never stopped "
-            f"firing (since {began:%Y-%m-%d %H:%M:%S} UTC): the problem is not over")
+        return (
+            f"follows {previous} (resolved {resolved_at:%Y-%m-%d %H:%M:%S} UTC); the group fired again at "
+            f"{began:%Y-%m-%d %H:%M:%S} UTC"
+        )
+    return (
+        f"follows {previous} (resolved {resolved_at:%Y-%m-%d %H:%M:%S} UTC); its alerts never stopped "
+        f"firing (since {began:%Y-%m-%d %H:%M:%S} UTC): the problem is not over"
+    )
 
 
 def _authenticated(headers, body: bytes, settings: AlertReceiverSettings) -> bool:
     auth = headers.get("Authorization", "")
     if settings.bearer_token is not None and auth.startswith("Bearer "):
-        return hmac.compare_digest(auth.removeprefix("Bearer ").encode(),
-                                   settings.bearer_token.get_secret_value().encode())
+        return hmac.compare_digest(
+            auth.removeprefix("Bearer ").encode(), settings.bearer_token.get_secret_value().encode()
+        )
     signature = headers.get("X-DRP-Signature", "")
     if settings.hmac_secret is not None and signature.startswith("sha256="):
         expected = hmac.new(settings.hmac_secret.get_secret_value().encode(), body, hashlib.sha256).hexdigest()

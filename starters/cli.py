@@ -1,17 +1,18 @@
 """`drp`: the operator's command line.
 
-    drp stack up|status|down      the embedded local environment
-    drp demo                      a recovery drill on it, watched in the Web UI
-    drp worker                    run a worker (settings from the environment)
-    drp start db-corruption ...   start a runbook (also: deletion, failover, failback)
-    drp approve INCIDENT ...      approve (or --reject) the pending step of a run
-    drp incident open ...         open an incident (classified, runbook started, people informed)
-    drp incident status|resolve|severity INCIDENT ...
-    drp ack INCIDENT --by NAME    acknowledge the page: stops re-paging the current level
-    drp report INCIDENT           print the post-incident report
-    drp alerts serve              receive Alertmanager webhooks
-    drp playbook check [FILE]     validate a playbook file
-    drp audit install             install the audit log the deletion runbook reads
+drp stack up|status|down      the embedded local environment
+drp demo                      a recovery drill on it, watched in the Web UI
+drp worker                    run a worker (settings from the environment)
+drp start PROCEDURE ...       start a runbook (db-corruption, accidental-deletion, db-failover, ...)
+drp approve INCIDENT ...      approve (or --reject) the pending step of a run
+drp incident open ...         open an incident (classified, runbook started, people informed)
+drp incident status|resolve|severity INCIDENT ...
+drp ack INCIDENT --by NAME    acknowledge the page: stops re-paging the current level
+drp report INCIDENT           print the post-incident report
+drp alerts serve              receive Alertmanager webhooks
+drp codec serve               the Web UI's codec endpoint (decrypts payloads for people with the token)
+drp playbook check [FILE]     validate a playbook file
+drp audit install             install the audit log the deletion runbook reads
 """
 
 import argparse
@@ -28,20 +29,17 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from models.approval import ApprovalRequest
-from models.db_corruption import DatabaseCorruptionInput
-from models.deletion import AccidentalDeletionInput
-from models.failover import DatabaseFailbackInput, DatabaseFailoverInput
-from models.incident import AckRequest, IncidentInput, IncidentStatus, ResolveRequest, SeverityChange
+from models.deletion import api_key_fingerprint
+from models.incident import (
+    AckRequest,
+    IncidentInput,
+    ResolveRequest,
+    SeverityChange,
+)
 from models.playbook import PlaybookError, load_playbook
-from workflows.accidental_deletion import workflow_id as deletion_id
-from workflows.db_corruption import workflow_id as db_corruption_id
-from workflows.db_failback import workflow_id as failback_id
-from workflows.db_failover import workflow_id as failover_id
-from workflows.region_failback import workflow_id as region_failback_id
-from workflows.region_failover import workflow_id as region_failover_id
+from models.runbooks import BY_NAME, RUNBOOKS, runbook
 
 DEFAULT_PLAYBOOK = Path(__file__).resolve().parent.parent / "playbook.yaml"
-RUNBOOK_IDS = [db_corruption_id, deletion_id, failover_id, failback_id, region_failover_id, region_failback_id]
 
 
 class CliError(Exception):
@@ -63,8 +61,10 @@ def _temporal_target(args) -> tuple[str, str]:
     if settings.exists():
         saved = json.loads(settings.read_text())
         address, queue = address or saved["temporal_address"], queue or saved["task_queue"]
-    return (getattr(args, "temporal", None) or address or "127.0.0.1:7233",
-            getattr(args, "task_queue", None) or queue or "drp-recovery")
+    return (
+        getattr(args, "temporal", None) or address or "127.0.0.1:7233",
+        getattr(args, "task_queue", None) or queue or "drp-recovery",
+    )
 
 
 def _settings(args, kind=None):
@@ -78,13 +78,25 @@ def _settings(args, kind=None):
         if stack_file.exists():
             os.environ["DRP_SETTINGS_FILE"] = str(stack_file)
         elif args.state_dir:
-            raise CliError(f"no settings in {args.state_dir}: {stack_file} does not exist (`drp --state-dir "
-                           f"{args.state_dir} stack up` writes it; or set DRP_SETTINGS_FILE)")
+            raise CliError(
+                f"no settings in {args.state_dir}: {stack_file} does not exist (`drp --state-dir "
+                f"{args.state_dir} stack up` writes it; or set DRP_SETTINGS_FILE)"
+            )
     try:
-        return (kind or Settings)()
+        return (kind or Settings)()  # pyright: ignore[reportCallIssue] - pydantic-settings reads the fields
     except ValidationError as err:
-        raise CliError(f"worker settings incomplete: {_errors(err)} (set DRP_SETTINGS_FILE or DRP_* variables)") \
-            from err
+        raise CliError(
+            f"settings incomplete or invalid: {_errors(err)} (set DRP_SETTINGS_FILE or DRP_* variables)"
+        ) from err
+
+
+async def _connect(args, address: str | None = None):
+    """A client with the connection settings (namespace, TLS, API key, encryption) from the environment,
+    else the local stack's settings file; `address` (a flag) wins."""
+    from workers.settings import TemporalSettings
+    from workers.temporal_client import connect
+
+    return await connect(address, settings=_settings(args, TemporalSettings))
 
 
 def cmd_stack(args) -> None:
@@ -109,8 +121,8 @@ def cmd_worker(args) -> None:
 
 
 async def cmd_unseal(args) -> None:
-    from activities.locks import LockActivities
-    from activities.sealing import read_seal, unseal
+    from adapters.locks import cluster_name, lock_holder
+    from adapters.sealing import read_seal, unseal
     from workers.temporal_client import connect
     from workflows.database_lock import lock_id
 
@@ -119,16 +131,17 @@ async def cmd_unseal(args) -> None:
     if read_seal(server.data_dir) is None:
         raise CliError(f"{server.data_dir} is not sealed: nothing to do")
     # Never under a running recovery: it would start the damaged primary beside the restore it is replaying.
-    locks = LockActivities(await connect(settings.temporal_address, settings.temporal_namespace), server,
-                           settings.backup.server_name)
-    lock = locks.client.get_workflow_handle(lock_id(locks.cluster()))
+    client = await connect(settings=settings)
+    lock = client.get_workflow_handle(lock_id(cluster_name(server, settings.backup.server_name)))
     try:
         running = (await lock.describe()).status == WorkflowExecutionStatus.RUNNING
     except RPCError:
         running = False  # no lock workflow: nobody holds it
     if running:
-        raise CliError(f"a recovery holds this database ({await locks.holder(lock.id)}): let it finish or cancel "
-                       "it first; nothing was changed")
+        raise CliError(
+            f"a recovery holds this database ({await lock_holder(client, lock.id)}): let it finish or cancel "
+            "it first; nothing was changed"
+        )
     try:
         print(unseal(server))
     except Exception as err:  # noqa: BLE001 (one line for the operator, whatever failed)
@@ -136,82 +149,98 @@ async def cmd_unseal(args) -> None:
 
 
 async def cmd_start(args) -> None:
-    from starters.accidental_deletion import api_key_fingerprint, start_accidental_deletion
-    from starters.db_corruption import start_db_corruption
-    from starters.db_failback import start_db_failback
-    from starters.db_failover import start_db_failover
-    from workers.temporal_client import connect
+    from starters._start import start_runbook
 
+    spec = runbook(args.procedure)
     try:
         raw = json.loads(Path(args.json).read_text() if args.json != "-" else sys.stdin.read()) if args.json else {}
     except (OSError, ValueError) as err:
         raise CliError(f"--json {args.json}: {err}") from err
     if not isinstance(raw, dict):
         raise CliError(f"--json {args.json}: the input must be one JSON object")
-    flags = {"incident_id": args.incident, "severity": args.severity}
-    if args.procedure in ("db-corruption", "deletion"):
-        flags["database"] = args.database
-    if args.procedure == "failover" and args.override_lag:
-        flags["override_lag"] = True
-    if args.procedure == "deletion":
-        flags.update(window_start=args.window_start, window_end=args.window_end, table=args.table, role=args.role)
-        if args.api_key_file:
-            try:
-                flags["api_key_sha256"] = api_key_fingerprint(Path(args.api_key_file).read_text())
-            except OSError as err:
-                raise CliError(f"--api-key-file: {err}") from err
-    raw.update({k: v for k, v in flags.items() if v})
-    model, start = {"db-corruption": (DatabaseCorruptionInput, start_db_corruption),
-                    "deletion": (AccidentalDeletionInput, start_accidental_deletion),
-                    "failover": (DatabaseFailoverInput, start_db_failover),
-                    "failback": (DatabaseFailbackInput, start_db_failback)}[args.procedure]
+    # Each flag sets the input field of its name; a flag the runbook's input has no field for is refused.
+    flags = {
+        "incident_id": args.incident,
+        "severity": args.severity,
+        "database": args.database,
+        "window_start": args.window_start,
+        "window_end": args.window_end,
+        "table": args.table,
+        "role": args.role,
+        "override_lag": args.override_lag or None,
+    }
+    if args.api_key_file:
+        try:
+            flags["api_key_sha256"] = api_key_fingerprint(Path(args.api_key_file).read_text())
+        except OSError as err:
+            raise CliError(f"--api-key-file: {err}") from err
+    given = {k: v for k, v in flags.items() if v}
+    unknown = [k for k in given if k not in spec.input_model.model_fields]
+    if unknown:
+        raise CliError(f"{spec.procedure} has no {', '.join(unknown)} in its input ({spec.input_model.__name__})")
+    raw.update(given)
     try:
-        inp = model.model_validate(raw)
+        inp = spec.input_model.model_validate(raw)
     except ValidationError as err:
         raise CliError(f"invalid input: {_errors(err)}") from err
     address, queue = _temporal_target(args)
     try:
-        handle = await start(await connect(address), inp, queue)
+        handle = await start_runbook(await _connect(args, address), spec.procedure, inp, queue)
     except WorkflowAlreadyStartedError as err:
-        raise CliError(f"a {args.procedure} run for incident {inp.incident_id} is already running") from err
+        raise CliError(f"a {spec.procedure} run for incident {inp.incident_id} is already running") from err
     print(f"started {handle.id}")
 
 
 async def cmd_approve(args) -> None:
-    from workers.temporal_client import connect
+    from workflows._runbook import Runbook
 
     try:
         req = ApprovalRequest(approver=args.by, reason=args.reason, approved=not args.reject)
     except ValidationError as err:
         raise CliError(f"approval refused: {_errors(err)}") from err
     address, _ = _temporal_target(args)
-    client = await connect(address)
-    for make_id in RUNBOOK_IDS:
-        handle = client.get_workflow_handle(make_id(args.incident))
-        try:
-            await handle.describe()
-        except RPCError:
-            continue
-        try:
-            record = await handle.execute_update("approve", req)
-        except WorkflowUpdateFailedError as err:
-            raise CliError(f"approval refused by {handle.id}: {err.cause}") from err
-        print(f"{handle.id}: {'approved' if record['approved'] else 'rejected'} by {record['approver']}")
-        return
-    raise CliError(f"no recovery run found for incident {args.incident!r}")
+    client = await _connect(args, address)
+    # The incident's runbooks, by their business-key IDs: a running one first, else any that exists
+    # (its refusal says why, e.g. it already finished).
+    handles = [client.get_workflow_handle(spec.workflow_id(args.incident)) for spec in RUNBOOKS]
+    statuses = await asyncio.gather(*(_status(h) for h in handles))
+    found = [h for h, st in zip(handles, statuses, strict=True) if st == WorkflowExecutionStatus.RUNNING] or [
+        h for h, st in zip(handles, statuses, strict=True) if st is not None
+    ]
+    if not found:
+        raise CliError(f"no recovery run found for incident {args.incident!r}")
+    handle = found[0]
+    try:
+        record = await handle.execute_update(Runbook.approve, req)
+    except WorkflowUpdateFailedError as err:
+        raise CliError(f"approval refused by {handle.id}: {err.cause}") from err
+    print(f"{handle.id}: {'approved' if record.approved else 'rejected'} by {record.approver}")
+
+
+async def _status(handle) -> WorkflowExecutionStatus | None:
+    """A run's status; None when no run has that ID."""
+    try:
+        return (await handle.describe()).status
+    except RPCError:
+        return None
 
 
 async def cmd_incident(args) -> None:
     from starters.incident import next_incident_id, open_incident
-    from workers.temporal_client import connect
+    from workflows.incident import Incident
 
     address, queue = _temporal_target(args)
-    client = await connect(address)
+    client = await _connect(args, address)
     if args.action == "open":
-        raw = {"title": args.title, "severity": args.severity, "procedure": args.procedure,
-               "runbook_input": json.loads(args.input) if args.input else {},
-               "labels": dict(kv.split("=", 1) for kv in args.label), "services": args.service,
-               "opened_by": args.by}
+        raw = {
+            "title": args.title,
+            "severity": args.severity,
+            "procedure": args.procedure,
+            "runbook_input": json.loads(args.input) if args.input else {},
+            "labels": dict(kv.split("=", 1) for kv in args.label),
+            "services": args.service,
+            "opened_by": args.by,
+        }
         playbook = load_playbook(os.environ.get("DRP_PLAYBOOK_PATH", DEFAULT_PLAYBOOK))
         if args.procedure and args.procedure != "none" and args.procedure not in playbook.procedures:
             raise CliError(f"unknown procedure {args.procedure!r}: one of {', '.join(playbook.procedures)}, or none")
@@ -230,40 +259,44 @@ async def cmd_incident(args) -> None:
         raise CliError(f"incident {args.action} needs the incident ID")
     handle = client.get_workflow_handle(args.incident)
     if args.action == "status":
-        status = await _call(handle.query, "status", result_type=IncidentStatus)
-        print(f"{status.incident_id} {status.severity.value if status.severity else '?'} {status.status} "
-              f"level {status.level} (acked {status.acknowledged_level})  {status.title}")
+        status = await _call(handle.query, Incident.status)
+        print(
+            f"{status.incident_id} {status.severity.value if status.severity else '?'} {status.status} "
+            f"level {status.level} (acked {status.acknowledged_level})  {status.title}"
+        )
         for e in status.timeline:
             print(f"  {e.at:%Y-%m-%d %H:%M:%S}  {e.kind:<10} {e.text}")
         return
     if args.action == "resolve":
         req = _validated(ResolveRequest, by=args.by, reason=args.reason)
-        print(f"{args.incident}: {await _call(handle.execute_update, 'resolve', req)} by {req.by}")
+        print(f"{args.incident}: {await _call(handle.execute_update, Incident.resolve, req)} by {req.by}")
         return
     change = _validated(SeverityChange, severity=args.severity, by=args.by, reason=args.reason)
-    await _call(handle.execute_update, "set_severity", change)
+    await _call(handle.execute_update, Incident.set_severity, change)
     print(f"{args.incident}: now {change.severity.value}")
 
 
 async def cmd_ack(args) -> None:
-    from workers.temporal_client import connect
+    from workflows.incident import Incident
 
     req = _validated(AckRequest, by=args.by, note=args.note or "")
     address, _ = _temporal_target(args)
-    handle = (await connect(address)).get_workflow_handle(args.incident)
-    record = await _call(handle.execute_update, "acknowledge", req)
-    print(f"{args.incident}: level {record['level']} acknowledged by {record['by']}")
+    handle = (await _connect(args, address)).get_workflow_handle(args.incident)
+    record = await _call(handle.execute_update, Incident.acknowledge, req)
+    print(f"{args.incident}: level {record.level} acknowledged by {record.by}")
 
 
 def cmd_report(args) -> None:
-    from activities.report import read_report
-    from workers.main import build_s3
+    from adapters.reports import read_report
+    from workers.clients import build_s3
 
     settings = _settings(args)
     markdown = read_report(build_s3(settings), settings.reports_destination, args.incident)
     if markdown is None:
-        raise CliError(f"no report for {args.incident} in {settings.reports_destination}: it is written when the "
-                       "incident is resolved (`drp incident status` shows where it stands)")
+        raise CliError(
+            f"no report for {args.incident} in {settings.reports_destination}: it is written when the "
+            "incident is resolved (`drp incident status` shows where it stands)"
+        )
     print(markdown, end="")
 
 
@@ -273,12 +306,43 @@ async def cmd_alerts(args) -> None:
     from workers.temporal_client import connect
 
     settings = _settings(args, ReceiverSettings)
+    assert isinstance(settings, ReceiverSettings)
     if settings.alerts is None:
-        raise CliError("set alerts.bearer_token or alerts.hmac_secret (DRP_ALERTS__BEARER_TOKEN): "
-                       "the receiver never runs unauthenticated")
-    runner = await serve(await connect(settings.temporal_address, settings.temporal_namespace), settings.alerts,
-                         settings.task_queue)
+        raise CliError(
+            "set alerts.bearer_token or alerts.hmac_secret (DRP_ALERTS__BEARER_TOKEN): "
+            "the receiver never runs unauthenticated"
+        )
+    runner = await serve(await connect(settings=settings), settings.alerts, settings.task_queue)
     print(f"receiving Alertmanager webhooks on http://{settings.alerts.host}:{settings.alerts.port}/alerts")
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+async def cmd_codec(args) -> None:
+    from starters.codec_server import serve
+    from workers.codec import EncryptionCodec
+    from workers.settings import TemporalSettings
+
+    settings = _settings(args, TemporalSettings)
+    if settings.codec_server is None or settings.codec_server.bearer_token is None:
+        raise CliError(
+            "set codec_server.bearer_token (DRP_CODEC_SERVER__BEARER_TOKEN): the codec server never "
+            "runs unauthenticated"
+        )
+    e = settings.encryption
+    if not e.keys or e.key_id is None:
+        raise CliError(
+            "set encryption.keys and encryption.key_id (DRP_ENCRYPTION__KEYS, DRP_ENCRYPTION__KEY_ID): "
+            "the codec server decrypts with the workers' keys"
+        )
+    runner = await serve(EncryptionCodec(e.key_bytes(), e.key_id), settings.codec_server, settings.temporal_namespace)
+    c = settings.codec_server
+    print(
+        f"codec endpoint on http://{c.host}:{c.port} (keys: {', '.join(sorted(e.keys))}; current {e.key_id})",
+        flush=True,
+    )
     try:
         await asyncio.Event().wait()
     finally:
@@ -314,8 +378,8 @@ def cmd_audit(args) -> None:
     import psycopg
     from temporalio.exceptions import ApplicationError
 
-    from activities.audit import install_audit_log
-    from activities.deletion import resolve_table
+    from adapters.audit import install_audit_log
+    from adapters.rows import resolve_table
     from models.identifiers import TableRef, split_list
 
     try:
@@ -342,14 +406,16 @@ def cmd_demo(args) -> None:
 
 
 def _errors(err: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'input'}: {e['msg'].removeprefix('Value error, ')}"
-                     for e in err.errors())
+    return "; ".join(
+        f"{'.'.join(map(str, e['loc'])) or 'input'}: {e['msg'].removeprefix('Value error, ')}" for e in err.errors()
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="drp", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--state-dir", type=Path, default=os.environ.get("DRP_STATE_DIR"),
-                        help="the embedded stack's state folder")
+    parser = argparse.ArgumentParser(prog="drp", description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument(
+        "--state-dir", type=Path, default=os.environ.get("DRP_STATE_DIR"), help="the embedded stack's state folder"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("stack", help="the embedded local environment")
@@ -358,12 +424,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stack)
 
     sub.add_parser("worker", help="run a worker").set_defaults(func=cmd_worker)
-    sub.add_parser("unseal", help="abandon a recovery: start the sealed primary again as it was, reopen its "
-                                  "databases, remove the seal").set_defaults(func=cmd_unseal)
+    sub.add_parser(
+        "unseal",
+        help="abandon a recovery: start the sealed primary again as it was, reopen its databases, remove the seal",
+    ).set_defaults(func=cmd_unseal)
     sub.add_parser("demo", help="run a recovery drill on the embedded stack").set_defaults(func=cmd_demo)
 
     p = sub.add_parser("start", help="start a runbook")
-    p.add_argument("procedure", choices=["db-corruption", "deletion", "failover", "failback"])
+    p.add_argument(
+        "procedure",
+        choices=list(BY_NAME),
+        metavar="PROCEDURE",
+        help=f"one of {', '.join(spec.procedure for spec in RUNBOOKS)} (older names: "
+        f"{', '.join(a for spec in RUNBOOKS for a in spec.aliases)})",
+    )
     p.add_argument("--incident")
     p.add_argument("--database")
     p.add_argument("--severity")
@@ -372,8 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", help="deletion: the table the rows were deleted from, if known")
     p.add_argument("--role", help="deletion: the database role to contain, if known")
     p.add_argument("--api-key-file", help="deletion: a file with the API key to block (only its SHA-256 is sent)")
-    p.add_argument("--override-lag", action="store_true", help="failover: promote even a lagging standby")
-    p.add_argument("--json", help="input as a JSON file, or - for stdin")
+    p.add_argument("--override-lag", action="store_true", help="failovers: promote even a lagging standby")
+    p.add_argument("--json", help="input as a JSON file, or - for stdin (any field of the runbook's input model)")
     p.add_argument("--temporal")
     p.add_argument("--task-queue")
     p.set_defaults(func=cmd_start)
@@ -392,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", help="open: what is happening")
     p.add_argument("--severity", help="open: P0-P3 instead of the playbook's rules; severity: the new one")
     p.add_argument("--procedure", help="open: the runbook (a playbook procedure), or none")
-    p.add_argument("--input", help="open: the runbook's input as JSON, e.g. '{\"database\": \"corporate_intel\"}'")
+    p.add_argument("--input", help='open: the runbook\'s input as JSON, e.g. \'{"database": "corporate_intel"}\'')
     p.add_argument("--label", action="append", default=[], help="open: an alert label key=value (repeatable)")
     p.add_argument("--service", action="append", default=[], help="open: an affected service (repeatable)")
     p.add_argument("--by", default=os.environ.get("USER", "operator"))
@@ -416,11 +490,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["serve"])
     p.set_defaults(func=cmd_alerts)
 
+    p = sub.add_parser("codec", help="the Web UI's codec endpoint (payload encryption)")
+    p.add_argument("action", choices=["serve"])
+    p.set_defaults(func=cmd_codec)
+
     p = sub.add_parser("audit", help="the audit log")
     p.add_argument("action", choices=["install"])
     p.add_argument("--database", required=True)
-    p.add_argument("--tables", required=True,
-                   help='comma-separated tables, as typed (Orders, sales.Orders) or quoted ("Orders", sales."Orders")')
+    p.add_argument(
+        "--tables",
+        required=True,
+        help='comma-separated tables, as typed (Orders, sales.Orders) or quoted ("Orders", sales."Orders")',
+    )
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("playbook", help="validate a playbook file")

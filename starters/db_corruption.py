@@ -13,19 +13,16 @@ from temporalio.client import Client, WorkflowHandle
 from models.db_corruption import PROCEDURE, DatabaseCorruptionInput
 from starters._start import start_runbook
 from workers.temporal_client import connect
-from workflows.db_corruption import DatabaseCorruptionRecovery, workflow_id
+from workflows.db_corruption import DatabaseCorruptionRecovery
 
 
 async def start_db_corruption(client: Client, inp: DatabaseCorruptionInput, task_queue: str) -> WorkflowHandle:
     """Start the runbook; a second start for a running incident fails instead of running twice."""
-    return await start_runbook(
-        client, DatabaseCorruptionRecovery.run, inp, workflow_id=workflow_id(inp.incident_id), procedure=PROCEDURE,
-        summary=f"{inp.severity.value} database corruption recovery of {inp.database} ({inp.incident_id})",
-        task_queue=task_queue)
+    return await start_runbook(client, PROCEDURE, inp, task_queue, run=DatabaseCorruptionRecovery.run)
 
 
 async def _main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--incident", required=True)
     parser.add_argument("--database", required=True)
     parser.add_argument("--severity", default="P0")

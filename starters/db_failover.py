@@ -1,6 +1,6 @@
 """Start DatabaseFailover (playbook 4.2) with validated input and the business-key workflow ID.
 
-    python -m starters.db_failover --incident INC-3 [--override-lag]
+python -m starters.db_failover --incident INC-3 [--override-lag]
 """
 
 import argparse
@@ -12,17 +12,15 @@ from temporalio.client import Client, WorkflowHandle
 from models.failover import PROCEDURE, DatabaseFailoverInput
 from starters._start import start_runbook
 from workers.temporal_client import connect
-from workflows.db_failover import DatabaseFailover, workflow_id
+from workflows.db_failover import DatabaseFailover
 
 
 async def start_db_failover(client: Client, inp: DatabaseFailoverInput, task_queue: str) -> WorkflowHandle:
-    return await start_runbook(
-        client, DatabaseFailover.run, inp, workflow_id=workflow_id(inp.incident_id), procedure=PROCEDURE,
-        summary=f"{inp.severity.value} database failover to the standby ({inp.incident_id})", task_queue=task_queue)
+    return await start_runbook(client, PROCEDURE, inp, task_queue, run=DatabaseFailover.run)
 
 
 async def _main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--incident", required=True)
     parser.add_argument("--override-lag", action="store_true")
     parser.add_argument("--temporal", default=os.environ.get("DRP_TEMPORAL_ADDRESS", "127.0.0.1:7233"))

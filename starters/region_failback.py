@@ -1,6 +1,6 @@
 """Start RegionFailback: home again after RegionFailover.
 
-    python -m starters.region_failback --incident INC-4 --serving-region us-west-2
+python -m starters.region_failback --incident INC-4 --serving-region us-west-2
 """
 
 import argparse
@@ -12,18 +12,15 @@ from temporalio.client import Client, WorkflowHandle
 from models.region import FAILBACK, RegionFailbackInput
 from starters._start import start_runbook
 from workers.temporal_client import connect
-from workflows.region_failback import RegionFailback, workflow_id
+from workflows.region_failback import RegionFailback
 
 
 async def start_region_failback(client: Client, inp: RegionFailbackInput, task_queue: str) -> WorkflowHandle:
-    return await start_runbook(
-        client, RegionFailback.run, inp, workflow_id=workflow_id(inp.incident_id), procedure=FAILBACK,
-        summary=f"{inp.severity.value} region failback from {inp.serving_region} ({inp.incident_id})",
-        task_queue=task_queue)
+    return await start_runbook(client, FAILBACK, inp, task_queue, run=RegionFailback.run)
 
 
 async def _main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--incident", required=True)
     parser.add_argument("--serving-region", required=True)
     parser.add_argument("--temporal", default=os.environ.get("DRP_TEMPORAL_ADDRESS", "127.0.0.1:7233"))

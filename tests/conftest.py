@@ -17,17 +17,22 @@ import boto3
 import pytest
 import pytest_asyncio
 from moto.moto_server.threaded_moto_server import ThreadedMotoServer
-
 from temporalio.service import RPCError, RPCStatusCode
 
-from models.approval import ApprovalRecord, ApprovalRequest
+from models.approval import ApprovalRequest
 from stack.stack import DATABASE, STANDBY_NAME, Stack
 from starters._start import wait_for_approval
+from tests.deploy_helpers import dev_server  # noqa: F401 - the deployment tests' bare Temporal dev server fixture
 from workers.main import build_worker
 from workers.settings import Settings
 from workers.temporal_client import connect
+from workflows._runbook import Runbook
 
 TABLES = ("public.companies", "public.filings", "public.metrics")
+# Upper bound (s) for waiting on a state a run reaches (recovered, a result, a gate). Only a hang
+# reaches it: a recovery on a loaded 2-core machine took 67 s for its replay alone, so a wait sized
+# to a quiet machine's minute failed a run that was still progressing.
+RUN_WAIT = 900
 
 
 @pytest.fixture(scope="session")
@@ -107,8 +112,9 @@ async def running_worker(client, stack: Stack, backup: dict | None = None, setti
     queue = f"test-{uuid.uuid4().hex[:10]}"
     try:
         with ThreadPoolExecutor(max_workers=8) as executor:
-            async with build_worker(client, settings(queue) if settings else worker_settings(stack, queue, backup),
-                                    executor):
+            async with build_worker(
+                client, settings(queue) if settings else worker_settings(stack, queue, backup), executor
+            ):
                 yield queue
     finally:
         await terminate_runs(client, queue)
@@ -132,7 +138,7 @@ def query_timed_out(err: RPCError) -> bool:
     return err.status in (RPCStatusCode.CANCELLED, RPCStatusCode.DEADLINE_EXCEEDED) or "Timeout expired" in str(err)
 
 
-async def wait_for_approval_gate(handle, step: str | None = None, timeout: float = 180) -> None:
+async def wait_for_approval_gate(handle, step: str | None = None, timeout: float = RUN_WAIT) -> None:
     async with asyncio.timeout(timeout):
         while True:
             try:
@@ -143,21 +149,28 @@ async def wait_for_approval_gate(handle, step: str | None = None, timeout: float
                     raise
 
 
-async def approve_when_asked(handle, step: str | None = None, approver: str = "alice",
-                             reason: str = "approved in the test suite"):
+async def approve_when_asked(
+    handle, step: str | None = None, approver: str = "alice", reason: str = "approved in the test suite"
+):
     await wait_for_approval_gate(handle, step)
-    return await handle.execute_update("approve", ApprovalRequest(approver=approver, reason=reason),
-                                       result_type=ApprovalRecord)
+    return await handle.execute_update(Runbook.approve, ApprovalRequest(approver=approver, reason=reason))
 
 
 async def activity_attempts(handle, activity_type: str) -> list[int]:
     """The attempt number of every start of one activity type in a run's history."""
     history = [e async for e in handle.fetch_history_events()]
-    scheduled = {e.event_id for e in history if e.HasField("activity_task_scheduled_event_attributes")
-                 and e.activity_task_scheduled_event_attributes.activity_type.name == activity_type}
-    return [e.activity_task_started_event_attributes.attempt for e in history
-            if e.HasField("activity_task_started_event_attributes")
-            and e.activity_task_started_event_attributes.scheduled_event_id in scheduled]
+    scheduled = {
+        e.event_id
+        for e in history
+        if e.HasField("activity_task_scheduled_event_attributes")
+        and e.activity_task_scheduled_event_attributes.activity_type.name == activity_type
+    }
+    return [
+        e.activity_task_started_event_attributes.attempt
+        for e in history
+        if e.HasField("activity_task_started_event_attributes")
+        and e.activity_task_started_event_attributes.scheduled_event_id in scheduled
+    ]
 
 
 CREDS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
@@ -180,11 +193,17 @@ def world(aws):
     tag = uuid.uuid4().hex[:6]
     east = boto3.client("rds", region_name="us-east-1", endpoint_url=aws, **CREDS)
     west = boto3.client("rds", region_name=BACKUP_REGION, endpoint_url=aws, **CREDS)
-    primary = east.create_db_instance(DBInstanceIdentifier=f"ci-{tag}", Engine="postgres", AllocatedStorage=20,
-                                      DBInstanceClass="db.t3.micro", MasterUsername="pg",
-                                      MasterUserPassword="not-a-secret-1")["DBInstance"]
-    west.create_db_instance_read_replica(DBInstanceIdentifier=f"ci-{tag}-replica",
-                                         SourceDBInstanceIdentifier=primary["DBInstanceArn"])
+    primary = east.create_db_instance(
+        DBInstanceIdentifier=f"ci-{tag}",
+        Engine="postgres",
+        AllocatedStorage=20,
+        DBInstanceClass="db.t3.micro",
+        MasterUsername="pg",
+        MasterUserPassword="not-a-secret-1",
+    )["DBInstance"]
+    west.create_db_instance_read_replica(
+        DBInstanceIdentifier=f"ci-{tag}-replica", SourceDBInstanceIdentifier=primary["DBInstanceArn"]
+    )
     route53 = boto3.client("route53", region_name="us-east-1", endpoint_url=aws, **CREDS)
     zone = route53.create_hosted_zone(Name=f"ci{tag}.example.com", CallerReference=tag)["HostedZone"]["Id"]
     sns = boto3.client("sns", region_name="us-east-1", endpoint_url=aws, **CREDS)
@@ -193,9 +212,17 @@ def world(aws):
     queue = sqs.create_queue(QueueName=f"pager-{tag}")["QueueUrl"]
     queue_arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
     sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=queue_arn)
-    return {"tag": tag, "replica": f"ci-{tag}-replica", "zone": zone, "record": f"api.ci{tag}.example.com",
-            "topic": topic, "queue": queue, "route53": route53, "sqs": sqs,
-            "cloudwatch": boto3.client("cloudwatch", region_name=BACKUP_REGION, endpoint_url=aws, **CREDS)}
+    return {
+        "tag": tag,
+        "replica": f"ci-{tag}-replica",
+        "zone": zone,
+        "record": f"api.ci{tag}.example.com",
+        "topic": topic,
+        "queue": queue,
+        "route53": route53,
+        "sqs": sqs,
+        "cloudwatch": boto3.client("cloudwatch", region_name=BACKUP_REGION, endpoint_url=aws, **CREDS),
+    }
 
 
 @pytest.fixture

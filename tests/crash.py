@@ -39,8 +39,11 @@ class Point:
     def __str__(self) -> str:
         if self.kind == "none":
             return "undisturbed"
-        return (f"{self.kind}:{self.activity}" + (f"#{self.nth}" if self.nth > 1 else "")
-                + ("+server-restart" if self.restart else ""))
+        return (
+            f"{self.kind}:{self.activity}"
+            + (f"#{self.nth}" if self.nth > 1 else "")
+            + ("+server-restart" if self.restart else "")
+        )
 
 
 def points(*specs: str) -> list[Point]:
@@ -76,8 +79,7 @@ class Crash:
     approval gate or after a recorded heartbeat) every process of the generation is SIGKILLed, the
     Temporal server restarts if the point says so, and generation k+1 takes over. The last one is plain."""
 
-    def __init__(self, client, temporal_stack, settings: dict, queues: list[str], tmp: Path, case,
-                 workflow_id: str):
+    def __init__(self, client, temporal_stack, settings: dict, queues: list[str], tmp: Path, case, workflow_id: str):
         self.points = [p for p in (case if isinstance(case, (list, tuple)) else [case]) if p.kind != "none"]
         self.client, self.temporal_stack, self.workflow_id = client, temporal_stack, workflow_id
         self.queues, self.tmp = queues, tmp
@@ -106,22 +108,29 @@ class Crash:
         return d
 
     def _spawn(self, queue: str, index: int) -> subprocess.Popen:
-        env = {**os.environ, "DRP_SETTINGS_FILE": str(self.settings_file), "DRP_TASK_QUEUE": queue,
-               "PYTHONPATH": str(ROOT), "DRP_CRASH_DIR": str(self.dir(index)), "DRP_CRASH_WORKFLOW": self.workflow_id}
+        env = {
+            **os.environ,
+            "DRP_SETTINGS_FILE": str(self.settings_file),
+            "DRP_TASK_QUEUE": queue,
+            "PYTHONPATH": str(ROOT),
+            "DRP_CRASH_DIR": str(self.dir(index)),
+            "DRP_CRASH_WORKFLOW": self.workflow_id,
+        }
         env.pop("DRP_CRASH_AT", None)
         if index < len(self.points):
             point = self.points[index]
             env["DRP_CRASH_AT"] = f"{point.kind}:{point.activity}:{point.nth}"
         log = open(self.tmp / f"worker{index + 1}-{queue}.log", "ab")
-        return subprocess.Popen([sys.executable, "-m", "tests.crash_worker"], env=env, stdout=log,
-                                stderr=subprocess.STDOUT, cwd=ROOT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "tests.crash_worker"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+        )
 
     async def _start_generation(self) -> None:
         index = len(self.generations)
         procs = [self._spawn(q, index) for q in self.queues]
         self.generations.append(procs)
-        for queue, proc in zip(self.queues, procs):
-            async with asyncio.timeout(180):
+        for queue, proc in zip(self.queues, procs, strict=True):
+            async with asyncio.timeout(600):
                 while True:
                     try:
                         await wait_for_poller(self.client, queue, proc)
@@ -143,7 +152,8 @@ class Crash:
         while self.point is not None:
             index, point = self.current, self.point
             if any(p.poll() is not None for p in self.generations[index]) or (
-                    (self.dir(index) / "mid").exists() and await self._heartbeat_recorded(point)):
+                (self.dir(index) / "mid").exists() and await self._heartbeat_recorded(point)
+            ):
                 await self.crash(index)  # the hook SIGKILLed its own process, or the activity stopped mid-way
             else:
                 await asyncio.sleep(0.1)
@@ -153,8 +163,10 @@ class Crash:
             desc = await self.handle.describe()
         except RPCError:
             return False
-        return any(a.activity_type.name == point.activity and a.HasField("last_heartbeat_time")
-                   for a in desc.raw_description.pending_activities)
+        return any(
+            a.activity_type.name == point.activity and a.HasField("last_heartbeat_time")
+            for a in desc.raw_description.pending_activities
+        )
 
     async def crash(self, index: int) -> None:
         """SIGKILL generation `index` (the running one), restart the server if its point says so, start the next."""
@@ -174,14 +186,16 @@ class Crash:
             self.crashed.append(where)
             await self._start_generation()
 
-    async def approve(self, handle, step: str | None = None, approver: str = "alice",
-                      reason: str = "approved in the crash matrix"):
+    async def approve(
+        self, handle, step: str | None = None, approver: str = "alice", reason: str = "approved in the crash matrix"
+    ):
         """Approve at the gate; a `completed` point armed before the gate fires here, while the run waits."""
         await self._gate(handle, step)
         point, index = self.point, self.current
         if point is not None and point.kind == "completed" and (self.dir(index) / "armed").exists():
-            (self.dir(index) / "fired").write_text(f"completed {point.activity}#{point.nth}, at the approval gate "
-                                                   f"{step or ''} (SIGKILL by the test)\n")
+            (self.dir(index) / "fired").write_text(
+                f"completed {point.activity}#{point.nth}, at the approval gate {step or ''} (SIGKILL by the test)\n"
+            )
             await self.crash(index)
             await self._gate(handle, step)
         async with asyncio.timeout(300):
@@ -216,8 +230,9 @@ class Crash:
         if self._watcher is not None and self._watcher.done() and self._watcher.exception():
             raise self._watcher.exception()
         assert len(self.crashed) == len(self.points), (
-            f"the run ended without reaching {', '.join(map(str, self.points[len(self.crashed):]))}; "
-            f"it crashed at: {self.crashed}")
+            f"the run ended without reaching {', '.join(map(str, self.points[len(self.crashed) :]))}; "
+            f"it crashed at: {self.crashed}"
+        )
         return result
 
     async def attempts(self, handle) -> dict[str, list[int]]:
@@ -252,8 +267,9 @@ def _no_worker_yet(err: RPCError) -> bool:
     """A query or update nobody could answer yet: the worker was killed, its successor is starting, or
     the server is restarting."""
     text = str(err).lower()
-    return query_timed_out(err) or any(s in text for s in ("no poller", "unavailable", "connection refused",
-                                                           "transport", "deadline"))
+    return query_timed_out(err) or any(
+        s in text for s in ("no poller", "unavailable", "connection refused", "transport", "deadline")
+    )
 
 
 @contextlib.contextmanager
@@ -272,18 +288,35 @@ def report(runbook: str, point, outcome: str, where, attempts, counts: dict) -> 
     path = os.environ.get("DRP_CRASH_REPORT")
     if path:
         with open(path, "a") as out:
-            out.write(json.dumps({"runbook": runbook, "point": str(point), "outcome": outcome, "where": where,
-                                  "attempts": attempts, "counts": counts}) + "\n")
+            out.write(
+                json.dumps(
+                    {
+                        "runbook": runbook,
+                        "point": str(point),
+                        "outcome": outcome,
+                        "where": where,
+                        "attempts": attempts,
+                        "counts": counts,
+                    }
+                )
+                + "\n"
+            )
 
 
 def table(lines: list[dict]) -> str:
     """The matrix as a Markdown table (BENCHMARKS.md)."""
-    out = ["| runbook | crash points (in run order) | result | where the workers died | attempts of the "
-           "point's activity | side effects counted on the real systems |", "|---|---|---|---|---|---|"]
+    out = [
+        "| runbook | crash points (in run order) | result | where the workers died | attempts of the "
+        "point's activity | side effects counted on the real systems |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in lines:
         where = "; ".join(r["where"]) if isinstance(r["where"], list) else (r["where"] or "-")
-        attempts = r["attempts"] if not isinstance(r["attempts"], dict) else ", ".join(
-            f"{k} {v}" for k, v in r["attempts"].items())
+        attempts = (
+            r["attempts"]
+            if not isinstance(r["attempts"], dict)
+            else ", ".join(f"{k} {v}" for k, v in r["attempts"].items())
+        )
         counts = ", ".join(f"{k} {v}" for k, v in r["counts"].items())
         out.append(f"| {r['runbook']} | `{r['point']}` | {r['outcome']} | {where} | {attempts or '-'} | {counts} |")
     return "\n".join(out)

@@ -76,8 +76,13 @@ def _ordinal(info: activity.Info) -> int:
 
 
 def _targeted(info: activity.Info) -> bool:
-    return (bool(KIND) and info.workflow_id == TARGET and info.activity_type == TYPE and info.attempt == 1
-            and _ordinal(info) == NTH)
+    return (
+        bool(KIND)
+        and info.workflow_id == TARGET
+        and info.activity_type == TYPE
+        and info.attempt == 1
+        and _ordinal(info) == NTH
+    )
 
 
 class _CrashActivity(ActivityInboundInterceptor):
@@ -166,12 +171,19 @@ async def run(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     runner = SandboxedWorkflowRunner(
-        restrictions=SandboxRestrictions.default.with_passthrough_modules("models", "tests"))
+        restrictions=SandboxRestrictions.default.with_passthrough_modules("models", "tests")
+    )
     with ThreadPoolExecutor(max_workers=16) as executor:
-        async with Worker(client, task_queue=settings.task_queue, workflows=WORKFLOWS,
-                          activities=build_activities(settings, client), activity_executor=executor,
-                          interceptors=[LoggingInterceptor(), CrashInterceptor()], workflow_runner=runner,
-                          sticky_queue_schedule_to_start_timeout=settings.sticky_queue_timeout):
+        async with Worker(
+            client,
+            task_queue=settings.task_queue,
+            workflows=WORKFLOWS,
+            activities=build_activities(settings, client),
+            activity_executor=executor,
+            interceptors=[LoggingInterceptor(), CrashInterceptor()],
+            workflow_runner=runner,
+            sticky_queue_schedule_to_start_timeout=settings.sticky_queue_timeout,
+        ):
             await stop.wait()
 
 

@@ -98,8 +98,11 @@ class FakeSlackWebhook(_Server):
             def do_POST(self):  # noqa: N802
                 try:
                     payload = json.loads(self._body())
-                    valid = (self.headers.get("Content-Type", "").startswith("application/json")
-                             and isinstance(payload.get("text"), str) and payload["text"].strip())
+                    valid = (
+                        self.headers.get("Content-Type", "").startswith("application/json")
+                        and isinstance(payload.get("text"), str)
+                        and payload["text"].strip()
+                    )
                 except ValueError:
                     valid = False
                 if not valid:

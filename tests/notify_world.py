@@ -11,7 +11,7 @@ import boto3
 import yaml
 from aiosmtpd.controller import Controller
 
-from activities.processes import free_port
+from adapters.processes import free_port
 from tests.conftest import CREDS, worker_settings
 from tests.fakes import FakeSlackWebhook, FakeStatuspage
 
@@ -48,9 +48,15 @@ class NotifyWorld:
         self.queue = self.sqs.create_queue(QueueName=f"oncall-{tag}")["QueueUrl"]
         arn = self.sqs.get_queue_attributes(QueueUrl=self.queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
         self.sns.subscribe(TopicArn=self.topic, Protocol="sqs", Endpoint=arn)
-        self.settings = {"slack_webhook_url": self.slack.url, "smtp_host": "127.0.0.1", "smtp_port": self.mail.port,
-                         "sns_topic_arn": self.topic, "aws_endpoint_url": aws, "status_page_api": self.page.url,
-                         "status_page_token": self.page.TOKEN}
+        self.settings = {
+            "slack_webhook_url": self.slack.url,
+            "smtp_host": "127.0.0.1",
+            "smtp_port": self.mail.port,
+            "sns_topic_arn": self.topic,
+            "aws_endpoint_url": aws,
+            "status_page_api": self.page.url,
+            "status_page_token": self.page.TOKEN,
+        }
         self._pages: list[dict] = []
 
     def pages(self) -> list[dict]:
@@ -82,8 +88,9 @@ def short_playbook(folder: Path, levels: tuple[str, ...] = NO_ESCALATION, repage
     levels' `after` and the re-page interval are only short when a test passes them: the test is about them."""
     raw = yaml.safe_load((ROOT / "playbook.yaml").read_text())
     raw["communication"]["templates_dir"] = str(ROOT / "templates")
-    raw["severities"]["P0"].update({"status_update_every": "2s", "status_page_update_every": "3s",
-                                    "approval_escalate_after": "2s", **p0})
+    raw["severities"]["P0"].update(
+        {"status_update_every": "2s", "status_page_update_every": "3s", "approval_escalate_after": "2s", **p0}
+    )
     raw["escalation"]["repage_every"] = repage_every
     for level, after in zip(raw["escalation"]["levels"], levels, strict=True):
         level["after"] = after

@@ -6,7 +6,7 @@ import hashlib
 import subprocess
 import threading
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import psycopg
@@ -17,7 +17,13 @@ from models.approval import ApprovalRequest
 from models.deletion import AccidentalDeletionInput
 from stack.stack import DATABASE
 from starters.accidental_deletion import api_key_fingerprint, start_accidental_deletion
-from tests.conftest import activity_attempts, approve_when_asked, running_worker, wait_for_approval_gate
+from tests.conftest import (
+    RUN_WAIT,
+    activity_attempts,
+    approve_when_asked,
+    running_worker,
+    wait_for_approval_gate,
+)
 from tests.test_crash_survival import spawn_worker, wait_for_activity, wait_for_poller
 
 ROLE = "analyst"
@@ -36,8 +42,14 @@ def analyst(stack):
         if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (ROLE,)).fetchone():
             conn.execute(f"CREATE ROLE {ROLE} LOGIN PASSWORD 'analyst-pw'")
         conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON companies, filings, metrics TO {ROLE}")
-    return dict(host="127.0.0.1", port=stack.config.ports.postgres, user=ROLE,
-                password="analyst-pw", dbname=DATABASE, autocommit=True)
+    return dict(
+        host="127.0.0.1",
+        port=stack.config.ports.postgres,
+        user=ROLE,
+        password="analyst-pw",
+        dbname=DATABASE,
+        autocommit=True,
+    )
 
 
 def snapshot(stack, table: str, where: str = "true") -> dict[int, dict]:
@@ -52,7 +64,7 @@ def can_delete(stack) -> bool:
 
 def delete_as_analyst(analyst, sector: str, max_id: int) -> datetime:
     """The accident: the analyst's script deletes companies (filings and metrics cascade)."""
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     with psycopg.connect(**analyst) as conn:
         conn.execute("DELETE FROM companies WHERE sector = %s AND id <= %s", (sector, max_id))
     return started
@@ -68,8 +80,11 @@ class Writer(threading.Thread):
     def run(self):
         with self.stack.postgres().connect(DATABASE) as conn:
             while not self.stop.is_set():
-                conn.execute("INSERT INTO metrics (id, company_id, metric, period, value) "
-                             "VALUES (%s, 1, 'live', current_date, 1)", (self.next_id,))
+                conn.execute(
+                    "INSERT INTO metrics (id, company_id, metric, period, value) "
+                    "VALUES (%s, 1, 'live', current_date, 1)",
+                    (self.next_id,),
+                )
                 self.written.append(self.next_id)
                 self.next_id += 1
                 self.stop.wait(0.05)
@@ -86,16 +101,27 @@ async def test_deleted_rows_come_back_and_nothing_written_since_is_lost(stack, c
     assert not snapshot(stack, "companies", f"sector = '{sector}' AND id <= {max_id}")
     recreated = min(doomed)  # someone re-creates one deleted company by hand before the runbook runs
     with stack.postgres().connect(DATABASE) as conn:
-        conn.execute("INSERT INTO companies (id, name, ticker, sector) VALUES (%s, 'Re-created Co', 'RECR', 'Energy')",
-                     (recreated,))
+        conn.execute(
+            "INSERT INTO companies (id, name, ticker, sector) VALUES (%s, 'Re-created Co', 'RECR', 'Energy')",
+            (recreated,),
+        )
         conn.execute("INSERT INTO companies (id, name, ticker, sector) VALUES (90001, 'After Co', 'AFTR', 'Energy')")
 
     inc = incident()
     try:
         async with running_worker(client, stack) as queue:
-            handle = await start_accidental_deletion(client, AccidentalDeletionInput(
-                incident_id=inc, database=DATABASE, window_start=window_start, role=ROLE,
-                api_key_sha256=api_key_fingerprint(LEAKED_KEY), heartbeat_timeout=timedelta(seconds=10)), queue)
+            handle = await start_accidental_deletion(
+                client,
+                AccidentalDeletionInput(
+                    incident_id=inc,
+                    database=DATABASE,
+                    window_start=window_start,
+                    role=ROLE,
+                    api_key_sha256=api_key_fingerprint(LEAKED_KEY),
+                    heartbeat_timeout=timedelta(seconds=10),
+                ),
+                queue,
+            )
             await wait_for_approval_gate(handle, "re-insert")
             # Containment really blocks while the run waits.
             with pytest.raises(psycopg.errors.InsufficientPrivilege), psycopg.connect(**analyst) as conn:
@@ -117,7 +143,8 @@ async def test_deleted_rows_come_back_and_nothing_written_since_is_lost(stack, c
     # Every deleted row is back exactly as it was, except the one re-created since, which is kept.
     now_companies = snapshot(stack, "companies", f"id IN ({','.join(map(str, doomed))})")
     assert {i: r for i, r in now_companies.items() if i != recreated} == {
-        i: r for i, r in doomed.items() if i != recreated}
+        i: r for i, r in doomed.items() if i != recreated
+    }
     assert now_companies[recreated]["name"] == "Re-created Co"
     assert snapshot(stack, "filings", f"company_id IN ({','.join(map(str, doomed))})") == doomed_filings
     assert snapshot(stack, "metrics", f"company_id IN ({','.join(map(str, doomed))})") == doomed_metrics
@@ -141,15 +168,23 @@ async def test_run_survives_a_worker_killed_during_the_side_replay(stack, client
     second = None
     try:
         await wait_for_poller(client, queue, first)
-        handle = await start_accidental_deletion(client, AccidentalDeletionInput(
-            incident_id=inc, database=DATABASE, window_start=window_start, table="companies",
-            heartbeat_timeout=timedelta(seconds=10)), queue)
+        handle = await start_accidental_deletion(
+            client,
+            AccidentalDeletionInput(
+                incident_id=inc,
+                database=DATABASE,
+                window_start=window_start,
+                table="companies",
+                heartbeat_timeout=timedelta(seconds=10),
+            ),
+            queue,
+        )
         await wait_for_activity(handle, "replay_wal")
         first.kill()
         first.wait()
         second = spawn_worker(stack, queue, tmp_path / "w2.log")
         await approve_when_asked(handle, "re-insert", APPROVE.approver, APPROVE.reason)
-        result = await asyncio.wait_for(handle.result(), timeout=180)
+        result = await asyncio.wait_for(handle.result(), timeout=RUN_WAIT)
     finally:
         for proc in (first, second):
             if proc and proc.poll() is None:
@@ -165,8 +200,13 @@ async def test_run_survives_a_worker_killed_during_the_side_replay(stack, client
 async def test_cancelled_run_leaves_no_side_instance_and_no_files(stack, client, analyst):
     window_start = delete_as_analyst(analyst, "Financials", 40) - timedelta(seconds=1)
     async with running_worker(client, stack) as queue:
-        handle = await start_accidental_deletion(client, AccidentalDeletionInput(
-            incident_id=incident(), database=DATABASE, window_start=window_start, table="companies"), queue)
+        handle = await start_accidental_deletion(
+            client,
+            AccidentalDeletionInput(
+                incident_id=incident(), database=DATABASE, window_start=window_start, table="companies"
+            ),
+            queue,
+        )
         await wait_for_approval_gate(handle, "re-insert")
         assert [p for p in stack.pg_dir.iterdir() if ".side-" in p.name]  # the side instance is up now
         await handle.cancel()
@@ -177,24 +217,37 @@ async def test_cancelled_run_leaves_no_side_instance_and_no_files(stack, client,
     assert ".side-" not in ps
 
 
-@pytest.mark.parametrize("change, kind", [
-    ({"table": "no_such_table"}, "UnknownTable"),
-    ({"window_start": datetime(2020, 1, 1, tzinfo=timezone.utc),
-      "window_end": datetime(2020, 1, 2, tzinfo=timezone.utc)}, "NoDeletionsFound"),
-    ({"role": "no_such_role"}, "UnknownRole"),
-])
+@pytest.mark.parametrize(
+    "change, kind",
+    [
+        ({"table": "no_such_table"}, "UnknownTable"),
+        (
+            {"window_start": datetime(2020, 1, 1, tzinfo=UTC), "window_end": datetime(2020, 1, 2, tzinfo=UTC)},
+            "NoDeletionsFound",
+        ),
+        ({"role": "no_such_role"}, "UnknownRole"),
+    ],
+)
 async def test_wrong_input_is_a_clear_error_and_contains_nothing(stack, client, analyst, change, kind):
     fingerprint = api_key_fingerprint("never-blocked")
-    args = {"incident_id": incident(), "database": DATABASE, "role": ROLE, "api_key_sha256": fingerprint,
-            "window_start": datetime.now(timezone.utc) - timedelta(minutes=5), **change}
+    args = {
+        "incident_id": incident(),
+        "database": DATABASE,
+        "role": ROLE,
+        "api_key_sha256": fingerprint,
+        "window_start": datetime.now(UTC) - timedelta(minutes=5),
+        **change,
+    }
     async with running_worker(client, stack) as queue:
         handle = await start_accidental_deletion(client, AccidentalDeletionInput(**args), queue)
         with pytest.raises(WorkflowFailureError) as failed:
             await handle.result()
     assert failed.value.cause.cause.type == kind
     assert can_delete(stack)  # nothing was revoked
-    assert httpx.get(f"{stack.app_url}/api/v1/companies?limit=1",
-                     headers={"X-API-Key": "never-blocked"}).status_code == 200
+    assert (
+        httpx.get(f"{stack.app_url}/api/v1/companies?limit=1", headers={"X-API-Key": "never-blocked"}).status_code
+        == 200
+    )
 
 
 async def test_a_deletion_older_than_every_backup_is_refused(stack, client, analyst):
@@ -203,12 +256,19 @@ async def test_a_deletion_older_than_every_backup_is_refused(stack, client, anal
     late = {"destination": "s3://drp-backups/late-only"}
     barman = stack.barman()
     pg = stack.postgres()
-    proc = subprocess.run(barman.backup_argv(pg.host, pg.port, pg.superuser)[:-2] + [late["destination"], "primary"],
-                          env={**barman.env(), "PGPASSWORD": stack.config.pg_password}, capture_output=True, text=True)
+    proc = subprocess.run(
+        barman.backup_argv(pg.host, pg.port, pg.superuser)[:-2] + [late["destination"], "primary"],
+        env={**barman.env(), "PGPASSWORD": stack.config.pg_password},
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     async with running_worker(client, stack, backup=late) as queue:
-        handle = await start_accidental_deletion(client, AccidentalDeletionInput(
-            incident_id=incident(), database=DATABASE, window_start=window_start, role=ROLE), queue)
+        handle = await start_accidental_deletion(
+            client,
+            AccidentalDeletionInput(incident_id=incident(), database=DATABASE, window_start=window_start, role=ROLE),
+            queue,
+        )
         with pytest.raises(WorkflowFailureError) as failed:
             await handle.result()
     assert failed.value.cause.cause.type == "NoBackupBeforeTarget"
@@ -218,8 +278,9 @@ async def test_a_deletion_older_than_every_backup_is_refused(stack, client, anal
 def test_api_keys_are_only_ever_sent_as_fingerprints():
     assert api_key_fingerprint(LEAKED_KEY) == hashlib.sha256(LEAKED_KEY.encode()).hexdigest()
     with pytest.raises(ValueError):
-        AccidentalDeletionInput(incident_id="X", database=DATABASE, window_start=datetime.now(timezone.utc),
-                                api_key_sha256=LEAKED_KEY)
+        AccidentalDeletionInput(
+            incident_id="X", database=DATABASE, window_start=datetime.now(UTC), api_key_sha256=LEAKED_KEY
+        )
 
 
 async def test_a_deletion_recovery_holds_the_database_lock_until_its_side_instance_is_gone(stack, client, analyst):
@@ -232,13 +293,17 @@ async def test_a_deletion_recovery_holds_the_database_lock_until_its_side_instan
     window_start = delete_as_analyst(analyst, "Industrials", 150) - timedelta(seconds=1)
     inc, other, second = incident(), incident(), incident()
     async with running_worker(client, stack) as queue:
-        holder = await drp_start(client, stack, queue, "deletion", inc, "--window-start", window_start.isoformat(),
-                           "--role", ROLE)
+        holder = await drp_start(
+            client, stack, queue, "deletion", inc, "--window-start", window_start.isoformat(), "--role", ROLE
+        )
         await wait_for_approval_gate(holder, "re-insert")
         pids = stack.postgres().postmaster_pid(), stack.processes.pid("app")
-        for refused in (await drp_start(client, stack, queue, "db-corruption", other),
-                        await drp_start(client, stack, queue, "deletion", second, "--window-start",
-                                  window_start.isoformat(), "--role", ROLE)):
+        for refused in (
+            await drp_start(client, stack, queue, "db-corruption", other),
+            await drp_start(
+                client, stack, queue, "deletion", second, "--window-start", window_start.isoformat(), "--role", ROLE
+            ),
+        ):
             with pytest.raises(WorkflowFailureError) as busy:
                 await refused.result()
             assert busy.value.cause.type == "DatabaseBusy"

@@ -17,18 +17,17 @@ import sys
 import threading
 import time
 import uuid
+from datetime import UTC
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote
 
-import psycopg
 import pytest
-from temporalio.client import WorkflowFailureError
 
-from activities.barman import ARCHIVE_UNREADABLE
-from activities.pgserver import PgServer, embedded_bin_dir, run_as
-from activities.processes import free_port
-from activities.timelines import waldump_end
+from adapters.barman import ARCHIVE_UNREADABLE
+from adapters.pgserver import PgServer, embedded_bin_dir, run_as
+from adapters.processes import free_port
+from adapters.timelines import waldump_end
 from models.db_corruption import CorruptionRecoveryResult
 from models.deletion import DeletionRecoveryResult
 from models.failover import DatabaseFailbackResult, DatabaseFailoverResult
@@ -38,8 +37,12 @@ from tests.conftest import activity_attempts, own_stack, running_worker, wait_fo
 from tests.test_recovery_safety import wal_keys
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = {"db-corruption": CorruptionRecoveryResult, "deletion": DeletionRecoveryResult,
-           "failover": DatabaseFailoverResult, "failback": DatabaseFailbackResult}
+RESULTS = {
+    "db-corruption": CorruptionRecoveryResult,
+    "deletion": DeletionRecoveryResult,
+    "failover": DatabaseFailoverResult,
+    "failback": DatabaseFailbackResult,
+}
 
 
 def incident() -> str:
@@ -48,19 +51,40 @@ def incident() -> str:
 
 def drp(stack, queue: str, *args: str, temporal: str | None = None) -> subprocess.CompletedProcess:
     """The operator's command line against the test's worker queue and the session's Temporal."""
-    env = {**os.environ, "DRP_SETTINGS_FILE": str(stack.settings_file), "DRP_TASK_QUEUE": queue,
-           "DRP_TEMPORAL_ADDRESS": temporal or stack.temporal_address}
-    return subprocess.run([sys.executable, "-m", "starters.cli", "--state-dir", str(stack.state_dir), *args],
-                          capture_output=True, text=True, cwd=ROOT, timeout=180, env=env)
+    env = {
+        **os.environ,
+        "DRP_SETTINGS_FILE": str(stack.settings_file),
+        "DRP_TASK_QUEUE": queue,
+        "DRP_TEMPORAL_ADDRESS": temporal or stack.temporal_address,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "starters.cli", "--state-dir", str(stack.state_dir), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=180,
+        env=env,
+    )
 
 
-async def drp_start(client, stack, queue: str, procedure: str, inc: str, *extra: str,
-                    temporal: str | None = None):
+async def drp_start(client, stack, queue: str, procedure: str, inc: str, *extra: str, temporal: str | None = None):
     """`drp start PROCEDURE --incident INC ...`; the handle of the run it started. (In a thread: the test's
     worker shares this event loop.)"""
     database = ("--database", DATABASE) if procedure in ("db-corruption", "deletion") else ()
-    started = await asyncio.to_thread(drp, stack, queue, "start", procedure, "--incident", inc, *database,
-                                      "--task-queue", queue, *extra, temporal=temporal)
+    started = await asyncio.to_thread(
+        drp,
+        stack,
+        queue,
+        "start",
+        procedure,
+        "--incident",
+        inc,
+        *database,
+        "--task-queue",
+        queue,
+        *extra,
+        temporal=temporal,
+    )
     assert started.returncode == 0, started.stderr
     return client.get_workflow_handle(started.stdout.split()[-1], result_type=RESULTS[procedure])
 
@@ -71,16 +95,16 @@ async def drp_approve(stack, queue: str, inc: str, temporal: str | None = None, 
     update that timed out); bounded in minutes."""
     deadline = time.monotonic() + 300
     while True:
-        approved = await asyncio.to_thread(drp, stack, queue, "approve", inc, "--by", by, "--reason",
-                                           "approved in the test suite", temporal=temporal)
+        approved = await asyncio.to_thread(
+            drp, stack, queue, "approve", inc, "--by", by, "--reason", "approved in the test suite", temporal=temporal
+        )
         transient = "Workflow Task in failed state" in approved.stderr or "imeout" in approved.stderr
         if approved.returncode == 0 or not transient or time.monotonic() > deadline:
             break
     assert approved.returncode == 0, approved.stderr
 
 
-async def start_and_approve(client, stack, queue: str, inc: str, procedure: str = "db-corruption",
-                            *extra: str):
+async def start_and_approve(client, stack, queue: str, inc: str, procedure: str = "db-corruption", *extra: str):
     handle = await drp_start(client, stack, queue, procedure, inc, *extra)
     await wait_for_approval_gate(handle)
     await drp_approve(stack, queue, inc)
@@ -94,10 +118,18 @@ def ids_present(server: PgServer, table: str, ids: list[int]) -> set[int]:
 
 def test_the_end_of_a_crashed_primary_wal_is_read_where_crash_recovery_would_stop():
     size = 16 * 1024 * 1024
-    assert waldump_end("pg_waldump: error: error in WAL record at 0/4002C70: invalid record length at 0/4002C98: "
-                       "expected at least 24, got 0", size) == "0/4002C98"
-    assert waldump_end('pg_waldump: error: could not find file "0000000200000001000000FF": No such file', size) \
+    assert (
+        waldump_end(
+            "pg_waldump: error: error in WAL record at 0/4002C70: invalid record length at 0/4002C98: "
+            "expected at least 24, got 0",
+            size,
+        )
+        == "0/4002C98"
+    )
+    assert (
+        waldump_end('pg_waldump: error: could not find file "0000000200000001000000FF": No such file', size)
         == "1/FF000000"
+    )
     assert waldump_end("", size) is None
 
 
@@ -111,11 +143,13 @@ async def test_wal_a_crashed_primary_never_archived_is_archived_and_replayed(sta
         conn.execute("ALTER SYSTEM SET archive_command = 'false'")  # the archive fails for a while
         conn.execute("SELECT pg_reload_conf()")
     with pg.connect(DATABASE) as conn:
-        acknowledged = [conn.execute("INSERT INTO app_write_checks DEFAULT VALUES RETURNING id").fetchone()[0]
-                        for _ in range(20)]
+        acknowledged = [
+            conn.execute("INSERT INTO app_write_checks DEFAULT VALUES RETURNING id").fetchone()[0] for _ in range(20)
+        ]
         segment = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]  # complete, .ready
-        acknowledged += [conn.execute("INSERT INTO app_write_checks DEFAULT VALUES RETURNING id").fetchone()[0]
-                         for _ in range(10)]  # only in the current, partly written segment
+        acknowledged += [
+            conn.execute("INSERT INTO app_write_checks DEFAULT VALUES RETURNING id").fetchone()[0] for _ in range(10)
+        ]  # only in the current, partly written segment
     ready = pg.data_dir / "pg_wal" / "archive_status" / f"{segment}.ready"
     assert ready.exists()
     assert not any(Path(k).name.startswith(segment) for k in wal_keys(stack))
@@ -142,8 +176,9 @@ def test_a_stopped_primary_whose_wal_cannot_be_read_is_not_called_recovered():
     assert "no such directory" in _possible_loss(unknown, None)
     known = SealResult(was_running=False, timeline=1, end_lsn="0/4002C98", local_wal_dir="/x/pg_wal")
     assert _possible_loss(known, None) is None
-    from datetime import datetime, timezone
-    assert _data_loss_window(known, datetime.now(timezone.utc), None).total_seconds() == 0
+    from datetime import datetime
+
+    assert _data_loss_window(known, datetime.now(UTC), None).total_seconds() == 0
 
 
 @contextlib.contextmanager
@@ -157,8 +192,11 @@ def publisher_server(stack):
         user = pwd.getpwnam(server.os_user)
         os.chown(data, user.pw_uid, user.pw_gid)
     server.tool("initdb", "-D", str(data), "-U", server.superuser, "-A", "trust", "--locale=C", timeout=120)
-    subprocess.run(run_as(server.os_user, ["sh", "-c", 'cat >> "$0"', str(data / "postgresql.conf")]),
-                   input=b"wal_level = logical\nunix_socket_directories = ''\n", check=True)
+    subprocess.run(
+        run_as(server.os_user, ["sh", "-c", 'cat >> "$0"', str(data / "postgresql.conf")]),
+        input=b"wal_level = logical\nunix_socket_directories = ''\n",
+        check=True,
+    )
     server.start()
     try:
         with server.connect() as conn:
@@ -180,8 +218,10 @@ async def test_a_subscription_is_disabled_by_the_seal_and_enabled_again_with_eve
     with publisher_server(stack) as publisher:
         with pg.connect(DATABASE) as conn:
             conn.execute("CREATE TABLE feed (id bigint PRIMARY KEY)")
-            conn.execute(f"CREATE SUBSCRIPTION feed_sub CONNECTION 'host={publisher.host} port={publisher.port} "
-                         f"user={publisher.superuser} dbname=postgres' PUBLICATION feed_pub")
+            conn.execute(
+                f"CREATE SUBSCRIPTION feed_sub CONNECTION 'host={publisher.host} port={publisher.port} "
+                f"user={publisher.superuser} dbname=postgres' PUBLICATION feed_pub"
+            )
         acknowledged, stop = [], threading.Event()
 
         def writer():  # the other system keeps writing all through the recovery
@@ -222,8 +262,7 @@ def sync_pair():
         yield s
 
 
-async def test_failback_with_a_synchronous_standby_completes_and_restores_synchronous_replication(sync_pair,
-                                                                                                   client):
+async def test_failback_with_a_synchronous_standby_completes_and_restores_synchronous_replication(sync_pair, client):
     """After a failover the operator makes the new primary synchronous again (`'*'`: whichever standby
     rejoins). DatabaseFailback rewinds the old primary from it, which copies that setting, then promotes it
     while the former standby is fenced: every commit, the runbook's write check first, waited for a standby
@@ -238,8 +277,9 @@ async def test_failback_with_a_synchronous_standby_completes_and_restores_synchr
         await drp_approve(sync_pair, queue, inc, temporal=temporal)
         await failover.result()
     with standby.connect(DATABASE) as conn:  # written on the promoted standby
-        acknowledged = [conn.execute("INSERT INTO app_write_checks DEFAULT VALUES RETURNING id").fetchone()[0]
-                        for _ in range(25)]
+        acknowledged = [
+            conn.execute("INSERT INTO app_write_checks DEFAULT VALUES RETURNING id").fetchone()[0] for _ in range(25)
+        ]
     with standby.connect() as conn:
         conn.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
         conn.execute("SELECT pg_reload_conf()")
@@ -256,7 +296,8 @@ async def test_failback_with_a_synchronous_standby_completes_and_restores_synchr
     with primary.connect() as conn:
         assert conn.execute("SHOW synchronous_standby_names").fetchone()[0] == STANDBY_NAME
         assert conn.execute("SELECT application_name, sync_state FROM pg_stat_replication").fetchall() == [
-            (STANDBY_NAME, "sync")]
+            (STANDBY_NAME, "sync")
+        ]
     assert ids_present(primary, "app_write_checks", acknowledged) == set(acknowledged)
     with primary.connect(DATABASE) as conn:  # a commit is confirmed by the synchronous standby
         new = conn.execute("INSERT INTO app_write_checks DEFAULT VALUES RETURNING id").fetchone()[0]
@@ -312,12 +353,14 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(error)
             return
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "transfer-encoding",
-                                                                               "content-length", "expect")}
+        headers = {
+            k: v
+            for k, v in self.headers.items()
+            if k.lower() not in ("connection", "transfer-encoding", "content-length", "expect")
+        }
         upstream = http.client.HTTPConnection(server.upstream, timeout=600)
         try:
-            upstream.request(self.command, self.path, body=body, headers={**headers,
-                                                                          "Content-Length": str(len(body))})
+            upstream.request(self.command, self.path, body=body, headers={**headers, "Content-Length": str(len(body))})
             response = upstream.getresponse()
             data = response.read()
         finally:

@@ -15,13 +15,22 @@ SERVICES = COMPOSE["services"]
 
 def resolve(value: str) -> str:
     """${VAR:-default} -> default, ${VAR:?msg} -> a placeholder (it must be set in production)."""
-    return re.sub(r"\$\{(\w+)(?::-([^}]*)|:\?[^}]*)?\}", lambda m: m.group(2) if m.group(2) is not None
-                  else f"<{m.group(1)}>", str(value))
+    return re.sub(
+        r"\$\{(\w+)(?::-([^}]*)|:\?[^}]*)?\}",
+        lambda m: m.group(2) if m.group(2) is not None else f"<{m.group(1)}>",
+        str(value),
+    )
 
 
 def test_services_and_ports():
-    assert {"temporal", "temporal-postgresql", "temporal-ui", "temporal-admin-tools", "drp-worker",
-            "drp-alerts"} <= set(SERVICES)
+    assert {
+        "temporal",
+        "temporal-postgresql",
+        "temporal-ui",
+        "temporal-admin-tools",
+        "drp-worker",
+        "drp-alerts",
+    } <= set(SERVICES)
     assert "7233:7233" in SERVICES["temporal"]["ports"]
     assert SERVICES["temporal"]["environment"]["DB"] == "postgres12"
     assert SERVICES["temporal"]["environment"]["POSTGRES_SEEDS"] == "temporal-postgresql"

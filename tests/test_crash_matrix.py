@@ -18,7 +18,7 @@ import io
 import json
 import os
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import boto3
 import httpx
@@ -41,7 +41,13 @@ from starters.db_failover import start_db_failover
 from starters.region_failback import start_region_failback
 from starters.region_failover import start_region_failover
 from tests.conftest import (
-    CREDS, activity_attempts, approve_when_asked, own_stack, query_timed_out, row_counts, running_worker,
+    CREDS,
+    activity_attempts,
+    approve_when_asked,
+    own_stack,
+    query_timed_out,
+    row_counts,
+    running_worker,
 )
 from tests.crash import Case, Crash, case, points, reporting
 from tests.fakes import FakeStatuspage
@@ -49,7 +55,15 @@ from tests.test_accidental_deletion import LEAKED_KEY, ROLE, Writer, analyst, sn
 from tests.test_db_failover import AcknowledgedWriter
 from tests.test_kubernetes_platform import api_client, fake_deployment_controller
 from tests.test_region_failover import (
-    BACKUP, NAME, NS, AwsProxy, Health, deploy_backup, raw_settings, record, replica_lag,
+    BACKUP,
+    NAME,
+    NS,
+    AwsProxy,
+    Health,
+    deploy_backup,
+    raw_settings,
+    record,
+    replica_lag,
 )
 
 FULL = os.environ.get("DRP_CRASH_MATRIX") == "full"
@@ -80,34 +94,83 @@ def backup_infos(stack) -> int:
     """Every base backup barman-cloud ever started in the stack's bucket (a backup.info per backup, DONE or not)."""
     s3 = boto3.client("s3", region_name="us-east-1", endpoint_url=stack.moto_url, **CREDS)
     bucket, _, prefix = stack.barman().destination.removeprefix("s3://").partition("/")
-    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-            for o in page.get("Contents", [])]
+    keys = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        for o in page.get("Contents", [])
+    ]
     return sum(k.endswith("/backup.info") for k in keys)
 
 
 # --- DatabaseCorruptionRecovery ------------------------------------------------------------------------------
 
-CORRUPTION_STEPS = ["assess", "approve", "stop application", "seal primary", "restore base backup", "replay WAL",
-                    "verify restore", "swap in restored data", "start application", "verify application",
-                    "rebuild standby", "post-recovery base backup"]
-CORRUPTION_ACTIVITIES = ["approvers_for", "objectives_for", "cluster", "assess_database", "stop_application",
-                         "seal_primary", "restore_base_backup", "replay_wal", "verify_restored", "swap_in_restored",
-                         "start_application", "check_application", "rejoin_as_standby", "take_base_backup"]
-CORRUPTION_DEFAULT = ["completed:seal_primary", "scheduled:restore_base_backup", "mid:swap_in_restored+restart",
-                      "mid:take_base_backup"]
-CORRUPTION_LONG = ["assess_database", "seal_primary", "restore_base_backup", "replay_wal", "swap_in_restored",
-                   "rejoin_as_standby", "take_base_backup"]
+CORRUPTION_STEPS = [
+    "assess",
+    "approve",
+    "stop application",
+    "seal primary",
+    "restore base backup",
+    "replay WAL",
+    "verify restore",
+    "swap in restored data",
+    "start application",
+    "verify application",
+    "rebuild standby",
+    "post-recovery base backup",
+]
+CORRUPTION_ACTIVITIES = [
+    "approvers_for",
+    "objectives_for",
+    "cluster",
+    "assess_database",
+    "stop_application",
+    "seal_primary",
+    "restore_base_backup",
+    "replay_wal",
+    "verify_restored",
+    "swap_in_restored",
+    "start_application",
+    "check_application",
+    "rejoin_as_standby",
+    "take_base_backup",
+]
+CORRUPTION_DEFAULT = [
+    "completed:seal_primary",
+    "scheduled:restore_base_backup",
+    "mid:swap_in_restored+restart",
+    "mid:take_base_backup",
+]
+CORRUPTION_LONG = [
+    "assess_database",
+    "seal_primary",
+    "restore_base_backup",
+    "replay_wal",
+    "swap_in_restored",
+    "rejoin_as_standby",
+    "take_base_backup",
+]
 
 
 def full_points(activities: list[str], long: list[str], quick_returned: list[str]) -> list[str]:
-    return (["none"] + [f"scheduled:{a}" for a in activities] + [f"completed:{a}" for a in activities]
-            + [f"mid:{a}" for a in long] + [f"returned:{a}" for a in quick_returned])
+    return (
+        ["none"]
+        + [f"scheduled:{a}" for a in activities]
+        + [f"completed:{a}" for a in activities]
+        + [f"mid:{a}" for a in long]
+        + [f"returned:{a}" for a in quick_returned]
+    )
 
 
-@pytest.mark.parametrize("point", matrix(
-    CORRUPTION_DEFAULT,
-    full_points(CORRUPTION_ACTIVITIES, CORRUPTION_LONG,
-                ["stop_application", "start_application", "verify_restored"])), ids=str)
+@pytest.mark.parametrize(
+    "point",
+    matrix(
+        CORRUPTION_DEFAULT,
+        full_points(
+            CORRUPTION_ACTIVITIES, CORRUPTION_LONG, ["stop_application", "start_application", "verify_restored"]
+        ),
+    ),
+    ids=str,
+)
 async def test_db_corruption_recovery(stack, client, tmp_path, point):
     before = row_counts(stack)
     primary = stack.postgres()
@@ -117,73 +180,141 @@ async def test_db_corruption_recovery(stack, client, tmp_path, point):
     starts0, backups0 = app_starts(app_log), backup_infos(stack)
     queue = f"cm-{uuid.uuid4().hex[:8]}"
     wid = f"db-corruption-{inc}"
-    async with Crash(client, stack, {**stack.worker_settings(), "task_queue": queue}, [queue], tmp_path, point,
-                     wid) as crash:
-        handle = await start_db_corruption(client, DatabaseCorruptionInput(
-            incident_id=inc, database=DATABASE, heartbeat_timeout=HB), queue)
+    async with Crash(
+        client, stack, {**stack.worker_settings(), "task_queue": queue}, [queue], tmp_path, point, wid
+    ) as crash:
+        handle = await start_db_corruption(
+            client, DatabaseCorruptionInput(incident_id=inc, database=DATABASE, heartbeat_timeout=HB), queue
+        )
         crash.watch(handle)
         await crash.approve(handle, "restore", approver="bob")
         result = await crash.result(handle)
         attempts = await crash.attempts(handle)
     job = json.loads(primary.data_dir.with_name(f"primary.restore-{inc}.job.json").read_text())
     damaged = [p for p in stack.pg_dir.iterdir() if p.name.endswith(f".damaged-{inc}")]
-    counts = {"restores launched": job["launches"], "app starts": app_starts(app_log) - starts0,
-              "base backups": backup_infos(stack) - backups0,
-              "promotions (timelines)": result.timeline - result.followed_timeline,
-              "damaged dirs kept": len(damaged)}
+    counts = {
+        "restores launched": job["launches"],
+        "app starts": app_starts(app_log) - starts0,
+        "base backups": backup_infos(stack) - backups0,
+        "promotions (timelines)": result.timeline - result.followed_timeline,
+        "damaged dirs kept": len(damaged),
+    }
     with reporting("DatabaseCorruptionRecovery", point, crash.crashed, attempts, counts):
         assert result.outcome == "recovered"
         assert [s.name for s in result.steps] == CORRUPTION_STEPS
         assert {t: result.recovered_row_counts[t] for t in before} == before == row_counts(stack)  # no data lost
         assert timeline(primary) == result.timeline
         assert result.standby.startswith("streaming from the new primary")
-        assert counts == {"restores launched": 1, "app starts": 1, "base backups": 1, "promotions (timelines)": 1,
-                          "damaged dirs kept": 1}, counts
+        assert counts == {
+            "restores launched": 1,
+            "app starts": 1,
+            "base backups": 1,
+            "promotions (timelines)": 1,
+            "damaged dirs kept": 1,
+        }, counts
 
 
 # --- AccidentalDeletionRecovery ------------------------------------------------------------------------------
 
-DELETION_STEPS = ["identify", "contain", "archive current WAL", "restore side instance",
-                  "replay to just before the deletion", "extract deleted rows", "approve re-insert", "re-insert",
-                  "verify", "tear down side instance", "approve lifting containment", "lift containment"]
-DELETION_ACTIVITIES = ["approvers_for", "objectives_for", "cluster", "identify_deletions", "contain", "archive_current_wal",
-                       "restore_base_backup", "replay_wal", "extract_deleted_rows", "reinsert_rows",
-                       "verify_reinserted", "remove_side_instance", "lift_containment"]
+DELETION_STEPS = [
+    "identify",
+    "contain",
+    "archive current WAL",
+    "restore side instance",
+    "replay to just before the deletion",
+    "extract deleted rows",
+    "approve re-insert",
+    "re-insert",
+    "verify",
+    "tear down side instance",
+    "approve lifting containment",
+    "lift containment",
+]
+DELETION_ACTIVITIES = [
+    "approvers_for",
+    "objectives_for",
+    "cluster",
+    "identify_deletions",
+    "contain",
+    "archive_current_wal",
+    "restore_base_backup",
+    "replay_wal",
+    "extract_deleted_rows",
+    "reinsert_rows",
+    "verify_reinserted",
+    "remove_side_instance",
+    "lift_containment",
+]
 DELETION_DEFAULT = ["completed:contain", "scheduled:replay_wal", "mid:reinsert_rows"]
-DELETION_LONG = ["archive_current_wal", "restore_base_backup", "replay_wal", "extract_deleted_rows",
-                 "reinsert_rows"]
-SECTORS = iter(["Energy", "Materials", "Technology", "Consumer", "Telecom", "Utilities", "Healthcare",
-                "Financials", "Industrials", "Real Estate"] * 20)
+DELETION_LONG = ["archive_current_wal", "restore_base_backup", "replay_wal", "extract_deleted_rows", "reinsert_rows"]
+SECTORS = iter(
+    [
+        "Energy",
+        "Materials",
+        "Technology",
+        "Consumer",
+        "Telecom",
+        "Utilities",
+        "Healthcare",
+        "Financials",
+        "Industrials",
+        "Real Estate",
+    ]
+    * 20
+)
 
 
-@pytest.mark.parametrize("point", matrix(
-    DELETION_DEFAULT,
-    full_points(DELETION_ACTIVITIES, DELETION_LONG, ["contain", "lift_containment", "remove_side_instance"])),
-    ids=str)
+@pytest.mark.parametrize(
+    "point",
+    matrix(
+        DELETION_DEFAULT,
+        full_points(DELETION_ACTIVITIES, DELETION_LONG, ["contain", "lift_containment", "remove_side_instance"]),
+    ),
+    ids=str,
+)
 async def test_accidental_deletion_recovery(stack, client, analyst, tmp_path, point):  # noqa: F811
     primary = stack.postgres()
     base = 1_000_000 + uuid.uuid4().int % 10_000 * 100
     ids = list(range(base, base + 30))
     with primary.connect(DATABASE) as conn:  # the rows the accident deletes
         for i in ids:
-            conn.execute("INSERT INTO companies (id, name, ticker, sector) VALUES (%s, %s, %s, 'Crash')",
-                         (i, f"Crash {i}", f"C{i}"))
+            conn.execute(
+                "INSERT INTO companies (id, name, ticker, sector) VALUES (%s, %s, %s, 'Crash')",
+                (i, f"Crash {i}", f"C{i}"),
+            )
     doomed = snapshot(stack, "companies", f"id IN ({','.join(map(str, ids))})")
     assert len(doomed) == len(ids)
     writer = Writer(stack, first_id=20_000_000 + (base - 1_000_000) * 10)  # production keeps writing
     writer.start()
-    window_start = datetime.now(timezone.utc) - timedelta(seconds=1)
+    window_start = datetime.now(UTC) - timedelta(seconds=1)
     with psycopg.connect(**analyst) as conn:
         conn.execute("DELETE FROM companies WHERE sector = 'Crash' AND id = ANY(%s)", (ids,))
     inc = f"CD-{uuid.uuid4().hex[:8]}"
     queue = f"cd-{uuid.uuid4().hex[:8]}"
     side_job = primary.data_dir.with_name(f"primary.side-{inc}.job.json")
     try:
-        async with Crash(client, stack, {**stack.worker_settings(), "task_queue": queue}, [queue], tmp_path, point,
-                         f"accidental-deletion-{inc}") as crash:
-            handle = await start_accidental_deletion(client, AccidentalDeletionInput(
-                incident_id=inc, database=DATABASE, window_start=window_start, table="companies", role=ROLE,
-                api_key_sha256=api_key_fingerprint(LEAKED_KEY), heartbeat_timeout=HB), queue)
+        async with Crash(
+            client,
+            stack,
+            {**stack.worker_settings(), "task_queue": queue},
+            [queue],
+            tmp_path,
+            point,
+            f"accidental-deletion-{inc}",
+        ) as crash:
+            handle = await start_accidental_deletion(
+                client,
+                AccidentalDeletionInput(
+                    incident_id=inc,
+                    database=DATABASE,
+                    window_start=window_start,
+                    table="companies",
+                    role=ROLE,
+                    api_key_sha256=api_key_fingerprint(LEAKED_KEY),
+                    heartbeat_timeout=HB,
+                ),
+                queue,
+            )
             crash.watch(handle)
             await crash.approve(handle, "re-insert", approver="bob")
             launches = json.loads(side_job.read_text())["launches"]  # the side instance still exists here
@@ -194,22 +325,28 @@ async def test_accidental_deletion_recovery(stack, client, analyst, tmp_path, po
         writer.stop.set()
         writer.join()
     with primary.connect(DATABASE) as conn:
-        reinsertions = conn.execute("SELECT count(*) FROM drp.reinsertions WHERE incident_id = %s",
-                                    (inc,)).fetchone()[0]
-        containment = conn.execute("SELECT count(*), count(restored_at) FROM drp.containment WHERE incident_id = %s",
-                                   (inc,)).fetchone()
-        can_delete = conn.execute("SELECT has_table_privilege(%s, 'public.companies', 'DELETE')",
-                                  (ROLE,)).fetchone()[0]
+        reinsertions = conn.execute("SELECT count(*) FROM drp.reinsertions WHERE incident_id = %s", (inc,)).fetchone()[
+            0
+        ]
+        containment = conn.execute(
+            "SELECT count(*), count(restored_at) FROM drp.containment WHERE incident_id = %s", (inc,)
+        ).fetchone()
+        can_delete = conn.execute("SELECT has_table_privilege(%s, 'public.companies', 'DELETE')", (ROLE,)).fetchone()[0]
     live = snapshot(stack, "metrics", "metric = 'live'")
-    counts = {"side restores launched": launches, "re-insert transactions": reinsertions,
-              "rows re-inserted": sum(result.reinserted.inserted_by_table.values()),
-              "privileges revoked/given back": f"{containment[0]}/{containment[1]}",
-              "acknowledged writes lost": len(set(writer.written) - set(live))}
+    counts = {
+        "side restores launched": launches,
+        "re-insert transactions": reinsertions,
+        "rows re-inserted": sum(result.reinserted.inserted_by_table.values()),
+        "privileges revoked/given back": f"{containment[0]}/{containment[1]}",
+        "acknowledged writes lost": len(set(writer.written) - set(live)),
+    }
     with reporting("AccidentalDeletionRecovery", point, crash.crashed, attempts, counts):
         assert [s.name for s in result.steps] == DELETION_STEPS
         assert snapshot(stack, "companies", f"id IN ({','.join(map(str, ids))})") == doomed  # every row back as it was
         assert result.reinserted.conflicts_by_table == {} and result.containment_lifted and can_delete
-        assert httpx.get(f"{stack.app_url}/api/v1/companies?limit=1", headers={"X-API-Key": LEAKED_KEY}).status_code == 200
+        assert (
+            httpx.get(f"{stack.app_url}/api/v1/companies?limit=1", headers={"X-API-Key": LEAKED_KEY}).status_code == 200
+        )
         assert not [p for p in stack.pg_dir.iterdir() if ".side-" in p.name]
         assert containment[0] == containment[1] > 0
         assert counts["side restores launched"] == 1 and reinsertions == 1 and counts["rows re-inserted"] == len(ids)
@@ -218,17 +355,53 @@ async def test_accidental_deletion_recovery(stack, client, analyst, tmp_path, po
 
 # --- DatabaseFailover / DatabaseFailback ---------------------------------------------------------------------
 
-FAILOVER_STEPS = ["check standby", "approve", "stop application", "fence old primary", "promote standby",
-                  "repoint application", "start application", "verify a write"]
-FAILOVER_ACTIVITIES = ["approvers_for", "objectives_for", "cluster", "database_target", "check_standby",
-                       "stop_application", "fence_primary", "promote_standby", "repoint_application",
-                       "start_application", "check_write"]
-FAILBACK_STEPS = ["rejoin old primary as standby", "wait for catch-up", "approve", "stop application",
-                  "fence current primary", "promote old primary", "repoint and start application", "verify a write",
-                  "rejoin former standby"]
-FAILBACK_ACTIVITIES = ["approvers_for", "cluster", "rejoin_as_standby", "await_catch_up", "stop_application",
-                       "fence_primary", "promote_standby", "repoint_application", "start_application", "check_write",
-                       "rejoin_as_standby#2"]
+FAILOVER_STEPS = [
+    "check standby",
+    "approve",
+    "stop application",
+    "fence old primary",
+    "promote standby",
+    "repoint application",
+    "start application",
+    "verify a write",
+]
+FAILOVER_ACTIVITIES = [
+    "approvers_for",
+    "objectives_for",
+    "cluster",
+    "database_target",
+    "check_standby",
+    "stop_application",
+    "fence_primary",
+    "promote_standby",
+    "repoint_application",
+    "start_application",
+    "check_write",
+]
+FAILBACK_STEPS = [
+    "rejoin old primary as standby",
+    "wait for catch-up",
+    "approve",
+    "stop application",
+    "fence current primary",
+    "promote old primary",
+    "repoint and start application",
+    "verify a write",
+    "rejoin former standby",
+]
+FAILBACK_ACTIVITIES = [
+    "approvers_for",
+    "cluster",
+    "rejoin_as_standby",
+    "await_catch_up",
+    "stop_application",
+    "fence_primary",
+    "promote_standby",
+    "repoint_application",
+    "start_application",
+    "check_write",
+    "rejoin_as_standby#2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -256,11 +429,13 @@ async def ensure_serving(pair, client, want: str) -> None:
         return
     async with running_worker(client, pair) as queue:
         if want == "standby":
-            handle = await start_db_failover(client, DatabaseFailoverInput(incident_id=f"SET-{uuid.uuid4().hex[:6]}"),
-                                             queue)
+            handle = await start_db_failover(
+                client, DatabaseFailoverInput(incident_id=f"SET-{uuid.uuid4().hex[:6]}"), queue
+            )
         else:
-            handle = await start_db_failback(client, DatabaseFailbackInput(incident_id=f"SET-{uuid.uuid4().hex[:6]}"),
-                                             queue)
+            handle = await start_db_failback(
+                client, DatabaseFailbackInput(incident_id=f"SET-{uuid.uuid4().hex[:6]}"), queue
+            )
         await approve_when_asked(handle, approver="bob", reason="set up the crash case")
         await handle.result()
     assert serving(pair) == want
@@ -279,16 +454,26 @@ FAILBACK_DEFAULT = ["mid:rejoin_as_standby", "completed:fence_primary+restart", 
 
 def failover_points() -> list:
     """Failover and failback cases alternate, so that each leaves the pair where the next one starts."""
-    over = matrix(FAILOVER_DEFAULT, full_points(FAILOVER_ACTIVITIES, [],
-                                                ["stop_application", "fence_primary", "promote_standby",
-                                                 "repoint_application", "start_application"]))
-    back = matrix(FAILBACK_DEFAULT, full_points(FAILBACK_ACTIVITIES, ["rejoin_as_standby", "rejoin_as_standby#2",
-                                                                      "await_catch_up"],
-                                                ["stop_application", "start_application", "repoint_application"]))
+    over = matrix(
+        FAILOVER_DEFAULT,
+        full_points(
+            FAILOVER_ACTIVITIES,
+            [],
+            ["stop_application", "fence_primary", "promote_standby", "repoint_application", "start_application"],
+        ),
+    )
+    back = matrix(
+        FAILBACK_DEFAULT,
+        full_points(
+            FAILBACK_ACTIVITIES,
+            ["rejoin_as_standby", "rejoin_as_standby#2", "await_catch_up"],
+            ["stop_application", "start_application", "repoint_application"],
+        ),
+    )
     cases = []
     for i in range(max(len(over), len(back))):
-        cases += [pytest.param("DatabaseFailover", c, id=f"DatabaseFailover: {c}") for c in over[i:i + 1]]
-        cases += [pytest.param("DatabaseFailback", c, id=f"DatabaseFailback: {c}") for c in back[i:i + 1]]
+        cases += [pytest.param("DatabaseFailover", c, id=f"DatabaseFailover: {c}") for c in over[i : i + 1]]
+        cases += [pytest.param("DatabaseFailback", c, id=f"DatabaseFailback: {c}") for c in back[i : i + 1]]
     return cases
 
 
@@ -303,13 +488,15 @@ async def test_db_failover_and_failback(pair, stack, client, tmp_path, runbook, 
     writer = AcknowledgedWriter(current)
     if failover:  # commits until the fence stops the current primary (the standby is synchronous)
         writer.start()
-        async with asyncio.timeout(60):
+        async with asyncio.timeout(300):
             while len(writer.acknowledged) < 5:
                 await asyncio.sleep(0.05)
     else:  # the failback waits for the old primary to catch up: writes made before it, on the serving one
         with current.connect(DATABASE) as conn:
-            writer.acknowledged = [conn.execute("INSERT INTO app_write_checks DEFAULT VALUES RETURNING id")
-                                   .fetchone()[0] for _ in range(25)]
+            writer.acknowledged = [
+                conn.execute("INSERT INTO app_write_checks DEFAULT VALUES RETURNING id").fetchone()[0]
+                for _ in range(25)
+            ]
     inc = f"CF-{uuid.uuid4().hex[:8]}"
     queue = f"cf-{uuid.uuid4().hex[:8]}"
     wid = f"db-failover-{inc}" if failover else f"db-failback-{inc}"
@@ -318,11 +505,13 @@ async def test_db_failover_and_failback(pair, stack, client, tmp_path, runbook, 
         settings = {**pair.worker_settings(), "task_queue": queue, "temporal_address": stack.temporal_address}
         async with Crash(client, stack, settings, [queue], tmp_path, point, wid) as crash:
             if failover:
-                handle = await start_db_failover(client, DatabaseFailoverInput(incident_id=inc, heartbeat_timeout=HB),
-                                                 queue)
+                handle = await start_db_failover(
+                    client, DatabaseFailoverInput(incident_id=inc, heartbeat_timeout=HB), queue
+                )
             else:
-                handle = await start_db_failback(client, DatabaseFailbackInput(incident_id=inc, heartbeat_timeout=HB),
-                                                 queue)
+                handle = await start_db_failback(
+                    client, DatabaseFailbackInput(incident_id=inc, heartbeat_timeout=HB), queue
+                )
             crash.watch(handle)
             await crash.approve(handle, approver="bob")
             result = await crash.result(handle)
@@ -331,9 +520,11 @@ async def test_db_failover_and_failback(pair, stack, client, tmp_path, runbook, 
         if writer.is_alive():
             await asyncio.to_thread(writer.join, 120)
     # the server now serving must be the other one, one timeline further: promoted exactly once
-    counts = {"promotions (timelines)": timeline(other) - timeline0,
-              "app starts": app_starts(pair.logs / "app.log") - starts0,
-              "acknowledged writes lost": len(writer.acknowledged) - acknowledged_present(other, writer.acknowledged)}
+    counts = {
+        "promotions (timelines)": timeline(other) - timeline0,
+        "app starts": app_starts(pair.logs / "app.log") - starts0,
+        "acknowledged writes lost": len(writer.acknowledged) - acknowledged_present(other, writer.acknowledged),
+    }
     with reporting(runbook, point, crash.crashed, attempts, counts):
         assert [s.name for s in result.steps] == (FAILOVER_STEPS if failover else FAILBACK_STEPS)
         assert serving(pair) == ("standby" if failover else "primary")
@@ -343,25 +534,66 @@ async def test_db_failover_and_failback(pair, stack, client, tmp_path, runbook, 
             assert not current.is_running() and (current.data_dir / "standby.signal").exists()
         else:
             with standby.connect() as conn:
-                in_recovery, sender = conn.execute("SELECT pg_is_in_recovery(), (SELECT sender_port FROM "
-                                                   "pg_stat_wal_receiver)").fetchone()
+                in_recovery, sender = conn.execute(
+                    "SELECT pg_is_in_recovery(), (SELECT sender_port FROM pg_stat_wal_receiver)"
+                ).fetchone()
             assert in_recovery and sender == primary.port  # the original topology is back
 
 
 # --- RegionFailover / RegionFailback (moto, kmock, Statuspage fake) ------------------------------------------
 
-REGION_STEPS = ["plan", "verify primary is down", "check replica lag", "approve", "promote replica", "switch DNS",
-                "scale backup region", "verify backup region", "notify"]
-REGION_DEFAULT = ["mid:verify_primary_down", "completed:promote_rds_replica+restart", "scheduled:switch_dns",
-                  "returned:notify_failover"]
-REGION_ACTIVITIES = ["approvers_for", "objectives_for", "plan_region_failover", "verify_primary_down", "replica_lag",
-                     "promote_rds_replica", "switch_dns", "scale_region", "check_region_health", "notify_failover"]
-FAILBACK_REGION_STEPS = ["plan", "create home replica", "approve", "promote home replica", "switch DNS home",
-                         "scale home region", "verify home region", "scale serving region down", "notify"]
+REGION_STEPS = [
+    "plan",
+    "verify primary is down",
+    "check replica lag",
+    "approve",
+    "promote replica",
+    "switch DNS",
+    "scale backup region",
+    "verify backup region",
+    "notify",
+]
+REGION_DEFAULT = [
+    "mid:verify_primary_down",
+    "completed:promote_rds_replica+restart",
+    "scheduled:switch_dns",
+    "returned:notify_failover",
+]
+REGION_ACTIVITIES = [
+    "approvers_for",
+    "objectives_for",
+    "plan_region_failover",
+    "verify_primary_down",
+    "replica_lag",
+    "promote_rds_replica",
+    "switch_dns",
+    "scale_region",
+    "check_region_health",
+    "notify_failover",
+]
+FAILBACK_REGION_STEPS = [
+    "plan",
+    "create home replica",
+    "approve",
+    "promote home replica",
+    "switch DNS home",
+    "scale home region",
+    "verify home region",
+    "scale serving region down",
+    "notify",
+]
 FAILBACK_REGION_DEFAULT = ["scheduled:create_home_replica", "mid:switch_dns", "completed:scale_region"]
-FAILBACK_REGION_ACTIVITIES = ["approvers_for", "plan_region_failback", "create_home_replica", "promote_rds_replica",
-                              "switch_dns", "scale_region", "check_region_health", "scale_down_region",
-                              "notify_failover"]
+FAILBACK_REGION_ACTIVITIES = [
+    "approvers_for",
+    "plan_region_failback",
+    "create_home_replica",
+    "promote_rds_replica",
+    "switch_dns",
+    "scale_region",
+    "check_region_health",
+    "scale_down_region",
+    "notify_failover",
+]
 
 
 class CountingProxy(AwsProxy):
@@ -405,14 +637,25 @@ def sqs_messages(world) -> list[dict]:
 
 
 async def scale_patches(kmock) -> list[int]:
-    return [r.data["spec"]["replicas"] for r in kmock["patch"] if "status" not in (r.data or {})
-            and "spec" in (r.data or {})]
+    return [
+        r.data["spec"]["replicas"]
+        for r in kmock["patch"]
+        if "status" not in (r.data or {}) and "spec" in (r.data or {})
+    ]
 
 
-@pytest.mark.parametrize("point", matrix(
-    REGION_DEFAULT,
-    full_points(REGION_ACTIVITIES, ["verify_primary_down", "switch_dns"],
-                ["promote_rds_replica", "switch_dns", "scale_region", "notify_failover"])), ids=str)
+@pytest.mark.parametrize(
+    "point",
+    matrix(
+        REGION_DEFAULT,
+        full_points(
+            REGION_ACTIVITIES,
+            ["verify_primary_down", "switch_dns"],
+            ["promote_rds_replica", "switch_dns", "scale_region", "notify_failover"],
+        ),
+    ),
+    ids=str,
+)
 async def test_region_failover(stack, client, aws, world, kmock, tmp_path, point):
     primary, backup = Health(None), Health(200)
     status_page = FakeStatuspage()
@@ -425,11 +668,26 @@ async def test_region_failover(stack, client, aws, world, kmock, tmp_path, point
     raw = raw_settings(stack, proxy.url, world, kmock, primary, backup, queue, status_page=status_page)
     inc = f"CR-{world['tag']}"
     try:
-        async with Crash(client, stack, raw, [queue, raw["failover"]["regions"][BACKUP]["task_queue"]], tmp_path,
-                         point, f"region-failover-{inc}") as crash:
-            handle = await start_region_failover(client, RegionFailoverInput(
-                incident_id=inc, backup_region=BACKUP, health_checks=3, heartbeat_timeout=HB,
-                health_check_spacing=timedelta(milliseconds=200)), queue)
+        async with Crash(
+            client,
+            stack,
+            raw,
+            [queue, raw["failover"]["regions"][BACKUP]["task_queue"]],
+            tmp_path,
+            point,
+            f"region-failover-{inc}",
+        ) as crash:
+            handle = await start_region_failover(
+                client,
+                RegionFailoverInput(
+                    incident_id=inc,
+                    backup_region=BACKUP,
+                    health_checks=3,
+                    heartbeat_timeout=HB,
+                    health_check_spacing=timedelta(milliseconds=200),
+                ),
+                queue,
+            )
             crash.watch(handle)
             await crash.approve(handle)
             result = await crash.result(handle)
@@ -443,10 +701,14 @@ async def test_region_failover(stack, client, aws, world, kmock, tmp_path, point
         status_page.close()
     messages = sqs_messages(world)
     patches = await scale_patches(kmock)
-    counts = {"RDS promotions": proxy.count("PromoteReadReplica"), "Route53 change batches": len(proxy.changes),
-              "SNS messages": len(messages), "Statuspage incidents opened": len(status_page.incidents),
-              "Statuspage POSTs": sum(c.startswith("POST") for c in status_page.calls),
-              "k8s scale patches": len(patches)}
+    counts = {
+        "RDS promotions": proxy.count("PromoteReadReplica"),
+        "Route53 change batches": len(proxy.changes),
+        "SNS messages": len(messages),
+        "Statuspage incidents opened": len(status_page.incidents),
+        "Statuspage POSTs": sum(c.startswith("POST") for c in status_page.calls),
+        "k8s scale patches": len(patches),
+    }
     with reporting("RegionFailover", point, crash.crashed, attempts, counts):
         assert [s.name for s in result.steps] == REGION_STEPS
         [dns] = record(world)
@@ -455,15 +717,33 @@ async def test_region_failover(stack, client, aws, world, kmock, tmp_path, point
         assert dep.spec.replicas == 4 and set(patches) == {4}
         assert result.promoted.replica_id == world["replica"]
         assert {k: v for k, v in counts.items() if k != "k8s scale patches"} == {
-            "RDS promotions": 1, "Route53 change batches": 1, "SNS messages": 1, "Statuspage incidents opened": 1,
-            "Statuspage POSTs": 1}, counts
+            "RDS promotions": 1,
+            "Route53 change batches": 1,
+            "SNS messages": 1,
+            "Statuspage incidents opened": 1,
+            "Statuspage POSTs": 1,
+        }, counts
 
 
-@pytest.mark.parametrize("point", matrix(
-    FAILBACK_REGION_DEFAULT,
-    full_points(FAILBACK_REGION_ACTIVITIES, ["switch_dns"],
-                ["create_home_replica", "promote_rds_replica", "switch_dns", "scale_region", "scale_down_region",
-                 "notify_failover"])), ids=str)
+@pytest.mark.parametrize(
+    "point",
+    matrix(
+        FAILBACK_REGION_DEFAULT,
+        full_points(
+            FAILBACK_REGION_ACTIVITIES,
+            ["switch_dns"],
+            [
+                "create_home_replica",
+                "promote_rds_replica",
+                "switch_dns",
+                "scale_region",
+                "scale_down_region",
+                "notify_failover",
+            ],
+        ),
+    ),
+    ids=str,
+)
 async def test_region_failback(stack, client, aws, world, kmock, tmp_path, point):
     primary, backup = Health(None), Health(200)
     proxy = CountingProxy(aws)
@@ -478,19 +758,24 @@ async def test_region_failback(stack, client, aws, world, kmock, tmp_path, point
         inc = f"CB-{world['tag']}"
         queues = [queue] + [r["task_queue"] for r in raw["failover"]["regions"].values()]
         try:
-            async with Crash(client, stack, raw, queues, tmp_path / "failover", Case(), f"region-failover-{inc}") as setup:
-                failover = await start_region_failover(client, RegionFailoverInput(
-                    incident_id=inc, backup_region=BACKUP, health_checks=1), queue)
+            async with Crash(
+                client, stack, raw, queues, tmp_path / "failover", Case(), f"region-failover-{inc}"
+            ) as setup:
+                failover = await start_region_failover(
+                    client, RegionFailoverInput(incident_id=inc, backup_region=BACKUP, health_checks=1), queue
+                )
                 await setup.approve(failover)
                 await setup.result(failover)
             primary.status = 200  # the primary region is back
             sqs_messages(world)
             before = {a: proxy.count(a) for a in CountingProxy.COUNTED}
             changes0, patches0 = len(proxy.changes), len(await scale_patches(home_kmock))
-            async with Crash(client, stack, raw, queues, tmp_path / "failback", point,
-                             f"region-failback-{inc}") as crash:
-                handle = await start_region_failback(client, RegionFailbackInput(
-                    incident_id=inc, serving_region=BACKUP, heartbeat_timeout=HB), queue)
+            async with Crash(
+                client, stack, raw, queues, tmp_path / "failback", point, f"region-failback-{inc}"
+            ) as crash:
+                handle = await start_region_failback(
+                    client, RegionFailbackInput(incident_id=inc, serving_region=BACKUP, heartbeat_timeout=HB), queue
+                )
                 crash.watch(handle)
                 await crash.approve(handle)
                 result = await crash.result(handle)
@@ -504,10 +789,13 @@ async def test_region_failback(stack, client, aws, world, kmock, tmp_path, point
         home_dep = await asyncio.to_thread(k8s.AppsV1Api(api_client(home_kmock)).read_namespaced_deployment, NAME, NS)
         home_patches = (await scale_patches(home_kmock))[patches0:]
     away = await asyncio.to_thread(k8s.AppsV1Api(api_client(kmock)).read_namespaced_deployment, NAME, NS)
-    counts = {"home replicas created": proxy.count("CreateDBInstanceReadReplica") - before["CreateDBInstanceReadReplica"],
-              "RDS promotions": proxy.count("PromoteReadReplica") - before["PromoteReadReplica"],
-              "Route53 change batches": len(proxy.changes) - changes0,
-              "SNS messages": len(sqs_messages(world)), "k8s home scale patches": len(home_patches)}
+    counts = {
+        "home replicas created": proxy.count("CreateDBInstanceReadReplica") - before["CreateDBInstanceReadReplica"],
+        "RDS promotions": proxy.count("PromoteReadReplica") - before["PromoteReadReplica"],
+        "Route53 change batches": len(proxy.changes) - changes0,
+        "SNS messages": len(sqs_messages(world)),
+        "k8s home scale patches": len(home_patches),
+    }
     with reporting("RegionFailback", point, crash.crashed, attempts, counts):
         assert [s.name for s in result.steps] == FAILBACK_REGION_STEPS
         [dns] = record(world)
@@ -516,16 +804,25 @@ async def test_region_failback(stack, client, aws, world, kmock, tmp_path, point
         east = boto3.client("rds", region_name="us-east-1", endpoint_url=aws, **CREDS)
         assert east.describe_db_instances(DBInstanceIdentifier=result.replica.replica_id)["DBInstances"]
         assert {k: v for k, v in counts.items() if k != "k8s home scale patches"} == {
-            "home replicas created": 1, "RDS promotions": 1, "Route53 change batches": 1, "SNS messages": 1}, counts
+            "home replicas created": 1,
+            "RDS promotions": 1,
+            "Route53 change batches": 1,
+            "SNS messages": 1,
+        }, counts
 
 
 def test_the_default_matrix_covers_every_runbook_at_each_kind_of_point():
     """Issue 9's floor for the default run: every runbook at a scheduled, a completed and a mid point,
     and at least one Temporal server restart."""
-    default = {"DatabaseCorruptionRecovery": CORRUPTION_DEFAULT, "AccidentalDeletionRecovery": DELETION_DEFAULT,
-               "DatabaseFailover": FAILOVER_DEFAULT, "DatabaseFailback": FAILBACK_DEFAULT,
-               "RegionFailover": REGION_DEFAULT, "RegionFailback": FAILBACK_REGION_DEFAULT,
-               "Incident": INCIDENT_DEFAULT}
+    default = {
+        "DatabaseCorruptionRecovery": CORRUPTION_DEFAULT,
+        "AccidentalDeletionRecovery": DELETION_DEFAULT,
+        "DatabaseFailover": FAILOVER_DEFAULT,
+        "DatabaseFailback": FAILBACK_DEFAULT,
+        "RegionFailover": REGION_DEFAULT,
+        "RegionFailback": FAILBACK_REGION_DEFAULT,
+        "Incident": INCIDENT_DEFAULT,
+    }
     for runbook, specs in default.items():
         kinds = {p.kind for p in points(*specs)}
         # DatabaseFailover has no activity that heartbeats in every run: `returned` is its in-activity point
@@ -538,12 +835,22 @@ INCIDENT_DEFAULT = ["scheduled:send_notification", "returned:send_notification",
 
 # --- Incident (the parent workflow: notifications through the Redis delivery ledger) ----------------------
 
-@pytest.mark.parametrize("point", matrix(
-    INCIDENT_DEFAULT,
-    ["none", "scheduled:plan_incident", "completed:plan_incident"]
-    + [f"{kind}:send_notification#{n}" for kind in ("scheduled", "returned", "completed") for n in (1, 2, 3, 4)]
-    + ["scheduled:write_report", "returned:write_report", "completed:write_report",
-       "completed:send_notification#4+restart"]), ids=str)
+
+@pytest.mark.parametrize(
+    "point",
+    matrix(
+        INCIDENT_DEFAULT,
+        ["none", "scheduled:plan_incident", "completed:plan_incident"]
+        + [f"{kind}:send_notification#{n}" for kind in ("scheduled", "returned", "completed") for n in (1, 2, 3, 4)]
+        + [
+            "scheduled:write_report",
+            "returned:write_report",
+            "completed:write_report",
+            "completed:send_notification#4+restart",
+        ],
+    ),
+    ids=str,
+)
 async def test_incident(stack, client, notify_world, tmp_path, point):
     import redis
 
@@ -559,9 +866,17 @@ async def test_incident(stack, client, notify_world, tmp_path, point):
     inc, queue = f"INC-CM{uuid.uuid4().hex[:8]}", f"ci-{uuid.uuid4().hex[:8]}"
     raw = {**stack.worker_settings(), "task_queue": queue, "playbook_path": str(playbook), "notify": world.settings}
     async with Crash(client, stack, raw, [queue], tmp_path, point, inc) as crash:
-        handle = await open_incident(client, IncidentInput(
-            incident_id=inc, title="API answering 5xx", severity="P0", procedure="none",
-            services=["corporate-intel-api"]), queue)
+        handle = await open_incident(
+            client,
+            IncidentInput(
+                incident_id=inc,
+                title="API answering 5xx",
+                severity="P0",
+                procedure="none",
+                services=["corporate-intel-api"],
+            ),
+            queue,
+        )
         crash.watch(handle)
         if crash.points and crash.points[0].activity == "send_notification":  # the opening's messages
             async with asyncio.timeout(300):
@@ -582,11 +897,18 @@ async def test_incident(stack, client, notify_world, tmp_path, point):
         retried = sum(a > 1 for a in await activity_attempts(handle, "send_notification"))
     ledger = redis.Redis.from_url(stack.redis_url)
     channels = [k.decode().rsplit("/", 1)[1] for k in ledger.keys(f"drp:notify:{inc}/*")]
-    ledgered = {"slack": channels.count("incidents_slack"), "pager": channels.count("oncall_pager"),
-                "mail": sum(c.endswith("_email") for c in channels),
-                "status page": sum("status" in c for c in channels)}
-    received = {"slack": len(world.slack.messages), "pager": len(world.pages()), "mail": len(world.mail.messages),
-                "status page": sum(not c.startswith("GET") for c in world.page.calls)}
+    ledgered = {
+        "slack": channels.count("incidents_slack"),
+        "pager": channels.count("oncall_pager"),
+        "mail": sum(c.endswith("_email") for c in channels),
+        "status page": sum("status" in c for c in channels),
+    }
+    received = {
+        "slack": len(world.slack.messages),
+        "pager": len(world.pages()),
+        "mail": len(world.mail.messages),
+        "status page": sum(not c.startswith("GET") for c in world.page.calls),
+    }
     counts = {f"{c} sent/ledgered": f"{received[c]}/{ledgered[c]}" for c in received}
     with reporting("Incident", point, crash.crashed, attempts, counts):
         assert result.status == "resolved"
@@ -595,4 +917,3 @@ async def test_incident(stack, client, notify_world, tmp_path, point):
         assert all(received[c] >= ledgered[c] for c in received), counts
         assert sum(received.values()) - sum(ledgered.values()) <= retried, (counts, retried)
         assert ledgered["slack"] >= 2 and ledgered["pager"] >= 1  # opened and resolved
-

@@ -19,7 +19,7 @@ from models.db_corruption import DatabaseCorruptionInput
 from stack.corrupt import corrupt_table
 from stack.stack import DATABASE
 from starters.db_corruption import start_db_corruption
-from tests.conftest import activity_attempts, row_counts, wait_for_approval_gate
+from tests.conftest import RUN_WAIT, activity_attempts, row_counts, wait_for_approval_gate
 from workflows.db_corruption import DatabaseCorruptionRecovery
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,17 +27,26 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def spawn_worker(stack, queue: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     """A worker process on the stack's settings (plus DRP_* overrides in `env`), one that can be SIGKILLed."""
-    env = {**os.environ, "DRP_SETTINGS_FILE": str(stack.settings_file), "DRP_TASK_QUEUE": queue,
-           "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "workers.main"], env=env, stdout=open(log, "ab"),
-                            stderr=subprocess.STDOUT, cwd=ROOT)
+    env = {
+        **os.environ,
+        "DRP_SETTINGS_FILE": str(stack.settings_file),
+        "DRP_TASK_QUEUE": queue,
+        "PYTHONPATH": str(ROOT),
+        **(env or {}),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "workers.main"], env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, cwd=ROOT
+    )
 
 
 async def wait_for_poller(client, queue: str, worker: subprocess.Popen, timeout: float = 120) -> None:
     """Until the worker process polls the queue for workflow tasks (a loaded machine takes a while to
     import and connect one): a test that times what the run does must not time the worker's start-up."""
-    request = DescribeTaskQueueRequest(namespace=client.namespace, task_queue=TaskQueue(name=queue),
-                                       task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW)
+    request = DescribeTaskQueueRequest(
+        namespace=client.namespace,
+        task_queue=TaskQueue(name=queue),
+        task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+    )
     async with asyncio.timeout(timeout):
         while True:
             assert worker.poll() is None, f"the worker exited with {worker.returncode}"
@@ -47,7 +56,7 @@ async def wait_for_poller(client, queue: str, worker: subprocess.Popen, timeout:
             await asyncio.sleep(0.2)
 
 
-async def wait_for_activity(handle, activity_type: str, timeout: float = 180):
+async def wait_for_activity(handle, activity_type: str, timeout: float = RUN_WAIT):
     async with asyncio.timeout(timeout):
         while True:
             desc = await handle.describe()
@@ -67,11 +76,15 @@ async def test_worker_killed_during_restore_is_replaced_and_nothing_is_restored_
     second = None
     try:
         await wait_for_poller(client, queue, first)
-        handle = await start_db_corruption(client, DatabaseCorruptionInput(
-            incident_id=inc, database=DATABASE, heartbeat_timeout=timedelta(seconds=10)), queue)
+        handle = await start_db_corruption(
+            client,
+            DatabaseCorruptionInput(incident_id=inc, database=DATABASE, heartbeat_timeout=timedelta(seconds=10)),
+            queue,
+        )
         await wait_for_approval_gate(handle)
-        await handle.execute_update(DatabaseCorruptionRecovery.approve,
-                                    ApprovalRequest(approver="alice", reason="crash drill"))
+        await handle.execute_update(
+            DatabaseCorruptionRecovery.approve, ApprovalRequest(approver="alice", reason="crash drill")
+        )
         await wait_for_activity(handle, "restore_base_backup")
         async with asyncio.timeout(120):
             while not restore_pid.exists():  # the restore child is running
@@ -80,7 +93,7 @@ async def test_worker_killed_during_restore_is_replaced_and_nothing_is_restored_
         first.wait()
 
         second = spawn_worker(stack, queue, tmp_path / "worker2.log")
-        result = await asyncio.wait_for(handle.result(), timeout=180)
+        result = await asyncio.wait_for(handle.result(), timeout=RUN_WAIT)
     finally:
         for proc in (first, second):
             if proc and proc.poll() is None:
@@ -113,8 +126,9 @@ async def test_run_waiting_for_approval_survives_a_temporal_server_restart(stack
                 except Exception:  # noqa: BLE001 (server still starting)
                     await asyncio.sleep(0.5)
         assert progress.awaiting_approval == "restore"
-        await handle.execute_update(DatabaseCorruptionRecovery.approve,
-                                    ApprovalRequest(approver="alice", reason="after a server restart"))
-        result = await asyncio.wait_for(handle.result(), timeout=120)
+        await handle.execute_update(
+            DatabaseCorruptionRecovery.approve, ApprovalRequest(approver="alice", reason="after a server restart")
+        )
+        result = await asyncio.wait_for(handle.result(), timeout=RUN_WAIT)
     assert result.outcome == "recovered"
     assert {t: result.recovered_row_counts[t] for t in before} == before

@@ -35,10 +35,15 @@ def write_after_backup(stack, n: int = 25) -> None:
     with stack.postgres().connect(DATABASE) as conn:
         base = conn.execute("SELECT coalesce(max(id), 0) FROM companies").fetchone()[0]
         for i in range(base + 1, base + n + 1):
-            conn.execute("INSERT INTO companies (id, name, ticker, sector) VALUES (%s, %s, %s, 'Energy')",
-                         (i, f"Late Co {i}", f"L{i}"))
-            conn.execute("INSERT INTO filings (id, company_id, form_type, filed_on, body) "
-                         "SELECT coalesce(max(id), 0) + 1, %s, '8-K', current_date, 'late' FROM filings", (i,))
+            conn.execute(
+                "INSERT INTO companies (id, name, ticker, sector) VALUES (%s, %s, %s, 'Energy')",
+                (i, f"Late Co {i}", f"L{i}"),
+            )
+            conn.execute(
+                "INSERT INTO filings (id, company_id, form_type, filed_on, body) "
+                "SELECT coalesce(max(id), 0) + 1, %s, '8-K', current_date, 'late' FROM filings",
+                (i,),
+            )
 
 
 def processes(stack) -> tuple[int | None, int | None]:
@@ -51,9 +56,16 @@ async def test_corruption_on_disk_is_recovered_with_every_committed_row(stack, c
     corrupt_table(stack.postgres(), DATABASE, "companies")
     inc = incident()
     async with running_worker(client, stack) as queue:
-        handle = await start_db_corruption(client, DatabaseCorruptionInput(
-            incident_id=inc, database=DATABASE, severity="P1", expected_row_counts={"companies": before[
-                "public.companies"]}), queue)
+        handle = await start_db_corruption(
+            client,
+            DatabaseCorruptionInput(
+                incident_id=inc,
+                database=DATABASE,
+                severity="P1",
+                expected_row_counts={"companies": before["public.companies"]},
+            ),
+            queue,
+        )
         await wait_for_approval_gate(handle)
         metadata = await handle.query("__temporal_workflow_metadata", result_type=WorkflowMetadata)
         assert "approve" in metadata.current_details and "companies" in metadata.current_details
@@ -81,8 +93,9 @@ async def test_corruption_on_disk_is_recovered_with_every_committed_row(stack, c
 async def test_healthy_database_ends_the_run_without_touching_anything(stack, client):
     pids = processes(stack)
     async with running_worker(client, stack) as queue:
-        handle = await start_db_corruption(client, DatabaseCorruptionInput(incident_id=incident(),
-                                                                           database=DATABASE), queue)
+        handle = await start_db_corruption(
+            client, DatabaseCorruptionInput(incident_id=incident(), database=DATABASE), queue
+        )
         result = await handle.result()
     assert result.outcome == "no_corruption_found"
     assert [s.name for s in result.steps] == ["assess"]
@@ -106,8 +119,9 @@ async def test_approval_validation_and_timeout_leave_everything_as_it_was(stack,
 
         # The same incident may be run again after a failed run, and this time it is approved. Its
         # approval timeout is long: the refusals below must reach a run that is still waiting.
-        handle = await start_db_corruption(client, inp.model_copy(update={"approval_timeout": timedelta(hours=1)}),
-                                           queue)
+        handle = await start_db_corruption(
+            client, inp.model_copy(update={"approval_timeout": timedelta(hours=1)}), queue
+        )
         await wait_for_approval_gate(handle)
         with pytest.raises(WorkflowUpdateFailedError) as refused:
             await handle.execute_update("approve", {"approver": "alice", "reason": "   "})
@@ -126,8 +140,9 @@ async def test_approval_validation_and_timeout_leave_everything_as_it_was(stack,
 async def test_unknown_database_is_a_clear_error_and_changes_nothing(stack, client):
     pids = processes(stack)
     async with running_worker(client, stack) as queue:
-        handle = await start_db_corruption(client, DatabaseCorruptionInput(incident_id=incident(),
-                                                                           database="no_such_db"), queue)
+        handle = await start_db_corruption(
+            client, DatabaseCorruptionInput(incident_id=incident(), database="no_such_db"), queue
+        )
         with pytest.raises(WorkflowFailureError) as failed:
             await handle.result()
     assert failed.value.cause.cause.type == "UnknownDatabase"
@@ -135,17 +150,21 @@ async def test_unknown_database_is_a_clear_error_and_changes_nothing(stack, clie
     assert processes(stack) == pids
 
 
-@pytest.mark.parametrize("payload, complaint", [
-    ({"incident_id": "INC 1", "database": DATABASE}, "incident_id"),
-    ({"incident_id": "INC-1"}, "database"),
-    ({"incident_id": "INC-1", "database": DATABASE, "approval_timeout": "soon"}, "approval_timeout"),
-    (["INC-1", DATABASE], "DatabaseCorruptionInput"),
-])
+@pytest.mark.parametrize(
+    "payload, complaint",
+    [
+        ({"incident_id": "INC 1", "database": DATABASE}, "incident_id"),
+        ({"incident_id": "INC-1"}, "database"),
+        ({"incident_id": "INC-1", "database": DATABASE, "approval_timeout": "soon"}, "approval_timeout"),
+        (["INC-1", DATABASE], "DatabaseCorruptionInput"),
+    ],
+)
 async def test_malformed_input_from_the_web_ui_fails_the_run_with_the_reason(stack, client, payload, complaint):
     """The Web UI sends whatever JSON the operator typed, by workflow type name."""
     async with running_worker(client, stack) as queue:
-        handle = await client.start_workflow("DatabaseCorruptionRecovery", payload, id=f"ui-{incident()}",
-                                             task_queue=queue)
+        handle = await client.start_workflow(
+            "DatabaseCorruptionRecovery", payload, id=f"ui-{incident()}", task_queue=queue
+        )
         with pytest.raises(WorkflowFailureError) as failed:
             await handle.result()
     assert failed.value.cause.type == "ValidationError"
@@ -165,16 +184,21 @@ def test_assessment_names_a_damaged_table_whose_names_need_quoting(stack):
         with server.connect(database) as conn:
             conn.execute("CREATE EXTENSION amcheck")
             conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-            conn.execute(sql.SQL("CREATE TABLE {}.{} (id int PRIMARY KEY, body text)").format(
-                sql.Identifier(schema), sql.Identifier(table)))
-            conn.execute(sql.SQL("INSERT INTO {}.{} SELECT g, repeat('x', 200) FROM generate_series(1, 500) g")
-                         .format(sql.Identifier(schema), sql.Identifier(table)))
+            conn.execute(
+                sql.SQL("CREATE TABLE {}.{} (id int PRIMARY KEY, body text)").format(
+                    sql.Identifier(schema), sql.Identifier(table)
+                )
+            )
+            conn.execute(
+                sql.SQL("INSERT INTO {}.{} SELECT g, repeat('x', 200) FROM generate_series(1, 500) g").format(
+                    sql.Identifier(schema), sql.Identifier(table)
+                )
+            )
             conn.execute("CREATE TABLE healthy (id int)")
             quoted = conn.execute("SELECT format('%%I.%%I', %s::text, %s::text)", (schema, table)).fetchone()[0]
         corrupt_table(server, database, quoted)
 
-        found = ActivityEnvironment().run(PostgresActivities(server).assess_database,
-                                          AssessRequest(database=database))
+        found = ActivityEnvironment().run(PostgresActivities(server).assess_database, AssessRequest(database=database))
 
         assert found.server_reachable and found.amcheck_available
         assert found.corrupted_tables == [quoted]  # e.g. "Sales ""Q1"""."Orders é.v2"

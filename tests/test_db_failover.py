@@ -29,7 +29,16 @@ from starters.region_failover import start_region_failover
 from tests.conftest import approve_when_asked, own_stack, running_worker, wait_for_approval_gate
 from tests.test_archive_gaps import drp_start
 from tests.test_kubernetes_platform import fake_deployment_controller
-from tests.test_region_failover import BACKUP, NAME, NS, Health, deploy_backup, raw_settings, record, region_workers
+from tests.test_region_failover import (
+    BACKUP,
+    NAME,
+    NS,
+    Health,
+    deploy_backup,
+    raw_settings,
+    record,
+    region_workers,
+)
 from workers.settings import Settings
 from workflows.db_failover import DatabaseFailover
 
@@ -52,7 +61,8 @@ class AcknowledgedWriter(threading.Thread):
             with self.server.connect(DATABASE) as conn:
                 while True:
                     self.acknowledged.append(
-                        conn.execute("INSERT INTO app_write_checks DEFAULT VALUES RETURNING id").fetchone()[0])
+                        conn.execute("INSERT INTO app_write_checks DEFAULT VALUES RETURNING id").fetchone()[0]
+                    )
         except psycopg.Error:
             return  # the primary is gone
 
@@ -69,8 +79,9 @@ async def test_a_lagging_standby_is_refused_and_nothing_changes(pair, client):
         with primary.connect(DATABASE) as conn:
             conn.execute("INSERT INTO app_write_checks DEFAULT VALUES")
         async with running_worker(client, pair) as queue:
-            handle = await start_db_failover(client, DatabaseFailoverInput(incident_id=incident(), max_lag_bytes=0),
-                                             queue)
+            handle = await start_db_failover(
+                client, DatabaseFailoverInput(incident_id=incident(), max_lag_bytes=0), queue
+            )
             with pytest.raises(WorkflowFailureError) as failed:
                 await handle.result()
     finally:
@@ -121,8 +132,9 @@ async def test_failback_restores_the_topology_with_the_data_written_in_between(p
     """Runs after the failover above: the standby serves, the old primary is fenced."""
     primary, standby = pair.postgres(), pair.standby()
     with standby.connect(DATABASE) as conn:
-        in_between = [conn.execute("INSERT INTO app_write_checks DEFAULT VALUES RETURNING id").fetchone()[0]
-                      for _ in range(25)]
+        in_between = [
+            conn.execute("INSERT INTO app_write_checks DEFAULT VALUES RETURNING id").fetchone()[0] for _ in range(25)
+        ]
     async with running_worker(client, pair) as queue:
         handle = await start_db_failback(client, DatabaseFailbackInput(incident_id=incident()), queue)
         await approve_when_asked(handle, approver="bob", reason="region back")
@@ -135,8 +147,9 @@ async def test_failback_restores_the_topology_with_the_data_written_in_between(p
         present = {r[0] for r in conn.execute("SELECT id FROM app_write_checks")}
     assert set(in_between) <= present  # written on the standby while it was primary
     with standby.connect() as conn:
-        in_recovery, sender = conn.execute("SELECT pg_is_in_recovery(), (SELECT sender_port FROM "
-                                           "pg_stat_wal_receiver)").fetchone()
+        in_recovery, sender = conn.execute(
+            "SELECT pg_is_in_recovery(), (SELECT sender_port FROM pg_stat_wal_receiver)"
+        ).fetchone()
     assert in_recovery and sender == primary.port  # the original topology is back
 
 
@@ -152,12 +165,14 @@ async def test_region_failover_can_promote_the_self_managed_standby(pair, client
     raw["failover"]["database"] = "self-managed"
     try:
         async with region_workers(client, Settings(**raw)) as queue:
-            handle = await start_region_failover(client, RegionFailoverInput(
-                incident_id=incident(), backup_region=BACKUP, health_checks=1), queue)
+            handle = await start_region_failover(
+                client, RegionFailoverInput(incident_id=incident(), backup_region=BACKUP, health_checks=1), queue
+            )
             await wait_for_approval_gate(handle)
             # It holds the database lock: a DatabaseFailover of the same pair, from `drp`, is refused.
-            other = await drp_start(client, pair, queue, "failover", incident(),
-                              temporal=client.service_client.config.target_host)
+            other = await drp_start(
+                client, pair, queue, "failover", incident(), temporal=client.service_client.config.target_host
+            )
             with pytest.raises(WorkflowFailureError) as busy:
                 await other.result()
             assert busy.value.cause.type == "DatabaseBusy" and handle.id in busy.value.cause.message
@@ -177,8 +192,7 @@ async def test_region_failover_can_promote_the_self_managed_standby(pair, client
     assert "starters.db_failback" in result.failback
 
 
-async def test_failback_rebuilds_from_a_base_backup_when_pg_rewind_cannot_and_keeps_the_old_directory(pair,
-                                                                                                      client):
+async def test_failback_rebuilds_from_a_base_backup_when_pg_rewind_cannot_and_keeps_the_old_directory(pair, client):
     """Runs after the region failover above (the standby serves). The old primary's pg_control is
     made unreadable, so pg_rewind fails; the directory is moved aside, not deleted, and rebuilt."""
     primary = pair.postgres()
@@ -194,21 +208,22 @@ async def test_failback_rebuilds_from_a_base_backup_when_pg_rewind_cannot_and_ke
     assert result.write_check.served_by_port == primary.port
 
 
-async def test_a_corruption_recovery_after_failovers_follows_production_timeline_and_keeps_every_commit(pair,
-                                                                                                       client):
+async def test_a_corruption_recovery_after_failovers_follows_production_timeline_and_keeps_every_commit(pair, client):
     """Runs last: the failovers and failbacks above moved production several timelines past the pair's
     only base backup (timeline 1). The restore must replay along production's own history, through
     every history file and segment those promotions archived, and lose nothing."""
     primary = pair.postgres()
     with primary.connect(DATABASE) as conn:
         timeline = int(conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()[0][:8], 16)
-        acknowledged = [conn.execute("INSERT INTO app_write_checks DEFAULT VALUES RETURNING id").fetchone()[0]
-                        for _ in range(20)]
+        acknowledged = [
+            conn.execute("INSERT INTO app_write_checks DEFAULT VALUES RETURNING id").fetchone()[0] for _ in range(20)
+        ]
     assert timeline >= 3
     corrupt_table(primary, DATABASE, "metrics")
     async with running_worker(client, pair) as queue:
-        handle = await start_db_corruption(client, DatabaseCorruptionInput(incident_id=incident(),
-                                                                           database=DATABASE), queue)
+        handle = await start_db_corruption(
+            client, DatabaseCorruptionInput(incident_id=incident(), database=DATABASE), queue
+        )
         await approve_when_asked(handle, approver="bob", reason="restore after failovers")
         result = await handle.result()
     assert result.outcome == "recovered" and result.followed_timeline == timeline

@@ -6,7 +6,7 @@ import asyncio
 import re
 import signal
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 import redis
@@ -14,18 +14,26 @@ from temporalio.api.enums.v1 import PendingActivityState
 from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 from temporalio.service import RPCError
 
-from activities.report import read_report
+from adapters.reports import read_report
 from models.approval import ApprovalRequest
-from models.incident import (AckRequest, AlertNotice, AlertSummary, IncidentInput, IncidentStatus, ResolveRequest,
-                             SeverityChange)
+from models.incident import (
+    AckRequest,
+    AlertNotice,
+    AlertSummary,
+    IncidentInput,
+    IncidentStatus,
+    ResolveRequest,
+    SeverityChange,
+)
 from stack.corrupt import corrupt_table
 from stack.stack import DATABASE
 from starters.incident import open_incident
-from tests.conftest import query_timed_out, running_worker
+from tests.conftest import RUN_WAIT, query_timed_out, running_worker
 from tests.notify_world import incident_settings, short_playbook
 from tests.test_crash_survival import spawn_worker, wait_for_poller
 from tests.test_stack import drp
-from workers.main import build_s3
+from workers.clients import build_s3
+from workflows._runbook import Runbook
 from workflows.incident import Incident
 
 
@@ -33,7 +41,7 @@ def incident_id() -> str:
     return f"INC-T{uuid.uuid4().hex[:8]}"
 
 
-async def status_when(handle, check, timeout: float = 60) -> IncidentStatus:
+async def status_when(handle, check, timeout: float = 300) -> IncidentStatus:
     """Poll the incident's status query until `check(status)` holds; on timeout, show where it stood."""
     status = None
     try:
@@ -50,15 +58,18 @@ async def status_when(handle, check, timeout: float = 60) -> IncidentStatus:
                 await asyncio.sleep(0.1)
     except TimeoutError:
         timeline = "\n".join(f"{e.at:%H:%M:%S.%f} {e.kind} {e.text}" for e in (status.timeline if status else []))
-        raise AssertionError(f"incident never got there; status {status and status.status}, "
-                             f"level {status and status.level}:\n{timeline}") from None
+        raise AssertionError(
+            f"incident never got there; status {status and status.status}, level {status and status.level}:\n{timeline}"
+        ) from None
 
 
 async def refused(call, *args, retryable: bool = False) -> str:
     """The refusal's message; asserts the refusal says whether retrying it later could succeed."""
     with pytest.raises(WorkflowUpdateFailedError) as err:
         await call(*args)
-    assert err.value.cause.non_retryable is not retryable, f"{err.value.cause!r}: non_retryable should be {not retryable}"
+    assert err.value.cause.non_retryable is not retryable, (
+        f"{err.value.cause!r}: non_retryable should be {not retryable}"
+    )
     return str(err.value.cause)
 
 
@@ -68,9 +79,15 @@ async def test_alert_labels_open_a_p0_that_recovers_escalates_and_reports(stack,
     corrupt_table(stack.postgres(), DATABASE, "metrics")
     inc = incident_id()
     async with running_worker(client, stack, settings=lambda q: incident_settings(stack, q, world, playbook)) as queue:
-        handle = await open_incident(client, IncidentInput(
-            incident_id=inc, title="metrics table unreadable", labels={"alertname": "PostgresDataCorruption",
-                                                                        "datname": DATABASE}), queue)
+        handle = await open_incident(
+            client,
+            IncidentInput(
+                incident_id=inc,
+                title="metrics table unreadable",
+                labels={"alertname": "PostgresDataCorruption", "datname": DATABASE},
+            ),
+            queue,
+        )
         # The playbook's rule classified it P0 and started the db-corruption runbook with the label's database.
         status = await status_when(handle, lambda s: s.awaiting_approval == "restore")
         assert status.severity.value == "P0" and status.procedure == "db-corruption" and status.level == 1
@@ -83,25 +100,32 @@ async def test_alert_labels_open_a_p0_that_recovers_escalates_and_reports(stack,
 
         # Refusals: not on the P0 roster, an empty reason, a responder not in the playbook.
         assert "not on the roster" in await refused(
-            runbook.execute_update, "approve", ApprovalRequest(approver="carol", reason="on call"))
+            runbook.execute_update, Runbook.approve, ApprovalRequest(approver="carol", reason="on call")
+        )
         assert "reason must not be empty" in await refused(
-            runbook.execute_update, "approve", {"approver": "alice", "reason": " "})
+            runbook.execute_update, "approve", {"approver": "alice", "reason": " "}
+        )
         assert "not in the playbook's people" in await refused(
-            handle.execute_update, Incident.acknowledge, AckRequest(by="mallory"))
+            handle.execute_update, Incident.acknowledge, AckRequest(by="mallory")
+        )
         assert "still running" in await refused(  # the runbook will finish: this one may be retried
-            handle.execute_update, Incident.resolve, ResolveRequest(by="alice", reason="too early"), retryable=True)
+            handle.execute_update, Incident.resolve, ResolveRequest(by="alice", reason="too early"), retryable=True
+        )
 
         ack = await handle.execute_update(Incident.acknowledge, AckRequest(by="carol", note="looking"))
         assert ack.level == 2
-        assert "already acknowledged" in await refused(handle.execute_update, Incident.acknowledge,
-                                                       AckRequest(by="bob"))
-        await runbook.execute_update("approve", ApprovalRequest(approver="bob", reason="restore from backup"))
+        assert "already acknowledged" in await refused(
+            handle.execute_update, Incident.acknowledge, AckRequest(by="bob")
+        )
+        await runbook.execute_update(Runbook.approve, ApprovalRequest(approver="bob", reason="restore from backup"))
         assert "already approved by bob" in await refused(
-            runbook.execute_update, "approve", ApprovalRequest(approver="alice", reason="me too"))
+            runbook.execute_update, Runbook.approve, ApprovalRequest(approver="alice", reason="me too")
+        )
 
-        await status_when(handle, lambda s: s.status == "recovered", timeout=120)
+        await status_when(handle, lambda s: s.status == "recovered", timeout=RUN_WAIT)
         assert "not on the P0 roster" in await refused(
-            handle.execute_update, Incident.resolve, ResolveRequest(by="carol", reason="looks good"))
+            handle.execute_update, Incident.resolve, ResolveRequest(by="carol", reason="looks good")
+        )
         await handle.execute_update(Incident.resolve, ResolveRequest(by="alice", reason="verified by the DBA"))
         result = await handle.result()
         child = await runbook.result()
@@ -119,7 +143,9 @@ async def test_alert_labels_open_a_p0_that_recovers_escalates_and_reports(stack,
     for rcpts, mail in world.mail.messages:
         subjects.setdefault(tuple(rcpts), []).append(mail["Subject"])
     assert subjects[("customers@corporate-intel.example",)] == [
-        "Service Disruption - Corporate Intelligence Platform", f"Resolved: metrics table unreadable ({inc})"]
+        "Service Disruption - Corporate Intelligence Platform",
+        f"Resolved: metrics table unreadable ({inc})",
+    ]
     assert subjects[("dba@corporate-intel.example",)] == [f"[P0] approval needed: restore ({inc})"]  # level 2
     message_ids = [m["Message-ID"] for _, m in world.mail.messages]
     assert len(message_ids) == len(set(message_ids))
@@ -128,7 +154,9 @@ async def test_alert_labels_open_a_p0_that_recovers_escalates_and_reports(stack,
     # then to level 2 when it escalated.
     assert [p["Subject"] for p in pages][:3] == [
         "[P0] PAGE level 1 (On-Call Engineer): metrics table unreadable",
-        f"[P0] approval needed: restore ({inc})", f"[P0] approval needed: restore ({inc})"]
+        f"[P0] approval needed: restore ({inc})",
+        f"[P0] approval needed: restore ({inc})",
+    ]
     assert pages[0]["MessageAttributes"]["incident_id"]["Value"] == inc
     [page] = world.page.incidents.values()
     assert page["status"] == "resolved" and f"[{inc}]" in page["name"] and len(page["updates"]) >= 3
@@ -142,7 +170,7 @@ async def test_alert_labels_open_a_p0_that_recovers_escalates_and_reports(stack,
     assert len(rows) == kinds.index("report")  # everything before the report was written
     positions = [timeline.index(f"| step | {step['name']}: ok") for step in child["steps"]]
     assert positions == sorted(positions) and len(positions) == len(child["steps"])
-    assert timeline.count("| message |") == kinds[:kinds.index("report")].count("message") > 5
+    assert timeline.count("| message |") == kinds[: kinds.index("report")].count("message") > 5
     assert "**RTO Target:** 2h 00m 00s" in report and "**RPO Target:** 5m 00s" in report
     assert f"**Actual:** {_human(child['rto_actual'])}" in report
     assert f"**RPO Target:** 5m 00s | **Actual:** {_human(child['rpo_actual'])}" in report
@@ -154,14 +182,23 @@ async def test_alert_labels_open_a_p0_that_recovers_escalates_and_reports(stack,
 
 
 async def test_cadence_and_escalation_survive_a_worker_sigkill_without_double_posts(
-        stack, client, notify_world, tmp_path):
+    stack, client, notify_world, tmp_path
+):
     world = notify_world
     # Level 2 comes 4 s in; level 3 at 30 s leaves the test time to acknowledge level 2 however slow the
     # machine is (the test waits for each state; nothing here is timed by the test's own clock).
-    playbook = short_playbook(tmp_path, levels=("0s", "4s", "30s", "1h"), repage_every="1s",
-                              status_update_every="2s", status_page_update_every="2s")
-    env = {"DRP_PLAYBOOK_PATH": str(playbook), "DRP_STICKY_QUEUE_TIMEOUT": "1s",
-           **{f"DRP_NOTIFY__{key.upper()}": str(value) for key, value in world.settings.items()}}
+    playbook = short_playbook(
+        tmp_path,
+        levels=("0s", "4s", "30s", "1h"),
+        repage_every="1s",
+        status_update_every="2s",
+        status_page_update_every="2s",
+    )
+    env = {
+        "DRP_PLAYBOOK_PATH": str(playbook),
+        "DRP_STICKY_QUEUE_TIMEOUT": "1s",
+        **{f"DRP_NOTIFY__{key.upper()}": str(value) for key, value in world.settings.items()},
+    }
     inc, queue = incident_id(), f"cadence-{uuid.uuid4().hex[:8]}"
     first = spawn_worker(stack, queue, tmp_path / "worker1.log", env)
     second = None
@@ -169,27 +206,38 @@ async def test_cadence_and_escalation_survive_a_worker_sigkill_without_double_po
         # The escalation clock starts at the opening: a worker still importing would fold level 1's
         # re-pages into one. Open when it polls.
         await wait_for_poller(client, queue, first)
-        handle = await open_incident(client, IncidentInput(
-            incident_id=inc, title="API answering 5xx", severity="P0", procedure="none",
-            services=["corporate-intel-api"]), queue)
+        handle = await open_incident(
+            client,
+            IncidentInput(
+                incident_id=inc,
+                title="API answering 5xx",
+                severity="P0",
+                procedure="none",
+                services=["corporate-intel-api"],
+            ),
+            queue,
+        )
         # Into the cadence: level 1 paged and re-paged, then the worker dies.
         await status_when(handle, lambda s: sum("paging level 1" in e.text for e in s.timeline) >= 2)
-        killed_at = (datetime.now(timezone.utc) - (await handle.describe()).start_time).total_seconds()
+        killed_at = (datetime.now(UTC) - (await handle.describe()).start_time).total_seconds()
         first.send_signal(signal.SIGKILL)
         assert first.wait(10) == -signal.SIGKILL
         # Deliveries the dead worker had started: one of them may have reached its provider without
         # reaching the ledger (the documented repeat; a loaded machine widens that window).
         started = PendingActivityState.PENDING_ACTIVITY_STATE_STARTED
-        cut = sum(a.activity_type.name == "send_notification" and a.state == started
-                  for a in (await handle.describe()).raw_description.pending_activities)
+        cut = sum(
+            a.activity_type.name == "send_notification" and a.state == started
+            for a in (await handle.describe()).raw_description.pending_activities
+        )
         second = spawn_worker(stack, queue, tmp_path / "worker2.log", env)
         await wait_for_poller(client, queue, second)
 
         await status_when(handle, lambda s: s.level >= 2)
         ack = await handle.execute_update(Incident.acknowledge, AckRequest(by="bob", note="on it"))
         assert ack.level == 2
-        await status_when(handle, lambda s: sum("paging level 3" in e.text for e in s.timeline) >= 2,
-                          timeout=120)  # paged, then re-paged
+        await status_when(
+            handle, lambda s: sum("paging level 3" in e.text for e in s.timeline) >= 2, timeout=120
+        )  # paged, then re-paged
         await handle.execute_update(Incident.resolve, ResolveRequest(by="alice", reason="mitigated by hand"))
         result = await handle.result()
     finally:
@@ -207,9 +255,11 @@ async def test_cadence_and_escalation_survive_a_worker_sigkill_without_double_po
     # No double posts: each channel received what the ledger says was delivered, once per key, except at
     # most the deliveries the SIGKILL cut between the provider's answer and the ledger write.
     received = {"slack": len(world.slack.messages), "pager": len(world.pages()), "mail": len(world.mail.messages)}
-    ledgered = {"slack": len(by_channel["incidents_slack"]), "pager": len(by_channel["oncall_pager"]),
-                "mail": sum(len(by_channel.get(c, [])) for c in ("customer_email", "exec_email", "dba_email",
-                                                                   "ceo_email"))}
+    ledgered = {
+        "slack": len(by_channel["incidents_slack"]),
+        "pager": len(by_channel["oncall_pager"]),
+        "mail": sum(len(by_channel.get(c, [])) for c in ("customer_email", "exec_email", "dba_email", "ceo_email")),
+    }
     assert all(received[c] >= ledgered[c] for c in received), (received, ledgered)
     assert sum(received.values()) - sum(ledgered.values()) <= cut, (received, ledgered, cut)
     # The status update ticks, every 2 s from the opening, each once; while no worker ran, the ticks
@@ -238,10 +288,12 @@ async def test_cadence_and_escalation_survive_a_worker_sigkill_without_double_po
 async def test_escalation_timers_survive_a_temporal_server_restart(stack, client, notify_world, tmp_path):
     playbook = short_playbook(tmp_path, levels=("0s", "5s", "1h", "2h"))  # P0: level 2 after 5 s
     inc = incident_id()
-    async with running_worker(client, stack,
-                              settings=lambda q: incident_settings(stack, q, notify_world, playbook)) as queue:
-        handle = await open_incident(client, IncidentInput(incident_id=inc, title="API answering 5xx",
-                                                           severity="P0", procedure="none"), queue)
+    async with running_worker(
+        client, stack, settings=lambda q: incident_settings(stack, q, notify_world, playbook)
+    ) as queue:
+        handle = await open_incident(
+            client, IncidentInput(incident_id=inc, title="API answering 5xx", severity="P0", procedure="none"), queue
+        )
         await status_when(handle, lambda s: s.level == 1)
         stack.restart_temporal()  # same port and store: the timers are in it
         async with asyncio.timeout(120):
@@ -260,26 +312,36 @@ async def test_escalation_timers_survive_a_temporal_server_restart(stack, client
     assert len(texts) == len(set(texts)) and sum("PAGE level 2" in t for t in texts) == 1
 
 
-async def test_a_failed_runbook_is_closed_by_a_person_and_reported_as_failed(stack, client, notify_world,
-                                                                              tmp_path):
+async def test_a_failed_runbook_is_closed_by_a_person_and_reported_as_failed(stack, client, notify_world, tmp_path):
     playbook = short_playbook(tmp_path)
     inc = incident_id()
-    async with running_worker(client, stack,
-                              settings=lambda q: incident_settings(stack, q, notify_world, playbook)) as queue:
+    async with running_worker(
+        client, stack, settings=lambda q: incident_settings(stack, q, notify_world, playbook)
+    ) as queue:
         with pytest.raises(WorkflowFailureError) as mismatch:  # the Web UI's ID field must be the incident ID
-            await (await client.start_workflow(Incident.run, IncidentInput(incident_id=inc, title="x"),
-                                               id=f"other-{inc}", task_queue=queue)).result()
+            await (
+                await client.start_workflow(
+                    Incident.run, IncidentInput(incident_id=inc, title="x"), id=f"other-{inc}", task_queue=queue
+                )
+            ).result()
         assert mismatch.value.cause.type == "WorkflowIdMismatch"
-        handle = await open_incident(client, IncidentInput(
-            incident_id=inc, title="corruption alert for a database that is not there",
-            labels={"alertname": "PostgresDataCorruption", "datname": "no_such_db"}), queue)
+        handle = await open_incident(
+            client,
+            IncidentInput(
+                incident_id=inc,
+                title="corruption alert for a database that is not there",
+                labels={"alertname": "PostgresDataCorruption", "datname": "no_such_db"},
+            ),
+            queue,
+        )
         status = await status_when(handle, lambda s: s.status == "runbook failed")
         assert any("UnknownDatabase" in e.text or "no_such_db" in e.text for e in status.timeline)
         await handle.execute_update(Incident.resolve, ResolveRequest(by="alice", reason="false alarm, db renamed"))
         result = await handle.result()
     assert result.status == "closed"
-    report = read_report(build_s3(incident_settings(stack, "q", notify_world, playbook)), "s3://drp-backups/reports",
-                         inc)
+    report = read_report(
+        build_s3(incident_settings(stack, "q", notify_world, playbook)), "s3://drp-backups/reports", inc
+    )
     assert "The db-corruption runbook failed:" in report and "Closed by alice: false alarm, db renamed" in report
 
 
@@ -290,12 +352,25 @@ async def test_the_cli_opens_acknowledges_resolves_and_prints_the_report(stack, 
     async def cli(*args: str):
         return await asyncio.to_thread(drp, *state, *args)
 
-    async with running_worker(client, stack,
-                              settings=lambda q: incident_settings(stack, q, notify_world, playbook)) as queue:
+    async with running_worker(
+        client, stack, settings=lambda q: incident_settings(stack, q, notify_world, playbook)
+    ) as queue:
         wrong = await cli("incident", "open", "--title", "x", "--procedure", "db-corrupt", "--task-queue", queue)
         assert wrong.returncode == 2 and "unknown procedure 'db-corrupt'" in wrong.stderr
-        opened = await cli("incident", "open", "--title", "Checkout latency", "--severity", "P1", "--procedure",
-                           "none", "--service", "checkout", "--task-queue", queue)
+        opened = await cli(
+            "incident",
+            "open",
+            "--title",
+            "Checkout latency",
+            "--severity",
+            "P1",
+            "--procedure",
+            "none",
+            "--service",
+            "checkout",
+            "--task-queue",
+            queue,
+        )
         assert opened.returncode == 0, opened.stderr
         inc = opened.stdout.split()[-1]
         assert re.fullmatch(r"INC-\d{8}-\d{3}", inc)
@@ -304,7 +379,9 @@ async def test_the_cli_opens_acknowledges_resolves_and_prints_the_report(stack, 
         shown = await cli("incident", "status", inc)
         assert f"{inc} P1 investigating level 1" in shown.stdout and "escalation" in shown.stdout
 
-        raised = await cli("incident", "severity", inc, "--severity", "P0", "--by", "alice", "--reason", "checkout down")
+        raised = await cli(
+            "incident", "severity", inc, "--severity", "P0", "--by", "alice", "--reason", "checkout down"
+        )
         assert raised.returncode == 0 and f"{inc}: now P0" in raised.stdout, raised.stderr
         same = await cli("incident", "severity", inc, "--severity", "P0", "--by", "alice", "--reason", "again")
         assert same.returncode == 2 and "already P0" in same.stderr
@@ -329,47 +406,72 @@ async def test_the_cli_opens_acknowledges_resolves_and_prints_the_report(stack, 
 
 
 def _human(iso: str) -> str:
-    from activities.report import _human as human
-    from activities.report import _measured
+    from adapters.reports import human, measured
 
-    return human(_measured(iso))
+    return human(measured(iso))
 
 
 async def test_an_incident_continues_as_new_carrying_its_state_and_still_resolves_and_reports(
-        stack, client, notify_world, tmp_path):
+    stack, client, notify_world, tmp_path
+):
     """A long incident's history is cut by continue-as-new (here after 150 events instead of Temporal's
     suggestion at thousands): severity, acknowledgement, runbook outcome, timeline and the cadence's
     sent ticks cross into the next run; nothing is sent twice; the report covers both runs."""
     world = notify_world
     playbook = short_playbook(tmp_path)  # P0: status updates every 2 s, status page every 3 s
     inc = incident_id()
-    async with running_worker(client, stack,
-                              settings=lambda q: incident_settings(stack, q, world, playbook)) as queue:
-        handle = await open_incident(client, IncidentInput(
-            incident_id=inc, title="checksum alert on a healthy database", severity="P1",
-            procedure="db-corruption", runbook_input={"database": DATABASE}, continue_as_new_after=150), queue)
+    async with running_worker(client, stack, settings=lambda q: incident_settings(stack, q, world, playbook)) as queue:
+        handle = await open_incident(
+            client,
+            IncidentInput(
+                incident_id=inc,
+                title="checksum alert on a healthy database",
+                severity="P1",
+                procedure="db-corruption",
+                runbook_input={"database": DATABASE},
+                continue_as_new_after=150,
+            ),
+            queue,
+        )
         # The runbook finds no corruption; the incident does not continue while its child runs.
-        await status_when(handle, lambda s: s.status == "recovered", timeout=120)
+        await status_when(handle, lambda s: s.status == "recovered", timeout=RUN_WAIT)
         # Two people raise it at once: the lock lets one re-classify, the other finds it done.
-        raised = await asyncio.gather(*(
-            handle.execute_update(Incident.set_severity, SeverityChange(severity="P0", by=by, reason="customers"))
-            for by in ("alice", "bob")), return_exceptions=True)
+        raised = await asyncio.gather(
+            *(
+                handle.execute_update(Incident.set_severity, SeverityChange(severity="P0", by=by, reason="customers"))
+                for by in ("alice", "bob")
+            ),
+            return_exceptions=True,
+        )
         assert sum(not isinstance(r, Exception) for r in raised) == 1
         [refusal] = [r for r in raised if isinstance(r, Exception)]
         assert isinstance(refusal, WorkflowUpdateFailedError) and "already P0" in str(refusal.cause)
         ack = await handle.execute_update(Incident.acknowledge, AckRequest(by="carol", note="watching"))
         # A storm's notification listed one alert and left 7 out (Alertmanager's max_alerts).
-        storm = AlertNotice(group_key="{}:{alertname=\"Storm\"}", status="firing", receiver="drp", truncated=7,
-                            alerts=[AlertSummary(fingerprint="f1", status="firing", labels={"alertname": "Storm"},
-                                                 starts_at=datetime.now(timezone.utc))])
+        storm = AlertNotice(
+            group_key='{}:{alertname="Storm"}',
+            status="firing",
+            receiver="drp",
+            truncated=7,
+            alerts=[
+                AlertSummary(
+                    fingerprint="f1", status="firing", labels={"alertname": "Storm"}, starts_at=datetime.now(UTC)
+                )
+            ],
+        )
         await handle.signal(Incident.alert, storm)
         await status_when(handle, lambda s: any("7 more alerts" in e.text for e in s.timeline))
 
-        status = await status_when(handle, lambda s: s.run >= 2, timeout=120)
+        status = await status_when(handle, lambda s: s.run >= 2, timeout=RUN_WAIT)
         assert (status.severity.value, status.status, status.level, status.acknowledged_level) == (
-            "P0", "recovered", 1, 1)
-        assert "already acknowledged" in await refused(handle.execute_update, Incident.acknowledge,
-                                                       AckRequest(by="bob"))
+            "P0",
+            "recovered",
+            1,
+            1,
+        )
+        assert "already acknowledged" in await refused(
+            handle.execute_update, Incident.acknowledge, AckRequest(by="bob")
+        )
         continued = len(status.timeline)
         sent_before = len(world.slack_texts())
         await handle.signal(Incident.alert, storm)  # the same notification again, in the new run

@@ -25,16 +25,31 @@ def cli_env(stack, queue: str) -> dict:
 
 
 async def scheduled_activities(handle) -> list[str]:
-    return [e.activity_task_scheduled_event_attributes.activity_type.name async for e in handle.fetch_history_events()
-            if e.HasField("activity_task_scheduled_event_attributes")]
+    return [
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        async for e in handle.fetch_history_events()
+        if e.HasField("activity_task_scheduled_event_attributes")
+    ]
 
 
 async def test_a_time_without_a_zone_on_the_cli_is_one_line_and_starts_nothing(stack, client):
     incident = f"TZ-{uuid.uuid4().hex[:8]}"
     done = await asyncio.to_thread(
-        drp, "--state-dir", str(stack.state_dir), "start", "deletion", "--incident", incident, "--database", DATABASE,
-        "--window-start", "2026-11-29T07:00:00", "--window-end", "2026-11-29T09:00:00+01:00",
-        env=cli_env(stack, f"test-{uuid.uuid4().hex[:10]}"))
+        drp,
+        "--state-dir",
+        str(stack.state_dir),
+        "start",
+        "deletion",
+        "--incident",
+        incident,
+        "--database",
+        DATABASE,
+        "--window-start",
+        "2026-11-29T07:00:00",
+        "--window-end",
+        "2026-11-29T09:00:00+01:00",
+        env=cli_env(stack, f"test-{uuid.uuid4().hex[:10]}"),
+    )
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "window_start" in done.stderr and "add Z or an offset" in done.stderr
@@ -42,21 +57,43 @@ async def test_a_time_without_a_zone_on_the_cli_is_one_line_and_starts_nothing(s
         await client.get_workflow_handle(f"accidental-deletion-{incident}").describe()
 
 
-@pytest.mark.parametrize("workflow_type, body", [
-    ("AccidentalDeletionRecovery", {"database": DATABASE, "window_start": "2026-11-29T07:00:00",
-                                    "window_end": "2026-11-29T09:00:00+01:00"}),
-    ("DatabaseCorruptionRecovery", {"database": DATABASE, "incident_started_at": "2026-11-29T08:25:00"}),
-    ("DatabaseCorruptionRecovery", {"database": DATABASE, "no_such_field": 1}),
-])
+@pytest.mark.parametrize(
+    "workflow_type, body",
+    [
+        (
+            "AccidentalDeletionRecovery",
+            {"database": DATABASE, "window_start": "2026-11-29T07:00:00", "window_end": "2026-11-29T09:00:00+01:00"},
+        ),
+        ("DatabaseCorruptionRecovery", {"database": DATABASE, "incident_started_at": "2026-11-29T08:25:00"}),
+        ("DatabaseCorruptionRecovery", {"database": DATABASE, "no_such_field": 1}),
+    ],
+)
 async def test_bad_input_from_the_web_ui_fails_the_run_at_once(stack, client, workflow_type, body):
     """`temporal workflow start --input` is what the Web UI's Start Workflow sends: a bad input fails the run
     with a ValidationError before any step, instead of failing its workflow task for ever."""
     incident = f"UI-{uuid.uuid4().hex[:8]}"
     async with running_worker(client, stack) as queue:
-        start = await asyncio.to_thread(subprocess.run, [
-            str(TEMPORAL), "workflow", "start", "--address", stack.temporal_address, "--task-queue", queue,
-            "--type", workflow_type, "--workflow-id", f"ui-{incident}",
-            "--input", json.dumps({"incident_id": incident, **body})], capture_output=True, text=True, timeout=30)
+        start = await asyncio.to_thread(
+            subprocess.run,
+            [
+                str(TEMPORAL),
+                "workflow",
+                "start",
+                "--address",
+                stack.temporal_address,
+                "--task-queue",
+                queue,
+                "--type",
+                workflow_type,
+                "--workflow-id",
+                f"ui-{incident}",
+                "--input",
+                json.dumps({"incident_id": incident, **body}),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert start.returncode == 0, start.stderr
         handle = client.get_workflow_handle(f"ui-{incident}")
         with pytest.raises(WorkflowFailureError) as failed:
@@ -71,10 +108,29 @@ async def test_an_undecodable_payload_fails_the_run_at_once(stack, client):
     """Not JSON at all: the decoding error, whatever its kind, is a ValidationError that fails the run."""
     incident = f"UI-{uuid.uuid4().hex[:8]}"
     async with running_worker(client, stack) as queue:
-        start = await asyncio.to_thread(subprocess.run, [
-            str(TEMPORAL), "workflow", "start", "--address", stack.temporal_address, "--task-queue", queue,
-            "--type", "AccidentalDeletionRecovery", "--workflow-id", f"ui-{incident}", "--input", "not json",
-            "--input-meta", "encoding=binary/plain"], capture_output=True, text=True, timeout=30)
+        start = await asyncio.to_thread(
+            subprocess.run,
+            [
+                str(TEMPORAL),
+                "workflow",
+                "start",
+                "--address",
+                stack.temporal_address,
+                "--task-queue",
+                queue,
+                "--type",
+                "AccidentalDeletionRecovery",
+                "--workflow-id",
+                f"ui-{incident}",
+                "--input",
+                "not json",
+                "--input-meta",
+                "encoding=binary/plain",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert start.returncode == 0, start.stderr
         handle = client.get_workflow_handle(f"ui-{incident}")
         with pytest.raises(WorkflowFailureError) as failed:
@@ -86,12 +142,15 @@ async def test_an_undecodable_payload_fails_the_run_at_once(stack, client):
 def test_every_command_reads_settings_from_the_state_dir(tmp_path):
     """`drp --state-dir X audit install` reads X's settings like every other command: without them, one line."""
     env = {k: v for k, v in os.environ.items() if k != "DRP_SETTINGS_FILE"}
-    done = drp("--state-dir", str(tmp_path), "audit", "install", "--database", "corp-intel", "--tables", "Orders",
-               env=env)
+    done = drp(
+        "--state-dir", str(tmp_path), "audit", "install", "--database", "corp-intel", "--tables", "Orders", env=env
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [
         f"drp: no settings in {tmp_path}: {tmp_path}/settings.json does not exist (`drp --state-dir {tmp_path} "
-        "stack up` writes it; or set DRP_SETTINGS_FILE)"]
+        "stack up` writes it; or set DRP_SETTINGS_FILE)"
+    ]
     bad = drp("--state-dir", str(tmp_path), "audit", "install", "--database", "x", "--tables", 'a."b', env=env)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "drp: --tables: 'a.\"b': a quoted name is not closed"]
+        "drp: --tables: 'a.\"b': a quoted name is not closed"
+    ]

@@ -12,7 +12,7 @@ import pytest
 from kubernetes import client as k8s
 from temporalio.exceptions import ApplicationError
 
-from activities.platforms import REPLICAS_ANNOTATION, KubernetesPlatform
+from adapters.platforms import REPLICAS_ANNOTATION, KubernetesPlatform
 
 NS, NAME = "prod", "corporate-intel-api"
 LABELS = {"app": "corporate-intel"}
@@ -30,16 +30,30 @@ def platform(kmock, **kwargs) -> KubernetesPlatform:
 
 async def deploy(kmock, replicas: int) -> None:
     apps, core = k8s.AppsV1Api(api_client(kmock)), k8s.CoreV1Api(api_client(kmock))
-    await asyncio.to_thread(apps.create_namespaced_deployment, NS, {
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": NAME, "namespace": NS},
-        "spec": {"replicas": replicas, "selector": {"matchLabels": LABELS},
-                 "template": {"metadata": {"labels": LABELS}, "spec": {"containers": [{"name": "api",
-                                                                                      "image": "api:1"}]}}},
-        "status": {"readyReplicas": replicas}})
+    await asyncio.to_thread(
+        apps.create_namespaced_deployment,
+        NS,
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": NAME, "namespace": NS},
+            "spec": {
+                "replicas": replicas,
+                "selector": {"matchLabels": LABELS},
+                "template": {
+                    "metadata": {"labels": LABELS},
+                    "spec": {"containers": [{"name": "api", "image": "api:1"}]},
+                },
+            },
+            "status": {"readyReplicas": replicas},
+        },
+    )
     for i in range(replicas):
-        await asyncio.to_thread(core.create_namespaced_pod, NS, {
-            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{NAME}-{i}", "namespace": NS,
-                                                              "labels": LABELS}})
+        await asyncio.to_thread(
+            core.create_namespaced_pod,
+            NS,
+            {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{NAME}-{i}", "namespace": NS, "labels": LABELS}},
+        )
 
 
 async def fake_deployment_controller(kmock, stop: asyncio.Event, ns: str = NS, name: str = NAME) -> None:
@@ -56,8 +70,9 @@ async def fake_deployment_controller(kmock, stop: asyncio.Event, ns: str = NS, n
         if dep.spec.replicas == 0:
             for pod in pods:
                 await asyncio.to_thread(core.delete_namespaced_pod, pod.metadata.name, ns)
-        await asyncio.to_thread(apps.patch_namespaced_deployment, name, ns,
-                                {"status": {"readyReplicas": dep.spec.replicas}})
+        await asyncio.to_thread(
+            apps.patch_namespaced_deployment, name, ns, {"status": {"readyReplicas": dep.spec.replicas}}
+        )
         await asyncio.sleep(0.2)
 
 

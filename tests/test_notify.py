@@ -18,10 +18,22 @@ from models.notify import Notification
 from models.playbook import PlaybookError, load_playbook
 from tests.notify_world import ROOT
 
-CONTEXT = {"incident_id": "INC-N1", "title": "API down", "severity": "P0", "severity_name": "Critical",
-           "status": "recovering", "next_steps": "restoring", "timestamp": "2026-11-28 10:00:00 UTC",
-           "services": "corporate-intel-api", "impact": "outage", "started_at": "2026-11-28 09:58:00 UTC",
-           "next_update": "10:15:00 UTC", "level": "1", "level_name": "On-Call Engineer", "duration": "2m00s"}
+CONTEXT = {
+    "incident_id": "INC-N1",
+    "title": "API down",
+    "severity": "P0",
+    "severity_name": "Critical",
+    "status": "recovering",
+    "next_steps": "restoring",
+    "timestamp": "2026-11-28 10:00:00 UTC",
+    "services": "corporate-intel-api",
+    "impact": "outage",
+    "started_at": "2026-11-28 09:58:00 UTC",
+    "next_update": "10:15:00 UTC",
+    "level": "1",
+    "level_name": "On-Call Engineer",
+    "duration": "2m00s",
+}
 
 
 @pytest.fixture
@@ -30,18 +42,25 @@ def port(stack, notify_world):
     import boto3
 
     settings = NotifySettings(**notify_world.settings)
-    sns = boto3.client("sns", region_name="us-east-1", endpoint_url=settings.aws_endpoint_url,
-                       aws_access_key_id="x", aws_secret_access_key="x")
+    sns = boto3.client(
+        "sns",
+        region_name="us-east-1",
+        endpoint_url=settings.aws_endpoint_url,
+        aws_access_key_id="x",
+        aws_secret_access_key="x",
+    )
     with httpx.Client(timeout=5) as http:
-        activities = NotifyActivities(load_playbook(ROOT / "playbook.yaml"), settings,
-                                      redis.Redis.from_url(stack.redis_url), http, sns)
+        activities = NotifyActivities(
+            load_playbook(ROOT / "playbook.yaml"), settings, redis.Redis.from_url(stack.redis_url), http, sns
+        )
         yield lambda n: ActivityEnvironment().run(activities.send_notification, n), activities
 
 
 def note(kind: str, channel: str, **changes) -> Notification:
     key = f"INC-N{uuid.uuid4().hex[:6]}/{kind}-0/{channel}"
-    return Notification(**{"key": key, "incident_id": "INC-N1", "kind": kind, "channel": channel, "context": CONTEXT,
-                           **changes})
+    return Notification(
+        **{"key": key, "incident_id": "INC-N1", "kind": kind, "channel": channel, "context": CONTEXT, **changes}
+    )
 
 
 def test_slack_gets_one_message_per_key_however_often_it_is_retried(port, notify_world):
@@ -110,10 +129,13 @@ def test_what_retrying_cannot_fix_fails_at_once_with_the_reason(port, notify_wor
     assert notify_world.slack.messages == [] and notify_world.page.incidents == {}
 
 
-@pytest.mark.parametrize("template, error", [
-    ("Status Update: $timestamp - $stauts\n", "unknown placeholder(s) $stauts"),
-    ("Subject: $incident_id costs $5\nbody\n", "invalid placeholder syntax"),
-])
+@pytest.mark.parametrize(
+    "template, error",
+    [
+        ("Status Update: $timestamp - $stauts\n", "unknown placeholder(s) $stauts"),
+        ("Subject: $incident_id costs $5\nbody\n", "invalid placeholder syntax"),
+    ],
+)
 def test_a_template_mistake_stops_the_playbook_from_loading(tmp_path, template, error):
     templates = tmp_path / "templates"
     templates.mkdir()

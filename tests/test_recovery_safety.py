@@ -23,9 +23,9 @@ import pytest
 from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.client import WorkflowFailureError
 
-from activities.barman import ARCHIVE_UNREADABLE
-from activities.pgserver import run_as
-from activities.sealing import marker_path, read_seal
+from adapters.barman import ARCHIVE_UNREADABLE
+from adapters.pgserver import run_as
+from adapters.sealing import marker_path, read_seal
 from models.db_corruption import DatabaseCorruptionInput
 from models.failover import DatabaseFailoverInput
 from stack.corrupt import corrupt_table
@@ -33,7 +33,12 @@ from stack.stack import BUCKET, DATABASE, DUMMY_AWS
 from starters.db_corruption import start_db_corruption
 from starters.db_failover import start_db_failover
 from tests.conftest import (
-    approve_when_asked, own_stack, rebuild_standby, row_counts, running_worker, wait_for_approval_gate,
+    approve_when_asked,
+    own_stack,
+    rebuild_standby,
+    row_counts,
+    running_worker,
+    wait_for_approval_gate,
 )
 from workers.settings import Settings
 
@@ -45,9 +50,13 @@ def incident() -> str:
 
 
 def s3(stack):
-    return boto3.client("s3", region_name="us-east-1", endpoint_url=stack.moto_url,
-                        aws_access_key_id=DUMMY_AWS["AWS_ACCESS_KEY_ID"],
-                        aws_secret_access_key=DUMMY_AWS["AWS_SECRET_ACCESS_KEY"])
+    return boto3.client(
+        "s3",
+        region_name="us-east-1",
+        endpoint_url=stack.moto_url,
+        aws_access_key_id=DUMMY_AWS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=DUMMY_AWS["AWS_SECRET_ACCESS_KEY"],
+    )
 
 
 def wal_keys(stack) -> list[str]:
@@ -66,8 +75,10 @@ def acknowledged_rows(stack, n: int, marker: str) -> list[int]:
     with stack.postgres().connect(DATABASE) as conn:
         base = conn.execute("SELECT coalesce(max(id), 0) FROM companies").fetchone()[0]
         for i in range(base + 1, base + n + 1):
-            conn.execute("INSERT INTO companies (id, name, ticker, sector) VALUES (%s, %s, %s, 'Energy')",
-                         (i, f"{marker} {i}", f"A{i}"))
+            conn.execute(
+                "INSERT INTO companies (id, name, ticker, sector) VALUES (%s, %s, %s, 'Energy')",
+                (i, f"{marker} {i}", f"A{i}"),
+            )
             ids.append(i)
     return ids
 
@@ -92,13 +103,15 @@ def present(stack, ids: list[int]) -> set[int]:
 
 def drp(stack, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "DRP_SETTINGS_FILE": str(stack.settings_file)}
-    return subprocess.run([sys.executable, "-m", "starters.cli", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=120, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "starters.cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=120, env=env
+    )
 
 
 async def recover(client, queue: str, inc: str, **fields):
-    handle = await start_db_corruption(client, DatabaseCorruptionInput(incident_id=inc, database=DATABASE,
-                                                                       **fields), queue)
+    handle = await start_db_corruption(
+        client, DatabaseCorruptionInput(incident_id=inc, database=DATABASE, **fields), queue
+    )
     await approve_when_asked(handle)
     return handle
 
@@ -173,8 +186,9 @@ async def test_other_writers_are_fenced_and_every_acknowledged_commit_survives(s
             try:
                 with stack.postgres().connect(DATABASE, timeout=2) as conn:
                     while not stop.is_set():
-                        acknowledged.append(conn.execute(
-                            "INSERT INTO app_write_checks DEFAULT VALUES RETURNING id").fetchone()[0])
+                        acknowledged.append(
+                            conn.execute("INSERT INTO app_write_checks DEFAULT VALUES RETURNING id").fetchone()[0]
+                        )
             except psycopg.Error:
                 stop.wait(0.05)  # fenced, stopped or swapped: try again
 
@@ -199,11 +213,9 @@ async def test_a_second_run_for_the_same_database_is_refused_naming_the_first(st
     first, second = incident(), incident()
     pids = stack.postgres().postmaster_pid(), stack.processes.pid("app")
     async with running_worker(client, stack) as queue:
-        holder = await start_db_corruption(client, DatabaseCorruptionInput(incident_id=first, database=DATABASE),
-                                           queue)
+        holder = await start_db_corruption(client, DatabaseCorruptionInput(incident_id=first, database=DATABASE), queue)
         await wait_for_approval_gate(holder)
-        other = await start_db_corruption(client, DatabaseCorruptionInput(incident_id=second, database=DATABASE),
-                                          queue)
+        other = await start_db_corruption(client, DatabaseCorruptionInput(incident_id=second, database=DATABASE), queue)
         with pytest.raises(WorkflowFailureError) as refused:
             await other.result()
         assert refused.value.cause.type == "DatabaseBusy"
@@ -212,8 +224,7 @@ async def test_a_second_run_for_the_same_database_is_refused_naming_the_first(st
         await approve_when_asked(holder)
         assert (await holder.result()).outcome == "recovered"
         # Released at the end: the next run for this database may start.
-        again = await start_db_corruption(client, DatabaseCorruptionInput(incident_id=second, database=DATABASE),
-                                          queue)
+        again = await start_db_corruption(client, DatabaseCorruptionInput(incident_id=second, database=DATABASE), queue)
         assert (await again.result()).outcome == "no_corruption_found"
 
 
@@ -240,8 +251,9 @@ async def test_unlogged_tables_are_named_at_approval_and_do_not_fail_the_verific
     before = row_counts(stack)
     corrupt_table(stack.postgres(), DATABASE, "metrics")
     async with running_worker(client, stack) as queue:
-        handle = await start_db_corruption(client, DatabaseCorruptionInput(incident_id=incident(),
-                                                                           database=DATABASE), queue)
+        handle = await start_db_corruption(
+            client, DatabaseCorruptionInput(incident_id=incident(), database=DATABASE), queue
+        )
         await wait_for_approval_gate(handle)
         metadata = await handle.query("__temporal_workflow_metadata", result_type=WorkflowMetadata)
         assert "UNLOGGED" in metadata.current_details and "session_cache" in metadata.current_details
@@ -296,13 +308,19 @@ async def test_failover_refuses_a_diverged_standby_even_with_override_lag(forked
     raw = stack.worker_settings()
 
     def settings(queue):
-        return Settings(**{**raw, "task_queue": queue,
-                           "postgres": {**raw["postgres"], "port": primary.port, "data_dir": str(primary.data_dir)},
-                           "standby": {"port": diverged_standby.port, "data_dir": str(diverged_standby.data_dir)}})
+        return Settings(
+            **{
+                **raw,
+                "task_queue": queue,
+                "postgres": {**raw["postgres"], "port": primary.port, "data_dir": str(primary.data_dir)},
+                "standby": {"port": diverged_standby.port, "data_dir": str(diverged_standby.data_dir)},
+            }
+        )
 
     async with running_worker(client, stack, settings=settings) as queue:
-        handle = await start_db_failover(client, DatabaseFailoverInput(incident_id=incident(), override_lag=True),
-                                         queue)
+        handle = await start_db_failover(
+            client, DatabaseFailoverInput(incident_id=incident(), override_lag=True), queue
+        )
         with pytest.raises(WorkflowFailureError) as refused:
             await handle.result()
     cause = refused.value.cause.cause
@@ -334,8 +352,9 @@ async def test_a_tablespace_outside_the_data_directory_is_restored_beside_it_and
     assert result.outcome == "recovered" and row_counts(stack) == before
     with stack.postgres().connect(DATABASE) as conn:
         assert conn.execute("SELECT count(*) FROM hot").fetchone()[0] == 600
-        assert conn.execute("SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname = 'fast'"
-                            ).fetchone()[0] == str(location)
+        assert conn.execute("SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname = 'fast'").fetchone()[
+            0
+        ] == str(location)
     damaged = location.with_name(f"fast.damaged-{inc}")
     assert any(damaged.iterdir())  # production's tablespace kept beside it, as evidence
     # The stack's standby shares the host: it cannot hold the tablespace at the same path. Leave the

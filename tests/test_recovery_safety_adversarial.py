@@ -14,18 +14,23 @@ from datetime import timedelta
 
 import pytest
 from temporalio.client import WorkflowFailureError
+from temporalio.exceptions import ApplicationError
 
-from activities.sealing import read_seal, unseal
 from activities.postgres import PostgresActivities
+from adapters.sealing import read_seal, unseal
 from models.db_corruption import DatabaseCorruptionInput
 from models.postgres import SealRequest
 from stack.corrupt import corrupt_table
 from stack.stack import DATABASE
 from starters.db_corruption import start_db_corruption
-from temporalio.exceptions import ApplicationError
-from tests.conftest import approve_when_asked, own_stack, rebuild_standby, running_worker
+from tests.conftest import (
+    approve_when_asked,
+    own_stack,
+    rebuild_standby,
+    running_worker,
+)
 from workers.settings import Settings
-from workflows._steps import Progress
+from workflows._runbook import Runbook
 
 
 def incident() -> str:
@@ -77,7 +82,8 @@ def test_a_seal_retried_after_the_primary_went_down_keeps_the_list_of_databases_
             conn.execute("SELECT pg_reload_conf()")
             for (name,) in conn.execute("SELECT datname FROM pg_database WHERE NOT datistemplate").fetchall():
                 conn.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
-        from activities.sealing import marker_path
+        from adapters.sealing import marker_path
+
         marker_path(pg.data_dir).unlink(missing_ok=True)
 
 
@@ -93,13 +99,23 @@ async def test_a_failure_after_the_swap_does_not_report_nothing_was_changed(stac
     inc = incident()
 
     def settings(queue):  # the application comes back unhealthy: its critical endpoint fails
-        return Settings(**{**raw, "task_queue": queue,
-                           "app": {**raw["app"], "critical_url": raw["app"]["health_url"].replace(
-                               "/health", "/api/v1/does-not-exist")}})
+        return Settings(
+            **{
+                **raw,
+                "task_queue": queue,
+                "app": {
+                    **raw["app"],
+                    "critical_url": raw["app"]["health_url"].replace("/health", "/api/v1/does-not-exist"),
+                },
+            }
+        )
 
     async with running_worker(client, stack, settings=settings) as queue:
-        handle = await start_db_corruption(client, DatabaseCorruptionInput(
-            incident_id=inc, database=DATABASE, app_ready_timeout=timedelta(seconds=10)), queue)
+        handle = await start_db_corruption(
+            client,
+            DatabaseCorruptionInput(incident_id=inc, database=DATABASE, app_ready_timeout=timedelta(seconds=10)),
+            queue,
+        )
         await approve_when_asked(handle)
         with pytest.raises(WorkflowFailureError) as failed:
             await handle.result()
@@ -133,8 +149,9 @@ async def test_a_synchronous_standby_is_still_synchronous_after_a_recovery(sync_
     sync_pair.base_backup()  # the nightly backup, taken with synchronous replication configured
     corrupt_table(primary, DATABASE, "metrics")
     async with running_worker(client, sync_pair) as queue:
-        handle = await start_db_corruption(client, DatabaseCorruptionInput(incident_id=incident(),
-                                                                           database=DATABASE), queue)
+        handle = await start_db_corruption(
+            client, DatabaseCorruptionInput(incident_id=incident(), database=DATABASE), queue
+        )
         await approve_when_asked(handle)
         async with asyncio.timeout(480):
             result = await handle.result()
@@ -147,9 +164,11 @@ async def test_a_synchronous_standby_is_still_synchronous_after_a_recovery(sync_
     notices = []
     with primary.connect(DATABASE) as conn:  # one commit on the "recovered" production
         conn.add_notice_handler(lambda d: notices.append(d.message_primary))
+
         def cancel(pid=conn.info.backend_pid):  # statement_timeout does not end a synchronous-commit wait
             with primary.connect("template1") as other:
                 other.execute("SELECT pg_cancel_backend(%s)", (pid,))
+
         timer = threading.Timer(10, cancel)
         timer.start()
         started = time.monotonic()
@@ -158,8 +177,9 @@ async def test_a_synchronous_standby_is_still_synchronous_after_a_recovery(sync_
         timer.cancel()
     print(f"one commit took {took:.1f}s; notices: {notices}")
     assert took < 5, f"a commit on the recovered production waits for a standby that never confirms: {notices}"
-    assert [s for _, s in after] == ["sync"], (f"production lost its synchronous standby: "
-                                               f"synchronous_standby_names={names!r}, replication={after}")
+    assert [s for _, s in after] == ["sync"], (
+        f"production lost its synchronous standby: synchronous_standby_names={names!r}, replication={after}"
+    )
 
 
 async def test_an_unlogged_partition_of_a_logged_table_does_not_fail_the_verification(stack, client):
@@ -175,15 +195,20 @@ async def test_an_unlogged_partition_of_a_logged_table_does_not_fail_the_verific
         conn.execute("INSERT INTO events SELECT g FROM generate_series(1, 1500) g")
     corrupt_table(stack.postgres(), DATABASE, "metrics")
     async with running_worker(client, stack) as queue:
-        handle = await start_db_corruption(client, DatabaseCorruptionInput(incident_id=incident(),
-                                                                           database=DATABASE), queue)
+        handle = await start_db_corruption(
+            client, DatabaseCorruptionInput(incident_id=incident(), database=DATABASE), queue
+        )
         await approve_when_asked(handle)
         try:
             result = await handle.result()
         except WorkflowFailureError as err:
             print("failed:", err.cause.message)
-            print("production running:", stack.postgres().is_running(),
-                  "sealed:", read_seal(stack.postgres().data_dir) is not None)
+            print(
+                "production running:",
+                stack.postgres().is_running(),
+                "sealed:",
+                read_seal(stack.postgres().data_dir) is not None,
+            )
             raise
     assert result.outcome == "recovered"
     assert "public.events_cache" in result.unlogged_tables
@@ -202,19 +227,25 @@ async def test_the_standby_rebuild_never_rewinds_a_standby_that_took_writes(stac
     corrupt_table(stack.postgres(), DATABASE, "metrics")
     standby = stack.standby()
     async with running_worker(client, stack) as queue:
-        handle = await start_db_corruption(client, DatabaseCorruptionInput(incident_id=incident(),
-                                                                           database=DATABASE), queue)
+        handle = await start_db_corruption(
+            client, DatabaseCorruptionInput(incident_id=incident(), database=DATABASE), queue
+        )
         await approve_when_asked(handle)
         async with asyncio.timeout(300):
-            while (await handle.query("progress", result_type=Progress)).current_step not in (
-                    "restore base backup", "replay WAL", "verify restore"):
+            while (await handle.query(Runbook.progress)).current_step not in (
+                "restore base backup",
+                "replay WAL",
+                "verify restore",
+            ):
                 await asyncio.sleep(0.1)
         with standby.connect("template1") as conn:  # production is down: someone promotes the standby
             conn.execute("SELECT pg_promote(wait => true)")
             conn.execute(f'ALTER DATABASE "{DATABASE}" WITH ALLOW_CONNECTIONS true')
         with standby.connect(DATABASE) as conn:
-            acknowledged = [conn.execute("INSERT INTO app_write_checks DEFAULT VALUES RETURNING id").fetchone()[0]
-                            for _ in range(10)]
+            acknowledged = [
+                conn.execute("INSERT INTO app_write_checks DEFAULT VALUES RETURNING id").fetchone()[0]
+                for _ in range(10)
+            ]
         result = await handle.result()
     print("outcome:", result.outcome, "standby:", result.standby)
     assert result.standby.startswith("promoted by someone during the recovery, not touched")
@@ -223,11 +254,11 @@ async def test_the_standby_rebuild_never_rewinds_a_standby_that_took_writes(stac
         in_recovery = conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
     if in_recovery:  # rewound: are the promoted server's commits anywhere?
         with stack.postgres().connect(DATABASE) as conn:
-            there = {r[0] for r in conn.execute("SELECT id FROM app_write_checks WHERE id = ANY(%s)",
-                                                (acknowledged,))}
+            there = {r[0] for r in conn.execute("SELECT id FROM app_write_checks WHERE id = ANY(%s)", (acknowledged,))}
         assert there == set(acknowledged) or kept, (
             f"the promoted standby was rewound ({result.standby}); {len(acknowledged)} commits it acknowledged "
-            "exist nowhere, and no copy of its directory was kept")
+            "exist nowhere, and no copy of its directory was kept"
+        )
     with standby.connect(DATABASE) as conn:  # the promoted server's commits are where they were
         assert len(conn.execute("SELECT id FROM app_write_checks WHERE id = ANY(%s)", (acknowledged,)).fetchall()) == 10
     rebuild_standby(stack)  # a person decided: this copy goes (kept aside), the standby comes from production
@@ -243,8 +274,9 @@ async def test_corruption_already_in_the_newest_backup_leaves_a_way_to_recover_f
     stack.base_backup()  # the nightly backup ran after the damage, before anyone noticed
     older = stack.barman().list_backups()[0]["backup_id"]
     async with running_worker(client, stack) as queue:
-        handle = await start_db_corruption(client, DatabaseCorruptionInput(incident_id=incident(),
-                                                                           database=DATABASE), queue)
+        handle = await start_db_corruption(
+            client, DatabaseCorruptionInput(incident_id=incident(), database=DATABASE), queue
+        )
         await approve_when_asked(handle)
         with pytest.raises(WorkflowFailureError) as failed:
             await handle.result()
@@ -252,13 +284,12 @@ async def test_corruption_already_in_the_newest_backup_leaves_a_way_to_recover_f
     assert failed.value.cause.type == "VerificationFailed"
     # The way out: a new run (it reuses the seal) restoring an older backup on production's history.
     async with running_worker(client, stack) as queue:
-        handle = await start_db_corruption(client, DatabaseCorruptionInput(
-            incident_id=incident(), database=DATABASE, backup_id=older), queue)
+        handle = await start_db_corruption(
+            client, DatabaseCorruptionInput(incident_id=incident(), database=DATABASE, backup_id=older), queue
+        )
         await approve_when_asked(handle)
         result = await handle.result()
     assert result.outcome == "recovered" and result.backup_id == older
-
-
 
 
 async def test_drp_unseal_is_refused_while_a_recovery_holds_the_database(stack, client):
@@ -273,8 +304,11 @@ async def test_drp_unseal_is_refused_while_a_recovery_holds_the_database(stack, 
         handle = await start_db_corruption(client, DatabaseCorruptionInput(incident_id=inc, database=DATABASE), queue)
         await approve_when_asked(handle)
         async with asyncio.timeout(300):
-            while (await handle.query("progress", result_type=Progress)).current_step not in (
-                    "restore base backup", "replay WAL", "verify restore"):
+            while (await handle.query(Runbook.progress)).current_step not in (
+                "restore base backup",
+                "replay WAL",
+                "verify restore",
+            ):
                 await asyncio.sleep(0.1)
         refused = drp(stack, "unseal")
         assert refused.returncode == 2 and "Traceback" not in refused.stderr

@@ -11,7 +11,7 @@ import sys
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import boto3
@@ -21,14 +21,20 @@ import pytest
 from kubernetes import client as k8s
 from temporalio.client import WorkflowFailureError
 
-from activities import statuspage
+from adapters import statuspage
 from models.failover import DatabaseFailbackInput
 from models.region import FailoverHalted, RegionFailbackInput, RegionFailoverInput
 from starters.db_failback import start_db_failback
 from starters.region_failback import start_region_failback
 from starters.region_failover import start_region_failover
 from tests.conftest import (
-    CREDS, activity_attempts, approve_when_asked, own_stack, running_worker, wait_for_approval_gate,
+    CREDS,
+    RUN_WAIT,
+    activity_attempts,
+    approve_when_asked,
+    own_stack,
+    running_worker,
+    wait_for_approval_gate,
 )
 from tests.fakes import FakeStatuspage
 from tests.test_crash_survival import ROOT, spawn_worker, wait_for_activity
@@ -64,36 +70,79 @@ class Health:
 
 
 def replica_lag(world, seconds: float) -> None:
-    world["cloudwatch"].put_metric_data(Namespace="AWS/RDS", MetricData=[{
-        "MetricName": "ReplicaLag", "Value": seconds, "Timestamp": datetime.now(timezone.utc),
-        "Dimensions": [{"Name": "DBInstanceIdentifier", "Value": world["replica"]}]}])
+    world["cloudwatch"].put_metric_data(
+        Namespace="AWS/RDS",
+        MetricData=[
+            {
+                "MetricName": "ReplicaLag",
+                "Value": seconds,
+                "Timestamp": datetime.now(UTC),
+                "Dimensions": [{"Name": "DBInstanceIdentifier", "Value": world["replica"]}],
+            }
+        ],
+    )
 
 
-def settings_for(stack, aws, world, kmock, primary: Health, backup: Health, queue: str, home_kmock=None,
-                 status_page: FakeStatuspage | None = None, **region) -> Settings:
+def settings_for(
+    stack,
+    aws,
+    world,
+    kmock,
+    primary: Health,
+    backup: Health,
+    queue: str,
+    home_kmock=None,
+    status_page: FakeStatuspage | None = None,
+    **region,
+) -> Settings:
     return Settings(**raw_settings(stack, aws, world, kmock, primary, backup, queue, home_kmock, status_page, **region))
 
 
-def raw_settings(stack, aws, world, kmock, primary: Health, backup: Health, queue: str, home_kmock=None,
-                 status_page: FakeStatuspage | None = None, **region) -> dict:
+def raw_settings(
+    stack,
+    aws,
+    world,
+    kmock,
+    primary: Health,
+    backup: Health,
+    queue: str,
+    home_kmock=None,
+    status_page: FakeStatuspage | None = None,
+    **region,
+) -> dict:
     base = {**stack.worker_settings(), "task_queue": queue}
     base["failover"] = {
-        "primary_health_url": primary.url, "hosted_zone_id": world["zone"], "record_name": world["record"],
-        "sns_topic_arn": world["topic"], "aws_endpoint_url": aws, "max_replica_lag_seconds": 60,
-        "regions": {BACKUP: {"task_queue": f"{queue}-{BACKUP}", "health_url": backup.url,
-                             "rds_replica_id": world["replica"], "replicas": 4,
-                             "kubernetes": {"api_url": str(kmock.url).rstrip("/"), "namespace": NS,
-                                            "deployment": NAME},
-                             "load_balancer_dns": "backup-lb.us-west-2.elb.amazonaws.com",
-                             "load_balancer_zone_id": "Z0987654321XYZ", **region}}}
+        "primary_health_url": primary.url,
+        "hosted_zone_id": world["zone"],
+        "record_name": world["record"],
+        "sns_topic_arn": world["topic"],
+        "aws_endpoint_url": aws,
+        "max_replica_lag_seconds": 60,
+        "regions": {
+            BACKUP: {
+                "task_queue": f"{queue}-{BACKUP}",
+                "health_url": backup.url,
+                "rds_replica_id": world["replica"],
+                "replicas": 4,
+                "kubernetes": {"api_url": str(kmock.url).rstrip("/"), "namespace": NS, "deployment": NAME},
+                "load_balancer_dns": "backup-lb.us-west-2.elb.amazonaws.com",
+                "load_balancer_zone_id": "Z0987654321XYZ",
+                **region,
+            }
+        },
+    }
     if status_page is not None:
         base["failover"].update(status_page_url=status_page.url, status_page_token=status_page.TOKEN)
     if home_kmock is not None:  # the primary region, for the way home
         base["failover"]["regions"]["us-east-1"] = {
-            "task_queue": f"{queue}-us-east-1", "health_url": primary.url, "rds_replica_id": f"ci-{world['tag']}-home",
-            "replicas": 6, "kubernetes": {"api_url": str(home_kmock.url).rstrip("/"), "namespace": NS,
-                                          "deployment": NAME},
-            "load_balancer_dns": "primary-lb.us-east-1.elb.amazonaws.com", "load_balancer_zone_id": "Z35SXDOTRQ7X7K"}
+            "task_queue": f"{queue}-us-east-1",
+            "health_url": primary.url,
+            "rds_replica_id": f"ci-{world['tag']}-home",
+            "replicas": 6,
+            "kubernetes": {"api_url": str(home_kmock.url).rstrip("/"), "namespace": NS, "deployment": NAME},
+            "load_balancer_dns": "primary-lb.us-east-1.elb.amazonaws.com",
+            "load_balancer_zone_id": "Z35SXDOTRQ7X7K",
+        }
     return base
 
 
@@ -110,16 +159,34 @@ async def region_workers(client, settings: Settings):
 
 async def deploy_backup(kmock, replicas: int = 0) -> None:
     apps = k8s.AppsV1Api(api_client(kmock))
-    await asyncio.to_thread(apps.create_namespaced_deployment, NS, {
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": NAME, "namespace": NS},
-        "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": "ci"}},
-                 "template": {"metadata": {"labels": {"app": "ci"}}, "spec": {"containers": [{"name": "api",
-                                                                                             "image": "api:1"}]}}},
-        "status": {"readyReplicas": replicas}})
+    await asyncio.to_thread(
+        apps.create_namespaced_deployment,
+        NS,
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": NAME, "namespace": NS},
+            "spec": {
+                "replicas": replicas,
+                "selector": {"matchLabels": {"app": "ci"}},
+                "template": {
+                    "metadata": {"labels": {"app": "ci"}},
+                    "spec": {"containers": [{"name": "api", "image": "api:1"}]},
+                },
+            },
+            "status": {"readyReplicas": replicas},
+        },
+    )
     # One pod, so that kmock knows the pods resource (a real API server lists an empty namespace as []).
-    await asyncio.to_thread(k8s.CoreV1Api(api_client(kmock)).create_namespaced_pod, NS, {
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{NAME}-0", "namespace": NS,
-                                                          "labels": {"app": "ci"}}})
+    await asyncio.to_thread(
+        k8s.CoreV1Api(api_client(kmock)).create_namespaced_pod,
+        NS,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": f"{NAME}-0", "namespace": NS, "labels": {"app": "ci"}},
+        },
+    )
 
 
 def only_ns_and_soa(route53, zone: str) -> bool:
@@ -127,15 +194,26 @@ def only_ns_and_soa(route53, zone: str) -> bool:
     return {r["Type"] for r in sets} <= {"NS", "SOA"}
 
 
-CHANGES = {"promote_rds_replica", "fence_primary", "promote_standby", "switch_dns", "scale_region",
-           "create_home_replica", "scale_down_region", "notify_failover"}
+CHANGES = {
+    "promote_rds_replica",
+    "fence_primary",
+    "promote_standby",
+    "switch_dns",
+    "scale_region",
+    "create_home_replica",
+    "scale_down_region",
+    "notify_failover",
+}
 
 
 async def scheduled(handle) -> list[str]:
     """The activity types a run scheduled, in order (moto's RDS shows no trace of a promotion: the history
     is where a promotion shows)."""
-    return [e.activity_task_scheduled_event_attributes.activity_type.name async for e in handle.fetch_history_events()
-            if e.HasField("activity_task_scheduled_event_attributes")]
+    return [
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        async for e in handle.fetch_history_events()
+        if e.HasField("activity_task_scheduled_event_attributes")
+    ]
 
 
 def rds_instances(aws, region: str) -> set[str]:
@@ -156,12 +234,20 @@ async def test_failover_to_the_backup_region(stack, client, aws, world, kmock):
     stop = asyncio.Event()
     controller = asyncio.create_task(fake_deployment_controller(kmock, stop, NS, NAME))
     try:
-        settings = settings_for(stack, aws, world, kmock, primary, backup, f"rf-{uuid.uuid4().hex[:8]}",
-                                status_page=status_page)
+        settings = settings_for(
+            stack, aws, world, kmock, primary, backup, f"rf-{uuid.uuid4().hex[:8]}", status_page=status_page
+        )
         async with region_workers(client, settings) as queue:
-            handle = await start_region_failover(client, RegionFailoverInput(
-                incident_id=f"RF-{world['tag']}", backup_region=BACKUP, health_checks=2,
-                health_check_spacing=timedelta(milliseconds=100)), queue)
+            handle = await start_region_failover(
+                client,
+                RegionFailoverInput(
+                    incident_id=f"RF-{world['tag']}",
+                    backup_region=BACKUP,
+                    health_checks=2,
+                    health_check_spacing=timedelta(milliseconds=100),
+                ),
+                queue,
+            )
             await wait_for_approval_gate(handle)
             assert not record(world)  # nothing changed before the approval
             await approve_when_asked(handle, approver="alice", reason="us-east-1 down")
@@ -182,9 +268,12 @@ async def test_failover_to_the_backup_region(stack, client, aws, world, kmock):
     assert "us-west-2" in json.loads(messages[0]["Body"])["Subject"]
     # Steps 5-9 ran on the backup region's queue.
     history = [e async for e in handle.fetch_history_events()]
-    queues = {e.activity_task_scheduled_event_attributes.activity_type.name:
-              e.activity_task_scheduled_event_attributes.task_queue.name
-              for e in history if e.HasField("activity_task_scheduled_event_attributes")}
+    scheduled = [
+        e.activity_task_scheduled_event_attributes
+        for e in history
+        if e.HasField("activity_task_scheduled_event_attributes")
+    ]
+    queues = {a.activity_type.name: a.task_queue.name for a in scheduled}
     assert queues["promote_rds_replica"] == queues["switch_dns"] == f"{queue}-{BACKUP}"
     assert queues["verify_primary_down"] == queue
     [incident] = status_page.incidents.values()
@@ -211,12 +300,25 @@ async def test_the_api_record_can_be_a_plain_a_record(stack, client, aws, world,
     replica_lag(world, 1)
     stop = asyncio.Event()
     controller = asyncio.create_task(fake_deployment_controller(kmock, stop, NS, NAME))
-    raw = raw_settings(stack, aws, world, kmock, primary, backup, f"ra-{uuid.uuid4().hex[:8]}",
-                       load_balancer_dns=None, load_balancer_zone_id=None, load_balancer_ips=["203.0.113.10"])
+    raw = raw_settings(
+        stack,
+        aws,
+        world,
+        kmock,
+        primary,
+        backup,
+        f"ra-{uuid.uuid4().hex[:8]}",
+        load_balancer_dns=None,
+        load_balancer_zone_id=None,
+        load_balancer_ips=["203.0.113.10"],
+    )
     try:
         async with region_workers(client, Settings(**raw)) as queue:
-            handle = await start_region_failover(client, RegionFailoverInput(
-                incident_id=f"RA-{world['tag']}", backup_region=BACKUP, health_checks=1), queue)
+            handle = await start_region_failover(
+                client,
+                RegionFailoverInput(incident_id=f"RA-{world['tag']}", backup_region=BACKUP, health_checks=1),
+                queue,
+            )
             await approve_when_asked(handle, approver="alice", reason="go")
             await handle.result()
     finally:
@@ -228,8 +330,10 @@ async def test_the_api_record_can_be_a_plain_a_record(stack, client, aws, world,
     assert dns["ResourceRecords"] == [{"Value": "203.0.113.10"}] and "AliasTarget" not in dns
 
 
-@pytest.mark.parametrize("case", ["primary healthy", "replica lagging", "unknown region", "unknown replica",
-                                  "unknown zone", "record outside zone"])
+@pytest.mark.parametrize(
+    "case",
+    ["primary healthy", "replica lagging", "unknown region", "unknown replica", "unknown zone", "record outside zone"],
+)
 async def test_refusals_change_nothing(stack, client, aws, world, kmock, case):
     primary, backup = Health(200 if case == "primary healthy" else None), Health(200)
     await deploy_backup(kmock)
@@ -243,17 +347,29 @@ async def test_refusals_change_nothing(stack, client, aws, world, kmock, case):
     settings = settings_for(stack, aws, world, kmock, primary, backup, f"rf-{uuid.uuid4().hex[:8]}", **region)
     try:
         async with region_workers(client, settings) as queue:
-            handle = await start_region_failover(client, RegionFailoverInput(
-                incident_id=f"RF-{uuid.uuid4().hex[:6]}", backup_region="eu-west-1" if case == "unknown region"
-                else BACKUP, health_checks=2, health_check_spacing=timedelta(milliseconds=100)), queue)
+            handle = await start_region_failover(
+                client,
+                RegionFailoverInput(
+                    incident_id=f"RF-{uuid.uuid4().hex[:6]}",
+                    backup_region="eu-west-1" if case == "unknown region" else BACKUP,
+                    health_checks=2,
+                    health_check_spacing=timedelta(milliseconds=100),
+                ),
+                queue,
+            )
             with pytest.raises(WorkflowFailureError) as failed:
                 await handle.result()
     finally:
         primary.close()
         backup.close()
-    expected = {"primary healthy": "PrimaryHealthy", "replica lagging": "ReplicaLagging",
-                "unknown region": "UnknownRegion", "unknown replica": "UnknownReplica",
-                "unknown zone": "UnknownHostedZone", "record outside zone": "RecordOutsideZone"}[case]
+    expected = {
+        "primary healthy": "PrimaryHealthy",
+        "replica lagging": "ReplicaLagging",
+        "unknown region": "UnknownRegion",
+        "unknown replica": "UnknownReplica",
+        "unknown zone": "UnknownHostedZone",
+        "record outside zone": "RecordOutsideZone",
+    }[case]
     assert failed.value.cause.cause.type == expected
     if case == "record outside zone":
         assert "api.elsewhere.example.org" in failed.value.cause.cause.message
@@ -275,17 +391,20 @@ async def test_failback_brings_traffic_home(stack, client, aws, world, kmock):
         stop = asyncio.Event()
         controllers = [asyncio.create_task(fake_deployment_controller(k, stop, NS, NAME)) for k in (kmock, home_kmock)]
         try:
-            settings = settings_for(stack, aws, world, kmock, primary, backup, f"rb-{uuid.uuid4().hex[:8]}",
-                                    home_kmock=home_kmock)
+            settings = settings_for(
+                stack, aws, world, kmock, primary, backup, f"rb-{uuid.uuid4().hex[:8]}", home_kmock=home_kmock
+            )
             async with region_workers(client, settings) as queue:
                 inc = f"RB-{world['tag']}"
-                failover = await start_region_failover(client, RegionFailoverInput(
-                    incident_id=inc, backup_region=BACKUP, health_checks=1), queue)
+                failover = await start_region_failover(
+                    client, RegionFailoverInput(incident_id=inc, backup_region=BACKUP, health_checks=1), queue
+                )
                 await approve_when_asked(failover, approver="alice", reason="go")
                 assert "starters.region_failback" in (await failover.result()).failback
                 primary.status = 200  # the primary region is back
-                failback = await start_region_failback(client, RegionFailbackInput(
-                    incident_id=inc, serving_region=BACKUP), queue)
+                failback = await start_region_failback(
+                    client, RegionFailbackInput(incident_id=inc, serving_region=BACKUP), queue
+                )
                 await approve_when_asked(failback, approver="alice", reason="go")
                 result = await failback.result()
         finally:
@@ -304,8 +423,9 @@ async def test_failback_brings_traffic_home(stack, client, aws, world, kmock):
     assert east.describe_db_instances(DBInstanceIdentifier=result.replica.replica_id)["DBInstances"]
 
 
-async def test_failover_survives_a_killed_backup_worker_and_a_server_restart(stack, client, aws, world, kmock,
-                                                                               tmp_path):
+async def test_failover_survives_a_killed_backup_worker_and_a_server_restart(
+    stack, client, aws, world, kmock, tmp_path
+):
     """The backup region's worker is SIGKILLed once the replica is promoted and the Temporal server
     restarts; a new worker finishes the run and the promotion is not done again."""
     primary, backup = Health(None), Health(200)
@@ -320,18 +440,34 @@ async def test_failover_survives_a_killed_backup_worker_and_a_server_restart(sta
     backup_queue = raw["failover"]["regions"][BACKUP]["task_queue"]
 
     def backup_worker(log: str) -> subprocess.Popen:
-        env = {**os.environ, "DRP_SETTINGS_FILE": str(settings_file), "DRP_TASK_QUEUE": backup_queue,
-               "PYTHONPATH": str(ROOT)}
-        return subprocess.Popen([sys.executable, "-m", "workers.main"], env=env, cwd=ROOT,
-                                stdout=open(tmp_path / log, "ab"), stderr=subprocess.STDOUT)
+        env = {
+            **os.environ,
+            "DRP_SETTINGS_FILE": str(settings_file),
+            "DRP_TASK_QUEUE": backup_queue,
+            "PYTHONPATH": str(ROOT),
+        }
+        return subprocess.Popen(
+            [sys.executable, "-m", "workers.main"],
+            env=env,
+            cwd=ROOT,
+            stdout=open(tmp_path / log, "ab"),
+            stderr=subprocess.STDOUT,
+        )
 
     first, second = backup_worker("w1.log"), None
     try:
         with ThreadPoolExecutor(max_workers=8) as executor:
             async with build_worker(client, Settings(**raw), executor):
-                handle = await start_region_failover(client, RegionFailoverInput(
-                    incident_id=f"RK-{world['tag']}", backup_region=BACKUP, health_checks=1,
-                    heartbeat_timeout=timedelta(seconds=10)), queue)
+                handle = await start_region_failover(
+                    client,
+                    RegionFailoverInput(
+                        incident_id=f"RK-{world['tag']}",
+                        backup_region=BACKUP,
+                        health_checks=1,
+                        heartbeat_timeout=timedelta(seconds=10),
+                    ),
+                    queue,
+                )
                 await approve_when_asked(handle, approver="alice", reason="go")
                 async with asyncio.timeout(120):
                     while not await completed(handle, "promote_rds_replica"):
@@ -340,7 +476,7 @@ async def test_failover_survives_a_killed_backup_worker_and_a_server_restart(sta
                 first.wait()
                 stack.restart_temporal()
                 second = backup_worker("w2.log")
-                result = await asyncio.wait_for(handle.result(), timeout=120)
+                result = await asyncio.wait_for(handle.result(), timeout=RUN_WAIT)
     finally:
         for proc in (first, second):
             if proc and proc.poll() is None:
@@ -358,10 +494,17 @@ async def test_failover_survives_a_killed_backup_worker_and_a_server_restart(sta
 
 async def completed(handle, activity_type: str) -> bool:
     history = [e async for e in handle.fetch_history_events()]
-    scheduled = {e.event_id for e in history if e.HasField("activity_task_scheduled_event_attributes")
-                 and e.activity_task_scheduled_event_attributes.activity_type.name == activity_type}
-    return any(e.activity_task_completed_event_attributes.scheduled_event_id in scheduled for e in history
-               if e.HasField("activity_task_completed_event_attributes"))
+    scheduled = {
+        e.event_id
+        for e in history
+        if e.HasField("activity_task_scheduled_event_attributes")
+        and e.activity_task_scheduled_event_attributes.activity_type.name == activity_type
+    }
+    return any(
+        e.activity_task_completed_event_attributes.scheduled_event_id in scheduled
+        for e in history
+        if e.HasField("activity_task_completed_event_attributes")
+    )
 
 
 class FakeApp:
@@ -405,17 +548,26 @@ async def test_database_failover_to_an_rds_replica(stack, client, aws, world, km
     replica_lag(world, lag)
     stop = asyncio.Event()
     controller = asyncio.create_task(fake_deployment_controller(kmock, stop, NS, NAME))
-    raw = {**stack.worker_settings(), "task_queue": f"rds-{uuid.uuid4().hex[:8]}",
-           "rds": {"region": BACKUP, "replica_id": world["replica"], "aws_endpoint_url": aws},
-           "platform": {"kind": "kubernetes", "kubernetes": {"api_url": str(kmock.url).rstrip("/"), "namespace": NS,
-                                                             "deployment": NAME}},
-           "app": {"health_url": f"{app.url}/health", "critical_url": f"{app.url}/api/v1/companies",
-                   "write_check_url": f"{app.url}/api/v1/write-check"}}
+    raw = {
+        **stack.worker_settings(),
+        "task_queue": f"rds-{uuid.uuid4().hex[:8]}",
+        "rds": {"region": BACKUP, "replica_id": world["replica"], "aws_endpoint_url": aws},
+        "platform": {
+            "kind": "kubernetes",
+            "kubernetes": {"api_url": str(kmock.url).rstrip("/"), "namespace": NS, "deployment": NAME},
+        },
+        "app": {
+            "health_url": f"{app.url}/health",
+            "critical_url": f"{app.url}/api/v1/companies",
+            "write_check_url": f"{app.url}/api/v1/write-check",
+        },
+    }
     try:
         with ThreadPoolExecutor(max_workers=8) as executor:
             async with build_worker(client, Settings(**raw), executor):
-                handle = await start_db_failover(client, DatabaseFailoverInput(
-                    incident_id=f"RDS-{uuid.uuid4().hex[:6]}"), raw["task_queue"])
+                handle = await start_db_failover(
+                    client, DatabaseFailoverInput(incident_id=f"RDS-{uuid.uuid4().hex[:6]}"), raw["task_queue"]
+                )
                 if outcome == "promoted":
                     await approve_when_asked(handle, approver="alice", reason="go")
                     result = await handle.result()
@@ -441,9 +593,11 @@ async def test_database_failover_to_an_rds_replica(stack, client, aws, world, km
 
 # --- failover paths: what a run refuses before any change, what it says after one, and DNS done once ---
 
-ROUTE53_ERROR = ('<?xml version="1.0" encoding="UTF-8"?><ErrorResponse xmlns="https://route53.amazonaws.com/doc/'
-                 '2013-04-01/"><Error><Type>Sender</Type><Code>InvalidChangeBatch</Code><Message>{}</Message></Error>'
-                 '<RequestId>injected</RequestId></ErrorResponse>')
+ROUTE53_ERROR = (
+    '<?xml version="1.0" encoding="UTF-8"?><ErrorResponse xmlns="https://route53.amazonaws.com/doc/'
+    '2013-04-01/"><Error><Type>Sender</Type><Code>InvalidChangeBatch</Code><Message>{}</Message></Error>'
+    "<RequestId>injected</RequestId></ErrorResponse>"
+)
 
 
 class AwsProxy:
@@ -480,8 +634,11 @@ class AwsProxy:
                     with outer.lock:
                         outer.rejected += 1
                     return self._send(400, ROUTE53_ERROR.format(outer.reject).encode(), "text/xml")
-                headers = {k: v for k, v in self.headers.items()
-                           if k.lower() not in ("host", "content-length", "connection", "accept-encoding")}
+                headers = {
+                    k: v
+                    for k, v in self.headers.items()
+                    if k.lower() not in ("host", "content-length", "connection", "accept-encoding")
+                }
                 resp = http.request(self.command, outer.upstream + self.path, content=body, headers=headers)
                 data = resp.content
                 if change and resp.status_code == 200:
@@ -530,8 +687,9 @@ def in_recovery(server) -> bool:
         return conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
 
 
-async def test_dns_rejected_after_the_promotion_says_what_was_done_and_a_rerun_goes_on(stack, client, aws, world,
-                                                                                         kmock):
+async def test_dns_rejected_after_the_promotion_says_what_was_done_and_a_rerun_goes_on(
+    stack, client, aws, world, kmock
+):
     """Route53 rejects the change after the RDS replica was promoted (injected: moto accepts it). The run
     fails as DnsChangeRejected saying the replica is promoted, DNS and the cluster untouched, and the
     command that goes on; that command, once the cause is fixed, finishes without promoting again."""
@@ -586,8 +744,9 @@ async def test_dns_rejected_after_the_promotion_says_what_was_done_and_a_rerun_g
     assert dns["AliasTarget"]["DNSName"].rstrip(".") == "backup-lb.us-west-2.elb.amazonaws.com"
 
 
-async def test_self_managed_dns_rejected_after_fence_and_promotion_then_the_way_back(pg_pair, client, aws, world,
-                                                                                    kmock):
+async def test_self_managed_dns_rejected_after_fence_and_promotion_then_the_way_back(
+    pg_pair, client, aws, world, kmock
+):
     """Self-managed path: the fence is a recorded step; Route53 rejects the change after the fence and the
     promotion. The error says the old primary is fenced and the standby is the primary; its way back,
     DatabaseFailback, makes the old primary the primary again."""
@@ -601,8 +760,9 @@ async def test_self_managed_dns_rejected_after_fence_and_promotion_then_the_way_
     inc = f"RS-{world['tag']}"
     try:
         async with region_workers(client, Settings(**raw)) as queue:
-            handle = await start_region_failover(client, RegionFailoverInput(
-                incident_id=inc, backup_region=BACKUP, health_checks=1), queue)
+            handle = await start_region_failover(
+                client, RegionFailoverInput(incident_id=inc, backup_region=BACKUP, health_checks=1), queue
+            )
             await approve_when_asked(handle, approver="alice", reason="region down")
             with pytest.raises(WorkflowFailureError) as failed:
                 await handle.result()
@@ -613,8 +773,10 @@ async def test_self_managed_dns_rejected_after_fence_and_promotion_then_the_way_
     assert failed.value.cause.type == "DnsChangeRejected"
     details = halted(failed)
     steps = {r.name: r for r in details.steps}
-    assert steps["fence old primary"].outcome == "ok" and steps["fence old primary"].ended_at > \
-        steps["fence old primary"].started_at
+    assert (
+        steps["fence old primary"].outcome == "ok"
+        and steps["fence old primary"].ended_at > steps["fence old primary"].started_at
+    )
     assert [r.name for r in details.steps][-3:] == ["fence old primary", "promote replica", "switch DNS"]
     assert len(details.done) == 2 and "fenced" in details.done[0] and "promoted" in details.done[1]
     assert "old primary is stopped and fenced" in details.production and "is the primary" in details.production
@@ -647,19 +809,25 @@ async def test_self_managed_refusals_change_nothing(stack, client, aws, world, k
     try:
         async with region_workers(client, Settings(**raw)) as queue:
             if case == "failback":
-                handle = await start_region_failback(client, RegionFailbackInput(incident_id=inc,
-                                                                                 serving_region=BACKUP), queue)
+                handle = await start_region_failback(
+                    client, RegionFailbackInput(incident_id=inc, serving_region=BACKUP), queue
+                )
             else:
-                handle = await start_region_failover(client, RegionFailoverInput(
-                    incident_id=inc, backup_region=BACKUP, health_checks=1), queue)
+                handle = await start_region_failover(
+                    client, RegionFailoverInput(incident_id=inc, backup_region=BACKUP, health_checks=1), queue
+                )
             with pytest.raises(WorkflowFailureError) as failed:
                 await handle.result()
     finally:
         primary.close()
         backup.close()
     err = failed.value.cause.cause
-    assert err.type == {"record outside zone": "RecordOutsideZone", "no standby": "NoStandby",
-                        "failback": "FailbackNotSupported"}[case]
+    assert (
+        err.type
+        == {"record outside zone": "RecordOutsideZone", "no standby": "NoStandby", "failback": "FailbackNotSupported"}[
+            case
+        ]
+    )
     plan = "plan_region_failback" if case == "failback" else "plan_region_failover"
     assert await activity_attempts(handle, plan) == [1]  # refused at once, not retried
     assert not CHANGES & set(await scheduled(handle))
@@ -692,9 +860,16 @@ async def test_a_retried_dns_step_waits_on_the_change_it_submitted(stack, client
     try:
         with ThreadPoolExecutor(max_workers=8) as executor:
             async with build_worker(client, Settings(**raw), executor):
-                handle = await start_region_failover(client, RegionFailoverInput(
-                    incident_id=f"RN-{world['tag']}", backup_region=BACKUP, health_checks=1,
-                    heartbeat_timeout=timedelta(seconds=3)), queue)
+                handle = await start_region_failover(
+                    client,
+                    RegionFailoverInput(
+                        incident_id=f"RN-{world['tag']}",
+                        backup_region=BACKUP,
+                        health_checks=1,
+                        heartbeat_timeout=timedelta(seconds=3),
+                    ),
+                    queue,
+                )
                 await approve_when_asked(handle, approver="alice", reason="go")
                 async with asyncio.timeout(60):  # submitted, and its Id is on the server
                     while not (proxy.changes and b"/change/DRP1" in await heartbeat(handle, "switch_dns")):
@@ -706,7 +881,7 @@ async def test_a_retried_dns_step_waits_on_the_change_it_submitted(stack, client
                     while (await wait_for_activity(handle, "switch_dns")).attempt < 2:
                         await asyncio.sleep(0.1)
                 proxy.pending.clear()  # Route53 reports the change INSYNC
-                result = await asyncio.wait_for(handle.result(), timeout=120)
+                result = await asyncio.wait_for(handle.result(), timeout=RUN_WAIT)
     finally:
         for proc in (first, second):
             if proc and proc.poll() is None:
@@ -727,8 +902,12 @@ async def test_a_retried_dns_step_waits_on_the_change_it_submitted(stack, client
 async def heartbeat(handle, activity_type: str) -> bytes:
     """The raw heartbeat details of a running activity (b"" when none)."""
     desc = await handle.describe()
-    return b"".join(p.data for a in desc.raw_description.pending_activities
-                    if a.activity_type.name == activity_type for p in a.heartbeat_details.payloads)
+    return b"".join(
+        p.data
+        for a in desc.raw_description.pending_activities
+        if a.activity_type.name == activity_type
+        for p in a.heartbeat_details.payloads
+    )
 
 
 async def test_a_record_already_at_the_target_is_not_submitted_again(stack, client, aws, world, kmock):
@@ -738,17 +917,35 @@ async def test_a_record_already_at_the_target_is_not_submitted_again(stack, clie
     proxy = AwsProxy(aws)
     await deploy_backup(kmock)
     replica_lag(world, 1)
-    world["route53"].change_resource_record_sets(HostedZoneId=world["zone"], ChangeBatch={"Changes": [{
-        "Action": "UPSERT", "ResourceRecordSet": {"Name": world["record"], "Type": "A", "AliasTarget": {
-            "HostedZoneId": "Z0987654321XYZ", "DNSName": "backup-lb.us-west-2.elb.amazonaws.com",
-            "EvaluateTargetHealth": True}}}]})
+    world["route53"].change_resource_record_sets(
+        HostedZoneId=world["zone"],
+        ChangeBatch={
+            "Changes": [
+                {
+                    "Action": "UPSERT",
+                    "ResourceRecordSet": {
+                        "Name": world["record"],
+                        "Type": "A",
+                        "AliasTarget": {
+                            "HostedZoneId": "Z0987654321XYZ",
+                            "DNSName": "backup-lb.us-west-2.elb.amazonaws.com",
+                            "EvaluateTargetHealth": True,
+                        },
+                    },
+                }
+            ]
+        },
+    )
     stop = asyncio.Event()
     controller = asyncio.create_task(fake_deployment_controller(kmock, stop, NS, NAME))
     try:
         settings = settings_for(stack, proxy.url, world, kmock, primary, backup, f"rc-{uuid.uuid4().hex[:8]}")
         async with region_workers(client, settings) as queue:
-            handle = await start_region_failover(client, RegionFailoverInput(
-                incident_id=f"RC-{world['tag']}", backup_region=BACKUP, health_checks=1), queue)
+            handle = await start_region_failover(
+                client,
+                RegionFailoverInput(incident_id=f"RC-{world['tag']}", backup_region=BACKUP, health_checks=1),
+                queue,
+            )
             await approve_when_asked(handle, approver="alice", reason="go")
             result = await handle.result()
     finally:

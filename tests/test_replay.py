@@ -17,6 +17,7 @@ from temporalio.worker import Replayer
 
 from workers.logging import LoggingInterceptor
 from workers.main import WORKFLOWS, workflow_runner
+from workers.metrics import RunbookMetricsInterceptor
 from workers.temporal_client import data_converter
 
 HISTORIES = Path(__file__).resolve().parent / "histories"
@@ -35,8 +36,9 @@ def history_path(workflow_type: str, workflow_id: str) -> Path:
     return path
 
 
-pytestmark = pytest.mark.skipif(os.environ.get("DRP_RECORD_HISTORIES") in ("1", "add"),
-                                reason="this session records the histories anew")
+pytestmark = pytest.mark.skipif(
+    os.environ.get("DRP_RECORD_HISTORIES") in ("1", "add"), reason="this session records the histories anew"
+)
 
 
 def recorded() -> list[tuple[str, Path]]:
@@ -50,14 +52,19 @@ def load(path: Path) -> WorkflowHistory:
 
 def replayer() -> Replayer:
     """The worker's own workflows, sandbox, data converter and interceptors."""
-    return Replayer(workflows=WORKFLOWS, workflow_runner=workflow_runner(), data_converter=data_converter,
-                    interceptors=[LoggingInterceptor()])
+    return Replayer(
+        workflows=WORKFLOWS,
+        workflow_runner=workflow_runner(),
+        data_converter=data_converter,
+        interceptors=[LoggingInterceptor(), RunbookMetricsInterceptor()],
+    )
 
 
 def test_every_workflow_type_has_recorded_histories():
     types = {t for t, _ in recorded()}
     assert types >= {w.__temporal_workflow_definition.name for w in WORKFLOWS}, (
-        "record histories of every workflow type: DRP_RECORD_HISTORIES=1 bash scripts/test.sh")
+        "record histories of every workflow type: DRP_RECORD_HISTORIES=1 bash scripts/test.sh"
+    )
 
 
 async def test_recorded_histories_replay_on_the_current_code():
@@ -69,7 +76,9 @@ async def test_recorded_histories_replay_on_the_current_code():
             yield history
 
     results = await replayer().replay_workflows(each(), raise_on_replay_failure=False)
-    failures = [f"{files[run_id]}: {type(err).__name__}: {_reason(err)}" for run_id, err in results.replay_failures.items()]
+    failures = [
+        f"{files[run_id]}: {type(err).__name__}: {_reason(err)}" for run_id, err in results.replay_failures.items()
+    ]
     assert not failures, "recorded runs that no longer replay (see CONTRIBUTING.md):\n" + "\n".join(failures)
 
 

@@ -23,8 +23,13 @@ def test_every_part_is_up_and_postgres_archives_wal_with_checksums(stack):
 
 
 def test_postgres_runs_as_an_unprivileged_user_when_we_are_root(stack):
-    uid = int(next(line for line in Path(f"/proc/{stack.postgres().postmaster_pid()}/status").read_text()
-                   .splitlines() if line.startswith("Uid:")).split()[1])
+    uid = int(
+        next(
+            line
+            for line in Path(f"/proc/{stack.postgres().postmaster_pid()}/status").read_text().splitlines()
+            if line.startswith("Uid:")
+        ).split()[1]
+    )
     assert uid != 0 if os.geteuid() == 0 else uid == os.geteuid()
 
 
@@ -39,8 +44,9 @@ def test_the_demo_app_serves_the_playbook_endpoints(stack):
 
 
 def drp(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "starters.cli", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=60, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "starters.cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=60, env=env
+    )
 
 
 def test_cli_installs_the_audit_log_idempotently(stack):
@@ -53,8 +59,10 @@ def test_cli_installs_the_audit_log_idempotently(stack):
     with stack.postgres().connect(DATABASE) as conn:
         conn.execute("INSERT INTO audited_later VALUES (1)")
         conn.execute("DELETE FROM audited_later")
-        actions = [r[0] for r in conn.execute("SELECT action FROM audit_log WHERE table_name = "
-                                              "'public.audited_later' ORDER BY id")]
+        actions = [
+            r[0]
+            for r in conn.execute("SELECT action FROM audit_log WHERE table_name = 'public.audited_later' ORDER BY id")
+        ]
         conn.execute("DROP TABLE audited_later")
     assert actions == ["INSERT", "DELETE"]
 
@@ -66,6 +74,7 @@ def test_cli_status_and_operator_mistakes(stack):
     assert empty.returncode == 2 and "reason must not be empty" in empty.stderr
     unknown = drp("--state-dir", str(stack.state_dir), "approve", "NO-SUCH-INCIDENT", "--by", "a", "--reason", "b")
     assert unknown.returncode == 2 and "no recovery run found" in unknown.stderr
-    bad = drp("--state-dir", str(stack.state_dir), "start", "db-corruption", "--incident", "bad id",
-              "--database", DATABASE)
+    bad = drp(
+        "--state-dir", str(stack.state_dir), "start", "db-corruption", "--incident", "bad id", "--database", DATABASE
+    )
     assert bad.returncode == 2 and "incident_id" in bad.stderr

@@ -13,50 +13,34 @@ import httpx
 import structlog
 from temporalio.client import Client
 from temporalio.worker import Worker
-from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+from temporalio.worker.workflow_sandbox import (
+    SandboxedWorkflowRunner,
+    SandboxRestrictions,
+)
 
 from activities.backup import BackupActivities
 from activities.deletion import DeletionActivities
-from activities.notify import NotifyActivities
 from activities.locks import LockActivities
+from activities.notify import NotifyActivities
 from activities.platform import PlatformActivities
-from activities.platforms import AppPlatform, KubernetesPlatform, LocalProcessPlatform
 from activities.playbook import PlaybookActivities
 from activities.postgres import PostgresActivities
 from activities.rds import RdsActivities
 from activities.region import RegionActivities
 from activities.replication import ReplicationActivities
 from activities.report import ReportActivities
-from models.config import KubernetesPlatformSettings
 from models.playbook import load_playbook
+from models.runbooks import RUNBOOKS
+from workers.clients import build_kubernetes, build_platform, build_redis, build_s3
 from workers.logging import LoggingInterceptor, configure_logging
-from workers.settings import PlatformSettings, Settings
+from workers.metrics import RunbookMetricsInterceptor
+from workers.settings import Settings
 from workers.temporal_client import connect
-from workflows.accidental_deletion import AccidentalDeletionRecovery
 from workflows.database_lock import DatabaseLock
-from workflows.db_corruption import DatabaseCorruptionRecovery
-from workflows.db_failback import DatabaseFailback
-from workflows.db_failover import DatabaseFailover
 from workflows.incident import Incident
-from workflows.region_failback import RegionFailback
-from workflows.region_failover import RegionFailover
 
-WORKFLOWS = [Incident, DatabaseLock, DatabaseCorruptionRecovery, AccidentalDeletionRecovery, DatabaseFailover, DatabaseFailback,
-             RegionFailover, RegionFailback]
-
-
-def build_kubernetes(k: KubernetesPlatformSettings) -> KubernetesPlatform:
-    from kubernetes import client as k8s
-    from kubernetes import config as k8s_config
-
-    if k.api_url:
-        configuration = k8s.Configuration()
-        configuration.host = k.api_url
-        api = k8s.ApiClient(configuration)
-    else:
-        api = k8s_config.new_client_from_config(config_file=str(k.kubeconfig) if k.kubeconfig else None,
-                                                context=k.context)
-    return KubernetesPlatform(api, k.namespace, k.deployment)
+# The incident, the per-database lock, and every registered runbook (models/runbooks.py).
+WORKFLOWS = [Incident, DatabaseLock, *(spec.load() for spec in RUNBOOKS)]
 
 
 def build_region_activities(settings: Settings, http: httpx.Client) -> RegionActivities:
@@ -69,13 +53,16 @@ def build_region_activities(settings: Settings, http: httpx.Client) -> RegionAct
     b = settings.backup
     creds = b.boto3_kwargs(f.aws_endpoint_url)
     return RegionActivities(
-        f, rds={r: boto3.client("rds", region_name=r, **creds) for r in f.regions},
+        f,
+        rds={r: boto3.client("rds", region_name=r, **creds) for r in f.regions},
         cloudwatch={r: boto3.client("cloudwatch", region_name=r, **creds) for r in f.regions},
         route53=boto3.client("route53", region_name=b.aws_region, **creds),
         sns=boto3.client("sns", region_name=b.aws_region, **creds),
-        clusters={r: build_kubernetes(cfg.kubernetes) for r, cfg in f.regions.items()}, http=http,
+        clusters={r: build_kubernetes(cfg.kubernetes) for r, cfg in f.regions.items()},
+        http=http,
         standby=settings.postgres.server(standby=settings.standby) if settings.standby else None,
-        ledger=build_redis(settings))
+        ledger=build_redis(settings),
+    )
 
 
 def build_rds_activities(settings: Settings) -> RdsActivities:
@@ -85,33 +72,9 @@ def build_rds_activities(settings: Settings) -> RdsActivities:
     if r is None:
         return RdsActivities(None, None, None)
     creds = settings.backup.boto3_kwargs(r.aws_endpoint_url)
-    return RdsActivities(r, boto3.client("rds", region_name=r.region, **creds),
-                         boto3.client("cloudwatch", region_name=r.region, **creds))
-
-
-def build_platform(settings: PlatformSettings) -> AppPlatform:
-    if settings.kind == "local":
-        if settings.local is None:
-            raise ValueError("platform.kind is 'local' but platform.local.app_spec is not set")
-        return LocalProcessPlatform(settings.local.app_spec)
-    if settings.kubernetes is None:
-        raise ValueError("platform.kind is 'kubernetes' but platform.kubernetes is not set")
-    return build_kubernetes(settings.kubernetes)
-
-
-def build_redis(settings: Settings):
-    import redis
-
-    if settings.redis_url is None:
-        return None
-    return redis.Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=5)
-
-
-def build_s3(settings: Settings):
-    import boto3
-
-    b = settings.backup
-    return boto3.client("s3", region_name=b.aws_region, **b.boto3_kwargs(b.endpoint_url))
+    return RdsActivities(
+        r, boto3.client("rds", region_name=r.region, **creds), boto3.client("cloudwatch", region_name=r.region, **creds)
+    )
 
 
 def build_notify_activities(settings: Settings, playbook, redis, http: httpx.Client) -> NotifyActivities:
@@ -132,8 +95,13 @@ def build_activities(settings: Settings, client: Client | None = None) -> list:
     backup = BackupActivities(server, barman)
     http = httpx.Client(timeout=10)
     region = build_region_activities(settings, http)
-    platform = PlatformActivities(build_platform(settings.platform), http,
-                                  settings.app.health_url, settings.app.critical_url, settings.app.write_check_url)
+    platform = PlatformActivities(
+        build_platform(settings.platform),
+        http,
+        settings.app.health_url,
+        settings.app.critical_url,
+        settings.app.write_check_url,
+    )
     standby = settings.standby_server()
     rds = build_rds_activities(settings)
     replication = ReplicationActivities(server, standby)
@@ -142,23 +110,54 @@ def build_activities(settings: Settings, client: Client | None = None) -> list:
     playbook_activities = PlaybookActivities(playbook)
     locks = LockActivities(client, server, barman.server_name)
     return [
-        locks.cluster, locks.holder,
-        playbook_activities.objectives_for, playbook_activities.approvers_for, playbook_activities.plan_incident,
+        locks.cluster,
+        locks.holder,
+        playbook_activities.objectives_for,
+        playbook_activities.approvers_for,
+        playbook_activities.plan_incident,
         build_notify_activities(settings, playbook, redis, http).send_notification,
         ReportActivities(playbook, s3, settings.reports_destination).write_report,
-        postgres.assess_database, postgres.seal_primary, postgres.verify_restored, postgres.archive_current_wal,
-        backup.restore_base_backup, backup.replay_wal, backup.swap_in_restored, backup.take_base_backup,
-        backup.remove_side_instance, backup.stop_restore, postgres.reopen_production,
-        deletion.identify_deletions, deletion.contain, deletion.extract_deleted_rows, deletion.reinsert_rows,
-        deletion.verify_reinserted, deletion.lift_containment,
-        platform.stop_application, platform.start_application, platform.check_application,
-        platform.repoint_application, platform.check_write,
-        replication.check_standby, replication.fence_primary, replication.promote_standby,
-        replication.await_catch_up, replication.rejoin_as_standby,
-        rds.database_target, rds.check_rds_replica, rds.promote_rds,
-        region.plan_region_failover, region.verify_primary_down, region.replica_lag, region.promote_rds_replica,
-        region.switch_dns, region.scale_region, region.check_region_health, region.notify_failover,
-        region.plan_region_failback, region.create_home_replica, region.scale_down_region,
+        postgres.assess_database,
+        postgres.seal_primary,
+        postgres.verify_restored,
+        postgres.archive_current_wal,
+        backup.restore_base_backup,
+        backup.replay_wal,
+        backup.swap_in_restored,
+        backup.take_base_backup,
+        backup.remove_side_instance,
+        backup.stop_restore,
+        postgres.reopen_production,
+        deletion.identify_deletions,
+        deletion.contain,
+        deletion.extract_deleted_rows,
+        deletion.reinsert_rows,
+        deletion.verify_reinserted,
+        deletion.lift_containment,
+        platform.stop_application,
+        platform.start_application,
+        platform.check_application,
+        platform.repoint_application,
+        platform.check_write,
+        replication.check_standby,
+        replication.fence_primary,
+        replication.promote_standby,
+        replication.await_catch_up,
+        replication.rejoin_as_standby,
+        rds.database_target,
+        rds.check_rds_replica,
+        rds.promote_rds,
+        region.plan_region_failover,
+        region.verify_primary_down,
+        region.replica_lag,
+        region.promote_rds_replica,
+        region.switch_dns,
+        region.scale_region,
+        region.check_region_health,
+        region.notify_failover,
+        region.plan_region_failback,
+        region.create_home_replica,
+        region.scale_down_region,
     ]
 
 
@@ -170,29 +169,42 @@ def workflow_runner() -> SandboxedWorkflowRunner:
 
 
 def build_worker(client: Client, settings: Settings, executor: ThreadPoolExecutor) -> Worker:
-    return Worker(client, task_queue=settings.task_queue, workflows=WORKFLOWS,
-                  activities=build_activities(settings, client), activity_executor=executor,
-                  interceptors=[LoggingInterceptor()], workflow_runner=workflow_runner(),
-                  sticky_queue_schedule_to_start_timeout=settings.sticky_queue_timeout)
+    return Worker(
+        client,
+        task_queue=settings.task_queue,
+        workflows=WORKFLOWS,
+        activities=build_activities(settings, client),
+        activity_executor=executor,
+        interceptors=[LoggingInterceptor(), RunbookMetricsInterceptor()],
+        workflow_runner=workflow_runner(),
+        sticky_queue_schedule_to_start_timeout=settings.sticky_queue_timeout,
+    )
 
 
 async def run(settings: Settings) -> None:
     log = structlog.get_logger()
-    client = await connect(settings.temporal_address, settings.temporal_namespace)
+    client = await connect(settings=settings, metrics=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     with ThreadPoolExecutor(max_workers=16) as executor:
         worker = build_worker(client, settings, executor)
-        log.info("worker started", task_queue=settings.task_queue, temporal=settings.temporal_address)
+        log.info(
+            "worker started",
+            task_queue=settings.task_queue,
+            temporal=settings.temporal_address,
+            namespace=settings.temporal_namespace,
+            encryption=settings.encryption.enabled,
+            metrics=settings.metrics.worker_bind_address,
+        )
         async with worker:
             await stop.wait()
     log.info("worker stopped")
 
 
 def main() -> None:
-    settings = Settings()
+    settings = Settings()  # pyright: ignore[reportCallIssue] - pydantic-settings reads the fields from the environment
     configure_logging(settings.log_level)
     asyncio.run(run(settings))
 

@@ -15,8 +15,8 @@ from typing import Literal
 from pydantic import BaseModel, SecretStr
 from pydantic_settings import BaseSettings, JsonConfigSettingsSource, SettingsConfigDict
 
-from activities.barman import BarmanCloud
-from activities.pgserver import PgServer, embedded_bin_dir
+from adapters.barman import BarmanCloud
+from adapters.pgserver import PgServer, embedded_bin_dir
 from models.config import (
     AlertReceiverSettings,
     FailoverSettings,
@@ -25,6 +25,7 @@ from models.config import (
     RdsSettings,
 )
 from models.durations import Duration
+from workers.deploy_settings import CodecServerSettings, EncryptionSettings, MetricsSettings, TemporalTlsSettings
 
 
 class PostgresSettings(BaseModel):
@@ -38,9 +39,12 @@ class PostgresSettings(BaseModel):
 
     def server(self, server_env: dict[str, str] | None = None, standby: "StandbySettings | None" = None) -> PgServer:
         return PgServer(
-            bin_dir=self.bin_dir or embedded_bin_dir(), data_dir=standby.data_dir if standby else self.data_dir,
-            port=standby.port if standby else self.port, os_user=self.os_user,
-            host=standby.host if standby else self.host, superuser=self.superuser,
+            bin_dir=self.bin_dir or embedded_bin_dir(),
+            data_dir=standby.data_dir if standby else self.data_dir,
+            port=standby.port if standby else self.port,
+            os_user=self.os_user,
+            host=standby.host if standby else self.host,
+            superuser=self.superuser,
             password=self.password.get_secret_value() if self.password else None,
             server_env=server_env or {},
         )
@@ -64,18 +68,23 @@ class BackupSettings(BaseModel):
 
     def boto3_kwargs(self, endpoint_url: str | None) -> dict:
         """Credentials (or the default chain when unset) and endpoint for a boto3 client."""
-        return {"aws_access_key_id": self.aws_access_key_id.get_secret_value() if self.aws_access_key_id else None,
-                "aws_secret_access_key": (self.aws_secret_access_key.get_secret_value()
-                                          if self.aws_secret_access_key else None),
-                "endpoint_url": endpoint_url}
+        return {
+            "aws_access_key_id": self.aws_access_key_id.get_secret_value() if self.aws_access_key_id else None,
+            "aws_secret_access_key": (
+                self.aws_secret_access_key.get_secret_value() if self.aws_secret_access_key else None
+            ),
+            "endpoint_url": endpoint_url,
+        }
 
     def barman(self) -> BarmanCloud:
         import sys
 
         return BarmanCloud(
             bin_dir=self.barman_bin_dir or Path(sys.executable).parent,
-            destination=self.destination, server_name=self.server_name,
-            endpoint_url=self.endpoint_url, credentials_env=self.credentials_env(),
+            destination=self.destination,
+            server_name=self.server_name,
+            endpoint_url=self.endpoint_url,
+            credentials_env=self.credentials_env(),
         )
 
 
@@ -106,19 +115,33 @@ class StandbySettings(BaseModel):
 class _DrpSettings(BaseSettings):
     """DRP_* variables, then the JSON file named by DRP_SETTINGS_FILE."""
 
-    model_config = SettingsConfigDict(env_prefix="DRP_", env_nested_delimiter="__", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="DRP_", env_nested_delimiter="__", extra="ignore", hide_input_in_errors=True
+    )
 
     temporal_address: str = "127.0.0.1:7233"
     temporal_namespace: str = "default"
     task_queue: str = "drp-recovery"
+    # A secured cluster / Temporal Cloud (workers/deploy_settings.py); all read by temporal_client.connect().
+    temporal_tls: TemporalTlsSettings | None = None
+    temporal_api_key: SecretStr | None = None  # sent as Authorization: Bearer; turns TLS on unless temporal_tls says
+    encryption: EncryptionSettings = EncryptionSettings()
+    codec_server: CodecServerSettings | None = None
+    metrics: MetricsSettings = MetricsSettings()
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):
         sources = [init_settings, env_settings]
         path = os.environ.get("DRP_SETTINGS_FILE")
         if path:
             sources.append(JsonConfigSettingsSource(settings_cls, json_file=path))
         return tuple(sources)
+
+
+class TemporalSettings(_DrpSettings):
+    """Only what connecting to Temporal needs (the CLI, the starters, the codec server)."""
 
 
 class ReceiverSettings(_DrpSettings):

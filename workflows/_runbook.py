@@ -17,6 +17,8 @@ from workflows.search_attributes import INCIDENT_ID, PROCEDURE, SEVERITY
 with workflow.unsafe.imports_passed_through():
     from activities.playbook import PlaybookActivities
 
+from workflows.incident import Incident  # its progress signal, by reference
+
 
 class Runbook:
     STEPS: int
@@ -29,15 +31,22 @@ class Runbook:
     async def prepare(self, incident_id: str, procedure: str, severity: Severity) -> None:
         """Label the run (also when started from the Web UI without search attributes) and load the
         approver roster for its procedure and severity from the playbook."""
-        workflow.upsert_search_attributes([
-            INCIDENT_ID.value_set(incident_id), PROCEDURE.value_set(procedure), SEVERITY.value_set(severity.value),
-        ])
+        workflow.upsert_search_attributes(
+            [
+                INCIDENT_ID.value_set(incident_id),
+                PROCEDURE.value_set(procedure),
+                SEVERITY.value_set(severity.value),
+            ]
+        )
         self.gate.roster = await workflow.execute_activity_method(
-            PlaybookActivities.approvers_for, args=[procedure, severity], summary="approver roster",
-            **opt.quick())
+            PlaybookActivities.approvers_for, args=[procedure, severity], summary="approver roster", **opt.quick()
+        )
 
     @workflow.update
     def approve(self, req: ApprovalRequest) -> ApprovalRecord:
+        """Decide the pending gate: approve or reject, by a person on the gate's roster, with a reason.
+        Refused by the validator (nothing changes): NothingToApprove, AlreadyDecided, NotOnRoster.
+        """
         return self.gate.record(req)
 
     @approve.validator
@@ -46,8 +55,13 @@ class Runbook:
 
     @workflow.query
     def progress(self) -> Progress:
-        return Progress(current_step=self.steps.current, completed=self.steps.completed,
-                        awaiting_approval=self.gate.pending_step, total_steps=self.steps.total)
+        """The steps completed (with start and end times), the current step, and the gate awaiting approval."""
+        return Progress(
+            current_step=self.steps.current,
+            completed=self.steps.completed,
+            awaiting_approval=self.gate.pending_step,
+            total_steps=self.steps.total,
+        )
 
     def _tell_incident(self) -> None:
         """Signal the step progress to the parent Incident, if an incident started this run."""
@@ -55,14 +69,18 @@ class Runbook:
         if parent is None:
             return
         self._progress_seq += 1
-        progress = RunbookProgress(seq=self._progress_seq, current_step=self.steps.current,
-                                   completed=list(self.steps.completed), awaiting_approval=self.gate.pending_step,
-                                   decisions=list(self.gate.decisions.values()))
+        progress = RunbookProgress(
+            seq=self._progress_seq,
+            current_step=self.steps.current,
+            completed=list(self.steps.completed),
+            awaiting_approval=self.gate.pending_step,
+            decisions=list(self.gate.decisions.values()),
+        )
         asyncio.create_task(_signal_quietly(workflow.get_external_workflow_handle(parent.workflow_id), progress))
 
 
 async def _signal_quietly(handle, progress: RunbookProgress) -> None:
     try:
-        await handle.signal("runbook_progress", progress)
+        await handle.signal(Incident.runbook_progress, progress)
     except Exception as err:  # the incident may have closed; the runbook goes on regardless
         workflow.logger.warning("could not tell the incident about progress: %s", err)

@@ -1,8 +1,9 @@
 """Step bookkeeping shared by the runbooks: timings for the result, the current
 step for the Web UI (current details) and for the `progress` query."""
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Awaitable, Callable, TypeVar
+from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict
 from temporalio import workflow
@@ -34,13 +35,13 @@ class StepTracker:
         started = workflow.now()
         workflow.set_current_details(
             f"**Step {len(self.completed) + 1}/{self.total}: {name}** (since {_hms(started)} UTC)"
-            + (f"\n\n{detail}" if detail else ""))
+            + (f"\n\n{detail}" if detail else "")
+        )
         self.on_change()
         try:
             result = await work
         except BaseException:
-            self.completed.append(StepRecord(name=name, started_at=started, ended_at=workflow.now(),
-                                             outcome="failed"))
+            self.completed.append(StepRecord(name=name, started_at=started, ended_at=workflow.now(), outcome="failed"))
             workflow.set_current_details(f"**Failed at step: {name}**")
             self.on_change()
             raise

@@ -8,14 +8,14 @@ is not on the playbook's roster for this severity and gate. A run may pass
 several gates (re-insert, then lifting containment); each is decided once.
 """
 
-import asyncio
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Callable
 
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
 from models.approval import ApprovalRecord, ApprovalRequest
+from models.errors import ErrorKind
 
 
 class ApprovalGate:
@@ -31,41 +31,61 @@ class ApprovalGate:
         if step in self.decisions:
             decision = self.decisions[step]
             verb = "approved" if decision.approved else "rejected"
-            raise ApplicationError(f"step {step!r} was already {verb} by {decision.approver}",
-                                   type="AlreadyDecided", non_retryable=True)
+            raise ApplicationError(
+                f"step {step!r} was already {verb} by {decision.approver}",
+                type=ErrorKind.AlreadyDecided,
+                non_retryable=True,
+            )
         if self.pending_step is None:
-            raise ApplicationError("no approval is pending for this run yet: the same decision is refused until the "
-                                   "run asks (its progress query shows awaiting_approval)", type="NothingToApprove",
-                                   non_retryable=True)
-        allowed = self.roster.get(step, self.roster.get("*", []))
+            raise ApplicationError(
+                "no approval is pending for this run yet: the same decision is refused until the "
+                "run asks (its progress query shows awaiting_approval)",
+                type=ErrorKind.NothingToApprove,
+                non_retryable=True,
+            )
+        allowed = self.roster.get(self.pending_step, self.roster.get("*", []))  # the step asked now
         if req.approver not in allowed:
-            raise ApplicationError(f"{req.approver!r} is not on the roster for {step!r} at this severity; "
-                                   f"ask one of: {', '.join(allowed) or 'nobody (check playbook.yaml approvers)'}",
-                                   type="NotOnRoster", non_retryable=True)
+            raise ApplicationError(
+                f"{req.approver!r} is not on the roster for {step!r} at this severity; "
+                f"ask one of: {', '.join(allowed) or 'nobody (check playbook.yaml approvers)'}",
+                type=ErrorKind.NotOnRoster,
+                non_retryable=True,
+            )
 
     def record(self, req: ApprovalRequest) -> ApprovalRecord:
         assert self.pending_step is not None
-        decision = ApprovalRecord(step=self.pending_step, approver=req.approver, reason=req.reason,
-                                  approved=req.approved, decided_at=workflow.now())
+        decision = ApprovalRecord(
+            step=self.pending_step,
+            approver=req.approver,
+            reason=req.reason,
+            approved=req.approved,
+            decided_at=workflow.now(),
+        )
         self.decisions[self.pending_step] = decision
         self.on_change()
         return decision
 
-    async def wait(self, step: str, timeout: timedelta,
-                   unchanged: str = "nothing was changed at this step") -> ApprovalRecord:
+    async def wait(
+        self, step: str, timeout: timedelta, unchanged: str = "nothing was changed at this step"
+    ) -> ApprovalRecord:
         """Wait for a decision; fail with `unchanged` (what the operator may rely on) if none comes in time."""
         self.pending_step = self.last_step = step
         self.on_change()
         try:
             await workflow.wait_condition(lambda: step in self.decisions, timeout=timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ApplicationError(
                 f"no approval for {step!r} within {timeout}; {unchanged}.",
-                type="ApprovalTimeout", non_retryable=True) from None
+                type=ErrorKind.ApprovalTimeout,
+                non_retryable=True,
+            ) from None
         finally:
             self.pending_step = None
         decision = self.decisions[step]
         if not decision.approved:
-            raise ApplicationError(f"{step!r} rejected by {decision.approver}: {decision.reason}; {unchanged}",
-                                   type="ApprovalRejected", non_retryable=True)
+            raise ApplicationError(
+                f"{step!r} rejected by {decision.approver}: {decision.reason}; {unchanged}",
+                type=ErrorKind.ApprovalRejected,
+                non_retryable=True,
+            )
         return decision

@@ -9,12 +9,14 @@ timed out) and signals `release` on its own way out. The Web UI shows the
 holder in the lock's current details.
 """
 
-from typing import Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.workflow import ParentClosePolicy
 
+from models.errors import ErrorKind
 from models.locks import LockHolder
 from workflows import _options as opt
 
@@ -36,36 +38,50 @@ class DatabaseLock:
 
     @workflow.run
     async def run(self, holder: LockHolder) -> None:
-        workflow.set_current_details(f"**Held by** {holder.procedure} `{holder.workflow_id}` "
-                                     f"(incident {holder.incident_id}) while it changes {holder.cluster}")
+        """Hold the lock for `holder` until it signals `release` or closes (the lock is its child with
+        parent-close TERMINATE).
+        """
+        workflow.set_current_details(
+            f"**Held by** {holder.procedure} `{holder.workflow_id}` "
+            f"(incident {holder.incident_id}) while it changes {holder.cluster}"
+        )
         await workflow.wait_condition(lambda: self.released)
 
     @workflow.signal
     def release(self) -> None:
+        """The holder is done: the lock workflow completes and the next runbook may take it."""
         self.released = True
 
 
 async def acquire(procedure: str, incident_id: str) -> workflow.ChildWorkflowHandle:
     """Take the lock of the cluster this worker's runbooks change, or fail with DatabaseBusy naming
     the run that holds it (non-retryable: nothing was changed)."""
-    cluster = await workflow.execute_activity_method(LockActivities.cluster, summary="which database cluster",
-                                                     **opt.quick())
+    cluster = await workflow.execute_activity_method(
+        LockActivities.cluster, summary="which database cluster", **opt.quick()
+    )
     info = workflow.info()
-    holder = LockHolder(cluster=cluster, workflow_id=info.workflow_id, run_id=info.run_id, procedure=procedure,
-                        incident_id=incident_id)
+    holder = LockHolder(
+        cluster=cluster, workflow_id=info.workflow_id, run_id=info.run_id, procedure=procedure, incident_id=incident_id
+    )
     try:
         return await workflow.start_child_workflow(
-            DatabaseLock.run, holder, id=lock_id(cluster), parent_close_policy=ParentClosePolicy.TERMINATE,
+            DatabaseLock.run,
+            holder,
+            id=lock_id(cluster),
+            parent_close_policy=ParentClosePolicy.TERMINATE,
             memo={"holder": holder.model_dump()},
-            static_summary=f"lock on {cluster} held by {info.workflow_id}")
+            static_summary=f"lock on {cluster} held by {info.workflow_id}",
+        )
     except WorkflowAlreadyStartedError:
-        held_by = await workflow.execute_activity_method(LockActivities.holder, lock_id(cluster),
-                                                         summary="who holds the lock",
-                                                         **opt.quick())
+        held_by = await workflow.execute_activity_method(
+            LockActivities.holder, lock_id(cluster), summary="who holds the lock", **opt.quick()
+        )
         raise ApplicationError(
             f"database cluster {cluster} is being changed by {held_by}; this run changed nothing. Wait for that "
-            f"run to end (or cancel it), then start this one again", type="DatabaseBusy",
-            non_retryable=True) from None
+            f"run to end (or cancel it), then start this one again",
+            type=ErrorKind.DatabaseBusy,
+            non_retryable=True,
+        ) from None
 
 
 async def release(lock: workflow.ChildWorkflowHandle | None) -> None:

@@ -60,8 +60,9 @@ class ProcessTable:
             return None
         return int(pid) if pid_alive(int(pid)) and _start_time(int(pid)) == started else None
 
-    def spawn(self, name: str, argv: list[str], log: Path, env: dict[str, str] | None = None,
-              cwd: Path | None = None) -> int:
+    def spawn(
+        self, name: str, argv: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> int:
         """Start argv in its own session unless it already runs; returns its PID."""
         existing = self.pid(name)
         if existing:
@@ -69,8 +70,15 @@ class ProcessTable:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=env, cwd=cwd, start_new_session=True)
+            proc = subprocess.Popen(
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
+            )
         self.pidfile(name).write_text(f"{proc.pid} {_start_time(proc.pid)}\n")
         return proc.pid
 

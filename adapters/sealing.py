@@ -14,12 +14,12 @@ when a person decides to abandon the recovery.
 
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from psycopg import sql
 
-from activities.pgserver import PgServer
+from adapters.pgserver import PgServer
 
 
 def marker_path(data_dir: Path) -> Path:
@@ -40,14 +40,16 @@ def write_seal(data_dir: Path, marker: dict) -> None:
     """Write the marker atomically (temp file, then rename): a crash leaves the old one or the new one."""
     path = marker_path(data_dir)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"updated_at": datetime.now(timezone.utc).isoformat(), **marker}, default=str))
+    tmp.write_text(json.dumps({"updated_at": datetime.now(UTC).isoformat(), **marker}, default=str))
     tmp.replace(path)
 
 
 def describe_seal(marker: dict) -> str:
     """One line for status output: who sealed production, since when."""
-    return (f"sealed by incident {marker.get('incident_id', 'unknown')} since {marker.get('sealed_at', '?')} "
-            f"({marker.get('state', '?')}): a recovery holds it; `drp unseal` gives it back as it was")
+    return (
+        f"sealed by incident {marker.get('incident_id', 'unknown')} since {marker.get('sealed_at', '?')} "
+        f"({marker.get('state', '?')}): a recovery holds it; `drp unseal` gives it back as it was"
+    )
 
 
 def set_allow_connections(server: PgServer, databases: list[str], allow: bool) -> None:
@@ -57,8 +59,11 @@ def set_allow_connections(server: PgServer, databases: list[str], allow: bool) -
     with server.connect("template1") as conn:
         conn.execute("SET synchronous_commit = local")  # a synchronous standby may be gone or not yet rebuilt
         for name in databases:
-            conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}").format(
-                sql.Identifier(name), sql.SQL("true" if allow else "false")))
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}").format(
+                    sql.Identifier(name), sql.SQL("true" if allow else "false")
+                )
+            )
 
 
 def set_subscriptions(server: PgServer, subscriptions: list[str], enable: bool, timeout: float = 120) -> None:
@@ -83,23 +88,32 @@ def set_subscriptions(server: PgServer, subscriptions: list[str], enable: bool, 
                 with server.connect(database) as conn:
                     conn.execute("SET synchronous_commit = local")
                     for name in names:
-                        if conn.execute("SELECT 1 FROM pg_subscription s JOIN pg_database d ON d.oid = s.subdbid "
-                                        "WHERE d.datname = current_database() AND s.subname = %s",
-                                        (name,)).fetchone():
-                            conn.execute(sql.SQL("ALTER SUBSCRIPTION {} {}").format(
-                                sql.Identifier(name), sql.SQL("ENABLE" if enable else "DISABLE")))
+                        if conn.execute(
+                            "SELECT 1 FROM pg_subscription s JOIN pg_database d ON d.oid = s.subdbid "
+                            "WHERE d.datname = current_database() AND s.subname = %s",
+                            (name,),
+                        ).fetchone():
+                            conn.execute(
+                                sql.SQL("ALTER SUBSCRIPTION {} {}").format(
+                                    sql.Identifier(name), sql.SQL("ENABLE" if enable else "DISABLE")
+                                )
+                            )
             finally:
                 if not row[0]:
                     set_allow_connections(server, [database], allow=False)
         deadline = time.monotonic() + timeout
         while not enable:
-            running = ctl.execute("SELECT count(*) FROM pg_stat_subscription WHERE pid IS NOT NULL AND subname = "
-                                  "ANY(%s)", ([n for names in by_database.values() for n in names],)).fetchone()[0]
+            running = ctl.execute(
+                "SELECT count(*) FROM pg_stat_subscription WHERE pid IS NOT NULL AND subname = ANY(%s)",
+                ([n for names in by_database.values() for n in names],),
+            ).fetchone()[0]
             if not running:
                 return
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{running} logical-replication workers still apply after ALTER SUBSCRIPTION "
-                                   f"... DISABLE ({timeout:.0f}s)")
+                raise RuntimeError(
+                    f"{running} logical-replication workers still apply after ALTER SUBSCRIPTION "
+                    f"... DISABLE ({timeout:.0f}s)"
+                )
             time.sleep(0.1)
 
 
@@ -119,6 +133,8 @@ def unseal(server: PgServer) -> str:
     subscriptions = list(marker.get("disabled_subscriptions", []))
     set_subscriptions(server, subscriptions, enable=True)
     marker_path(server.data_dir).unlink()
-    return (f"started {server.data_dir} on port {server.port}; reopened {', '.join(fenced) or 'no databases'}; "
-            + (f"enabled subscriptions {', '.join(subscriptions)} again; " if subscriptions else "")
-            + f"seal of incident {marker.get('incident_id')} removed")
+    return (
+        f"started {server.data_dir} on port {server.port}; reopened {', '.join(fenced) or 'no databases'}; "
+        + (f"enabled subscriptions {', '.join(subscriptions)} again; " if subscriptions else "")
+        + f"seal of incident {marker.get('incident_id')} removed"
+    )

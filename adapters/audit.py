@@ -58,6 +58,9 @@ def install_audit_log(conn: psycopg.Connection, tables: list[tuple[str, str]]) -
     On a partitioned table the trigger covers every partition, present and future."""
     conn.execute(AUDIT_SCHEMA_SQL)
     for schema, name in tables:
-        conn.execute(sql.SQL("CREATE OR REPLACE TRIGGER audit_row_change AFTER INSERT OR UPDATE OR DELETE "
-                             "ON {} FOR EACH ROW EXECUTE FUNCTION public.audit_row_change()")
-                     .format(sql.Identifier(schema, name)))
+        conn.execute(
+            sql.SQL(
+                "CREATE OR REPLACE TRIGGER audit_row_change AFTER INSERT OR UPDATE OR DELETE "
+                "ON {} FOR EACH ROW EXECUTE FUNCTION public.audit_row_change()"
+            ).format(sql.Identifier(schema, name))
+        )

@@ -12,7 +12,6 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 # How often restore_command tries a WAL file the archive answers with an error, and the
 # line it leaves in the server log when it gives up (exit 126: recovery stops, not ends).
 RESTORE_TRIES = 5
@@ -59,15 +58,18 @@ class BarmanCloud:
         """
         # --no-partial: a standby promoted elsewhere archives its last segment as .partial, which barman
         # would otherwise serve as the complete segment (barman-cloud-wal-restore --help); PANIC at its zeros.
-        fetch = shlex.join(self._common("barman-cloud-wal-restore") + ["--no-partial", self.destination,
-                                                                       self.server_name])
+        fetch = shlex.join(
+            self._common("barman-cloud-wal-restore") + ["--no-partial", self.destination, self.server_name]
+        )
         absent = "exit 1"
         if fallback_dir:
             local = shlex.quote(fallback_dir.rstrip("/"))
             absent = f'[ -f {local}/"$1" ] && cp {local}/"$1" "$2" && exit 0; exit 1'
-        script = (f'n=0; while :; do {fetch} "$1" "$2"; rc=$?; [ $rc -eq 0 ] && exit 0; [ $rc -eq 1 ] && break; '
-                  f'n=$((n+1)); [ $n -ge {int(tries)} ] && {{ echo "{ARCHIVE_UNREADABLE}: barman-cloud-wal-restore '
-                  f'exited $rc for $1 {int(tries)} times" >&2; exit 126; }}; sleep $n; done; {absent}')
+        script = (
+            f'n=0; while :; do {fetch} "$1" "$2"; rc=$?; [ $rc -eq 0 ] && exit 0; [ $rc -eq 1 ] && break; '
+            f'n=$((n+1)); [ $n -ge {int(tries)} ] && {{ echo "{ARCHIVE_UNREADABLE}: barman-cloud-wal-restore '
+            f'exited $rc for $1 {int(tries)} times" >&2; exit 126; }}; sleep $n; done; {absent}'
+        )
         return shlex.join(["sh", "-c", script, "drp-wal-restore"]) + " %f %p"
 
     def archive_wal_file(self, path: Path) -> None:
@@ -75,8 +77,9 @@ class BarmanCloud:
         argv = self._common("barman-cloud-wal-archive") + [self.destination, self.server_name, str(path)]
         proc = subprocess.run(argv, env=self.env(), capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
-            raise RuntimeError(f"barman-cloud-wal-archive {path.name} exited {proc.returncode}: "
-                               f"{proc.stderr.strip()[-2000:]}")
+            raise RuntimeError(
+                f"barman-cloud-wal-archive {path.name} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}"
+            )
 
     def fetch_wal_file(self, name: str, dest: Path) -> bool:
         """Download one archived WAL or history file; False when the archive does not have it.
@@ -88,21 +91,36 @@ class BarmanCloud:
         if proc.returncode == 1:
             return False
         if proc.returncode != 0:
-            raise RuntimeError(f"barman-cloud-wal-restore {name} exited {proc.returncode}: "
-                               f"{proc.stderr.strip()[-2000:]}")
+            raise RuntimeError(
+                f"barman-cloud-wal-restore {name} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}"
+            )
         return True
 
     def backup_argv(self, host: str, port: int, user: str) -> list[str]:
         return self._common("barman-cloud-backup") + [
-            "--immediate-checkpoint", "-h", host, "-p", str(port), "-U", user, self.destination, self.server_name,
+            "--immediate-checkpoint",
+            "-h",
+            host,
+            "-p",
+            str(port),
+            "-U",
+            user,
+            self.destination,
+            self.server_name,
         ]
 
     def restore_argv(self, backup_id: str, target_dir: Path, tablespaces: dict[str, str] | None = None) -> list[str]:
         """barman-cloud-restore of one backup; `tablespaces` relocates each named tablespace (name -> dir)."""
-        relocate = [arg for name, location in (tablespaces or {}).items()
-                    for arg in ("--tablespace", f"{name}:{location}")]
-        return self._common("barman-cloud-restore") + [*relocate, self.destination, self.server_name, backup_id,
-                                                       str(target_dir)]
+        relocate = [
+            arg for name, location in (tablespaces or {}).items() for arg in ("--tablespace", f"{name}:{location}")
+        ]
+        return self._common("barman-cloud-restore") + [
+            *relocate,
+            self.destination,
+            self.server_name,
+            backup_id,
+            str(target_dir),
+        ]
 
     def list_backups(self) -> list[dict]:
         """Completed backups, oldest first, as barman-cloud-backup-list reports them."""

