@@ -149,7 +149,8 @@ class RunbookProgress(_Frozen):
 
 class TimelineEvent(_Frozen):
     at: Timestamp
-    kind: str  # opened, alert, runbook, step, approval, escalation, page, ack, message, severity, resolved, report
+    kind: str  # opened, alert, runbook, step, approval, escalation, page, ack, message, messages (folded
+    # at a continue-as-new: workflows/cadence.carried_timeline), severity, resolved, report
     text: str
 
 

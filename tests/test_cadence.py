@@ -8,9 +8,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from pydantic import TypeAdapter
 
 from activities.playbook import PlaybookActivities
-from models.incident import PlanRequest
+from models.incident import PlanRequest, TimelineEvent
 from models.playbook import Severity, load_playbook
 from workflows import cadence
 from workflows.cadence import Paging, Tick
@@ -163,3 +164,35 @@ def test_a_continued_run_carries_one_off_keys_and_only_the_series_ticks_still_on
 )
 def test_durations_read_as_people_write_them(delta, text):
     assert cadence.human(delta) == text
+
+
+def test_a_week_of_one_minute_status_updates_carries_a_bounded_timeline():
+    """An incident paging three channels every minute for a week continues as new many times; what it
+    carries must stay far below Temporal's 2 MB payload limit, keep every non-message event and failed
+    delivery, and still count every delivered message."""
+    minute = timedelta(minutes=1)
+    timeline = [TimelineEvent(at=T0, kind="opened", text="db down - opened by alertmanager")]
+    for i in range(7 * 24 * 60):
+        for channel in ("incidents_slack", "status_page", "exec_email"):
+            timeline.append(TimelineEvent(at=T0 + i * minute, kind="message", text=f"status_update to {channel}: #{i}"))
+        if i % 1000 == 0:
+            timeline.append(TimelineEvent(at=T0 + i * minute, kind="message", text=f"FAILED page to pager: #{i}"))
+            timeline.append(TimelineEvent(at=T0 + i * minute, kind="escalation", text=f"level 2 at #{i}"))
+    carried = cadence.carried_timeline(timeline)
+
+    assert len(TypeAdapter(list[TimelineEvent]).dump_json(carried)) < 100_000
+    assert [e for e in carried if e.kind != "message" and e.kind != "messages"] == [
+        e for e in timeline if e.kind not in ("message",)
+    ]
+    assert [e for e in carried if e.text.startswith("FAILED")] == [e for e in timeline if e.text.startswith("FAILED")]
+    delivered = [e for e in timeline if e.kind == "message" and not e.text.startswith("FAILED")]
+    assert carried[-cadence.MESSAGES_CARRIED :] == delivered[-cadence.MESSAGES_CARRIED :]  # the newest, as they were
+    [summary] = [e for e in carried if e.kind == "messages"]
+    assert summary.text.startswith(f"{len(delivered) - cadence.MESSAGES_CARRIED} earlier messages delivered: ")
+    assert "status_update to incidents_slack x10047" in summary.text
+    assert carried == sorted(carried, key=lambda e: e.at)  # still in time order
+
+    # The next continue-as-new folds what came since into a second summary; a short timeline is untouched.
+    again = cadence.carried_timeline([*carried, *delivered[:500]])
+    assert sum(e.kind == "messages" for e in again) == 2
+    assert cadence.carried_timeline(timeline[:50]) == timeline[:50]

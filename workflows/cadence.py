@@ -3,7 +3,8 @@
 The Incident (workflows/incident.py) asks `schedule()` for every series' due or next occurrence, fires
 the first `due()` one whose key has not fired yet, asks again (an escalation changes what, and whom,
 the next re-page is for), and sleeps until `next_wake()`. Keys make every occurrence fire once, also
-across a worker crash or a continue-as-new (`carried_keys()`).
+across a worker crash or a continue-as-new (`carried_keys()`); the timeline a continued run carries
+stays bounded (`carried_timeline()`).
 
 Series, from the playbook's severity policy and escalation path:
 - the opening notices, at the incident's start;
@@ -21,11 +22,12 @@ tests/test_cadence.py without a server.
 """
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
-from models.incident import IncidentPlan
+from models.incident import IncidentPlan, TimelineEvent
 
 Action = Literal["opening", "escalate", "repage", "notify", "approval"]
 
@@ -117,6 +119,31 @@ def carried_keys(fired: set[str], items: list[Tick]) -> list[str]:
     schedule (older ones never come back); the one-off keys (opening, levels, approvals) all."""
     on_schedule = {t.key for t in items}
     return sorted(k for k in fired if k in on_schedule or not SERIES_TICK.fullmatch(k))
+
+
+# Delivered messages that cross a continue-as-new one line each; older ones are counted.
+MESSAGES_CARRIED = 100
+
+
+def carried_timeline(timeline: list[TimelineEvent], keep: int = MESSAGES_CARRIED) -> list[TimelineEvent]:
+    """The timeline a continued run starts with: every event, in order, except the delivered messages
+    older than the newest `keep`, which become one `messages` event (at the last of them) counting them
+    per kind and channel. An incident paging every minute for days would otherwise carry every status
+    update in its continue-as-new input until it passed Temporal's payload limit (2 MB); each message
+    stays on its channel and in the delivery ledger. Failed deliveries are never folded."""
+    delivered = [i for i, e in enumerate(timeline) if e.kind == "message" and not e.text.startswith("FAILED")]
+    folded = set(delivered[: max(len(delivered) - keep, 0)])
+    if not folded:
+        return list(timeline)
+    counts = Counter(timeline[i].text.split(":", 1)[0] for i in folded)
+    last = max(folded)
+    summary = TimelineEvent(
+        at=timeline[last].at,
+        kind="messages",
+        text=f"{len(folded)} earlier messages delivered: "
+        + ", ".join(f"{what} x{n}" for what, n in sorted(counts.items())),
+    )
+    return [summary if i == last else e for i, e in enumerate(timeline) if i not in folded or i == last]
 
 
 def human(delta: timedelta) -> str:

@@ -525,7 +525,7 @@ class Incident:
             plan=self._plan,
             opened_at=self._opened_at,
             status=self.state,
-            timeline=self.timeline,
+            timeline=cadence.carried_timeline(self.timeline),
             level=self.level,
             level_since=self.level_since,
             acked_level=self.acked_level,
