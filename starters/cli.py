@@ -47,9 +47,12 @@ class CliError(Exception):
 
 
 def _stack(args):
-    from stack.stack import Stack
+    from stack.stack import Stack, default_state_dir
 
-    return Stack(args.state_dir)
+    state_dir = Path(args.state_dir or default_state_dir())
+    if getattr(args, "action", "up") != "up" and not (state_dir / "stack.json").exists():
+        raise CliError(f"no stack in {state_dir} (`drp --state-dir {state_dir} stack up` creates one)")
+    return Stack(state_dir)
 
 
 def _temporal_target(args) -> tuple[str, str]:
@@ -96,7 +99,15 @@ async def _connect(args, address: str | None = None):
     from workers.settings import TemporalSettings
     from workers.temporal_client import connect
 
-    return await connect(address, settings=_settings(args, TemporalSettings))
+    settings = _settings(args, TemporalSettings)
+    try:
+        return await connect(address, settings=settings)
+    except RuntimeError as err:  # the SDK's "Failed client connect: ...": the server is not there
+        target = address or settings.temporal_address
+        raise CliError(
+            f"cannot reach Temporal at {target}: is it running? (`drp stack status` for the embedded stack; "
+            "DRP_TEMPORAL_ADDRESS or --temporal for another)"
+        ) from err
 
 
 def cmd_stack(args) -> None:
@@ -214,6 +225,8 @@ async def cmd_approve(args) -> None:
         record = await handle.execute_update(Runbook.approve, req)
     except WorkflowUpdateFailedError as err:
         raise CliError(f"approval refused by {handle.id}: {err.cause}") from err
+    except RPCError as err:  # e.g. the run has finished: nothing waits for a decision any more
+        raise CliError(f"approval refused by {handle.id}: {err.message}; nothing is waiting for a decision") from err
     print(f"{handle.id}: {'approved' if record.approved else 'rejected'} by {record.approver}")
 
 

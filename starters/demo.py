@@ -87,7 +87,7 @@ async def run_demo(stack: Stack) -> CorruptionRecoveryResult:
     drp = Path(sys.executable).parent / "drp"
     print(
         f"The stack keeps running for you to look around; `{drp} report {incident_id}` prints the report "
-        f"again; stop the stack with: {drp} stack down"
+        f"again; stop the stack with: {drp} --state-dir {stack.state_dir} stack down"
     )
     return result
 

@@ -1,6 +1,7 @@
 """DatabaseCorruptionRecovery end to end on the real stack: corruption on disk,
 real pg_amcheck, barman-cloud restore from S3 (moto), WAL replay, the demo app."""
 
+import asyncio
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -20,6 +21,7 @@ from stack.corrupt import corrupt_table
 from stack.stack import DATABASE
 from starters.db_corruption import start_db_corruption
 from tests.conftest import row_counts, running_worker, wait_for_approval_gate
+from tests.test_stack import drp
 from workflows.db_corruption import DatabaseCorruptionRecovery
 from workflows.search_attributes import INCIDENT_ID, PROCEDURE, SEVERITY
 
@@ -100,6 +102,23 @@ async def test_healthy_database_ends_the_run_without_touching_anything(stack, cl
     assert result.outcome == "no_corruption_found"
     assert [s.name for s in result.steps] == ["assess"]
     assert processes(stack) == pids  # neither the database nor the app was restarted
+
+    # A decision for the finished run: one line saying nothing waits for it (was a bare RPCError, exit 1).
+    late = await asyncio.to_thread(
+        drp,
+        "--state-dir",
+        str(stack.state_dir),
+        "approve",
+        handle.id.removeprefix("db-corruption-"),
+        "--by",
+        "alice",
+        "--reason",
+        "too late",
+    )
+    assert late.returncode == 2, late.stderr
+    assert late.stderr.strip().splitlines() == [
+        f"drp: approval refused by {handle.id}: workflow execution already completed; nothing is waiting for a decision"
+    ]
 
 
 async def test_approval_validation_and_timeout_leave_everything_as_it_was(stack, client):

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from adapters.processes import free_port
 from stack.stack import DATABASE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,3 +79,21 @@ def test_cli_status_and_operator_mistakes(stack):
         "--state-dir", str(stack.state_dir), "start", "db-corruption", "--incident", "bad id", "--database", DATABASE
     )
     assert bad.returncode == 2 and "incident_id" in bad.stderr
+
+
+def test_cli_answers_in_one_line_when_there_is_nothing_to_talk_to(stack, tmp_path):
+    """No stack in the state folder, no Temporal at the address, a decision for a run that has finished:
+    one line naming what is missing, exit 2, and nothing created."""
+    nowhere = tmp_path / "no-stack"
+    status = drp("--state-dir", str(nowhere), "stack", "status")
+    assert status.returncode == 2 and f"no stack in {nowhere}" in status.stderr, status.stderr
+    assert not nowhere.exists()  # status does not invent a stack (it used to write a stack.json with new ports)
+
+    dead = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "DRP_SETTINGS_FILE": str(stack.settings_file), "DRP_TEMPORAL_ADDRESS": dead}
+    unreachable = drp("incident", "status", "INC-ANY", env=env)
+    assert unreachable.returncode == 2, unreachable.stderr
+    assert unreachable.stderr.strip().splitlines() == [
+        f"drp: cannot reach Temporal at {dead}: is it running? (`drp stack status` for the embedded stack; "
+        "DRP_TEMPORAL_ADDRESS or --temporal for another)"
+    ]
