@@ -446,10 +446,12 @@ def acknowledged_present(server, ids: list[int]) -> int:
         return len({r[0] for r in conn.execute("SELECT id FROM app_write_checks WHERE id = ANY(%s)", (ids,))})
 
 
-# DatabaseFailover has no activity that heartbeats in every run (promote_standby does only while the standby
-# still lacks the fenced primary's last WAL): its in-activity point is `returned` (promoted, not yet reported).
+# Neither has an activity that heartbeats in every run: promote_standby does only while the standby still
+# lacks the fenced primary's last WAL, and rejoin_as_standby only while it rewinds or copies (after the
+# failover case the old primary is already a configured standby: it just starts). Their in-activity point
+# is `returned`: the work done, the result never reported, so the retry runs it again.
 FAILOVER_DEFAULT = ["scheduled:fence_primary", "returned:promote_standby", "completed:repoint_application"]
-FAILBACK_DEFAULT = ["mid:rejoin_as_standby", "completed:fence_primary+restart", "scheduled:promote_standby"]
+FAILBACK_DEFAULT = ["returned:rejoin_as_standby", "completed:fence_primary+restart", "scheduled:promote_standby"]
 
 
 def failover_points() -> list:
@@ -825,7 +827,7 @@ def test_the_default_matrix_covers_every_runbook_at_each_kind_of_point():
     }
     for runbook, specs in default.items():
         kinds = {p.kind for p in points(*specs)}
-        # DatabaseFailover has no activity that heartbeats in every run: `returned` is its in-activity point
+        # the database failover and failback have no activity that heartbeats in every run: `returned`
         assert {"scheduled", "completed"} <= kinds and kinds & {"mid", "returned"}, runbook
     assert any(p.restart for specs in default.values() for p in points(*specs))
 
