@@ -469,7 +469,7 @@ async def test_failover_survives_a_killed_backup_worker_and_a_server_restart(
                     queue,
                 )
                 await approve_when_asked(handle, approver="alice", reason="go")
-                async with asyncio.timeout(120):
+                async with asyncio.timeout(RUN_WAIT):
                     while not await completed(handle, "promote_rds_replica"):
                         await asyncio.sleep(0.05)
                 first.kill()
@@ -871,13 +871,13 @@ async def test_a_retried_dns_step_waits_on_the_change_it_submitted(stack, client
                     queue,
                 )
                 await approve_when_asked(handle, approver="alice", reason="go")
-                async with asyncio.timeout(60):  # submitted, and its Id is on the server
+                async with asyncio.timeout(RUN_WAIT):  # submitted, and its Id is on the server
                     while not (proxy.changes and b"/change/DRP1" in await heartbeat(handle, "switch_dns")):
                         await asyncio.sleep(0.1)
                 first.kill()
                 first.wait()
                 second = spawn_worker(stack, backup_queue, tmp_path / "w2.log", env)
-                async with asyncio.timeout(60):  # the second attempt runs (and waits on the change)
+                async with asyncio.timeout(RUN_WAIT):  # the second attempt runs (and waits on the change)
                     while (await wait_for_activity(handle, "switch_dns")).attempt < 2:
                         await asyncio.sleep(0.1)
                 proxy.pending.clear()  # Route53 reports the change INSYNC
