@@ -487,7 +487,10 @@ async def test_failover_survives_a_killed_backup_worker_and_a_server_restart(
         primary.close()
         backup.close()
     assert await activity_attempts(handle, "promote_rds_replica") == [1]  # promoted once, never again
-    assert result.dns.status == "INSYNC"
+    # INSYNC when the DNS step reported its change; CURRENT when the restart cut off that report (or the
+    # heartbeat holding the change's Id) and the retry found the record already pointing at the target,
+    # submitting nothing (a clean-clone CI run saw this). Either way the record below is the target.
+    assert result.dns.status in ("INSYNC", "CURRENT")
     [dns] = record(world)
     assert dns["AliasTarget"]["DNSName"].rstrip(".") == "backup-lb.us-west-2.elb.amazonaws.com"
 
