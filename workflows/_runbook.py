@@ -3,11 +3,13 @@ query, step tracking, the search attributes the Web UI shows, and the
 progress signal to the incident that started it."""
 
 import asyncio
+from datetime import timedelta
 
 from temporalio import workflow
 
 from models.approval import ApprovalRecord, ApprovalRequest
 from models.incident import RunbookProgress
+from models.platform import StopAppRequest
 from models.playbook import Severity
 from workflows import _options as opt
 from workflows._steps import Progress, StepTracker
@@ -15,6 +17,7 @@ from workflows.approval import ApprovalGate
 from workflows.search_attributes import INCIDENT_ID, PROCEDURE, SEVERITY
 
 with workflow.unsafe.imports_passed_through():
+    from activities.platform import PlatformActivities
     from activities.playbook import PlaybookActivities
 
 from workflows.incident import Incident  # its progress signal, by reference
@@ -61,6 +64,19 @@ class Runbook:
             completed=self.steps.completed,
             awaiting_approval=self.gate.pending_step,
             total_steps=self.steps.total,
+        )
+
+    async def stop_application(self, incident_id: str, heartbeat_timeout: timedelta):
+        """The "stop application" step every database runbook takes before it touches the database:
+        the app's replicas go to zero (re-run safe: stopping a stopped app changes nothing)."""
+        return await self.steps.run(
+            "stop application",
+            workflow.execute_activity_method(
+                PlatformActivities.stop_application,
+                StopAppRequest(incident_id=incident_id),
+                summary="stop the application",
+                **opt.long_running(heartbeat_timeout, timedelta(minutes=30)),
+            ),
         )
 
     def _tell_incident(self) -> None:

@@ -25,7 +25,7 @@ from models.db_corruption import (
 )
 from models.errors import ErrorKind
 from models.failover import RejoinRequest
-from models.platform import StartAppRequest, StopAppRequest
+from models.platform import StartAppRequest
 from models.postgres import (
     AssessRequest,
     BackupRequest,
@@ -119,15 +119,7 @@ class DatabaseCorruptionRecovery(Runbook):
         self, inp: DatabaseCorruptionInput, objectives, incident_started, approval, common, state: "_State"
     ) -> CorruptionRecoveryResult:
         hb = inp.heartbeat_timeout
-        stopped = await self.steps.run(
-            "stop application",
-            workflow.execute_activity_method(
-                PlatformActivities.stop_application,
-                StopAppRequest(incident_id=inp.incident_id),
-                summary="stop the application",
-                **opt.long_running(hb, timedelta(minutes=30)),
-            ),
-        )
+        stopped = await self.stop_application(inp.incident_id, hb)
         state.app_replicas = max(stopped.replicas_before, 1)
         state.sealing = True
         sealed = await self.steps.run(

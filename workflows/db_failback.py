@@ -24,7 +24,7 @@ from models.failover import (
     RejoinRequest,
     RepointRequest,
 )
-from models.platform import StartAppRequest, StopAppRequest
+from models.platform import StartAppRequest
 from workflows import _options as opt
 from workflows import database_lock
 from workflows._runbook import Runbook
@@ -64,14 +64,7 @@ class DatabaseFailback(Runbook):
             detail=f"The old primary streams from the current one, {status.lag_bytes} bytes behind. Approving "
             "fences the current primary and promotes the old one.",
         )
-        stopped = await self.steps.run(
-            "stop application",
-            workflow.execute_activity_method(
-                PlatformActivities.stop_application,
-                StopAppRequest(incident_id=inp.incident_id),
-                **opt.long_running(hb, timedelta(minutes=30)),
-            ),
-        )
+        stopped = await self.stop_application(inp.incident_id, hb)
         fenced = await self.steps.run(
             "fence current primary",
             workflow.execute_activity_method(

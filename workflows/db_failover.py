@@ -26,7 +26,7 @@ from models.failover import (
     PromoteRequest,
     RepointRequest,
 )
-from models.platform import StartAppRequest, StopAppRequest
+from models.platform import StartAppRequest
 from workflows import _options as opt
 from workflows import database_lock
 from workflows._runbook import Runbook
@@ -93,15 +93,7 @@ class DatabaseFailover(Runbook):
             f"primary {'reachable' if before.primary_reachable else 'unreachable'}. Approving fences the "
             "primary and promotes the standby.",
         )
-        stopped = await self.steps.run(
-            "stop application",
-            workflow.execute_activity_method(
-                PlatformActivities.stop_application,
-                StopAppRequest(incident_id=inp.incident_id),
-                summary="stop the application",
-                **opt.long_running(hb, timedelta(minutes=30)),
-            ),
-        )
+        stopped = await self.stop_application(inp.incident_id, hb)
         if rds:  # promotion detaches the replica; the old RDS primary is not stopped by this runbook
             fenced = Fenced(was_running=False)
             promoted = await self.steps.run(
